@@ -1,0 +1,312 @@
+//! The server's HTTP API: request and response bodies (JSON), shared by the server, the
+//! storage daemon and the drive. Paths are versioned under `/v1/`. Every endpoint except
+//! register and login requires a [`crate::control::ControlAuth`] in the
+//! [`crate::control::AUTH_HEADER`] header, of the [`MessageKind`] named below.
+//!
+//! Errors come back as a 4xx/5xx status with an [`ApiError`] body.
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::MessageKind;
+use crate::ids::{ChunkId, Fingerprint, PeerId, TransactionId};
+use crate::token::Token;
+
+/// Most bytes a request body may have; the server refuses larger ones with 413.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// Most chunks one put, get or release request may name.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 4096;
+/// Longest user name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Endpoint paths and the message kind each one's authentication must carry.
+pub mod path {
+    /// `POST`, unauthenticated (invite-gated, rate-limited): [`super::RegisterRequest`].
+    pub const REGISTER: &str = "/v1/register";
+    /// `POST`, unauthenticated (rate-limited): [`super::LoginRequest`].
+    pub const LOGIN: &str = "/v1/login";
+    /// `POST` [`super::HeartbeatRequest`] → [`super::HeartbeatResponse`].
+    pub const HEARTBEAT: &str = "/v1/heartbeat";
+    /// `POST` [`super::PutRequest`] → [`super::PutResponse`].
+    pub const PUT: &str = "/v1/put";
+    /// `POST` [`super::ConfirmRequest`] (from the target) → [`super::ConfirmResponse`].
+    pub const CONFIRM: &str = "/v1/confirm";
+    /// `POST` [`super::GetRequest`] → [`super::GetResponse`].
+    pub const GET: &str = "/v1/get";
+    /// `POST` [`super::ReleaseRequest`] → [`super::ReleaseResponse`].
+    pub const RELEASE: &str = "/v1/release";
+    /// `POST` [`super::ReportRequest`] → `{}`.
+    pub const REPORT: &str = "/v1/report";
+    /// `POST` `{}` → [`super::StatusResponse`].
+    pub const STATUS: &str = "/v1/status";
+    /// `GET`: `ok`.
+    pub const HEALTHZ: &str = "/healthz";
+    /// `GET`: Prometheus text format.
+    pub const METRICS: &str = "/metrics";
+}
+
+/// The message kind an authenticated endpoint expects, by path.
+pub fn kind_for_path(p: &str) -> Option<MessageKind> {
+    Some(match p {
+        path::HEARTBEAT => MessageKind::Heartbeat,
+        path::PUT => MessageKind::Put,
+        path::CONFIRM => MessageKind::Confirm,
+        path::GET => MessageKind::Get,
+        path::RELEASE => MessageKind::Release,
+        path::REPORT => MessageKind::Report,
+        path::STATUS => MessageKind::Status,
+        _ => return None,
+    })
+}
+
+/// An error body: a stable machine-readable reason and a sentence for the user.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    /// Stable reason, e.g. `over_quota`, `bad_mac`, `replayed`, `bad_invite`.
+    pub reason: String,
+    /// What went wrong and what to do next.
+    pub message: String,
+}
+
+/// How the user's data key is kept.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyMode {
+    /// The server derives it from its master secret and the peer id; login restores it.
+    #[default]
+    Escrow,
+    /// Derived on the client from a recovery passphrase the server never sees.
+    Passphrase,
+}
+
+/// Register a new peer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Unique user name, 1..=64 chars of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Login password (kept only as an Argon2id hash).
+    pub password: String,
+    /// One-time invite code (required unless the server runs with open registration).
+    pub invite: Option<String>,
+    /// Bytes this peer lends to others.
+    pub lend_bytes: u64,
+    /// `host:port` where the storage daemon listens (QUIC).
+    pub quic_addr: String,
+    /// SHA-256 of the daemon's QUIC certificate, pinned by clients.
+    pub cert_fingerprint: Fingerprint,
+    /// How the data key is kept.
+    #[serde(default)]
+    pub key_mode: KeyMode,
+}
+
+/// The new peer's identity and secrets, sent this once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// Assigned id.
+    pub peer_id: PeerId,
+    /// The transaction key, hex (64 digits).
+    pub transaction_key: String,
+    /// The escrowed data key, hex, in escrow mode.
+    pub data_key: Option<String>,
+    /// Bytes this peer may store (all replicas counted).
+    pub quota_bytes: u64,
+}
+
+/// Log in again (after a reinstall).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginRequest {
+    /// User name.
+    pub name: String,
+    /// Password.
+    pub password: String,
+}
+
+/// Keys recovered by a login.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginResponse {
+    /// The peer's id.
+    pub peer_id: PeerId,
+    /// The transaction key, hex.
+    pub transaction_key: String,
+    /// The escrowed data key, hex, in escrow mode.
+    pub data_key: Option<String>,
+    /// How the data key is kept.
+    pub key_mode: KeyMode,
+    /// What the peer registered with.
+    pub lend_bytes: u64,
+    /// The daemon address on record.
+    pub quic_addr: String,
+    /// Bytes this peer may store.
+    pub quota_bytes: u64,
+}
+
+/// A storage daemon's periodic report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Where the daemon listens now.
+    pub quic_addr: String,
+    /// Fingerprint of its current QUIC certificate.
+    pub cert_fingerprint: Fingerprint,
+    /// Bytes of lent space still free.
+    pub free_bytes: u64,
+    /// Bytes stored for others.
+    pub used_bytes: u64,
+    /// Chunks dropped since the last heartbeat (after the server released them).
+    #[serde(default)]
+    pub dropped: Vec<ChunkId>,
+}
+
+/// What the server wants the daemon to know.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct HeartbeatResponse {
+    /// Chunks nobody references any more: the daemon may delete them.
+    pub drop: Vec<ChunkId>,
+    /// Seconds until the next heartbeat is due.
+    pub interval_secs: u64,
+}
+
+/// A chunk to store.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// BLAKE3 of the stored (encrypted) bytes.
+    pub id: ChunkId,
+    /// Stored size in bytes.
+    pub size: u32,
+}
+
+/// Ask where to store chunks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutRequest {
+    /// The chunks.
+    pub chunks: Vec<ChunkRef>,
+    /// Distinct peers each chunk should live on.
+    pub replicas: u8,
+    /// Peers to avoid (e.g. ones that just failed).
+    #[serde(default)]
+    pub exclude: Vec<PeerId>,
+}
+
+/// One target peer and the batch token that lets the requester use it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Placement {
+    /// The peer to contact.
+    pub target: PeerId,
+    /// Its QUIC address.
+    pub addr: String,
+    /// Its certificate fingerprint, to pin.
+    pub fingerprint: Fingerprint,
+    /// The token's transaction id (for confirms and reports).
+    pub txid: TransactionId,
+    /// Unix seconds when the token expires.
+    pub expires_at: u64,
+    /// The sealed token (hex in JSON).
+    pub token: Token,
+    /// The chunks the token covers on this target.
+    pub chunks: Vec<ChunkId>,
+}
+
+/// Where to send each chunk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutResponse {
+    /// One per target.
+    pub placements: Vec<Placement>,
+    /// Chunks already stored with enough replicas: nothing to send.
+    pub already_stored: Vec<ChunkId>,
+}
+
+/// A target reports what it stored under a put token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfirmRequest {
+    /// The token's transaction id.
+    pub txid: TransactionId,
+    /// Chunks stored and fsynced.
+    pub chunks: Vec<ChunkId>,
+}
+
+/// How many locations were committed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfirmResponse {
+    /// Locations committed by this confirm.
+    pub committed: usize,
+}
+
+/// Ask for holders of chunks the requester owns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetRequest {
+    /// The chunks.
+    pub chunks: Vec<ChunkId>,
+}
+
+/// Get tokens, one per holder (online holders first).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetResponse {
+    /// One per holder; a chunk may appear in several.
+    pub placements: Vec<Placement>,
+    /// Chunks with no committed holder (or not owned by the requester).
+    pub missing: Vec<ChunkId>,
+}
+
+/// Release chunks no longer referenced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    /// The chunks.
+    pub chunks: Vec<ChunkId>,
+}
+
+/// How many were released.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseResponse {
+    /// Chunks released.
+    pub released: usize,
+}
+
+/// Something that went wrong between peers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReportRequest {
+    /// A daemon refused a token or a chunk.
+    Rejected {
+        /// Who presented it (from the token when it opened, else unknown).
+        requester: Option<PeerId>,
+        /// The token's transaction id, when known.
+        txid: Option<TransactionId>,
+        /// A [`crate::token::TokenError::reason`] or a daemon reason.
+        reason: String,
+    },
+    /// A client received a chunk whose hash was wrong.
+    BadChunk {
+        /// The holder that sent it.
+        holder: PeerId,
+        /// The chunk asked for.
+        chunk: ChunkId,
+    },
+    /// A client could not complete a transfer.
+    TransferFailed {
+        /// The target.
+        target: PeerId,
+        /// The token's transaction id.
+        txid: TransactionId,
+        /// Chunks not stored.
+        chunks: Vec<ChunkId>,
+    },
+}
+
+/// The requester's account.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The peer asking.
+    pub peer_id: PeerId,
+    /// Its name.
+    pub name: String,
+    /// Peers online now.
+    pub peers_online: usize,
+    /// Peers registered.
+    pub peers_total: usize,
+    /// Bytes it may store (all replicas counted).
+    pub quota_bytes: u64,
+    /// Bytes it stores now (all replicas counted, confirmed and pending).
+    pub used_bytes: u64,
+    /// Bytes it lends.
+    pub lend_bytes: u64,
+    /// Bytes of others' chunks it holds.
+    pub holding_bytes: u64,
+}

@@ -1,0 +1,19 @@
+//! peerstash: a backup drive made of other people's spare disk.
+//!
+//! This library holds the protocol every part speaks — identifiers, keys, the server's
+//! signed tokens, authenticated control messages, the replay store — and, with the
+//! default `client` feature, the client, the storage daemon and the FUSE drive.
+//! `docs/ARCHITECTURE.md` maps the modules; `docs/PROTOCOL.md` gives the wire formats.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod control;
+pub mod ids;
+pub mod keys;
+pub mod replay;
+pub mod token;
+
+pub use ids::{ChunkId, Fingerprint, PeerId, TransactionId};
+pub use keys::{DataKey, MasterSecret, TransactionKey};
+pub use token::{Token, TokenClaims, TokenError, TxKind};
