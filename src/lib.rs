@@ -12,6 +12,8 @@ pub mod control;
 pub mod ids;
 pub mod keys;
 pub mod replay;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod token;
 
 pub use ids::{ChunkId, Fingerprint, PeerId, TransactionId};
