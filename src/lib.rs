@@ -8,6 +8,8 @@
 #![warn(missing_docs)]
 
 pub mod api;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod control;
 pub mod ids;
 pub mod keys;
