@@ -13,6 +13,8 @@ pub struct Refusal {
     pub reason: String,
     /// What went wrong and what to do next.
     pub message: String,
+    /// Seconds after which a retry may succeed (sent as `Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl Refusal {
@@ -22,7 +24,14 @@ impl Refusal {
             status,
             reason: reason.to_string(),
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same refusal, telling the client when to retry.
+    pub fn retry_after(mut self, secs: u64) -> Refusal {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// 400 with reason `bad_request`.

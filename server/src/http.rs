@@ -120,16 +120,8 @@ async fn handle(st: Arc<State>, remote: SocketAddr, req: Request<Incoming>) -> R
         Err(refusal) => {
             st.metrics.reject(&refusal.reason);
             let mut r = json(refusal.status, &refusal.body());
-            if refusal.status == 429 {
-                if let Some(secs) = refusal
-                    .message
-                    .split_whitespace()
-                    .find_map(|w| w.parse::<u64>().ok())
-                {
-                    if let Ok(v) = secs.to_string().parse() {
-                        r.headers_mut().insert(RETRY_AFTER, v);
-                    }
-                }
+            if let Some(secs) = refusal.retry_after {
+                r.headers_mut().insert(RETRY_AFTER, secs.into());
             }
             r
         }
@@ -293,7 +285,11 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
                         "too many registrations or logins from your address; retry in {secs} s"
                     ),
                 )
+                .retry_after(secs)
             })?;
+            // Each Argon2 hash takes ~19 MiB and a core for a while: bound how many run at
+            // once, whatever the number of addresses asking.
+            let _slot = st.hash_slots.acquire().await.map_err(Refusal::internal)?;
             let (_, body) = read_body(req).await?;
             let s = st.clone();
             if p == path::REGISTER {

@@ -129,6 +129,8 @@ pub struct State {
     /// Counters.
     pub metrics: Metrics,
     limiter: RateLimiter,
+    /// Bounds concurrent password hashing (register, login).
+    hash_slots: tokio::sync::Semaphore,
     /// TLS identity served.
     pub cert: CertKey,
 }
@@ -254,6 +256,11 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
         verifier,
         metrics: Metrics::default(),
         limiter,
+        hash_slots: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2),
+        ),
         cert,
     })
 }
