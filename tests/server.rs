@@ -831,3 +831,130 @@ async fn kill9_and_restart_loses_nothing_committed_and_txids_never_repeat() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_load_mode_issues_universal_tokens_only_when_switched_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (flag, kind) in [
+        (None, TxKind::Put),
+        (Some("--peak-load"), TxKind::Universal),
+    ] {
+        let dir = tmp.path().join(format!("{kind:?}"));
+        let mut args = vec!["--open-registration"];
+        args.extend(flag);
+        let s = Server::start(&dir, &args);
+        let a = register(&s, "alice", 1 << 30).await;
+        let b = register(&s, "bob", 1 << 30).await;
+        heartbeat(&b, 1 << 30).await;
+        let r = a
+            .client
+            .put(&put_req(&chunks("peak", 2, 100), 1))
+            .await
+            .unwrap();
+        assert_eq!(r.placements.len(), 1);
+        let auth = TokenVerifier::new(b.id, &b.key)
+            .open(r.placements[0].token.as_bytes(), now_ms() / 1000)
+            .unwrap();
+        assert_eq!(auth.claims().kind, kind);
+        assert_eq!(
+            auth.claims().grants.len(),
+            2,
+            "still limited to the placed chunks"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_passphrase_mode_keeps_the_data_key_from_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), &["--open-registration"]);
+    let fp = s.fingerprint.to_string();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let phrase = tmp.path().join("phrase");
+    std::fs::write(&phrase, "a long recovery passphrase\n").unwrap();
+    let (pw, phrase) = (pw.to_str().unwrap(), phrase.to_str().unwrap());
+    let h1 = tmp.path().join("h1");
+    let o = run_cli(
+        &h1,
+        &[
+            "register",
+            "--server",
+            &s.url,
+            "--server-fingerprint",
+            &format!("sha256:{fp}"),
+            "--name",
+            "pat",
+            "--password-file",
+            pw,
+            "--lend",
+            "500M",
+            "--storage-dir",
+            tmp.path().join("st").to_str().unwrap(),
+            "--key-mode",
+            "passphrase",
+            "--passphrase-file",
+            phrase,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The server never had the data key: login returns none, the passphrase restores it.
+    let login = s
+        .client()
+        .login(&LoginRequest {
+            name: "pat".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (login.key_mode, login.data_key),
+        (KeyMode::Passphrase, None)
+    );
+    let h2 = tmp.path().join("h2");
+    let o = run_cli(
+        &h2,
+        &[
+            "login",
+            "--server",
+            &s.url,
+            "--server-fingerprint",
+            &fp,
+            "--name",
+            "pat",
+            "--password-file",
+            pw,
+            "--passphrase-file",
+            phrase,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(h1.join("data.key")).unwrap(),
+        std::fs::read(h2.join("data.key")).unwrap()
+    );
+    // Registering twice into one home is refused before contacting the server.
+    let o = run_cli(
+        &h1,
+        &[
+            "register",
+            "--server",
+            &s.url,
+            "--server-fingerprint",
+            &fp,
+            "--name",
+            "pat2",
+            "--password-file",
+            pw,
+            "--lend",
+            "1G",
+            "--storage-dir",
+            "/nonexistent",
+        ],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("already holds a peer"),
+        "{}",
+        stderr(&o)
+    );
+}

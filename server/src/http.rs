@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use peerstash::api::{self, path};
 use peerstash::control::{now_ms, ControlAuth, ControlError, MessageKind, AUTH_HEADER};
 use peerstash::PeerId;
@@ -28,6 +28,10 @@ type Resp = Response<Full<Bytes>>;
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers (HTTP/1).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a client may take to send a request's body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accept connections on `listener` forever, serving the API over TLS.
 pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<()> {
@@ -63,7 +67,12 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
                 let st = st.clone();
                 async move { Ok::<_, Infallible>(handle(st, remote, req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client that trickles its headers (slowloris) is cut off.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
                 tracing::debug!(%remote, "connection: {e}");
             }
@@ -171,18 +180,30 @@ async fn read_body(req: Request<Incoming>) -> Result<(Parts, Bytes), Refusal> {
         }
     }
     let (parts, body) = req.into_parts();
-    let collected = Limited::new(body, api::MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                too_large()
-            } else {
-                Refusal::bad_request(format!("could not read the request body: {e}"))
-            }
-        })?;
+    let collected = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(body, api::MAX_BODY_BYTES).collect(),
+    )
+    .await
+    .map_err(|_| {
+        Refusal::new(
+            408,
+            "timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )
+    })?
+    .map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            too_large()
+        } else {
+            Refusal::bad_request(format!("could not read the request body: {e}"))
+        }
+    })?;
     Ok((parts, collected.to_bytes()))
 }
 
