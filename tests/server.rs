@@ -534,11 +534,11 @@ async fn placement_spreads_replicas_over_distinct_online_peers_with_room() {
         a.client.status().await.unwrap().used_bytes,
         before - 2 * MIB
     );
-    let mut told = 0;
+    let mut told = HashSet::new();
     for p in [&b, &c, &d, &e] {
         let drops = heartbeat(p, 100 * MIB).await;
         if drops.contains(&ids[0]) {
-            told += 1;
+            told.insert(p.id);
             let again = heartbeat_ack(p, 100 * MIB, vec![ids[0]]).await;
             assert!(
                 !again.contains(&ids[0]),
@@ -546,7 +546,14 @@ async fn placement_spreads_replicas_over_distinct_online_peers_with_room() {
             );
         }
     }
-    assert_eq!(told, 2, "both holders are told");
+    let holders_of_0: HashSet<PeerId> = holders[&ids[0]].iter().copied().collect();
+    assert!(told.is_superset(&holders_of_0), "both holders are told");
+    // Anyone else told is the peer that confirmed chunks it was never given: it may drop
+    // whatever it stored without a placement.
+    for extra in told.difference(&holders_of_0) {
+        assert_eq!(*extra, other.id);
+        assert!(first.chunks.contains(&ids[0]));
+    }
 
     // Failure reports are counted per peer in the metrics.
     a.client
@@ -764,6 +771,20 @@ async fn kill9_and_restart_loses_nothing_committed_and_txids_never_repeat() {
     seen_txids.extend(got.placements.iter().map(|p| p.txid.0));
 
     s.proc.kill9();
+    // What is on disk right after the kill: every location, and a txid mark above every id.
+    {
+        let db = rusqlite::Connection::open(tmp.path().join("server.db")).unwrap();
+        let n: i64 = db
+            .query_row("SELECT COUNT(*) FROM locations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 16);
+        let hwm: i64 = db
+            .query_row("SELECT value FROM meta WHERE key = 'txid_hwm'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(seen_txids.iter().all(|t| (*t as i64) < hwm));
+    }
     let s2 = Server::start(tmp.path(), &["--open-registration"]);
     assert_eq!(
         s2.fingerprint, s.fingerprint,
@@ -957,4 +978,35 @@ async fn cli_passphrase_mode_keeps_the_data_key_from_the_server() {
         "{}",
         stderr(&o)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_go_offline_and_get_no_placements() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        tmp.path(),
+        &["--open-registration", "--online-timeout", "1"],
+    );
+    let a = register(&s, "alice", 1 << 30).await;
+    let b = register(&s, "bob", 1 << 30).await;
+    heartbeat(&b, 1 << 30).await;
+    assert_eq!(a.client.status().await.unwrap().peers_online, 1);
+    a.client
+        .put(&put_req(&chunks("on", 1, 10), 1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(a.client.status().await.unwrap().peers_online, 0);
+    let err = a
+        .client
+        .put(&put_req(&chunks("off", 1, 10), 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Some("not_enough_peers"), "{err}");
+    // A heartbeat brings it back.
+    heartbeat(&b, 1 << 30).await;
+    a.client
+        .put(&put_req(&chunks("off", 1, 10), 1))
+        .await
+        .unwrap();
 }
