@@ -1010,3 +1010,49 @@ async fn silent_peers_go_offline_and_get_no_placements() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_transfer_frees_its_placement_and_a_new_one_avoids_the_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s, "alice", 3 * MIB).await;
+    let b = register(&s, "bob", 1 << 30).await;
+    let c = register(&s, "carol", 1 << 30).await;
+    heartbeat(&b, 1 << 30).await;
+    heartbeat(&c, 1 << 30).await;
+    let one = chunks("retry", 1, MIB as u32);
+    let r = a.client.put(&put_req(&one, 1)).await.unwrap();
+    let pl = &r.placements[0];
+    assert_eq!(a.client.status().await.unwrap().used_bytes, MIB);
+    a.client
+        .report(&ReportRequest::TransferFailed {
+            target: pl.target,
+            txid: pl.txid,
+            chunks: pl.chunks.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        a.client.status().await.unwrap().used_bytes,
+        0,
+        "the failed placement no longer counts"
+    );
+    let mut req = put_req(&one, 1);
+    req.exclude = vec![pl.target];
+    let again = a.client.put(&req).await.unwrap();
+    assert_eq!(again.placements.len(), 1);
+    assert_ne!(again.placements[0].target, pl.target);
+    // The failed target cannot commit the abandoned placement any more.
+    let failed = if pl.target == b.id { &b } else { &c };
+    let r = failed
+        .client
+        .confirm(&ConfirmRequest {
+            txid: pl.txid,
+            chunks: pl.chunks.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.committed, 0);
+    let labels = format!("peer=\"{}\",kind=\"transfer_failed\"", pl.target);
+    assert_eq!(s.metric("peerstash_reports_total", &labels).await, 1);
+}
