@@ -11,6 +11,8 @@ pub mod api;
 pub mod control;
 pub mod ids;
 pub mod keys;
+#[cfg(feature = "client")]
+pub mod peer;
 pub mod replay;
 #[cfg(feature = "tls")]
 pub mod tls;
