@@ -136,11 +136,13 @@ pub struct PeerSpace {
     pub chunks: u64,
 }
 
+type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
 /// A client of storage daemons. Keeps one QUIC connection per daemon and reuses it.
 /// Must be created inside a tokio runtime.
 pub struct PeerClient {
     endpoint: quinn::Endpoint,
-    conns: Mutex<HashMap<PeerAddr, Connection>>,
+    conns: Mutex<HashMap<PeerAddr, Slot>>,
     op_timeout: Duration,
 }
 
@@ -197,25 +199,21 @@ impl PeerClient {
     }
 
     async fn connection(&self, peer: &PeerAddr) -> Result<Connection, PeerError> {
-        if let Some(c) = self.lock().get(peer) {
+        // One slot per peer, locked while connecting: concurrent requests to a peer share
+        // one connection, and a slow handshake to one peer holds up no other peer.
+        let slot = self.lock().entry(*peer).or_default().clone();
+        let mut conn = slot.lock().await;
+        if let Some(c) = &*conn {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
         }
-        let conn = self.connect(peer).await?;
-        let mut map = self.lock();
-        // Another task may have connected meanwhile: keep one connection per peer.
-        if let Some(c) = map.get(peer) {
-            if c.close_reason().is_none() {
-                conn.close(0u8.into(), b"duplicate");
-                return Ok(c.clone());
-            }
-        }
-        map.insert(*peer, conn.clone());
-        Ok(conn)
+        let c = self.connect(peer).await?;
+        *conn = Some(c.clone());
+        Ok(c)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerAddr, Connection>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerAddr, Slot>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -227,7 +225,7 @@ impl PeerClient {
         match conn.open_bi().await {
             Ok(s) => Ok(s),
             Err(_) => {
-                self.lock().remove(peer);
+                // The cached connection died (idle timeout, daemon restart): reconnect.
                 let conn = self.connection(peer).await?;
                 conn.open_bi().await.map_err(broke)
             }
@@ -448,8 +446,10 @@ impl PeerClient {
 
     /// Close every connection (politely, so daemons free the slots at once).
     pub fn close(&self) {
-        for (_, c) in self.lock().drain() {
-            c.close(0u8.into(), b"bye");
+        for (_, slot) in self.lock().drain() {
+            if let Ok(Some(c)) = slot.try_lock().map(|mut c| c.take()) {
+                c.close(0u8.into(), b"bye");
+            }
         }
     }
 }
