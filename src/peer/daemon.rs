@@ -65,17 +65,51 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// Defaults sized for a home machine. Under a full-scale attack from 64 addresses
+    /// [`Limits::memory_bound`] is 64 connections × (4 MiB receive window, 8 streams ×
+    /// 256 KiB write buffers, 4 MiB send window) = 640 MiB; in normal use, a few MiB per
+    /// active client.
     fn default() -> Self {
         Limits {
             max_connections: 64,
-            max_connections_per_ip: 32,
-            max_streams_per_connection: 16,
+            max_connections_per_ip: 16,
+            max_streams_per_connection: 8,
             idle_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(20),
-            stream_receive_window: 2 << 20,
-            connection_receive_window: 8 << 20,
-            send_window: 8 << 20,
+            stream_receive_window: 1 << 20,
+            connection_receive_window: 4 << 20,
+            send_window: 4 << 20,
         }
+    }
+}
+
+impl Limits {
+    /// The most memory all connections together can make the daemon hold for request and
+    /// reply bytes: per connection, its receive window (bytes received but not yet read),
+    /// one write buffer per stream (bytes read but not yet on disk) and its send window
+    /// (bytes written but not yet acknowledged). Tokens are read into memory too, but
+    /// only as their bytes arrive, within the same receive window.
+    pub fn memory_bound(&self) -> u64 {
+        let per_conn = u64::from(self.connection_receive_window)
+            + u64::from(self.max_streams_per_connection) * super::store::WRITE_BUF as u64
+            + self.send_window;
+        self.max_connections as u64 * per_conn
+    }
+
+    /// The QUIC transport settings these limits imply (also used by the benchmark's raw
+    /// baseline, so both run with the same windows).
+    pub fn transport_config(&self) -> Result<TransportConfig, DaemonError> {
+        let mut t = TransportConfig::default();
+        t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams_per_connection))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .max_idle_timeout(Some(
+                IdleTimeout::try_from(self.idle_timeout)
+                    .map_err(|_| DaemonError::Config("idle timeout out of range".into()))?,
+            ))
+            .stream_receive_window(VarInt::from_u32(self.stream_receive_window))
+            .receive_window(VarInt::from_u32(self.connection_receive_window))
+            .send_window(self.send_window);
+        Ok(t)
     }
 }
 
@@ -258,20 +292,6 @@ impl std::fmt::Debug for RunningDaemon {
     }
 }
 
-fn transport(limits: &Limits) -> Result<TransportConfig, DaemonError> {
-    let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(limits.max_streams_per_connection))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .max_idle_timeout(Some(
-            IdleTimeout::try_from(limits.idle_timeout)
-                .map_err(|_| DaemonError::Config("idle timeout out of range".into()))?,
-        ))
-        .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
-        .receive_window(VarInt::from_u32(limits.connection_receive_window))
-        .send_window(limits.send_window);
-    Ok(t)
-}
-
 impl Daemon {
     /// Open the stores, bind the QUIC endpoint and start serving, heartbeating and
     /// pruning. Temporary files from a previous run are removed before the first request.
@@ -301,7 +321,7 @@ impl Daemon {
         let crypto = QuicServerConfig::try_from(crypto)
             .map_err(|e| DaemonError::Config(format!("QUIC TLS config: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(transport(&config.limits)?));
+        server.transport_config(Arc::new(config.limits.transport_config()?));
         // Handshakes in flight count against the same budget as connections.
         server.max_incoming(config.limits.max_connections.max(1) * 2);
         let endpoint = quinn::Endpoint::server(server, config.listen)?;
@@ -478,8 +498,16 @@ async fn read_token(recv: &mut RecvStream, t: Duration) -> Result<Vec<u8>, ReadF
     read_exact(recv, &mut b, t).await?;
     // The bound is checked before the buffer is allocated.
     let len = wire::check_token_len(u32::from_be_bytes(b)).map_err(ReadFail::Refuse)?;
-    let mut token = vec![0u8; len];
-    read_exact(recv, &mut token, t).await?;
+    // Grow with the bytes that actually arrive, so announcing a long token and then
+    // trickling costs the daemon nothing beyond what flow control already admits.
+    let mut token = Vec::with_capacity(len.min(4096));
+    while token.len() < len {
+        match tokio::time::timeout(t, recv.read_chunk(len - token.len(), true)).await {
+            Ok(Ok(Some(c))) => token.extend_from_slice(&c.bytes),
+            Ok(Ok(None)) => return Err(ReadFail::Refuse(Refusal::Malformed)),
+            _ => return Err(ReadFail::Gone),
+        }
+    }
     Ok(token)
 }
 

@@ -26,7 +26,7 @@ use crate::ids::ChunkId;
 
 /// How many bytes a writer buffers before handing them to the disk: bounds the memory
 /// one upload can pin, while keeping write calls large.
-const WRITE_BUF: usize = 256 << 10;
+pub(crate) const WRITE_BUF: usize = 256 << 10;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
