@@ -873,3 +873,115 @@ async fn kill9_during_an_upload_leaves_no_partial_chunk() {
     );
     assert_eq!(p.files().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_are_typed() {
+    let p = TestPeer::new();
+    let d = p.start(1 << 20, Arc::new(RecordingLink::new())).await;
+    let peer = p.addr(&d);
+    let client = PeerClient::new()
+        .unwrap()
+        .with_connect_timeout(Duration::from_millis(500));
+    let chunk = random_chunk(30_000);
+    let grant = refs(std::slice::from_ref(&chunk));
+
+    // A daemon presenting another certificate than the pinned one: no connection.
+    let impostor_pin = PeerAddr {
+        fingerprint: CertKey::self_signed(&["localhost"]).unwrap().fingerprint(),
+        ..peer
+    };
+    let e = client
+        .put(
+            &impostor_pin,
+            &p.token(TxKind::Put, &grant),
+            &[chunk.clone()],
+        )
+        .await;
+    assert!(
+        matches!(&e.as_ref().unwrap()[0], Err(PeerError::Connect { .. })),
+        "{e:?}"
+    );
+    // Nobody listening: a connect error within the connect timeout.
+    let nobody = PeerAddr {
+        addr: format!("127.0.0.1:{}", common::free_udp_port())
+            .parse()
+            .unwrap(),
+        ..peer
+    };
+    let e = client
+        .get(&nobody, &p.token(TxKind::Get, &grant), &chunk.0, 30_000)
+        .await;
+    assert!(matches!(e, Err(PeerError::Connect { .. })), "{e:?}");
+    assert!(p.files().is_empty());
+
+    // A stored chunk that rotted on the holder's disk: the client refuses the bytes.
+    put_one(&client, &peer, &p.token(TxKind::Put, &grant), &chunk)
+        .await
+        .unwrap();
+    let path = d.store().path_of(&chunk.0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = client
+        .get(&peer, &p.token(TxKind::Get, &grant), &chunk.0, 30_000)
+        .await;
+    assert!(
+        matches!(e, Err(PeerError::CorruptChunk { expected, .. }) if expected == chunk.0),
+        "{e:?}"
+    );
+    d.shutdown().await;
+}
+
+/// Unmounts (lazily, so a failing test cannot leave a busy mount) when dropped.
+struct TmpfsMount(PathBuf);
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_only_that_chunk() {
+    // A real ENOSPC needs a small file system: a 1 MiB tmpfs, which needs root.
+    let p = TestPeer::new();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(p.storage.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let _mount = TmpfsMount(p.storage.path().to_owned());
+    // Lend far more than the disk has: the disk fills first.
+    let d = p.start(1 << 30, Arc::new(RecordingLink::new())).await;
+    let peer = p.addr(&d);
+    let client = PeerClient::new().unwrap();
+    let chunks: Vec<_> = (0..8).map(|_| random_chunk(200_000)).collect();
+    let r = client
+        .put(&peer, &p.token(TxKind::Put, &refs(&chunks)), &chunks)
+        .await
+        .unwrap();
+    let ok = r.iter().filter(|r| r.is_ok()).count();
+    let full = r.iter().filter(|r| **r == Err(PeerError::NoSpace)).count();
+    assert!(ok >= 1 && full >= 1 && ok + full == 8, "{r:?}");
+    // Nothing partial is left, the accounting matches the disk, and the daemon serves on.
+    assert!(files_under(&p.storage.path().join("tmp")).is_empty());
+    assert_eq!(p.files().len(), ok);
+    assert_eq!(d.used_bytes(), ok as u64 * 200_000);
+    let (c, b) = chunks
+        .iter()
+        .zip(&r)
+        .find(|(_, r)| r.is_ok())
+        .map(|(c, _)| c)
+        .unwrap();
+    let got = client
+        .get(&peer, &p.token(TxKind::Get, &[(*c, 200_000)]), c, 200_000)
+        .await;
+    assert_eq!(&got.unwrap(), b);
+    d.shutdown().await;
+}

@@ -144,6 +144,7 @@ pub struct PeerClient {
     endpoint: quinn::Endpoint,
     conns: Mutex<HashMap<PeerAddr, Slot>>,
     op_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -168,12 +169,20 @@ impl PeerClient {
             endpoint,
             conns: Mutex::new(HashMap::new()),
             op_timeout: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
         })
     }
 
     /// Give up on any single operation after `t` (default 120 s).
     pub fn with_timeout(mut self, t: Duration) -> PeerClient {
         self.op_timeout = t;
+        self
+    }
+
+    /// Give up connecting to a peer after `t` (default 10 s): an offline peer is common,
+    /// and the caller should move on to another holder quickly.
+    pub fn with_connect_timeout(mut self, t: Duration) -> PeerClient {
+        self.connect_timeout = t;
         self
     }
 
@@ -189,13 +198,15 @@ impl PeerClient {
         let mut t = TransportConfig::default();
         t.max_concurrent_uni_streams(0u8.into());
         cfg.transport_config(Arc::new(t));
-        let conn = self
+        let connecting = self
             .endpoint
             .connect_with(cfg, peer.addr, wire::SERVER_NAME)
-            .map_err(|e| fail(e.to_string()))?
-            .await
             .map_err(|e| fail(e.to_string()))?;
-        Ok(conn)
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail("timed out".into())),
+        }
     }
 
     async fn connection(&self, peer: &PeerAddr) -> Result<Connection, PeerError> {
