@@ -894,7 +894,7 @@ async fn client_errors_are_typed() {
         .put(
             &impostor_pin,
             &p.token(TxKind::Put, &grant),
-            &[chunk.clone()],
+            std::slice::from_ref(&chunk),
         )
         .await;
     assert!(
