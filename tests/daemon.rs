@@ -688,6 +688,7 @@ async fn slow_and_greedy_clients_are_bounded() {
     let p = TestPeer::new();
     let mut cfg = p.config(1 << 20);
     cfg.limits.read_timeout = Duration::from_millis(300);
+    cfg.limits.request_timeout = Duration::from_millis(1500);
     cfg.limits.max_connections_per_ip = 2;
     let d = Daemon::run(cfg, Arc::new(RecordingLink::new()))
         .await
@@ -721,6 +722,37 @@ async fn slow_and_greedy_clients_are_bounded() {
     wait_for("no partial file", Duration::from_secs(5), || {
         p.files().is_empty().then_some(())
     });
+
+    // An upload that trickles a byte every 100 ms (never idle long enough for the read
+    // timeout) is cut by the request timeout, and leaves no temporary file either.
+    let t = p.token(TxKind::Put, &refs(std::slice::from_ref(&chunk)));
+    let (mut send, mut recv) = client.open_raw(&peer).await.unwrap();
+    let mut req = wire::encode_token_head(Op::Put, t.as_bytes());
+    req.extend_from_slice(&1u16.to_be_bytes());
+    req.extend_from_slice(&wire::encode_chunk_header(&chunk.0, 100_000));
+    send.write_all(&req).await.unwrap();
+    let trickle = async {
+        for byte in &chunk.1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if send.write_all(std::slice::from_ref(byte)).await.is_err() {
+                break;
+            }
+        }
+    };
+    let started = std::time::Instant::now();
+    let (r, _) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(recv.read_exact(&mut b), trickle)
+    })
+    .await
+    .expect("the daemon cuts a trickling upload");
+    assert!(r.is_err(), "a trickling upload must be cut");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    wait_for("no partial file", Duration::from_secs(5), || {
+        p.files().is_empty().then_some(())
+    });
+
+    // The defaults bound what every connection together can pin.
+    assert!(peerstash::peer::Limits::default().memory_bound() <= 1 << 30);
 
     // The connection itself is still usable.
     let t2 = p.token(TxKind::Put, &refs(std::slice::from_ref(&chunk)));

@@ -56,6 +56,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// A request whose next bytes take longer than this to arrive is dropped.
     pub read_timeout: Duration,
+    /// A request that takes longer than this in all is dropped, however steadily it
+    /// trickles (a slow-loris client cannot hold a stream forever).
+    pub request_timeout: Duration,
     /// QUIC flow-control window per stream (bytes a client may send ahead).
     pub stream_receive_window: u32,
     /// QUIC flow-control window per connection (all its streams together).
@@ -76,6 +79,7 @@ impl Default for Limits {
             max_streams_per_connection: 8,
             idle_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(600),
             stream_receive_window: 1 << 20,
             connection_receive_window: 4 << 20,
             send_window: 4 << 20,
@@ -533,14 +537,20 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
         Ok(()) => Op::from_u8(op[0]),
         Err(_) => return,
     };
-    let outcome = match op {
-        Some(Op::Put) => serve_put(&shared, &mut send, &mut recv).await,
-        Some(Op::Get) => serve_get(&shared, &mut send, &mut recv, false).await,
-        Some(Op::Stream) => serve_get(&shared, &mut send, &mut recv, true).await,
-        Some(Op::Delete) => serve_delete(&shared, &mut send, &mut recv).await,
-        Some(Op::StatusCheck) => serve_status(&shared, &mut send, &mut recv).await,
-        None => Err(ReadFail::Refuse(Refusal::Malformed)),
+    let serve = async {
+        match op {
+            Some(Op::Put) => serve_put(&shared, &mut send, &mut recv).await,
+            Some(Op::Get) => serve_get(&shared, &mut send, &mut recv, false).await,
+            Some(Op::Stream) => serve_get(&shared, &mut send, &mut recv, true).await,
+            Some(Op::Delete) => serve_delete(&shared, &mut send, &mut recv).await,
+            Some(Op::StatusCheck) => serve_status(&shared, &mut send, &mut recv).await,
+            None => Err(ReadFail::Refuse(Refusal::Malformed)),
+        }
     };
+    // Cancelling mid-upload is safe: dropping the chunk writer removes its temporary file.
+    let outcome = tokio::time::timeout(shared.limits.request_timeout, serve)
+        .await
+        .unwrap_or(Err(ReadFail::Gone));
     match outcome {
         Ok(()) => {
             let _ = send.finish();

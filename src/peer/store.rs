@@ -212,8 +212,15 @@ impl ChunkStore {
         self: &Arc<Self>,
         chunk: ChunkId,
         size: u32,
-        reservation: Reservation,
+        mut reservation: Reservation,
     ) -> Result<ChunkWriter, StoreError> {
+        let present = self.contains(&chunk);
+        if !present && reservation.bytes < u64::from(size) {
+            // Reserved nothing because the chunk was stored, but it has been deleted
+            // since: reserve the difference now, so the capacity still holds.
+            let mut extra = self.reserve(u64::from(size) - reservation.bytes)?;
+            reservation.bytes += std::mem::take(&mut extra.bytes);
+        }
         let mut w = ChunkWriter {
             store: self.clone(),
             chunk,
@@ -225,7 +232,7 @@ impl ChunkStore {
             tmp_path: None,
             reservation: Some(reservation),
         };
-        if self.contains(&chunk) {
+        if present {
             return Ok(w);
         }
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
