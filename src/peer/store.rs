@@ -445,3 +445,67 @@ impl Drop for ChunkWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn start_removes_partial_uploads_and_recounts_chunks() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let rt = rt();
+        let store = Arc::new(ChunkStore::open(dir.path(), 1000).unwrap());
+        let data = b"some ciphertext".to_vec();
+        let id = ChunkId::of(&data);
+        rt.block_on(async {
+            let mut w = store
+                .writer(id, data.len() as u32, store.reserve(15).unwrap())
+                .await
+                .unwrap();
+            w.write(&data).await.unwrap();
+            assert!(w.commit().await.unwrap());
+        });
+        std::fs::write(dir.path().join("tmp/leftover.part"), b"half a chunk").unwrap();
+        drop(store);
+        let store = ChunkStore::open(dir.path(), 1000).unwrap();
+        assert_eq!(
+            (store.used(), store.chunk_count(), store.free()),
+            (15, 1, 985)
+        );
+        assert!(std::fs::read_dir(store.tmp_dir()).unwrap().next().is_none());
+        assert!(store.contains(&id));
+    }
+
+    #[test]
+    fn reservations_bound_concurrent_uploads_and_refused_bytes_leave_nothing() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = Arc::new(ChunkStore::open(dir.path(), 100).unwrap());
+        let a = store.reserve(60).unwrap();
+        assert!(matches!(store.reserve(41), Err(StoreError::NoSpace)));
+        drop(a);
+        let b = store.reserve(100).unwrap();
+        rt().block_on(async {
+            let id = ChunkId::of(b"right bytes");
+            let mut w = store.writer(id, 11, b).await.unwrap();
+            w.write(b"wrong bytes").await.unwrap();
+            assert!(matches!(w.commit().await, Err(StoreError::HashMismatch)));
+            let mut w = store
+                .writer(id, 11, store.reserve(11).unwrap())
+                .await
+                .unwrap();
+            assert!(matches!(
+                w.write(b"right bytes!").await,
+                Err(StoreError::SizeMismatch { .. })
+            ));
+        });
+        assert_eq!((store.used(), store.free()), (0, 100));
+        assert!(std::fs::read_dir(store.tmp_dir()).unwrap().next().is_none());
+    }
+}

@@ -64,6 +64,16 @@
 //! verifies the token once per stream and each chunk against it (claiming the chunk in
 //! the replay store *before* it accepts any of the chunk's bytes).
 //!
+//! **Replay.** Every chunk operation claims (token txid, chunk id) in the daemon's
+//! persistent replay store before acting, so a token is good for one PUT, GET, STREAM or
+//! DELETE of each chunk it names, even across daemon restarts, until it expires.
+//!
+//! **Limits.** A daemon refuses connections beyond its total and per-address caps (QUIC
+//! `CONNECTION_REFUSED`), allows a bounded number of concurrent streams per connection
+//! (QUIC flow control makes further streams wait), and resets a stream whose next bytes
+//! take longer than its read timeout or whose whole request takes longer than its
+//! request timeout. Uni-directional streams are not used (limit 0).
+//!
 //! **Why GET carries one chunk.** Reads are latency-bound and the drive reads chunks in
 //! parallel; one stream per chunk lets QUIC interleave them without head-of-line
 //! blocking, and the reply length is known up front.
