@@ -5,8 +5,9 @@
 //! run, default 256), `PEERSTASH_BENCH_RUNS` (default 3, the median is printed),
 //! `PEERSTASH_BENCH_DIR` (where the daemon stores chunks; default a temporary directory).
 //!
-//! Both sides use the same QUIC transport settings (the daemon's default [`Limits`]) and
-//! the same parallelism: puts go 16 chunks per batch token, spread by `PeerClient::put`
+//! The baseline uses the daemon's QUIC flow-control settings (its default [`Limits`]); a
+//! second raw row uses quinn's default (wider) windows, to show what the limits cost. All
+//! use the same parallelism: puts go 16 chunks per batch token, spread by `PeerClient::put`
 //! over 4 streams; raw puts use 4 streams of 4 chunks. Gets run 4 at a time on both.
 
 use std::sync::Arc;
@@ -69,10 +70,13 @@ fn token(key: &TransactionKey, target: PeerId, kind: TxKind, chunks: &[(ChunkId,
 
 /// A raw quinn server: a stream starting with `P` is a put (read to the end, answer one
 /// byte); one starting with `G` is a get (answer 4 MiB from memory).
-async fn raw_server(cert: &CertKey) -> (quinn::Endpoint, PeerAddr) {
+/// With `daemon_windows`, the daemon's flow-control limits; otherwise quinn's defaults.
+async fn raw_server(cert: &CertKey, daemon_windows: bool) -> (quinn::Endpoint, PeerAddr) {
     let crypto = QuicServerConfig::try_from(cert.server_config(&[ALPN]).unwrap()).unwrap();
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(Limits::default().transport_config().unwrap()));
+    if daemon_windows {
+        cfg.transport_config(Arc::new(Limits::default().transport_config().unwrap()));
+    }
     let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = PeerAddr {
         addr: ep.local_addr().unwrap(),
@@ -136,8 +140,9 @@ async fn raw_get(conn: &quinn::Connection, n: usize) {
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             send.write_all(b"G").await.unwrap();
             send.finish().unwrap();
-            let got = recv.read_to_end(CHUNK).await.unwrap();
-            assert_eq!(got.len(), CHUNK);
+            // Preallocated like PeerClient::get, so the baseline pays no reallocations.
+            let mut got = vec![0u8; CHUNK];
+            recv.read_exact(&mut got).await.unwrap();
         }))
         .await;
     }
@@ -151,8 +156,10 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
         let cert = CertKey::self_signed(&["localhost"]).unwrap();
-        let (raw_ep, raw_addr) = raw_server(&cert).await;
+        let (raw_ep, raw_addr) = raw_server(&cert, true).await;
         let conn = raw_connect(&raw_addr).await;
+        let (wide_ep, wide_addr) = raw_server(&cert, false).await;
+        let wide = raw_connect(&wide_addr).await;
 
         let dir = match std::env::var("PEERSTASH_BENCH_DIR") {
             Ok(d) => tempfile::TempDir::new_in(d).unwrap(),
@@ -176,7 +183,7 @@ fn main() {
         };
         let client = PeerClient::new().unwrap();
 
-        let mut rows: [Vec<f64>; 4] = Default::default();
+        let mut rows: [Vec<f64>; 6] = Default::default();
         for run in 0..runs {
             // Fresh random chunks per run (generated outside the timed sections), so the
             // daemon really writes them rather than recognizing duplicates.
@@ -216,18 +223,33 @@ fn main() {
             let start = Instant::now();
             raw_get(&conn, n_chunks).await;
             let raw_get_time = start.elapsed();
+            let mut wide_put_time = Duration::ZERO;
+            for _ in 0..n_chunks / BATCH {
+                let batch = random_chunks(BATCH);
+                let start = Instant::now();
+                raw_put(&wide, &batch).await;
+                wide_put_time += start.elapsed();
+            }
+            let start = Instant::now();
+            raw_get(&wide, n_chunks).await;
+            let wide_get_time = start.elapsed();
+            rows[4].push(mib_per_s(bytes, wide_put_time));
+            rows[5].push(mib_per_s(bytes, wide_get_time));
 
             rows[0].push(mib_per_s(bytes, raw_put_time));
             rows[1].push(mib_per_s(bytes, put_time));
             rows[2].push(mib_per_s(bytes, raw_get_time));
             rows[3].push(mib_per_s(bytes, get_time));
             eprintln!(
-                "run {}: raw put {:.0}, daemon put {:.0}, raw get {:.0}, daemon get {:.0} MiB/s",
+                "run {}: raw put {:.0}, daemon put {:.0}, raw get {:.0}, daemon get {:.0}, \
+                 wide raw put {:.0}, wide raw get {:.0} MiB/s",
                 run + 1,
                 rows[0][run],
                 rows[1][run],
                 rows[2][run],
-                rows[3][run]
+                rows[3][run],
+                rows[4][run],
+                rows[5][run]
             );
             // Empty the store between runs so every run writes to a store of the same size.
             for chunk in stored.chunks(BATCH) {
@@ -235,23 +257,27 @@ fn main() {
                 client.delete(&peer, &t, chunk).await.unwrap();
             }
         }
-        let [raw_put, put, raw_get, get] = rows.map(median);
+        let [raw_put, put, raw_get, get, wide_put, wide_get] = rows.map(median);
         println!();
         println!(
             "peer throughput: 4 MiB chunks, {} MiB per run, median of {runs} run(s), loopback",
             bytes >> 20
         );
-        println!("{:<34} {:>12} {:>12}", "", "put MiB/s", "get MiB/s");
+        println!("{:<36} {:>12} {:>12}", "", "put MiB/s", "get MiB/s");
         println!(
-            "{:<34} {:>12.0} {:>12.0}",
+            "{:<36} {:>12.0} {:>12.0}",
             "raw quinn streams (baseline)", raw_put, raw_get
         );
         println!(
-            "{:<34} {:>12.0} {:>12.0}",
+            "{:<36} {:>12.0} {:>12.0}",
+            "raw quinn, quinn's default windows", wide_put, wide_get
+        );
+        println!(
+            "{:<36} {:>12.0} {:>12.0}",
             "daemon (token, BLAKE3, fsync)", put, get
         );
         println!(
-            "{:<34} {:>12.2} {:>12.2}",
+            "{:<36} {:>12.2} {:>12.2}",
             "daemon / baseline",
             put / raw_put,
             get / raw_get
@@ -259,5 +285,6 @@ fn main() {
         client.close();
         daemon.shutdown().await;
         raw_ep.close(0u8.into(), b"done");
+        wide_ep.close(0u8.into(), b"done");
     });
 }
