@@ -686,9 +686,9 @@ async fn heartbeats_report_space_and_drop_released_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_greedy_clients_are_bounded() {
     let p = TestPeer::new();
-    let mut cfg = p.config(1 << 20);
+    let mut cfg = p.config(16 << 20);
     cfg.limits.read_timeout = Duration::from_millis(300);
-    cfg.limits.request_timeout = Duration::from_millis(1500);
+    cfg.limits.request_timeout = Duration::from_millis(2000);
     cfg.limits.max_connections_per_ip = 2;
     let d = Daemon::run(cfg, Arc::new(RecordingLink::new()))
         .await
@@ -750,6 +750,22 @@ async fn slow_and_greedy_clients_are_bounded() {
     wait_for("no partial file", Duration::from_secs(5), || {
         p.files().is_empty().then_some(())
     });
+
+    // A client that asks for a chunk and never reads the reply: the daemon gives up on
+    // the stream after its read timeout instead of holding it (and the file) forever.
+    let big = random_chunk(4 << 20);
+    let grant = refs(std::slice::from_ref(&big));
+    put_one(&client, &peer, &p.token(TxKind::Put, &grant), &big)
+        .await
+        .unwrap();
+    let (mut send, mut recv) = client.open_raw(&peer).await.unwrap();
+    let mut req = wire::encode_token_head(Op::Get, p.token(TxKind::Get, &grant).as_bytes());
+    req.extend_from_slice(&wire::encode_chunk_header(&big.0, 4 << 20));
+    send.write_all(&req).await.unwrap();
+    send.finish().unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(8 << 20)).await;
+    assert!(matches!(r, Ok(Err(_))), "an unread reply must be cut");
 
     // The defaults bound what every connection together can pin.
     assert!(peerstash::peer::Limits::default().memory_bound() <= 1 << 30);

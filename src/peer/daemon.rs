@@ -54,7 +54,8 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     /// A connection with no traffic for this long is closed.
     pub idle_timeout: Duration,
-    /// A request whose next bytes take longer than this to arrive is dropped.
+    /// A request whose next bytes take longer than this to arrive, or whose reply the
+    /// client does not accept for this long, is dropped.
     pub read_timeout: Duration,
     /// A request that takes longer than this in all is dropped, however steadily it
     /// trickles (a slow-loris client cannot hold a stream forever).
@@ -126,7 +127,8 @@ pub struct DaemonConfig {
     pub key: TransactionKey,
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// Address announced in heartbeats (`host:port`); defaults to the bound address.
+    /// Address announced in heartbeats (`host:port`); defaults to the bound address,
+    /// which is useless to others when listening on `0.0.0.0`: set it then.
     pub advertise: Option<String>,
     /// Where chunks live.
     pub storage_dir: PathBuf,
@@ -524,8 +526,8 @@ async fn read_chunk_header(recv: &mut RecvStream, t: Duration) -> Result<(ChunkI
 }
 
 /// Send a final record, finish, and tell the client to stop sending.
-async fn refuse(send: &mut SendStream, recv: &mut RecvStream, r: Refusal) {
-    let _ = send.write_all(&r.encode()).await;
+async fn refuse(send: &mut SendStream, recv: &mut RecvStream, r: Refusal, t: Duration) {
+    let _ = tokio::time::timeout(t, send.write_all(&r.encode())).await;
     let _ = send.finish();
     let _ = recv.stop(VarInt::from_u32(wire::STOP_REFUSED));
 }
@@ -557,7 +559,7 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
         }
         Err(ReadFail::Refuse(r)) => {
             shared.report(None, None, r);
-            refuse(&mut send, &mut recv, r).await;
+            refuse(&mut send, &mut recv, r, t).await;
         }
         Err(ReadFail::Gone) => {
             let _ = send.reset(VarInt::from_u32(wire::STOP_REFUSED));
@@ -580,8 +582,13 @@ fn who(auth: &Authorization) -> (Option<PeerId>, Option<TransactionId>) {
     (Some(auth.claims().requester), Some(auth.claims().txid))
 }
 
-async fn write(send: &mut SendStream, b: &[u8]) -> Result<(), ReadFail> {
-    send.write_all(b).await.map_err(|_| ReadFail::Gone)
+/// Write reply bytes. A client that stops granting flow-control credit (never reads)
+/// gets the same timeout as one that stops sending.
+async fn write(send: &mut SendStream, t: Duration, b: &[u8]) -> Result<(), ReadFail> {
+    match tokio::time::timeout(t, send.write_all(b)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(ReadFail::Gone),
+    }
 }
 
 /// Read and discard `n` bytes (a refused chunk), so the next header is found. Nothing is
@@ -635,14 +642,14 @@ async fn serve_put(
         match receive_chunk(shared, &auth, recv, chunk, size).await {
             Ok(Ok(())) => {
                 stored.push(chunk);
-                if let Err(e) = write(send, &wire::encode_record(Ok(()))).await {
+                if let Err(e) = write(send, t, &wire::encode_record(Ok(()))).await {
                     result = Err(e);
                     break;
                 }
             }
             Ok(Err(r)) => {
                 shared.report(requester, txid, r);
-                if let Err(e) = write(send, &r.encode()).await {
+                if let Err(e) = write(send, t, &r.encode()).await {
                     result = Err(e);
                     break;
                 }
@@ -663,7 +670,7 @@ async fn serve_put(
     }
     if let Err(ReadFail::Refuse(r)) = &result {
         shared.report(requester, txid, *r);
-        refuse(send, recv, *r).await;
+        refuse(send, recv, *r, t).await;
         return Ok(());
     }
     result
@@ -753,15 +760,15 @@ async fn serve_get(
     };
     let grant = match auth.permit(op, &chunk, u64::from(size), &shared.replay) {
         Ok(g) => g,
-        Err(e) => return write(send, &refused(Refusal::from(&e)).encode()).await,
+        Err(e) => return write(send, t, &refused(Refusal::from(&e)).encode()).await,
     };
     let (mut file, len) = match shared.store.open_chunk(&chunk).await {
         Ok(f) => f,
-        Err(e) => return write(send, &store_refusal(&e).encode()).await,
+        Err(e) => return write(send, t, &store_refusal(&e).encode()).await,
     };
     if len != u64::from(size) {
         tracing::error!(?chunk, len, size, "stored chunk has the wrong size");
-        return write(send, &Refusal::Internal.encode()).await;
+        return write(send, t, &Refusal::Internal.encode()).await;
     }
     let (offset, n) = match (ranged, grant.range) {
         (true, Some(r)) => (r.offset, r.len),
@@ -778,9 +785,9 @@ async fn serve_get(
             .await
             .is_err()
     {
-        return write(send, &Refusal::Internal.encode()).await;
+        return write(send, t, &Refusal::Internal.encode()).await;
     }
-    write(send, &head).await?;
+    write(send, t, &head).await?;
     let mut left = n as usize;
     let mut buf = vec![0u8; IO_PIECE.min(left.max(1))];
     while left > 0 {
@@ -790,7 +797,7 @@ async fn serve_get(
             tracing::error!(?chunk, error = %e, "reading a stored chunk failed");
             return Err(ReadFail::Gone);
         }
-        write(send, &buf[..want]).await?;
+        write(send, t, &buf[..want]).await?;
         left -= want;
     }
     Ok(())
@@ -822,7 +829,7 @@ async fn serve_delete(
                 Err(e) => Err(store_refusal(&e)),
             },
         };
-        write(send, &wire::encode_record(r)).await?;
+        write(send, t, &wire::encode_record(r)).await?;
     }
     Ok(())
 }
@@ -832,8 +839,9 @@ async fn serve_status(
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), ReadFail> {
+    let t = shared.limits.read_timeout;
     let mut b = [0u8; wire::STATUS_AUTH_LEN];
-    read_exact(recv, &mut b, shared.limits.read_timeout).await?;
+    read_exact(recv, &mut b, t).await?;
     let checked = ControlAuth::decode(&b).and_then(|auth| {
         if auth.peer != shared.me {
             return Err(crate::control::ControlError::UnknownPeer(auth.peer));
@@ -849,7 +857,7 @@ async fn serve_status(
     reply.extend_from_slice(&shared.store.free().to_be_bytes());
     reply.extend_from_slice(&shared.store.used().to_be_bytes());
     reply.extend_from_slice(&shared.store.chunk_count().to_be_bytes());
-    write(send, &reply).await
+    write(send, t, &reply).await
 }
 
 async fn confirm_loop<L: ServerLink>(
