@@ -962,6 +962,19 @@ async fn client_errors_are_typed() {
     assert!(matches!(e, Err(PeerError::Connect { .. })), "{e:?}");
     assert!(p.files().is_empty());
 
+    // Addresses as the server hands them out.
+    let fp = d.fingerprint();
+    assert_eq!(
+        PeerAddr::lookup(&d.local_addr().to_string(), fp)
+            .await
+            .unwrap(),
+        peer
+    );
+    assert!(matches!(
+        PeerAddr::lookup("no-such-host.invalid:4433", fp).await,
+        Err(PeerError::Connect { .. })
+    ));
+
     // A stored chunk that rotted on the holder's disk: the client refuses the bytes.
     put_one(&client, &peer, &p.token(TxKind::Put, &grant), &chunk)
         .await

@@ -125,6 +125,31 @@ pub struct PeerAddr {
     pub fingerprint: Fingerprint,
 }
 
+impl PeerAddr {
+    /// Resolve a `host:port` as the server hands it out (e.g. in an
+    /// [`crate::api::Placement`]), pinning `fingerprint`.
+    pub async fn lookup(host_port: &str, fingerprint: Fingerprint) -> Result<PeerAddr, PeerError> {
+        let unresolved = |reason: String| PeerError::Connect {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: format!("cannot resolve {host_port:?}: {reason}"),
+        };
+        if let Ok(addr) = host_port.parse() {
+            return Ok(PeerAddr { addr, fingerprint });
+        }
+        let addr = tokio::net::lookup_host(host_port)
+            .await
+            .map_err(|e| unresolved(e.to_string()))?
+            .next()
+            .ok_or_else(|| unresolved("no address".into()))?;
+        Ok(PeerAddr { addr, fingerprint })
+    }
+
+    /// The target of a placement.
+    pub async fn of_placement(p: &crate::api::Placement) -> Result<PeerAddr, PeerError> {
+        Self::lookup(&p.addr, p.fingerprint).await
+    }
+}
+
 /// A daemon's answer to a status check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerSpace {

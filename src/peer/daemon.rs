@@ -422,12 +422,14 @@ impl RunningDaemon {
         self.endpoint
             .close(VarInt::from_u32(wire::CLOSE_SHUTDOWN), b"shutdown");
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(5), t)
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut t)
                 .await
                 .is_err()
             {
-                tracing::warn!("a daemon task did not stop in time");
+                // E.g. a heartbeat stuck on an unreachable server: do not leave it behind.
+                tracing::warn!("a daemon task did not stop in time; aborting it");
+                t.abort();
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
