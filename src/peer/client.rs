@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, RecvStream, SendStream, TransportConfig};
@@ -161,7 +161,21 @@ pub struct PeerSpace {
     pub chunks: u64,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+/// How long a failed connection attempt is remembered.
+const FAILED_CONNECT_MEMORY: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+enum SlotState {
+    #[default]
+    Empty,
+    Up(Connection),
+    Down {
+        until: Instant,
+        error: PeerError,
+    },
+}
+
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 /// A client of storage daemons. Keeps one QUIC connection per daemon and reuses it.
 /// Must be created inside a tokio runtime.
@@ -238,15 +252,29 @@ impl PeerClient {
         // One slot per peer, locked while connecting: concurrent requests to a peer share
         // one connection, and a slow handshake to one peer holds up no other peer.
         let slot = self.lock().entry(*peer).or_default().clone();
-        let mut conn = slot.lock().await;
-        if let Some(c) = &*conn {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        let mut state = slot.lock().await;
+        match &*state {
+            SlotState::Up(c) if c.close_reason().is_none() => return Ok(c.clone()),
+            // Requests queued behind a failed attempt fail at once instead of each
+            // waiting out its own connect timeout.
+            SlotState::Down { until, error } if Instant::now() < *until => {
+                return Err(error.clone())
+            }
+            _ => {}
+        }
+        match self.connect(peer).await {
+            Ok(c) => {
+                *state = SlotState::Up(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                *state = SlotState::Down {
+                    until: Instant::now() + FAILED_CONNECT_MEMORY,
+                    error: e.clone(),
+                };
+                Err(e)
             }
         }
-        let c = self.connect(peer).await?;
-        *conn = Some(c.clone());
-        Ok(c)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerAddr, Slot>> {
@@ -300,6 +328,8 @@ impl PeerClient {
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
+        // Connect once up front: an unreachable peer is one error, not one per stream.
+        self.connection(peer).await?;
         let per = chunks.len().div_ceil(PUT_STREAMS);
         let groups = chunks.chunks(per).map(|g| self.put_group(peer, token, g));
         let results = self
@@ -483,8 +513,10 @@ impl PeerClient {
     /// Close every connection (politely, so daemons free the slots at once).
     pub fn close(&self) {
         for (_, slot) in self.lock().drain() {
-            if let Ok(Some(c)) = slot.try_lock().map(|mut c| c.take()) {
-                c.close(0u8.into(), b"bye");
+            if let Ok(mut state) = slot.try_lock() {
+                if let SlotState::Up(c) = std::mem::take(&mut *state) {
+                    c.close(0u8.into(), b"bye");
+                }
             }
         }
     }
