@@ -40,6 +40,8 @@ const IO_PIECE: usize = 256 << 10;
 /// Refusal reports waiting to be sent; beyond this they are counted and dropped, so a
 /// flood of bad requests cannot grow memory.
 const REPORT_QUEUE: usize = 256;
+/// Least time between two refusal reports.
+const REPORT_SPACING: Duration = Duration::from_millis(50);
 /// Confirms waiting to be sent; a full queue slows uploads down rather than losing them.
 const CONFIRM_QUEUE: usize = 1024;
 
@@ -909,6 +911,12 @@ async fn report_loop<L: ServerLink>(
         };
         if let Err(e) = link.report(req).await {
             tracing::debug!(error = %e, "refusal report not delivered");
+        }
+        // At most one report per spacing: a flood of bad requests must not turn the
+        // daemon into an amplifier against the server (the bounded queue drops the rest).
+        tokio::select! {
+            _ = tokio::time::sleep(REPORT_SPACING) => {}
+            _ = stop.changed() => break,
         }
     }
     while let Ok(req) = rx.try_recv() {
