@@ -6,6 +6,28 @@
 //! - [`daemon`]: the daemon itself ([`Daemon::run`]).
 //! - [`link`]: what the daemon needs from the coordination server ([`ServerLink`]).
 //! - [`client`]: [`PeerClient`], used by the drive to talk to daemons.
+//!
+//! Running a daemon (what `peerstash serve` does), with the real server link in place of
+//! [`NullLink`]:
+//!
+//! ```no_run
+//! # async fn serve(key: peerstash::TransactionKey, cert: peerstash::tls::CertKey)
+//! #     -> Result<(), Box<dyn std::error::Error>> {
+//! use peerstash::peer::{Daemon, DaemonConfig, NullLink};
+//! let config = DaemonConfig::new(
+//!     peerstash::PeerId(7),
+//!     key,
+//!     "0.0.0.0:4433".parse()?,
+//!     "/srv/peerstash/lent".into(),
+//!     10 << 30,
+//!     cert,
+//!     "/var/lib/peerstash".into(),
+//! );
+//! let daemon = Daemon::run(config, NullLink).await?;
+//! tokio::signal::ctrl_c().await?;
+//! daemon.shutdown().await;
+//! # Ok(()) }
+//! ```
 
 pub mod client;
 pub mod daemon;
