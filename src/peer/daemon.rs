@@ -934,8 +934,12 @@ async fn heartbeat_loop<L: ServerLink>(
 ) {
     let mut interval = default_interval;
     loop {
-        let dropped =
-            std::mem::take(&mut *shared.dropped.lock().unwrap_or_else(|e| e.into_inner()));
+        // At most what one request may carry; the rest goes with the next heartbeats.
+        let dropped: Vec<ChunkId> = {
+            let mut d = shared.dropped.lock().unwrap_or_else(|e| e.into_inner());
+            let n = d.len().min(MAX_CHUNKS_PER_REQUEST);
+            d.drain(..n).collect()
+        };
         let req = HeartbeatRequest {
             quic_addr: advertise.clone(),
             cert_fingerprint: fingerprint,
@@ -963,8 +967,7 @@ async fn heartbeat_loop<L: ServerLink>(
                 tracing::warn!(error = %e, "heartbeat failed");
                 // Not delivered: send these again next time.
                 let mut d = shared.dropped.lock().unwrap_or_else(|e| e.into_inner());
-                let newer = std::mem::replace(&mut *d, dropped);
-                d.extend(newer);
+                d.splice(0..0, dropped);
             }
         }
         tokio::select! {
