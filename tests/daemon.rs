@@ -89,7 +89,9 @@ impl TestPeer {
 
     /// Every file in the store: stored chunks and temporary files.
     fn files(&self) -> Vec<PathBuf> {
-        files_under(self.storage.path())
+        let mut f = files_under(&self.storage.path().join("chunks"));
+        f.extend(files_under(&self.storage.path().join("tmp")));
+        f
     }
 }
 
@@ -490,6 +492,17 @@ async fn a_token_replayed_after_a_restart_is_refused() {
     let d = p.start(1 << 20, link.clone()).await;
     let client = PeerClient::new().unwrap();
     put_one(&client, &p.addr(&d), &t, &chunk).await.unwrap();
+    // A second daemon on the same storage directory is refused while the first runs.
+    let second = Daemon::run(p.config(1 << 20), Arc::new(RecordingLink::new())).await;
+    assert!(
+        matches!(
+            second,
+            Err(peerstash::peer::DaemonError::Store(
+                peerstash::peer::StoreError::InUse(_)
+            ))
+        ),
+        "{second:?}"
+    );
     d.shutdown().await;
 
     // Same storage and state directories: the chunk and the replay store survive.

@@ -435,6 +435,12 @@ impl RunningDaemon {
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // Requests in flight hold the shared state (and so the storage lock and the replay
+        // store); wait for them to unwind so a restart in the same process finds both free.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -615,8 +621,8 @@ fn store_refusal(e: &StoreError) -> Refusal {
         StoreError::NotFound => Refusal::NotFound,
         StoreError::HashMismatch => Refusal::HashMismatch,
         StoreError::SizeMismatch { .. } => Refusal::SizeMismatch,
-        StoreError::Io(err) => {
-            tracing::error!(error = %err, "chunk store I/O failed");
+        StoreError::Io(_) | StoreError::InUse(_) => {
+            tracing::error!(error = %e, "chunk store failed");
             Refusal::Internal
         }
     }

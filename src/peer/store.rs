@@ -48,6 +48,9 @@ pub enum StoreError {
         /// Bytes received.
         got: u64,
     },
+    /// Another daemon already serves this storage directory.
+    #[error("the storage directory {0} is in use by another daemon")]
+    InUse(PathBuf),
     /// Any other I/O failure.
     #[error("chunk store I/O: {0}")]
     Io(io::Error),
@@ -82,6 +85,30 @@ pub struct ChunkStore {
     capacity: u64,
     state: Mutex<Accounting>,
     next_tmp: AtomicU64,
+    /// Holds an exclusive `flock` on `.lock` for as long as the store is open.
+    _lock: fs::File,
+}
+
+/// Take an exclusive lock on the storage directory, so two daemons never share one (the
+/// second would remove the first's uploads in progress and count its space twice).
+fn lock_dir(dir: &Path) -> Result<fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".lock"))?;
+    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Err(StoreError::InUse(dir.to_owned()))
+        } else {
+            Err(e.into())
+        };
+    }
+    Ok(f)
 }
 
 /// Run file-system work off the async threads (fsync can take milliseconds).
@@ -105,6 +132,7 @@ impl ChunkStore {
         let tmp = dir.join("tmp");
         fs::create_dir_all(&chunks)?;
         fs::create_dir_all(&tmp)?;
+        let lock = lock_dir(dir)?;
         let mut removed = 0usize;
         for entry in fs::read_dir(&tmp)? {
             let entry = entry?;
@@ -147,6 +175,7 @@ impl ChunkStore {
             capacity,
             state: Mutex::new(acc),
             next_tmp: AtomicU64::new(0),
+            _lock: lock,
         })
     }
 
@@ -473,6 +502,10 @@ mod tests {
             assert!(w.commit().await.unwrap());
         });
         std::fs::write(dir.path().join("tmp/leftover.part"), b"half a chunk").unwrap();
+        assert!(matches!(
+            ChunkStore::open(dir.path(), 1000),
+            Err(StoreError::InUse(_))
+        ));
         drop(store);
         let store = ChunkStore::open(dir.path(), 1000).unwrap();
         assert_eq!(
