@@ -9,6 +9,8 @@
 
 pub mod api;
 pub mod control;
+#[cfg(feature = "client")]
+pub mod drive;
 pub mod ids;
 pub mod keys;
 pub mod replay;
