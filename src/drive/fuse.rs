@@ -106,11 +106,22 @@ impl MountHandle {
     }
 
     /// Unmount and wait for the session to end (pending uploads resume at the next mount).
+    /// The unmount is lazy: a process still inside the mount keeps it alive until it leaves.
     pub fn unmount(mut self) -> io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> io::Result<()> {
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        if !s.guard.is_finished() {
+            // With auto_unmount fuser only closes its socket to fusermount3 and leaves the
+            // unmount to it, which was seen not to happen: unmount explicitly, so the
+            // session ends and join returns.
+            detach(&self.mountpoint);
         }
+        s.umount_and_join()
     }
 
     /// Whether the session has ended (e.g. unmounted from outside).
@@ -121,11 +132,29 @@ impl MountHandle {
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            if let Err(e) = s.umount_and_join() {
-                tracing::warn!("unmounting {}: {e}", self.mountpoint.display());
-            }
+        if let Err(e) = self.unmount_inner() {
+            tracing::warn!("unmounting {}: {e}", self.mountpoint.display());
         }
+    }
+}
+
+/// Lazily unmount `mnt`: directly when privileged, else through fusermount3.
+fn detach(mnt: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_bytes()) else {
+        return;
+    };
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return;
+    }
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mnt)
+        .stdin(std::process::Stdio::null())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        tracing::warn!("fusermount3 -u -z {} failed: {status:?}", mnt.display());
     }
 }
 
@@ -209,6 +238,17 @@ pub fn run_foreground(cfg: DriveConfig) -> Result<(), MountError> {
         if handle.is_finished() {
             break;
         }
+    }
+    handle.unmount().map_err(MountError::Mount)
+}
+
+/// Mount and serve until `stop()` returns true (polled every 100 ms) or the drive is
+/// unmounted from outside; then unmount cleanly. For embedders with their own shutdown
+/// signal (tests, `local-cluster`).
+pub fn run_foreground_until(cfg: DriveConfig, mut stop: impl FnMut() -> bool) -> Result<(), MountError> {
+    let handle = mount(cfg)?;
+    while !stop() && !handle.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
     }
     handle.unmount().map_err(MountError::Mount)
 }

@@ -21,5 +21,5 @@ pub mod staging;
 mod uploader;
 
 pub use backend::{BackendError, ChunkBackend, DirBackend, Quota};
-pub use fuse::{mount, run_foreground, DriveConfig, MountHandle};
+pub use fuse::{mount, run_foreground, run_foreground_until, DriveConfig, MountError, MountHandle};
 pub use model::{DriveOptions, FsError, Model};

@@ -1,0 +1,376 @@
+//! The drive through a real FUSE mount (backend: a local directory). Every mount runs in a
+//! child process — this test binary re-executed with `PEERSTASH_TEST_MOUNT` set, which
+//! makes `child_mount` serve the mount — so a test can kill it with SIGKILL, and a hung
+//! mount never hangs the test runner. Guards stop the child and lazily unmount on drop.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, FileTimes};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::Proc;
+use peerstash::drive::{run_foreground_until, DirBackend, DriveConfig};
+use peerstash::DataKey;
+
+const MARKER: &[u8] = b"PEERSTASH-PLAINTEXT-MARKER-51c0ffee";
+
+/// Serves a mount when re-executed by a test; a no-op otherwise.
+#[test]
+fn child_mount() {
+    let Ok(mnt) = std::env::var("PEERSTASH_TEST_MOUNT") else {
+        return;
+    };
+    let state = std::env::var("PEERSTASH_TEST_STATE").unwrap();
+    let backend_dir = std::env::var("PEERSTASH_TEST_BACKEND").unwrap();
+    let stop = PathBuf::from(std::env::var("PEERSTASH_TEST_STOP").unwrap());
+    let backend = Arc::new(DirBackend::open(Path::new(&backend_dir), 1 << 40).unwrap());
+    let mut cfg = DriveConfig::new(mnt, state, DataKey::from_bytes([9; 32]), backend);
+    cfg.options.fsync_timeout = Duration::from_secs(30);
+    // The stop file stands in for SIGTERM: libtest's main thread would take the signal.
+    run_foreground_until(cfg, move || stop.exists()).unwrap();
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let want = mnt.to_str().unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A mount served by a child process.
+struct Mount {
+    proc: Option<Proc>,
+    mnt: PathBuf,
+    stop: PathBuf,
+}
+
+impl Mount {
+    fn start(base: &Path) -> Mount {
+        let mnt = base.join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        let stop = base.join("stop");
+        let _ = fs::remove_file(&stop);
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["child_mount", "--exact", "--nocapture", "--test-threads=1"])
+            .env("PEERSTASH_TEST_MOUNT", &mnt)
+            .env("PEERSTASH_TEST_STATE", base.join("state"))
+            .env("PEERSTASH_TEST_BACKEND", base.join("peers"))
+            .env("PEERSTASH_TEST_STOP", &stop)
+            .stdout(Stdio::null());
+        let proc = Proc::spawn("mount", cmd);
+        let m = Mount { proc: Some(proc), mnt, stop };
+        wait_for("the mount", Duration::from_secs(30), || is_mounted(&m.mnt));
+        m
+    }
+
+    /// Clean unmount: ask the child to stop and wait for it.
+    fn stop(mut self) {
+        fs::write(&self.stop, b"").unwrap();
+        let mut p = self.proc.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                assert!(status.success(), "mount process failed: {status}");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "mount did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!is_mounted(&self.mnt));
+    }
+
+    /// SIGKILL the mount process; the kernel connection dies with it.
+    fn kill9(mut self) {
+        let mut p = self.proc.take().unwrap();
+        p.kill9();
+        wait_for("auto-unmount", Duration::from_secs(20), || !is_mounted(&self.mnt));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = fs::write(&self.stop, b"");
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            p.kill9();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    // `timeout` bounds every external command, so a hung mount cannot hang the suite.
+    let mut full = Command::new("timeout");
+    full.arg("300").arg(cmd.get_program()).args(cmd.get_args());
+    let out = full.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}\n{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn set_mtime(p: &Path, sec: u64, nsec: u32) {
+    let t = UNIX_EPOCH + Duration::new(sec, nsec);
+    File::options()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_times(FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
+}
+
+/// A tree with many small files, big files, symlinks, hard links, empty files, deep
+/// directories and odd names.
+fn make_tree(root: &Path, small: usize, big: usize) {
+    let mut n = 0u64;
+    for d in 0..(small / 50).max(1) {
+        let dir = root.join(format!("dir {d}")).join(format!("sub-ü{}", d % 3));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..50 {
+            n += 1;
+            let p = dir.join(format!("file {f}.txt"));
+            fs::write(&p, bytes(n, (n as usize * 37) % 9000)).unwrap();
+            set_mtime(&p, 1_500_000_000 + n, (n as u32 * 7919) % 1_000_000_000);
+        }
+    }
+    fs::create_dir_all(root.join("big")).unwrap();
+    for i in 0..2 {
+        let p = root.join("big").join(format!("big{i}.bin"));
+        fs::write(&p, bytes(1000 + i, big - i as usize * 12345)).unwrap();
+    }
+    fs::create_dir_all(root.join("empty")).unwrap();
+    for i in 0..5 {
+        File::create(root.join("empty").join(format!("e{i}"))).unwrap();
+    }
+    let mut deep = root.join("deep");
+    for i in 0..20 {
+        deep = deep.join(format!("level{i}"));
+    }
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("leaf.txt"), b"deep leaf").unwrap();
+    for name in ["with space", "ünïcödé-名前", "-leading-dash", "quote'\"", "tab\there"] {
+        fs::write(root.join(name), name.as_bytes()).unwrap();
+    }
+    let mut secret = Vec::new();
+    for _ in 0..10_000 {
+        secret.extend_from_slice(MARKER);
+    }
+    fs::write(root.join("secret-name-qz81.txt"), &secret).unwrap();
+    std::os::unix::fs::symlink("dir 0/sub-ü0/file 0.txt", root.join("link-to-file")).unwrap();
+    std::os::unix::fs::symlink("nowhere/at/all", root.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("deep", root.join("link-dir")).unwrap();
+    fs::write(root.join("hard-a"), b"hard linked").unwrap();
+    fs::hard_link(root.join("hard-a"), root.join("empty").join("hard-b")).unwrap();
+    fs::set_permissions(root.join("with space"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(root.join("-leading-dash"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(root.join("quote'\""), fs::Permissions::from_mode(0o444)).unwrap();
+    fs::set_permissions(root.join("deep"), fs::Permissions::from_mode(0o700)).unwrap();
+    set_mtime(&root.join("hard-a"), 1_234_567_890, 987_654_321);
+}
+
+/// Type, mode, size, link count, mtime (ns) and link target of every entry.
+fn describe(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let ft = md.file_type();
+            let d = if ft.is_symlink() {
+                format!("link -> {}", fs::read_link(&p).unwrap().display())
+            } else if ft.is_dir() {
+                format!("dir {:o} mtime {}.{:09}", md.mode() & 0o7777, md.mtime(), md.mtime_nsec())
+            } else {
+                format!(
+                    "file {:o} size {} nlink {} mtime {}.{:09}",
+                    md.mode() & 0o7777,
+                    md.len(),
+                    md.nlink(),
+                    md.mtime(),
+                    md.mtime_nsec()
+                )
+            };
+            out.insert(rel, d);
+            if ft.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn assert_same_tree(src: &Path, dst: &Path) {
+    run(Command::new("diff").arg("-r").arg("--no-dereference").arg(src).arg(dst));
+    let (a, b) = (describe(src), describe(dst));
+    for (k, v) in &a {
+        assert_eq!(Some(v), b.get(k), "stat of {k}");
+    }
+    assert_eq!(a.len(), b.len(), "same entries");
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk_files(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn staging_empty(base: &Path) -> bool {
+    fs::read_dir(base.join("state").join("staging")).map_or(true, |mut d| d.next().is_none())
+}
+
+#[test]
+fn cp_and_rsync_round_trip_then_remount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let src = base.join("src");
+    fs::create_dir_all(&src).unwrap();
+    let big = if cfg!(debug_assertions) { 64 << 20 } else { 256 << 20 };
+    make_tree(&src, 2000, big);
+    let m = Mount::start(base);
+
+    let t = Instant::now();
+    run(Command::new("cp").arg("-a").arg(&src).arg(m.mnt.join("cp")));
+    eprintln!("cp -a of the tree: {:?}", t.elapsed());
+    assert_same_tree(&src, &m.mnt.join("cp"));
+
+    let t = Instant::now();
+    run(Command::new("rsync").arg("-aH").arg(format!("{}/", src.display())).arg(m.mnt.join("rsync")));
+    eprintln!("rsync -aH of the tree: {:?}", t.elapsed());
+    assert_same_tree(&src, &m.mnt.join("rsync"));
+    // mtimes stuck: a second rsync has nothing to transfer.
+    let again = run(Command::new("rsync")
+        .arg("-aHi")
+        .arg(format!("{}/", src.display()))
+        .arg(m.mnt.join("rsync")));
+    assert!(again.trim().is_empty(), "second rsync changed: {again}");
+
+    // statfs reports the quota.
+    let out = run(Command::new("df").arg("-B1").arg("--output=size").arg(&m.mnt));
+    assert!(out.contains(&(1u64 << 40).to_string()), "{out}");
+
+    // Wait for every upload, then unmount and mount again: reads now come from chunks.
+    let t = Instant::now();
+    wait_for("uploads", Duration::from_secs(240), || staging_empty(base));
+    eprintln!("uploads finished {:?} after the copies", t.elapsed());
+    m.stop();
+    let m = Mount::start(base);
+    let t = Instant::now();
+    assert_same_tree(&src, &m.mnt.join("cp"));
+    eprintln!("verify from the backend after remount: {:?}", t.elapsed());
+    assert_same_tree(&src, &m.mnt.join("rsync"));
+
+    // No plaintext and no names in the backend.
+    let files = walk_files(&base.join("peers"));
+    assert!(!files.is_empty());
+    for f in &files {
+        let name = f.to_string_lossy();
+        for leak in ["secret", "file ", "big", "ünïcödé", "leaf"] {
+            assert!(!name.contains(leak), "name leaked: {name}");
+        }
+        let data = fs::read(f).unwrap();
+        assert!(!data.windows(MARKER.len()).any(|w| w == MARKER), "plaintext in {name}");
+        assert!(!data.windows(12).any(|w| w == b"secret-name-"), "name in {name}");
+    }
+    m.stop();
+}
+
+#[test]
+fn kill9_while_writing_leaves_old_or_new() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let m = Mount::start(base);
+    let n = 12;
+    let v1: Vec<Vec<u8>> = (0..n).map(|i| bytes(i, 300_000 + i as usize * 1000)).collect();
+    let v2: Vec<Vec<u8>> = (0..n).map(|i| bytes(500 + i, 1_500_000 + i as usize * 777)).collect();
+    for (i, d) in v1.iter().enumerate() {
+        let p = m.mnt.join(format!("f{i}"));
+        fs::write(&p, d).unwrap();
+        File::open(&p).unwrap().sync_all().unwrap(); // fsync: confirmed in the backend
+    }
+    // Writers rewrite the files over and over while the mount is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (stop, mnt, v2) = (stop.clone(), m.mnt.clone(), v2.clone());
+        writers.push(std::thread::spawn(move || {
+            let mut k = w;
+            while !stop.load(Ordering::SeqCst) {
+                let i = k % n as usize;
+                let _ = fs::write(mnt.join(format!("f{i}")), &v2[i]);
+                k += 2;
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    m.kill9();
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let m = Mount::start(base);
+    let mut new = 0;
+    for i in 0..n as usize {
+        let got = fs::read(m.mnt.join(format!("f{i}"))).unwrap();
+        assert!(got == v1[i] || got == v2[i], "f{i} is neither old nor new ({} bytes)", got.len());
+        new += (got == v2[i]) as usize;
+    }
+    eprintln!("{new} of {n} files had their new content after kill -9");
+    // Writing works after the restart and survives a clean remount.
+    fs::write(m.mnt.join("after"), b"after the crash").unwrap();
+    m.stop();
+    let m = Mount::start(base);
+    assert_eq!(fs::read(m.mnt.join("after")).unwrap(), b"after the crash");
+    let _ = SystemTime::now();
+    m.stop();
+}
