@@ -245,7 +245,10 @@ pub fn run_foreground(cfg: DriveConfig) -> Result<(), MountError> {
 /// Mount and serve until `stop()` returns true (polled every 100 ms) or the drive is
 /// unmounted from outside; then unmount cleanly. For embedders with their own shutdown
 /// signal (tests, `local-cluster`).
-pub fn run_foreground_until(cfg: DriveConfig, mut stop: impl FnMut() -> bool) -> Result<(), MountError> {
+pub fn run_foreground_until(
+    cfg: DriveConfig,
+    mut stop: impl FnMut() -> bool,
+) -> Result<(), MountError> {
     let handle = mount(cfg)?;
     while !stop() && !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(100));

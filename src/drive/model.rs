@@ -292,6 +292,7 @@ pub(crate) struct Shared {
     pub(crate) staging: Staging,
     pub(crate) cache: Mutex<ChunkCache>,
     prefetching: Mutex<HashSet<ChunkId>>,
+    inflight: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
     pub(crate) stop: AtomicBool,
     pub(crate) opts: DriveOptions,
 }
@@ -303,6 +304,30 @@ impl Shared {
 
     /// A chunk's plaintext: from the cache, or fetched, verified and decrypted.
     pub(crate) fn fetch(&self, c: &ChunkRef) -> FsResult<Arc<Vec<u8>>> {
+        if let Some(hit) = self.cache.lock().unwrap().get(&c.id) {
+            return Ok(hit);
+        }
+        // Single flight: the kernel's read-ahead sends several reads of one chunk at
+        // once; only the first fetches and decrypts, the others wait for the cache.
+        let gate = self
+            .inflight
+            .lock()
+            .unwrap()
+            .entry(c.id)
+            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .clone();
+        let guard = gate.lock().unwrap_or_else(|e| e.into_inner());
+        let res = self.fetch_uncached(c);
+        drop(guard);
+        let mut inflight = self.inflight.lock().unwrap();
+        // Clones are only taken under this lock: 2 means the map's and ours.
+        if Arc::strong_count(&gate) <= 2 {
+            inflight.remove(&c.id);
+        }
+        res
+    }
+
+    fn fetch_uncached(&self, c: &ChunkRef) -> FsResult<Arc<Vec<u8>>> {
         if let Some(hit) = self.cache.lock().unwrap().get(&c.id) {
             return Ok(hit);
         }
@@ -450,6 +475,7 @@ impl Model {
                 cap: opts.cache_bytes,
             }),
             prefetching: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             opts,
         });
