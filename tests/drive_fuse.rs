@@ -450,3 +450,146 @@ fn kill9_while_writing_leaves_old_or_new() {
     assert_eq!(fs::read(m.mnt.join("after")).unwrap(), b"after the crash");
     m.stop();
 }
+
+mod random_ops {
+    //! A shorter random-operation run through the mount, against a local directory.
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use std::os::unix::fs::FileExt;
+
+    const NAMES: [&str; 4] = ["a", "b", "d/c", "d/ü x"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write {
+            f: usize,
+            off: u32,
+            len: u32,
+            seed: u64,
+        },
+        Truncate {
+            f: usize,
+            size: u32,
+        },
+        Rename {
+            a: usize,
+            b: usize,
+        },
+        Unlink {
+            f: usize,
+        },
+        Link {
+            a: usize,
+            b: usize,
+        },
+        Fsync {
+            f: usize,
+        },
+        Read {
+            f: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let f = 0..NAMES.len();
+        prop_oneof![
+            5 => (f.clone(), 0..2_000_000u32, 1..400_000u32, any::<u64>())
+                .prop_map(|(f, off, len, seed)| Op::Write { f, off, len, seed }),
+            2 => (f.clone(), 0..2_000_000u32).prop_map(|(f, size)| Op::Truncate { f, size }),
+            2 => (f.clone(), f.clone()).prop_map(|(a, b)| Op::Rename { a, b }),
+            1 => f.clone().prop_map(|f| Op::Unlink { f }),
+            1 => (f.clone(), f.clone()).prop_map(|(a, b)| Op::Link { a, b }),
+            1 => f.clone().prop_map(|f| Op::Fsync { f }),
+            2 => f.clone().prop_map(|f| Op::Read { f }),
+        ]
+    }
+
+    fn errno<T>(r: std::io::Result<T>) -> Result<(), i32> {
+        r.map(|_| ()).map_err(|e| e.raw_os_error().unwrap_or(-1))
+    }
+
+    fn apply(op: &Op, sides: [&Path; 2]) {
+        let results: Vec<Result<(), i32>> = sides
+            .iter()
+            .map(|root| {
+                let p = |i: usize| root.join(NAMES[i]);
+                match *op {
+                    Op::Write { f, off, len, seed } => errno(
+                        File::options()
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(p(f))
+                            .and_then(|file| {
+                                file.write_all_at(&bytes(seed, len as usize), off as u64)
+                            }),
+                    ),
+                    Op::Truncate { f, size } => errno(
+                        File::options()
+                            .write(true)
+                            .open(p(f))
+                            .and_then(|file| file.set_len(size as u64)),
+                    ),
+                    Op::Rename { a, b } => errno(fs::rename(p(a), p(b))),
+                    Op::Unlink { f } => errno(fs::remove_file(p(f))),
+                    Op::Link { a, b } => errno(fs::hard_link(p(a), p(b))),
+                    Op::Fsync { f } => errno(File::open(p(f)).and_then(|file| file.sync_all())),
+                    Op::Read { .. } => Ok(()),
+                }
+            })
+            .collect();
+        assert_eq!(results[0], results[1], "{op:?}");
+        if let Op::Read { f } = *op {
+            let a = fs::read(sides[0].join(NAMES[f])).ok();
+            let b = fs::read(sides[1].join(NAMES[f])).ok();
+            assert!(a == b, "content of {} differs", NAMES[f]);
+        }
+    }
+
+    fn compare(a: &Path, b: &Path) {
+        for name in NAMES {
+            let x = fs::read(a.join(name)).ok();
+            let y = fs::read(b.join(name)).ok();
+            assert!(x == y, "{} differs under {}", name, b.display());
+        }
+    }
+
+    #[test]
+    fn random_ops_through_the_mount() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        let reference = base.join("reference");
+        let m = Mount::start(base);
+        let mut runner = TestRunner::new(Config {
+            cases: 12,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let counter = std::sync::atomic::AtomicUsize::new(0);
+        runner
+            .run(&prop::collection::vec(op(), 1..16), |ops| {
+                let case = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let dirs = [
+                    reference.join(format!("{case}")),
+                    m.mnt.join(format!("{case}")),
+                ];
+                for d in &dirs {
+                    fs::create_dir_all(d.join("d")).unwrap();
+                }
+                for op in &ops {
+                    apply(op, [&dirs[0], &dirs[1]]);
+                }
+                compare(&dirs[0], &dirs[1]);
+                Ok(())
+            })
+            .unwrap();
+        // Everything is still there after a clean remount.
+        m.stop();
+        let m = Mount::start(base);
+        for c in 1..=counter.load(Ordering::SeqCst) {
+            compare(&reference.join(format!("{c}")), &m.mnt.join(format!("{c}")));
+        }
+        m.stop();
+    }
+}

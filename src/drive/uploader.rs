@@ -277,7 +277,15 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
         let Some(a) = index::get_attr(&tx, *ino)? else {
             continue;
         };
-        if a.committed_stage >= *stage || a.nlink == 0 {
+        if a.nlink == 0 {
+            continue; // unlinked while open: purged at its last close
+        }
+        if a.committed_stage >= *stage {
+            // Already superseded by a newer commit; never leave the stage dangling.
+            if a.stage == Some(*stage) {
+                index::set_stage(&tx, *ino, None)?;
+                finished.push(*stage);
+            }
             continue;
         }
         index::replace_chunks(&tx, *ino, list)?;
