@@ -474,6 +474,12 @@ fn unavailable_storage_fsync_eio_then_resumes() {
         b"precious",
         "still staged and readable"
     );
+    let s = peerstash::drive::index::summary_of(&env.state).unwrap();
+    assert_eq!(
+        (s.pending_files, s.pending_bytes),
+        (1, 8),
+        "status shows the pending upload"
+    );
     drop(m);
     env.backend.set_unavailable(false);
     let m = env.open();
@@ -663,4 +669,23 @@ fn posix_errors_and_metadata() {
         "mtime survives upload and restart"
     );
     assert_eq!(m.getattr(g.ino).unwrap().nlink, 2);
+}
+
+#[test]
+fn mount_options_parse() {
+    let env = Env::new(1 << 30);
+    let mut cfg = peerstash::drive::DriveConfig::new(
+        "/mnt",
+        &env.state,
+        env.key.clone(),
+        env.backend.clone(),
+    );
+    cfg.apply_options("allow_other,max_write=1048576,fsync_timeout=5,nosync_on_close,rw")
+        .unwrap();
+    assert!(cfg.allow_other);
+    assert_eq!(cfg.max_write, Some(1 << 20));
+    assert_eq!(cfg.options.fsync_timeout, Duration::from_secs(5));
+    assert!(!cfg.options.sync_on_close);
+    assert!(cfg.apply_options("max_write=lots").is_err());
+    assert!(cfg.apply_options("bogus").unwrap_err().contains("bogus"));
 }

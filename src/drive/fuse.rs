@@ -78,6 +78,44 @@ impl DriveConfig {
     }
 }
 
+impl DriveConfig {
+    /// Apply comma-separated `-o` options: `allow_other`, `auto_unmount`/`noauto_unmount`,
+    /// `max_write=BYTES`, `writeback_cache`, `cache_size=BYTES`, `fsync_timeout=SECS`,
+    /// `nosync_on_close`, `threads=N`. Unknown options are an error.
+    pub fn apply_options(&mut self, opts: &str) -> Result<(), String> {
+        fn num<T: std::str::FromStr>(k: &str, v: Option<&str>) -> Result<T, String> {
+            v.and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("mount option {k} needs a number"))
+        }
+        for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (k, v) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            match k {
+                "allow_other" => self.allow_other = true,
+                "auto_unmount" => self.auto_unmount = true,
+                "noauto_unmount" => self.auto_unmount = false,
+                "writeback_cache" => self.writeback_cache = true,
+                "nosync_on_close" => self.options.sync_on_close = false,
+                "max_write" => self.max_write = Some(num(k, v)?),
+                "cache_size" => self.options.cache_bytes = num(k, v)?,
+                "fsync_timeout" => self.options.fsync_timeout = Duration::from_secs(num(k, v)?),
+                "threads" => self.fuse_threads = num(k, v)?,
+                // Accepted for fstab/systemd mount units, which pass them along.
+                "rw" | "defaults" | "nofail" | "_netdev" | "noauto" | "user" | "users" => {}
+                other => {
+                    return Err(format!(
+                        "unknown mount option {other:?} (known: allow_other, auto_unmount, noauto_unmount, \
+                         max_write=N, writeback_cache, cache_size=N, fsync_timeout=S, nosync_on_close, threads=N)"
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why mounting failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {

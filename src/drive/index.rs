@@ -604,3 +604,51 @@ pub fn all_stages(c: &Connection) -> rusqlite::Result<Vec<u64>> {
     let rows = st.query_map([], |r| r.get::<_, i64>(0).map(|s| s as u64))?;
     rows.collect()
 }
+
+/// Counts for `peerstash status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Summary {
+    /// Inodes (files, directories, links…).
+    pub inodes: u64,
+    /// Files closed but not yet uploaded.
+    pub pending_files: u64,
+    /// Their bytes.
+    pub pending_bytes: u64,
+    /// Distinct chunks referenced by uploaded file versions.
+    pub chunks: u64,
+    /// Their stored (sealed) bytes.
+    pub stored_bytes: u64,
+}
+
+/// Counts for `peerstash status`.
+pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
+    let (pending_files, pending_bytes) = c.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes WHERE stage IS NOT NULL",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?;
+    let (chunks, stored_bytes) = c.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(stored), 0) FROM chunks WHERE refcount > 0",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?;
+    Ok(Summary {
+        inodes: inode_count(c)?,
+        pending_files,
+        pending_bytes,
+        chunks,
+        stored_bytes,
+    })
+}
+
+/// Read the summary of the drive whose state is in `state_dir`, without mounting it (safe
+/// while it is mounted: WAL readers do not block the writer).
+pub fn summary_of(state_dir: &std::path::Path) -> rusqlite::Result<Summary> {
+    let path = state_dir.join("index.sqlite");
+    if !path.exists() {
+        return Ok(Summary::default());
+    }
+    let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    summary(&c)
+}
