@@ -38,6 +38,9 @@ fn child_mount() {
         cfg.max_write = Some(w.parse().unwrap());
     }
     cfg.writeback_cache = std::env::var("PEERSTASH_TEST_WRITEBACK").is_ok();
+    if let Ok(o) = std::env::var("PEERSTASH_TEST_OPTIONS") {
+        cfg.apply_options(&o).unwrap();
+    }
     if std::env::var("PEERSTASH_TEST_NO_SYNC_ON_CLOSE").is_ok() {
         cfg.options.sync_on_close = false;
     }
@@ -70,6 +73,10 @@ struct Mount {
 
 impl Mount {
     fn start(base: &Path) -> Mount {
+        Mount::start_with(base, &[])
+    }
+
+    fn start_with(base: &Path, env: &[(&str, &str)]) -> Mount {
         let mnt = base.join("mnt");
         fs::create_dir_all(&mnt).unwrap();
         let stop = base.join("stop");
@@ -80,6 +87,7 @@ impl Mount {
             .env("PEERSTASH_TEST_STATE", base.join("state"))
             .env("PEERSTASH_TEST_BACKEND", base.join("peers"))
             .env("PEERSTASH_TEST_STOP", &stop)
+            .envs(env.iter().copied())
             .stdout(Stdio::null());
         let proc = Proc::spawn("mount", cmd);
         let m = Mount {
@@ -592,4 +600,72 @@ mod random_ops {
         }
         m.stop();
     }
+}
+
+/// pjdfstest (crates.io, `cargo install pjdfstest`) against the mount, when installed (on
+/// PATH, or named by `PJDFSTEST`); it switches to `nobody` and `daemon`, hence allow_other.
+#[test]
+fn pjdfstest_against_the_mount() {
+    let bin = std::env::var_os("PJDFSTEST")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("PATH")
+                .into_iter()
+                .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .map(|d| d.join("pjdfstest"))
+                .find(|p| p.exists())
+        });
+    let Some(bin) = bin else {
+        eprintln!("SKIPPED: pjdfstest not installed (cargo install pjdfstest; needs libacl1-dev)");
+        return;
+    };
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: pjdfstest needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    // pjdfstest's dummy users must be able to reach the mountpoint.
+    fs::set_permissions(base, fs::Permissions::from_mode(0o755)).unwrap();
+    let config = base.join("pjdfstest.toml");
+    fs::write(
+        &config,
+        "[features]\nposix_fallocate = {}\nutimensat = {}\nutime_now = {}\nrename_ctime = {}\n\
+         [settings]\nnaptime = 0.001\nallow_remount = false\n\
+         [dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"daemon\", \"daemon\"]]\n",
+    )
+    .unwrap();
+    let m = Mount::start_with(base, &[("PEERSTASH_TEST_OPTIONS", "allow_other")]);
+    let dir = m.mnt.join("pjdfstest");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new("timeout")
+        .arg("300")
+        .arg(&bin)
+        .arg("-c")
+        .arg(&config)
+        .arg("-p")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("FAILED") || l.trim_end().ends_with("failed"))
+        .collect();
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("Summary"))
+        .unwrap_or("no summary")
+        .to_string();
+    eprintln!("pjdfstest: {summary}");
+    for f in &failed {
+        eprintln!("  {f}");
+    }
+    m.stop();
+    assert!(
+        summary.starts_with("Summary: 0 failed"),
+        "{summary}\n{text}"
+    );
 }
