@@ -8,9 +8,15 @@
 #![warn(missing_docs)]
 
 pub mod api;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod control;
+#[cfg(feature = "client")]
+pub mod drive;
 pub mod ids;
 pub mod keys;
+#[cfg(feature = "client")]
+pub mod peer;
 pub mod replay;
 #[cfg(feature = "tls")]
 pub mod tls;

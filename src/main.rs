@@ -1,1 +1,423 @@
-fn main() {}
+//! `peerstash`: the command line of a peer — register or log in with a coordination
+//! server, lend disk (`serve`), mount the drive (`mount`), check the account (`status`),
+//! or run everything on loopback (`local-cluster`).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use peerstash::api::{KeyMode, LoginRequest, RegisterRequest};
+use peerstash::client::home::{derive_passphrase_key, format_size, HomeConfig, DEFAULT_REPLICAS};
+use peerstash::client::{parse_size, ClientError, Home, ServerClient};
+use peerstash::{DataKey, Fingerprint, TransactionKey};
+
+/// A backup drive made of other people's spare disk.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// State directory (keys, config); several peers can live on one machine.
+    #[arg(long, global = true, env = "PEERSTASH_HOME")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Register a new user with a coordination server and set up this home.
+    Register(RegisterArgs),
+    /// Log in again (e.g. after a reinstall): restores the keys into this home.
+    Login(LoginArgs),
+    /// Lend disk: run the storage daemon.
+    Serve,
+    /// Mount the drive.
+    Mount(MountArgs),
+    /// Show this peer's account: quota, usage, peers online.
+    Status,
+    /// Run a server, several peers and a mounted drive on loopback.
+    LocalCluster(LocalClusterArgs),
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum KeyModeArg {
+    /// The server can restore the data key at login.
+    Escrow,
+    /// The data key comes from a recovery passphrase the server never sees.
+    Passphrase,
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// The coordination server, e.g. https://backup.example.org:7400.
+    #[arg(long)]
+    server: String,
+    /// The server certificate's SHA-256 (printed by peerstash-server at start); colons and
+    /// a `sha256:` prefix are optional.
+    #[arg(long)]
+    server_fingerprint: Option<String>,
+    /// User name.
+    #[arg(long)]
+    name: String,
+    /// Read the password from this file's first line instead of asking.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct RegisterArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// One-time invite code from the server's operator.
+    #[arg(long)]
+    invite: Option<String>,
+    /// Disk space to lend to others, e.g. 500M, 10G, 1.5G.
+    #[arg(long, value_parser = parse_size_arg)]
+    lend: u64,
+    /// Where to keep others' chunks.
+    #[arg(long)]
+    storage_dir: PathBuf,
+    /// Where the storage daemon listens (QUIC), host:port, as other peers reach it.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    listen: String,
+    /// How the data key is kept.
+    #[arg(long, value_enum, default_value = "escrow")]
+    key_mode: KeyModeArg,
+    /// Passphrase mode: read the recovery passphrase from this file instead of asking.
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// Distinct peers each chunk is stored on.
+    #[arg(long, default_value_t = DEFAULT_REPLICAS)]
+    replicas: u8,
+}
+
+#[derive(Args, Debug)]
+struct LoginArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Passphrase mode: read the recovery passphrase from this file instead of asking.
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
+    /// Where to keep others' chunks (default: kept from this home's config, else HOME/storage).
+    #[arg(long)]
+    storage_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct MountArgs {
+    /// Where to mount the drive.
+    mountpoint: PathBuf,
+    /// Run in the background.
+    #[arg(long)]
+    daemon: bool,
+    /// Mount options, comma-separated.
+    #[arg(short = 'o')]
+    options: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct LocalClusterArgs {
+    /// How many peers.
+    #[arg(long, default_value_t = 3)]
+    peers: usize,
+    /// Where to mount the drive.
+    #[arg(long)]
+    mount: Option<PathBuf>,
+    /// Where to keep the cluster's state.
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let home = Home::resolve(cli.home)?;
+    match cli.command {
+        Command::Register(a) => runtime()?.block_on(register(&home, a)),
+        Command::Login(a) => runtime()?.block_on(login(&home, a)),
+        Command::Status => runtime()?.block_on(status(&home)),
+        Command::Serve => not_built("serve"),
+        Command::Mount(_) => not_built("mount"),
+        Command::LocalCluster(_) => not_built("local-cluster"),
+    }
+}
+
+fn not_built(what: &str) -> Result<()> {
+    bail!(
+        "`peerstash {what}` is not built yet in this version; use `register`, `login` and `status`"
+    )
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The first line of a file, without its line ending (a trailing newline is not part of
+/// a password).
+fn read_secret_file(p: &Path, what: &str) -> Result<String> {
+    let s = std::fs::read_to_string(p)
+        .with_context(|| format!("reading the {what} from {}", p.display()))?;
+    let line = s.lines().next().unwrap_or("").to_string();
+    if line.is_empty() {
+        bail!("{} is empty: put the {what} on its first line", p.display());
+    }
+    Ok(line)
+}
+
+fn ask_secret(prompt: &str, confirm: bool) -> Result<String> {
+    if !std::io::stdin().is_terminal() {
+        bail!("no terminal to ask the {prompt} on: pass it in a file (--password-file / --passphrase-file)");
+    }
+    let first = rpassword::prompt_password(format!("{prompt}: "))
+        .with_context(|| format!("reading the {prompt}"))?;
+    if confirm {
+        let again = rpassword::prompt_password(format!("{prompt} (again): "))
+            .with_context(|| format!("reading the {prompt}"))?;
+        if again != first {
+            bail!("the two entries differ; run the command again");
+        }
+    }
+    Ok(first)
+}
+
+fn secret(file: &Option<PathBuf>, what: &str, confirm: bool) -> Result<String> {
+    match file {
+        Some(p) => read_secret_file(p, what),
+        None => ask_secret(what, confirm),
+    }
+}
+
+/// The pinned fingerprint: the flag, else the one this home already trusts.
+fn fingerprint(home: &Home, a: &ServerArgs) -> Result<Fingerprint> {
+    if let Some(f) = &a.server_fingerprint {
+        return f
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--server-fingerprint {f:?}: {e}; pass the 64 hex digits peerstash-server printed at start"));
+    }
+    if let Ok(cfg) = home.load_config() {
+        if cfg.server_url.trim_end_matches('/') == a.server.trim_end_matches('/') {
+            return Ok(cfg.server_fingerprint);
+        }
+    }
+    bail!(
+        "pass --server-fingerprint: the 64 hex digits peerstash-server printed at start \
+         (its `fingerprint:` line); the client trusts only that certificate"
+    )
+}
+
+/// Turn a client error into a message that says what to do next.
+fn explain(e: ClientError, action: &str) -> anyhow::Error {
+    let hint = match e.reason() {
+        Some("bad_invite") => " (ask the server's operator for an invite: peerstash-server invite)",
+        Some("name_taken") => " (pick another --name, or `peerstash login` if it is yours)",
+        Some("bad_credentials") => " (check --name and the password)",
+        Some("rate_limited") => " (wait a minute, then try again)",
+        Some("bad_mac") | Some("unknown_peer") => {
+            " (this home's keys do not match the server: run `peerstash login`)"
+        }
+        None => {
+            " (is the server running at that URL, and is --server-fingerprint the one it printed?)"
+        }
+        _ => "",
+    };
+    anyhow::Error::new(e).context(format!("{action} failed{hint}"))
+}
+
+async fn register(home: &Home, a: RegisterArgs) -> Result<()> {
+    if home.is_registered() {
+        bail!(
+            "{} already holds a peer; use another --home (or PEERSTASH_HOME) for a second peer, \
+             or `peerstash login` to restore this one",
+            home.dir().display()
+        );
+    }
+    if a.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let pin = fingerprint(home, &a.server)?;
+    let password = secret(&a.server.password_file, "password", true)?;
+    let key_mode = match a.key_mode {
+        KeyModeArg::Escrow => KeyMode::Escrow,
+        KeyModeArg::Passphrase => KeyMode::Passphrase,
+    };
+    let passphrase = match key_mode {
+        KeyMode::Passphrase => Some(secret(&a.passphrase_file, "recovery passphrase", true)?),
+        KeyMode::Escrow => None,
+    };
+    home.create()
+        .with_context(|| format!("creating {}", home.dir().display()))?;
+    let cert = home
+        .ensure_peer_cert(&["localhost", "127.0.0.1", "peerstash-peer"])
+        .context("creating the storage daemon's certificate")?;
+    let client = ServerClient::new(&a.server.server, pin)?;
+    let resp = client
+        .register(&RegisterRequest {
+            name: a.server.name.clone(),
+            password,
+            invite: a.invite.clone(),
+            lend_bytes: a.lend,
+            quic_addr: a.listen.clone(),
+            cert_fingerprint: cert.fingerprint(),
+            key_mode,
+        })
+        .await
+        .map_err(|e| explain(e, "registering"))?;
+    let tkey = TransactionKey::from_hex(&resp.transaction_key)
+        .context("the server sent a malformed transaction key")?;
+    let dkey = data_key(
+        key_mode,
+        resp.data_key.as_deref(),
+        passphrase.as_deref(),
+        resp.peer_id,
+    )?;
+    home.save_transaction_key(&tkey)?;
+    home.save_data_key(&dkey)?;
+    std::fs::create_dir_all(&a.storage_dir)
+        .with_context(|| format!("creating the storage directory {}", a.storage_dir.display()))?;
+    home.save_config(&HomeConfig {
+        server_url: client.base_url().to_string(),
+        server_fingerprint: pin,
+        peer_id: resp.peer_id,
+        name: a.server.name.clone(),
+        lend_bytes: a.lend,
+        storage_dir: a.storage_dir.clone(),
+        listen_addr: a.listen.clone(),
+        key_mode,
+        replicas: a.replicas,
+    })?;
+    println!("registered {} as peer {}", a.server.name, resp.peer_id);
+    println!("peer_id: {}", resp.peer_id);
+    println!(
+        "lending {}; you may store {} (every replica counted)",
+        format_size(a.lend),
+        format_size(resp.quota_bytes)
+    );
+    println!("keys and settings are in {}", home.dir().display());
+    println!("next: `peerstash serve` to lend your disk, `peerstash mount DIR` to use the drive");
+    Ok(())
+}
+
+fn data_key(
+    mode: KeyMode,
+    escrowed: Option<&str>,
+    passphrase: Option<&str>,
+    peer: peerstash::PeerId,
+) -> Result<DataKey> {
+    match mode {
+        KeyMode::Escrow => {
+            let hex = escrowed.context("the server sent no escrowed data key")?;
+            DataKey::from_hex(hex).context("the server sent a malformed data key")
+        }
+        KeyMode::Passphrase => {
+            let p = passphrase.context("a recovery passphrase is needed")?;
+            derive_passphrase_key(p, peer)
+                .map_err(|e| anyhow::anyhow!("deriving the data key from the passphrase: {e}"))
+        }
+    }
+}
+
+async fn login(home: &Home, a: LoginArgs) -> Result<()> {
+    let pin = fingerprint(home, &a.server)?;
+    let password = secret(&a.server.password_file, "password", false)?;
+    let client = ServerClient::new(&a.server.server, pin)?;
+    let resp = client
+        .login(&LoginRequest {
+            name: a.server.name.clone(),
+            password,
+        })
+        .await
+        .map_err(|e| explain(e, "logging in"))?;
+    let passphrase = match resp.key_mode {
+        KeyMode::Passphrase => Some(secret(&a.passphrase_file, "recovery passphrase", false)?),
+        KeyMode::Escrow => None,
+    };
+    let tkey = TransactionKey::from_hex(&resp.transaction_key)
+        .context("the server sent a malformed transaction key")?;
+    let dkey = data_key(
+        resp.key_mode,
+        resp.data_key.as_deref(),
+        passphrase.as_deref(),
+        resp.peer_id,
+    )?;
+    let old = home.load_config().ok();
+    let storage_dir = a
+        .storage_dir
+        .or_else(|| old.as_ref().map(|c| c.storage_dir.clone()))
+        .unwrap_or_else(|| home.dir().join("storage"));
+    home.create()
+        .with_context(|| format!("creating {}", home.dir().display()))?;
+    // A reinstall has no daemon certificate: make a new one (the next heartbeat tells the
+    // server its fingerprint).
+    home.ensure_peer_cert(&["localhost", "127.0.0.1", "peerstash-peer"])
+        .context("creating the storage daemon's certificate")?;
+    home.save_transaction_key(&tkey)?;
+    home.save_data_key(&dkey)?;
+    std::fs::create_dir_all(&storage_dir)
+        .with_context(|| format!("creating the storage directory {}", storage_dir.display()))?;
+    home.save_config(&HomeConfig {
+        server_url: client.base_url().to_string(),
+        server_fingerprint: pin,
+        peer_id: resp.peer_id,
+        name: a.server.name.clone(),
+        lend_bytes: resp.lend_bytes,
+        storage_dir,
+        listen_addr: old
+            .as_ref()
+            .map(|c| c.listen_addr.clone())
+            .unwrap_or(resp.quic_addr),
+        key_mode: resp.key_mode,
+        replicas: old.as_ref().map(|c| c.replicas).unwrap_or(DEFAULT_REPLICAS),
+    })?;
+    println!("logged in as {} (peer {})", a.server.name, resp.peer_id);
+    println!("peer_id: {}", resp.peer_id);
+    println!("keys restored into {}", home.dir().display());
+    Ok(())
+}
+
+async fn status(home: &Home) -> Result<()> {
+    let cfg = home.load_config()?;
+    let client = home.server_client()?;
+    let s = client
+        .status()
+        .await
+        .map_err(|e| explain(e, "asking the server for this peer's status"))?;
+    println!("peer:     {} ({})", s.name, s.peer_id);
+    println!("server:   {}", cfg.server_url);
+    println!(
+        "peers:    {} online of {} registered",
+        s.peers_online, s.peers_total
+    );
+    println!(
+        "quota:    {} used of {} ({} bytes of {})",
+        format_size(s.used_bytes),
+        format_size(s.quota_bytes),
+        s.used_bytes,
+        s.quota_bytes
+    );
+    println!(
+        "lending:  {}, holding {} for others",
+        format_size(s.lend_bytes),
+        format_size(s.holding_bytes)
+    );
+    println!("replicas: {}", cfg.replicas);
+    Ok(())
+}

@@ -1,1 +1,155 @@
-fn main() {}
+//! `peerstash-server`: run the coordination server, or print invite codes.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use peerstash_server::{http, init, open_store, Config};
+
+/// The peerstash coordination server: registration, keys, placement and signed tokens.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// State directory: database, master secret, TLS certificate (created on first start).
+    #[arg(long, global = true, env = "PEERSTASH_SERVER_DATA")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on (HTTPS). Port 0 picks a free port; the chosen address is printed.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// An operator's TLS certificate (PEM or DER) instead of the self-signed one.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PKCS#8, PEM or DER).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Let anyone register, without an invite code.
+    #[arg(long)]
+    open_registration: bool,
+    /// A peer may store (every replica counted) what it lends divided by this.
+    #[arg(long, alias = "replicas-ratio", default_value_t = 1.5)]
+    quota_ratio: f64,
+    /// Lifetime of issued tokens, in seconds.
+    #[arg(long, default_value_t = 600)]
+    token_lifetime: u64,
+    /// Heartbeat interval asked of storage daemons, in seconds.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_interval: u64,
+    /// A peer with no heartbeat for this many seconds counts as offline.
+    #[arg(long, default_value_t = 90)]
+    online_timeout: u64,
+    /// Registrations and logins allowed per minute from one address (after the burst).
+    #[arg(long, default_value_t = 30.0)]
+    auth_per_minute: f64,
+    /// Registrations and logins one address may make at once.
+    #[arg(long, default_value_t = 20.0)]
+    auth_burst: f64,
+    /// Peak-load mode: issue universal tokens (any operation on the listed chunks).
+    #[arg(long)]
+    peak_load: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print one-time invite codes, one per line.
+    Invite {
+        /// How many codes.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+}
+
+fn default_data_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/peerstash-server"),
+        None => PathBuf::from("peerstash-server-data"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    if let Some(Cmd::Invite { count }) = cli.command {
+        if count == 0 || count > 10_000 {
+            anyhow::bail!("--count must be 1 to 10000");
+        }
+        let mut store = open_store(&data_dir)
+            .with_context(|| format!("opening the server database in {}", data_dir.display()))?;
+        let codes = store
+            .create_invites(count, peerstash::control::now_ms())
+            .context("creating invite codes")?;
+        let mut out = std::io::stdout().lock();
+        for c in codes {
+            writeln!(out, "{c}")?;
+        }
+        return Ok(());
+    }
+    if !(cli.quota_ratio > 0.0 && cli.quota_ratio.is_finite()) {
+        anyhow::bail!("--quota-ratio must be a positive number");
+    }
+    if cli.token_lifetime == 0 || cli.token_lifetime > peerstash::token::MAX_LIFETIME_SECS {
+        anyhow::bail!(
+            "--token-lifetime must be 1 to {} seconds",
+            peerstash::token::MAX_LIFETIME_SECS
+        );
+    }
+    let cfg = Config {
+        data_dir: data_dir.clone(),
+        listen: cli.listen,
+        tls_cert: cli.tls_cert,
+        tls_key: cli.tls_key,
+        open_registration: cli.open_registration,
+        quota_ratio: cli.quota_ratio,
+        token_lifetime_secs: cli.token_lifetime,
+        heartbeat_interval_secs: cli.heartbeat_interval,
+        online_timeout_secs: cli.online_timeout,
+        auth_per_minute: cli.auth_per_minute,
+        auth_burst: cli.auth_burst,
+        peak_load: cli.peak_load,
+    };
+    let state = init(cfg).with_context(|| {
+        format!(
+            "preparing the data directory {} (pass --data-dir to use another)",
+            data_dir.display()
+        )
+    })?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(state.cfg.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "listening on {} (is another server running there? pick --listen)",
+                    state.cfg.listen
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        {
+            // Machine-readable lines first, for scripts and tests.
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "fingerprint: {}", state.fingerprint())?;
+            writeln!(out, "listening: https://{addr}")?;
+            out.flush()?;
+        }
+        tracing::info!(%addr, data_dir = %state.cfg.data_dir.display(), open_registration = state.cfg.open_registration, "peerstash-server started");
+        let state = Arc::new(state);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = http::serve(state, listener) => r.context("serving")?,
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+            _ = term.recv() => tracing::info!("terminated; stopping"),
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(())
+}

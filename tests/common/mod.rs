@@ -34,12 +34,20 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A free TCP port on 127.0.0.1 (released immediately; races are unlikely on loopback).
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A free UDP port on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves
@@ -53,9 +61,7 @@ impl Proc {
     /// Start `cmd` with stdout/stderr inherited (cargo captures them per test).
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
         cmd.stdin(Stdio::null());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Proc {
             child,
             name: name.to_string(),

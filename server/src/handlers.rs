@@ -1,0 +1,364 @@
+//! What each endpoint does, once the request is read (and, for all but register and login,
+//! authenticated). These run on the blocking pool: they hash passwords and touch SQLite.
+
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use peerstash::api::{
+    self, ConfirmRequest, ConfirmResponse, GetRequest, GetResponse, HeartbeatRequest,
+    HeartbeatResponse, KeyMode, LoginRequest, LoginResponse, Placement, PutRequest, PutResponse,
+    RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, ReportRequest,
+    StatusResponse,
+};
+use peerstash::control::now_ms;
+use peerstash::token::{Grant, TokenClaims};
+use peerstash::{PeerId, TransactionKey, TxKind};
+
+use crate::error::Refusal;
+use crate::store::{self, NewPeer, Planned, Policy};
+use crate::State;
+
+const MIN_PASSWORD: usize = 8;
+const MAX_PASSWORD: usize = 1024;
+const MAX_ADDR: usize = 255;
+
+fn policy(st: &State) -> Policy {
+    let now = now_ms();
+    Policy {
+        quota_ratio: st.cfg.quota_ratio,
+        now_ms: now,
+        online_cutoff_ms: now.saturating_sub(st.cfg.online_timeout_secs * 1000),
+        expires_s: now / 1000 + st.cfg.token_lifetime_secs,
+    }
+}
+
+fn valid_name(name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= api::MAX_NAME_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            400,
+            "bad_name",
+            format!(
+                "a name is 1 to {} characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+                api::MAX_NAME_LEN
+            ),
+        ))
+    }
+}
+
+fn valid_addr(addr: &str) -> Result<(), Refusal> {
+    if addr.is_empty() || addr.len() > MAX_ADDR || !addr.contains(':') {
+        return Err(Refusal::new(
+            400,
+            "bad_address",
+            "the daemon address must be host:port",
+        ));
+    }
+    Ok(())
+}
+
+fn hash_password(password: &str) -> Result<String, Refusal> {
+    let mut salt = [0u8; 16];
+    peerstash::keys::random_bytes(&mut salt).map_err(Refusal::internal)?;
+    let salt = SaltString::encode_b64(&salt).map_err(Refusal::internal)?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(Refusal::internal)
+}
+
+fn verify_password(password: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(h) => Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// A hash nobody's password matches, verified for unknown names so that a wrong name
+/// takes as long as a wrong password and names cannot be probed by timing.
+fn dummy_hash() -> &'static str {
+    static H: OnceLock<String> = OnceLock::new();
+    H.get_or_init(|| hash_password("not anyone's password").unwrap_or_default())
+}
+
+fn bad_credentials() -> Refusal {
+    Refusal::new(
+        401,
+        "bad_credentials",
+        "unknown name or wrong password; check both (names are case-sensitive)",
+    )
+}
+
+/// `POST /v1/register`.
+pub(crate) fn register(st: &State, req: RegisterRequest) -> Result<RegisterResponse, Refusal> {
+    valid_name(&req.name)?;
+    if req.password.len() < MIN_PASSWORD || req.password.len() > MAX_PASSWORD {
+        return Err(Refusal::new(
+            400,
+            "bad_password",
+            format!("a password is {MIN_PASSWORD} to {MAX_PASSWORD} bytes long"),
+        ));
+    }
+    if req.lend_bytes == 0 || req.lend_bytes > i64::MAX as u64 {
+        return Err(Refusal::new(
+            400,
+            "bad_lend",
+            "lend some space (e.g. --lend 10G): what you may store depends on it",
+        ));
+    }
+    valid_addr(&req.quic_addr)?;
+    let require_invite = !st.cfg.open_registration;
+    // Cheap checks before the expensive hash (they are repeated atomically on insert).
+    {
+        let store = st.store.lock().expect("not poisoned");
+        if store.name_taken(&req.name)? {
+            return Err(store::name_taken_refusal(&req.name));
+        }
+        if require_invite && !store.invite_exists(req.invite.as_deref().unwrap_or(""))? {
+            return Err(store::bad_invite_refusal(req.invite.is_some()));
+        }
+    }
+    let phc = hash_password(&req.password)?;
+    let key = TransactionKey::generate().map_err(Refusal::internal)?;
+    let new = NewPeer {
+        name: &req.name,
+        password_hash: &phc,
+        key_mode: req.key_mode,
+        lend_bytes: req.lend_bytes,
+        quic_addr: &req.quic_addr,
+        fingerprint: req.cert_fingerprint,
+    };
+    let peer = st.store.lock().expect("not poisoned").insert_peer(
+        &new,
+        req.invite.as_deref(),
+        require_invite,
+        now_ms(),
+        |id| st.at_rest.seal(id, &key).map_err(Refusal::internal),
+    )?;
+    st.keys
+        .write()
+        .expect("not poisoned")
+        .insert(peer, key.clone());
+    st.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(peer = %peer, name = %req.name, "registered");
+    Ok(RegisterResponse {
+        peer_id: peer,
+        transaction_key: key.expose_hex(),
+        data_key: (req.key_mode == KeyMode::Escrow)
+            .then(|| st.master.escrow_data_key(peer).expose_hex()),
+        quota_bytes: store::quota_for(req.lend_bytes, st.cfg.quota_ratio),
+    })
+}
+
+/// `POST /v1/login`.
+pub(crate) fn login(st: &State, req: LoginRequest) -> Result<LoginResponse, Refusal> {
+    if req.name.len() > api::MAX_NAME_LEN || req.password.len() > MAX_PASSWORD {
+        return Err(bad_credentials());
+    }
+    let found = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .peer_for_login(&req.name)?;
+    let Some((peer, phc, blob)) = found else {
+        verify_password(&req.password, dummy_hash());
+        return Err(bad_credentials());
+    };
+    if !verify_password(&req.password, &phc) {
+        return Err(bad_credentials());
+    }
+    let key = st.at_rest.open(peer.id, &blob).map_err(Refusal::internal)?;
+    st.metrics.logins.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(peer = %peer.id, "login");
+    Ok(LoginResponse {
+        peer_id: peer.id,
+        transaction_key: key.expose_hex(),
+        data_key: (peer.key_mode == KeyMode::Escrow)
+            .then(|| st.master.escrow_data_key(peer.id).expose_hex()),
+        key_mode: peer.key_mode,
+        lend_bytes: peer.lend_bytes,
+        quic_addr: peer.quic_addr,
+        quota_bytes: store::quota_for(peer.lend_bytes, st.cfg.quota_ratio),
+    })
+}
+
+/// `POST /v1/heartbeat`.
+pub(crate) fn heartbeat(
+    st: &State,
+    peer: PeerId,
+    req: HeartbeatRequest,
+) -> Result<HeartbeatResponse, Refusal> {
+    valid_addr(&req.quic_addr)?;
+    if req.dropped.len() > api::MAX_CHUNKS_PER_REQUEST {
+        return Err(Refusal::bad_request(
+            "too many dropped chunks in one heartbeat",
+        ));
+    }
+    let drop = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .heartbeat(peer, &req, now_ms())?;
+    Ok(HeartbeatResponse {
+        drop,
+        interval_secs: st.cfg.heartbeat_interval_secs,
+    })
+}
+
+/// Seal one token per planned target, under that target's key.
+fn seal_all(
+    st: &State,
+    requester: PeerId,
+    kind: TxKind,
+    planned: Vec<Planned>,
+    expires_at: u64,
+) -> Result<Vec<Placement>, Refusal> {
+    let issued_at = now_ms() / 1000;
+    let kind = if st.cfg.peak_load {
+        TxKind::Universal
+    } else {
+        kind
+    };
+    planned
+        .into_iter()
+        .map(|p| {
+            let key = st
+                .key_of(p.target)
+                .ok_or_else(|| Refusal::internal(format!("no key for peer {}", p.target)))?;
+            let claims = TokenClaims {
+                requester,
+                target: p.target,
+                kind,
+                txid: p.txid,
+                issued_at,
+                expires_at,
+                grants: p.grants.iter().map(|(c, s)| Grant::whole(*c, *s)).collect(),
+            };
+            let token = claims.seal(&key.token_keys()).map_err(Refusal::internal)?;
+            Ok(Placement {
+                target: p.target,
+                addr: p.addr,
+                fingerprint: p.fingerprint,
+                txid: p.txid,
+                expires_at,
+                token,
+                chunks: p.grants.into_iter().map(|(c, _)| c).collect(),
+            })
+        })
+        .collect()
+}
+
+/// `POST /v1/put`.
+pub(crate) fn put(st: &State, peer: PeerId, req: PutRequest) -> Result<PutResponse, Refusal> {
+    let pol = policy(st);
+    let plan = st.store.lock().expect("not poisoned").put(
+        peer,
+        &req.chunks,
+        req.replicas,
+        &req.exclude,
+        &pol,
+    )?;
+    let placements = seal_all(st, peer, TxKind::Put, plan.placements, pol.expires_s)?;
+    st.metrics
+        .put_tokens
+        .fetch_add(placements.len() as u64, Ordering::Relaxed);
+    Ok(PutResponse {
+        placements,
+        already_stored: plan.already_stored,
+    })
+}
+
+/// `POST /v1/confirm` (from the target).
+pub(crate) fn confirm(
+    st: &State,
+    peer: PeerId,
+    req: ConfirmRequest,
+) -> Result<ConfirmResponse, Refusal> {
+    if req.chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
+        return Err(Refusal::bad_request("too many chunks in one confirm"));
+    }
+    let committed = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .confirm(peer, req.txid, &req.chunks)?;
+    st.metrics
+        .confirmed
+        .fetch_add(committed as u64, Ordering::Relaxed);
+    Ok(ConfirmResponse { committed })
+}
+
+/// `POST /v1/get`.
+pub(crate) fn get(st: &State, peer: PeerId, req: GetRequest) -> Result<GetResponse, Refusal> {
+    let pol = policy(st);
+    let (planned, missing) =
+        st.store
+            .lock()
+            .expect("not poisoned")
+            .get(peer, &req.chunks, pol.online_cutoff_ms)?;
+    let placements = seal_all(st, peer, TxKind::Get, planned, pol.expires_s)?;
+    st.metrics
+        .get_tokens
+        .fetch_add(placements.len() as u64, Ordering::Relaxed);
+    Ok(GetResponse {
+        placements,
+        missing,
+    })
+}
+
+/// `POST /v1/release`.
+pub(crate) fn release(
+    st: &State,
+    peer: PeerId,
+    req: ReleaseRequest,
+) -> Result<ReleaseResponse, Refusal> {
+    let released = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .release(peer, &req.chunks)?;
+    Ok(ReleaseResponse { released })
+}
+
+/// `POST /v1/report`.
+pub(crate) fn report(st: &State, peer: PeerId, req: ReportRequest) -> Result<(), Refusal> {
+    if let ReportRequest::TransferFailed { chunks, .. } = &req {
+        if chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
+            return Err(Refusal::bad_request("too many chunks in one report"));
+        }
+    }
+    tracing::warn!(reporter = %peer, report = ?req, "failure report");
+    st.store.lock().expect("not poisoned").report(peer, &req)?;
+    Ok(())
+}
+
+/// `POST /v1/status`.
+pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal> {
+    let pol = policy(st);
+    let (rec, pending, online, total) = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .status(peer, pol.online_cutoff_ms, pol.now_ms / 1000)?
+        .ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
+    Ok(StatusResponse {
+        peer_id: rec.id,
+        name: rec.name,
+        peers_online: online as usize,
+        peers_total: total as usize,
+        quota_bytes: pol.quota(rec.lend_bytes),
+        used_bytes: rec.stored_bytes + pending,
+        lend_bytes: rec.lend_bytes,
+        holding_bytes: rec.held_bytes,
+    })
+}

@@ -1,0 +1,266 @@
+//! The peerstash coordination server: registration and key issuance, control-message
+//! authentication, chunk placement with batch tokens, chunk locations and quotas.
+//!
+//! It never sees file data: peers send each other encrypted chunks over QUIC, under tokens
+//! this server seals with the *target* peer's transaction key.
+
+#![warn(missing_docs)]
+
+pub mod error;
+mod handlers;
+pub mod http;
+pub mod metrics;
+pub mod ratelimit;
+pub mod secrets;
+pub mod store;
+
+use std::collections::HashMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use peerstash::control::{ControlVerifier, Direction};
+use peerstash::tls::CertKey;
+use peerstash::{Fingerprint, MasterSecret, PeerId, TransactionKey};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub use error::Refusal;
+use metrics::Metrics;
+use ratelimit::RateLimiter;
+use secrets::{write_secret_file, AtRest};
+use store::Store;
+
+/// File names inside the data directory.
+pub mod files {
+    /// The SQLite database.
+    pub const DB: &str = "server.db";
+    /// The master secret (hex, 0600).
+    pub const MASTER: &str = "master.key";
+    /// The self-signed TLS certificate (DER).
+    pub const TLS_CERT: &str = "tls-cert.der";
+    /// Its private key (PKCS#8 DER, 0600).
+    pub const TLS_KEY: &str = "tls-key.der";
+}
+
+/// How the server runs. Defaults are the documented ones.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State directory (database, keys, certificate).
+    pub data_dir: PathBuf,
+    /// Address to listen on (port 0 picks a free one; the real one is printed).
+    pub listen: SocketAddr,
+    /// An operator's certificate (PEM or DER) instead of the self-signed one.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM or DER).
+    pub tls_key: Option<PathBuf>,
+    /// Register without invite codes.
+    pub open_registration: bool,
+    /// Lent bytes divided by this is what a peer may store (every replica counted).
+    pub quota_ratio: f64,
+    /// Lifetime of issued tokens, seconds.
+    pub token_lifetime_secs: u64,
+    /// Heartbeat interval asked of daemons, seconds.
+    pub heartbeat_interval_secs: u64,
+    /// A peer silent for this long is offline, seconds.
+    pub online_timeout_secs: u64,
+    /// Register/login requests allowed per minute per address (refill rate).
+    pub auth_per_minute: f64,
+    /// Register/login burst per address.
+    pub auth_burst: f64,
+    /// Peak-load mode: issue universal tokens instead of put/get tokens.
+    pub peak_load: bool,
+}
+
+impl Config {
+    /// Defaults for `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Config {
+        Config {
+            data_dir,
+            listen: "127.0.0.1:7400".parse().expect("valid address"),
+            tls_cert: None,
+            tls_key: None,
+            open_registration: false,
+            quota_ratio: 1.5,
+            token_lifetime_secs: 600,
+            heartbeat_interval_secs: 30,
+            online_timeout_secs: 90,
+            auth_per_minute: 30.0,
+            auth_burst: 20.0,
+            peak_load: false,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// File system trouble.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// A secret could not be written or read.
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
+    /// The database could not be opened.
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// TLS material is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The master secret file is damaged.
+    #[error("{0} is not a valid master secret (64 hex digits)")]
+    BadMaster(String),
+}
+
+/// Everything a running server shares between requests.
+pub struct State {
+    /// Configuration.
+    pub cfg: Config,
+    /// The database (one writer at a time; SQLite serializes writes anyway).
+    pub store: Mutex<Store>,
+    /// Every peer's transaction key, decrypted once at start.
+    keys: RwLock<HashMap<PeerId, TransactionKey>>,
+    master: MasterSecret,
+    at_rest: AtRest,
+    /// Control-message replay protection.
+    verifier: ControlVerifier,
+    /// Counters.
+    pub metrics: Metrics,
+    limiter: RateLimiter,
+    /// Bounds concurrent password hashing (register, login).
+    hash_slots: tokio::sync::Semaphore,
+    /// TLS identity served.
+    pub cert: CertKey,
+}
+
+impl State {
+    /// The certificate fingerprint clients pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.cert.fingerprint()
+    }
+
+    fn key_of(&self, peer: PeerId) -> Option<TransactionKey> {
+        self.keys.read().expect("not poisoned").get(&peer).cloned()
+    }
+}
+
+fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |e| StartError::Io(p.display().to_string(), e)
+}
+
+/// Create the data directory (mode 0700) if needed.
+fn ensure_dir(dir: &Path) -> Result<(), StartError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+    Ok(())
+}
+
+/// Open the database in `dir` (for `invite`, which must not need the secrets).
+pub fn open_store(dir: &Path) -> Result<Store, StartError> {
+    ensure_dir(dir)?;
+    Ok(Store::open(&dir.join(files::DB))?)
+}
+
+fn load_or_create_master(dir: &Path) -> Result<MasterSecret, StartError> {
+    let p = dir.join(files::MASTER);
+    match fs::read_to_string(&p) {
+        Ok(s) => {
+            MasterSecret::from_hex(&s).map_err(|_| StartError::BadMaster(p.display().to_string()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let m = MasterSecret::generate().map_err(|e| StartError::Tls(e.to_string()))?;
+            write_secret_file(&p, m.expose_hex().as_bytes())?;
+            Ok(m)
+        }
+        Err(e) => Err(StartError::Io(p.display().to_string(), e)),
+    }
+}
+
+fn read_pem_or_der_cert(p: &Path) -> Result<Vec<u8>, StartError> {
+    let raw = fs::read(p).map_err(io_err(p))?;
+    if raw.starts_with(b"-----") {
+        CertificateDer::from_pem_slice(&raw)
+            .map(|c| c.to_vec())
+            .map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+    } else {
+        Ok(raw)
+    }
+}
+
+fn read_pem_or_der_key(p: &Path) -> Result<Vec<u8>, StartError> {
+    let raw = fs::read(p).map_err(io_err(p))?;
+    if raw.starts_with(b"-----") {
+        match PrivateKeyDer::from_pem_slice(&raw) {
+            Ok(PrivateKeyDer::Pkcs8(k)) => Ok(k.secret_pkcs8_der().to_vec()),
+            Ok(_) => Err(StartError::Tls(format!(
+                "{}: the key must be PKCS#8 (\"BEGIN PRIVATE KEY\")",
+                p.display()
+            ))),
+            Err(e) => Err(StartError::Tls(format!("{}: {e}", p.display()))),
+        }
+    } else {
+        Ok(raw)
+    }
+}
+
+fn load_or_create_cert(cfg: &Config) -> Result<CertKey, StartError> {
+    if let (Some(c), Some(k)) = (&cfg.tls_cert, &cfg.tls_key) {
+        return Ok(CertKey {
+            cert_der: read_pem_or_der_cert(c)?,
+            key_der: read_pem_or_der_key(k)?,
+        });
+    }
+    let cp = cfg.data_dir.join(files::TLS_CERT);
+    let kp = cfg.data_dir.join(files::TLS_KEY);
+    if cp.exists() && kp.exists() {
+        return Ok(CertKey {
+            cert_der: fs::read(&cp).map_err(io_err(&cp))?,
+            key_der: fs::read(&kp).map_err(io_err(&kp))?,
+        });
+    }
+    let ck = CertKey::self_signed(&["localhost", "127.0.0.1", "::1"])
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    // Key first: a cert without its key is useless, the reverse gets regenerated.
+    write_secret_file(&kp, &ck.key_der)?;
+    write_secret_file(&cp, &ck.cert_der)?;
+    Ok(ck)
+}
+
+/// Prepare the data directory (creating the database, master secret and certificate on
+/// first start) and load every peer's key.
+pub fn init(cfg: Config) -> Result<State, StartError> {
+    if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
+        return Err(StartError::Tls(
+            "--tls-cert and --tls-key go together".into(),
+        ));
+    }
+    ensure_dir(&cfg.data_dir)?;
+    let master = load_or_create_master(&cfg.data_dir)?;
+    let cert = load_or_create_cert(&cfg)?;
+    let store = Store::open(&cfg.data_dir.join(files::DB))?;
+    let at_rest = AtRest::new(&master);
+    let mut keys = HashMap::new();
+    for (peer, blob) in store.all_key_blobs()? {
+        keys.insert(peer, at_rest.open(peer, &blob)?);
+    }
+    let verifier = ControlVerifier::new(Direction::PeerToServer, peerstash::control::now_ms());
+    let limiter = RateLimiter::new(cfg.auth_per_minute, cfg.auth_burst);
+    Ok(State {
+        cfg,
+        store: Mutex::new(store),
+        keys: RwLock::new(keys),
+        master,
+        at_rest,
+        verifier,
+        metrics: Metrics::default(),
+        limiter,
+        hash_slots: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2),
+        ),
+        cert,
+    })
+}

@@ -1,0 +1,180 @@
+//! In-memory counters for `/metrics` (Prometheus text format); gauges that live in the
+//! database are read at scrape time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::store::DbFigures;
+
+/// Upper bounds (seconds) of the request-latency histogram buckets.
+const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Counters kept by the running server.
+#[derive(Default)]
+pub struct Metrics {
+    /// Put tokens issued.
+    pub put_tokens: AtomicU64,
+    /// Get tokens issued.
+    pub get_tokens: AtomicU64,
+    /// Locations committed by confirms.
+    pub confirmed: AtomicU64,
+    /// Registrations accepted.
+    pub registrations: AtomicU64,
+    /// Logins accepted.
+    pub logins: AtomicU64,
+    rejections: Mutex<BTreeMap<String, u64>>,
+    latency: Mutex<BTreeMap<(&'static str, u16), Histogram>>,
+}
+
+impl Metrics {
+    /// Count a refused request by reason.
+    pub fn reject(&self, reason: &str) {
+        *self
+            .rejections
+            .lock()
+            .expect("not poisoned")
+            .entry(reason.to_string())
+            .or_default() += 1;
+    }
+
+    /// Record one request's handling time under its route and status.
+    pub fn observe(&self, route: &'static str, status: u16, took: Duration) {
+        let secs = took.as_secs_f64();
+        let mut l = self.latency.lock().expect("not poisoned");
+        let h = l.entry((route, status)).or_default();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    /// How many requests were refused with `reason`.
+    pub fn rejections(&self, reason: &str) -> u64 {
+        self.rejections
+            .lock()
+            .expect("not poisoned")
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition, with the database figures `db`.
+    pub fn render(&self, db: &DbFigures) -> String {
+        let mut o = String::new();
+        let gauge = |o: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            &mut o,
+            "peerstash_peers_online",
+            "Peers with a recent heartbeat.",
+            db.peers_online,
+        );
+        gauge(
+            &mut o,
+            "peerstash_peers_registered",
+            "Registered peers.",
+            db.peers_total,
+        );
+        gauge(
+            &mut o,
+            "peerstash_chunks",
+            "Distinct stored chunks (per owner).",
+            db.chunks,
+        );
+        gauge(
+            &mut o,
+            "peerstash_chunk_locations",
+            "Committed chunk locations (one per replica).",
+            db.locations,
+        );
+        gauge(
+            &mut o,
+            "peerstash_stored_bytes",
+            "Committed bytes, every replica counted.",
+            db.bytes,
+        );
+        gauge(
+            &mut o,
+            "peerstash_pending_placements",
+            "Placements awaiting a confirm.",
+            db.pending,
+        );
+        gauge(
+            &mut o,
+            "peerstash_invites_unused",
+            "Unused invite codes.",
+            db.invites,
+        );
+        gauge(
+            &mut o,
+            "peerstash_drop_orders",
+            "Chunks holders were told to drop, not yet acknowledged.",
+            db.drops,
+        );
+
+        let _ = writeln!(o, "# HELP peerstash_tokens_issued_total Tokens issued, by kind.\n# TYPE peerstash_tokens_issued_total counter");
+        let _ = writeln!(
+            o,
+            "peerstash_tokens_issued_total{{kind=\"put\"}} {}",
+            self.put_tokens.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "peerstash_tokens_issued_total{{kind=\"get\"}} {}",
+            self.get_tokens.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(o, "# HELP peerstash_locations_confirmed_total Locations committed by confirms.\n# TYPE peerstash_locations_confirmed_total counter\npeerstash_locations_confirmed_total {}", self.confirmed.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP peerstash_registrations_total Registrations accepted.\n# TYPE peerstash_registrations_total counter\npeerstash_registrations_total {}", self.registrations.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP peerstash_logins_total Logins accepted.\n# TYPE peerstash_logins_total counter\npeerstash_logins_total {}", self.logins.load(Ordering::Relaxed));
+
+        let _ = writeln!(o, "# HELP peerstash_rejections_total Refused requests, by reason.\n# TYPE peerstash_rejections_total counter");
+        for (reason, n) in self.rejections.lock().expect("not poisoned").iter() {
+            let _ = writeln!(o, "peerstash_rejections_total{{reason=\"{reason}\"}} {n}");
+        }
+
+        let _ = writeln!(o, "# HELP peerstash_reports_total Failure reports, by the peer they are about.\n# TYPE peerstash_reports_total counter");
+        for (peer, kind, reason, n) in &db.reports {
+            let _ = writeln!(
+                o,
+                "peerstash_reports_total{{peer=\"{peer}\",kind=\"{kind}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+
+        let _ = writeln!(o, "# HELP peerstash_request_seconds Request handling time.\n# TYPE peerstash_request_seconds histogram");
+        for ((route, status), h) in self.latency.lock().expect("not poisoned").iter() {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "peerstash_request_seconds_bucket{{route=\"{route}\",status=\"{status}\",le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(o, "peerstash_request_seconds_bucket{{route=\"{route}\",status=\"{status}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(
+                o,
+                "peerstash_request_seconds_sum{{route=\"{route}\",status=\"{status}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                o,
+                "peerstash_request_seconds_count{{route=\"{route}\",status=\"{status}\"}} {}",
+                h.count
+            );
+        }
+        o
+    }
+}

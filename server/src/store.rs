@@ -1,0 +1,1039 @@
+//! The server's state in SQLite: peers, invites, chunk locations, pending placements,
+//! drop lists, failure reports and the transaction-id high-water mark.
+//!
+//! Every operation that changes more than one row runs in one transaction, and every
+//! refusal is decided before the first write, so a refused request changes nothing.
+//! A chunk location is keyed by its owner as well as by its id: chunks are never shared
+//! between users, so knowing a chunk id never gives anyone a token for someone else's data.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use peerstash::api::{self, ChunkRef, HeartbeatRequest, KeyMode, ReportRequest};
+use peerstash::keys::random_u64;
+use peerstash::token::MAX_CHUNK_SIZE;
+use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::error::Refusal;
+
+/// Transaction ids are reserved in blocks of this size: the high-water mark on disk is
+/// always above every id handed out, so ids never repeat, even across a crash.
+const TXID_BLOCK: u64 = 1024;
+/// Most drop orders sent in one heartbeat response.
+const MAX_DROPS_PER_HEARTBEAT: usize = 1024;
+/// Most replicas a put may ask for.
+pub const MAX_REPLICAS: u8 = 16;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS invites (code TEXT PRIMARY KEY, created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS peers (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    key_blob BLOB NOT NULL,
+    key_mode TEXT NOT NULL,
+    lend_bytes INTEGER NOT NULL,
+    quic_addr TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    free_bytes INTEGER NOT NULL,
+    used_bytes INTEGER NOT NULL DEFAULT 0,
+    last_seen_ms INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0,
+    held_bytes INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS locations (
+    owner INTEGER NOT NULL,
+    chunk BLOB NOT NULL,
+    holder INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (owner, chunk, holder)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS locations_by_holder ON locations (holder, chunk);
+CREATE TABLE IF NOT EXISTS pending (
+    txid INTEGER NOT NULL,
+    chunk BLOB NOT NULL,
+    holder INTEGER NOT NULL,
+    owner INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    expires_s INTEGER NOT NULL,
+    PRIMARY KEY (txid, chunk)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_by_holder ON pending (holder);
+CREATE INDEX IF NOT EXISTS pending_by_owner ON pending (owner, chunk);
+CREATE TABLE IF NOT EXISTS drops (
+    holder INTEGER NOT NULL,
+    chunk BLOB NOT NULL,
+    PRIMARY KEY (holder, chunk)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reports (
+    subject INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (subject, kind, reason)
+) WITHOUT ROWID;
+";
+
+/// A reservation of transaction ids inside a database transaction; applied to the
+/// in-memory counter only once that transaction commits, so a rollback can never leave
+/// handed-out ids above the mark on disk.
+struct TxidReservation {
+    first: u64,
+    next: u64,
+    hwm: u64,
+}
+
+fn reserve_txids(
+    tx: &Transaction<'_>,
+    next: u64,
+    hwm: u64,
+    n: u64,
+) -> rusqlite::Result<TxidReservation> {
+    let mut new_hwm = hwm;
+    if next + n > hwm {
+        new_hwm = next + n + TXID_BLOCK;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('txid_hwm', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![new_hwm as i64],
+        )?;
+    }
+    Ok(TxidReservation {
+        first: next,
+        next: next + n,
+        hwm: new_hwm,
+    })
+}
+
+fn pid(p: PeerId) -> i64 {
+    p.0 as i64
+}
+fn to_pid(v: i64) -> PeerId {
+    PeerId(v as u64)
+}
+fn blob32(v: Vec<u8>) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    if v.len() == 32 {
+        b.copy_from_slice(&v);
+    }
+    b
+}
+
+/// A registered peer as the server knows it.
+#[derive(Debug, Clone)]
+pub struct PeerRecord {
+    /// Its id.
+    pub id: PeerId,
+    /// Its unique name.
+    pub name: String,
+    /// How its data key is kept.
+    pub key_mode: KeyMode,
+    /// Bytes it lends.
+    pub lend_bytes: u64,
+    /// Where its storage daemon listens.
+    pub quic_addr: String,
+    /// Its daemon's certificate fingerprint.
+    pub fingerprint: Fingerprint,
+    /// Free lent bytes at the last heartbeat.
+    pub free_bytes: u64,
+    /// Unix ms of the last heartbeat (0: never).
+    pub last_seen_ms: u64,
+    /// Bytes it stores on others, committed, every replica counted.
+    pub stored_bytes: u64,
+    /// Bytes of others' chunks it holds, committed.
+    pub held_bytes: u64,
+}
+
+const PEER_COLS: &str = "id, name, key_mode, lend_bytes, quic_addr, fingerprint, free_bytes, \
+                         last_seen_ms, stored_bytes, held_bytes";
+
+fn peer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PeerRecord> {
+    let mode: String = r.get(2)?;
+    Ok(PeerRecord {
+        id: to_pid(r.get(0)?),
+        name: r.get(1)?,
+        key_mode: if mode == "passphrase" {
+            KeyMode::Passphrase
+        } else {
+            KeyMode::Escrow
+        },
+        lend_bytes: r.get::<_, i64>(3)? as u64,
+        quic_addr: r.get(4)?,
+        fingerprint: Fingerprint(blob32(r.get(5)?)),
+        free_bytes: r.get::<_, i64>(6)? as u64,
+        last_seen_ms: r.get::<_, i64>(7)? as u64,
+        stored_bytes: r.get::<_, i64>(8)? as u64,
+        held_bytes: r.get::<_, i64>(9)? as u64,
+    })
+}
+
+/// What a registration stores.
+pub struct NewPeer<'a> {
+    /// Unique name.
+    pub name: &'a str,
+    /// Argon2id PHC string.
+    pub password_hash: &'a str,
+    /// How the data key is kept.
+    pub key_mode: KeyMode,
+    /// Bytes lent.
+    pub lend_bytes: u64,
+    /// Daemon address.
+    pub quic_addr: &'a str,
+    /// Daemon certificate fingerprint.
+    pub fingerprint: Fingerprint,
+}
+
+/// One target (or holder) and the chunks a token for it must cover.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// The peer.
+    pub target: PeerId,
+    /// Its address.
+    pub addr: String,
+    /// Its certificate fingerprint.
+    pub fingerprint: Fingerprint,
+    /// The transaction id reserved for its token.
+    pub txid: TransactionId,
+    /// Chunks and sizes.
+    pub grants: Vec<(ChunkId, u32)>,
+    /// Whether it was online when planned.
+    pub online: bool,
+}
+
+/// The outcome of a put: targets to send to and chunks already stored.
+#[derive(Debug, Default)]
+pub struct PutPlan {
+    /// One per target.
+    pub placements: Vec<Planned>,
+    /// Chunks already committed with enough replicas.
+    pub already_stored: Vec<ChunkId>,
+}
+
+/// The server's rules for one request, fixed by its configuration and clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Lent bytes divided by this is what a peer may store.
+    pub quota_ratio: f64,
+    /// Now, unix ms.
+    pub now_ms: u64,
+    /// A peer whose last heartbeat is older than this (unix ms) is offline.
+    pub online_cutoff_ms: u64,
+    /// Expiry (unix s) of tokens issued now.
+    pub expires_s: u64,
+}
+
+impl Policy {
+    /// What a peer lending `lend` bytes may store.
+    pub fn quota(&self, lend: u64) -> u64 {
+        quota_for(lend, self.quota_ratio)
+    }
+}
+
+/// Bytes a peer lending `lend` may store at `ratio`.
+pub fn quota_for(lend: u64, ratio: f64) -> u64 {
+    (lend as f64 / ratio).floor() as u64
+}
+
+/// Figures for `/metrics`, read from the database.
+#[derive(Debug, Default)]
+pub struct DbFigures {
+    /// Registered peers.
+    pub peers_total: u64,
+    /// Peers with a recent heartbeat.
+    pub peers_online: u64,
+    /// Committed chunk locations (one per replica).
+    pub locations: u64,
+    /// Distinct (owner, chunk) pairs with a committed location.
+    pub chunks: u64,
+    /// Committed bytes, every replica counted.
+    pub bytes: u64,
+    /// Pending placements.
+    pub pending: u64,
+    /// Unused invite codes.
+    pub invites: u64,
+    /// Drop orders not yet acknowledged.
+    pub drops: u64,
+    /// Failure reports: (subject peer, kind, reason, count).
+    pub reports: Vec<(PeerId, String, String, u64)>,
+}
+
+/// The SQLite-backed state. Not thread-safe by itself: the server keeps it in a mutex.
+pub struct Store {
+    conn: Connection,
+    next_txid: u64,
+    txid_hwm: u64,
+}
+
+impl Store {
+    /// Open (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> rusqlite::Result<Store> {
+        // The database holds password hashes and encrypted keys: create it 0600 (SQLite
+        // gives its -wal and -shm files the same mode).
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // WAL for concurrent readers (the invite command); FULL so that a committed
+        // location survives even a power cut, not only a killed process.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        let hwm: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'txid_hwm'", [], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(1);
+        // Every id below the stored mark may have been handed out before a crash: start
+        // there, and reserve a fresh block on the first allocation.
+        Ok(Store {
+            conn,
+            next_txid: hwm as u64,
+            txid_hwm: hwm as u64,
+        })
+    }
+
+    /// The current transaction-id high-water mark (for tests and metrics).
+    pub fn txid_high_water(&self) -> u64 {
+        self.txid_hwm
+    }
+
+    /// Create `n` one-time invite codes.
+    pub fn create_invites(&mut self, n: usize, now_ms: u64) -> rusqlite::Result<Vec<String>> {
+        let tx = self.conn.transaction()?;
+        let mut codes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut b = [0u8; 12];
+            peerstash::keys::random_bytes(&mut b)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let code = hex::encode(b);
+            tx.execute(
+                "INSERT INTO invites (code, created_ms) VALUES (?1, ?2)",
+                params![code, now_ms as i64],
+            )?;
+            codes.push(code);
+        }
+        tx.commit()?;
+        Ok(codes)
+    }
+
+    /// Whether `code` is an unused invite.
+    pub fn invite_exists(&self, code: &str) -> rusqlite::Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM invites WHERE code = ?1", [code], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Whether `name` is registered.
+    pub fn name_taken(&self, name: &str) -> rusqlite::Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM peers WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Register a peer: consume the invite (when one is required), check the name, pick a
+    /// fresh id and store the encrypted key made by `seal_key` for that id — atomically.
+    pub fn insert_peer(
+        &mut self,
+        new: &NewPeer<'_>,
+        invite: Option<&str>,
+        require_invite: bool,
+        now_ms: u64,
+        seal_key: impl Fn(PeerId) -> Result<Vec<u8>, Refusal>,
+    ) -> Result<PeerId, Refusal> {
+        let tx = self.conn.transaction()?;
+        let name_taken = tx
+            .query_row(
+                "SELECT 1 FROM peers WHERE name = ?1",
+                [new.name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if name_taken {
+            return Err(name_taken_refusal(new.name));
+        }
+        if require_invite {
+            let code = invite.unwrap_or("");
+            let used = tx.execute("DELETE FROM invites WHERE code = ?1", [code])?;
+            if used != 1 {
+                return Err(bad_invite_refusal(invite.is_some()));
+            }
+        }
+        let id = loop {
+            let candidate = PeerId(random_u64().map_err(Refusal::internal)?);
+            if candidate.0 == 0 {
+                continue;
+            }
+            let exists = tx
+                .query_row(
+                    "SELECT 1 FROM peers WHERE id = ?1",
+                    [pid(candidate)],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if !exists {
+                break candidate;
+            }
+        };
+        let blob = seal_key(id)?;
+        tx.execute(
+            "INSERT INTO peers (id, name, password_hash, key_blob, key_mode, lend_bytes,
+                                quic_addr, fingerprint, free_bytes, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                pid(id),
+                new.name,
+                new.password_hash,
+                blob,
+                key_mode_str(new.key_mode),
+                new.lend_bytes as i64,
+                new.quic_addr,
+                new.fingerprint.0.to_vec(),
+                new.lend_bytes as i64,
+                now_ms as i64
+            ],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// A peer with its password hash and encrypted key, by name.
+    pub fn peer_for_login(
+        &self,
+        name: &str,
+    ) -> rusqlite::Result<Option<(PeerRecord, String, Vec<u8>)>> {
+        self.conn
+            .query_row(
+                &format!("SELECT {PEER_COLS}, password_hash, key_blob FROM peers WHERE name = ?1"),
+                [name],
+                |r| Ok((peer_row(r)?, r.get(10)?, r.get(11)?)),
+            )
+            .optional()
+    }
+
+    /// Every peer's encrypted transaction key (loaded into memory at start).
+    pub fn all_key_blobs(&self) -> rusqlite::Result<Vec<(PeerId, Vec<u8>)>> {
+        let mut st = self.conn.prepare("SELECT id, key_blob FROM peers")?;
+        let rows = st.query_map([], |r| Ok((to_pid(r.get(0)?), r.get(1)?)))?;
+        rows.collect()
+    }
+
+    /// One peer by id.
+    pub fn peer(&self, id: PeerId) -> rusqlite::Result<Option<PeerRecord>> {
+        self.conn
+            .query_row(
+                &format!("SELECT {PEER_COLS} FROM peers WHERE id = ?1"),
+                [pid(id)],
+                peer_row,
+            )
+            .optional()
+    }
+
+    /// Record a heartbeat; return the chunks the peer may drop.
+    pub fn heartbeat(
+        &mut self,
+        id: PeerId,
+        req: &HeartbeatRequest,
+        now_ms: u64,
+    ) -> rusqlite::Result<Vec<ChunkId>> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE peers SET quic_addr = ?2, fingerprint = ?3, free_bytes = ?4, used_bytes = ?5,
+                              last_seen_ms = ?6 WHERE id = ?1",
+            params![
+                pid(id),
+                req.quic_addr,
+                req.cert_fingerprint.0.to_vec(),
+                req.free_bytes.min(i64::MAX as u64) as i64,
+                req.used_bytes.min(i64::MAX as u64) as i64,
+                now_ms as i64
+            ],
+        )?;
+        {
+            let mut del = tx.prepare("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?;
+            for c in &req.dropped {
+                del.execute(params![pid(id), c.0.to_vec()])?;
+            }
+        }
+        let drops = {
+            let mut st = tx.prepare("SELECT chunk FROM drops WHERE holder = ?1 LIMIT ?2")?;
+            let rows = st.query_map(params![pid(id), MAX_DROPS_PER_HEARTBEAT as i64], |r| {
+                Ok(ChunkId(blob32(r.get(0)?)))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        tx.commit()?;
+        Ok(drops)
+    }
+
+    /// Plan a put: dedupe, quota, placement; record pending placements. Refusals are
+    /// decided before any write.
+    pub fn put(
+        &mut self,
+        owner: PeerId,
+        chunks: &[ChunkRef],
+        replicas: u8,
+        exclude: &[PeerId],
+        policy: &Policy,
+    ) -> Result<PutPlan, Refusal> {
+        if chunks.is_empty() || chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
+            return Err(Refusal::bad_request(format!(
+                "a put names 1 to {} chunks, not {}",
+                api::MAX_CHUNKS_PER_REQUEST,
+                chunks.len()
+            )));
+        }
+        if replicas == 0 || replicas > MAX_REPLICAS {
+            return Err(Refusal::bad_request(format!(
+                "replicas must be 1 to {MAX_REPLICAS}, not {replicas}"
+            )));
+        }
+        let mut seen = HashSet::with_capacity(chunks.len());
+        for c in chunks {
+            if c.size > MAX_CHUNK_SIZE {
+                return Err(Refusal::bad_request(format!(
+                    "chunk {} is {} bytes; the limit is {MAX_CHUNK_SIZE}",
+                    c.id, c.size
+                )));
+            }
+            if !seen.insert(c.id) {
+                return Err(Refusal::bad_request(format!(
+                    "chunk {} is named twice",
+                    c.id
+                )));
+            }
+        }
+        let now_s = policy.now_ms / 1000;
+        let tx = self.conn.transaction()?;
+        let me = tx
+            .query_row(
+                &format!("SELECT {PEER_COLS} FROM peers WHERE id = ?1"),
+                [pid(owner)],
+                peer_row,
+            )
+            .optional()?
+            .ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
+
+        // Which holders each chunk already has (committed), and what is still missing.
+        let mut plan = PutPlan::default();
+        let mut wanted: Vec<(ChunkRef, usize, HashSet<PeerId>)> = Vec::new();
+        {
+            let mut st =
+                tx.prepare_cached("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2")?;
+            for c in chunks {
+                let holders: HashSet<PeerId> = st
+                    .query_map(params![pid(owner), c.id.0.to_vec()], |r| {
+                        Ok(to_pid(r.get(0)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                if holders.len() >= replicas as usize {
+                    plan.already_stored.push(c.id);
+                } else {
+                    let need = replicas as usize - holders.len();
+                    wanted.push((*c, need, holders));
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(plan);
+        }
+
+        // Quota: committed plus still-pending bytes, every replica counted.
+        let pending_owned: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(size), 0) FROM pending WHERE owner = ?1 AND expires_s > ?2",
+            params![pid(owner), now_s as i64],
+            |r| r.get(0),
+        )?;
+        let used = me.stored_bytes + pending_owned as u64;
+        let needed: u64 = wanted
+            .iter()
+            .map(|(c, need, _)| u64::from(c.size) * *need as u64)
+            .sum();
+        let quota = policy.quota(me.lend_bytes);
+        if used + needed > quota {
+            return Err(Refusal::new(
+                507,
+                "over_quota",
+                format!(
+                    "storing this needs {needed} bytes (every replica counted) but you use \
+                     {used} of your {quota}-byte quota ({} bytes lent / ratio {}); lend more \
+                     space or release data you no longer need",
+                    me.lend_bytes, policy.quota_ratio
+                ),
+            ));
+        }
+
+        // Candidates: online, not the requester, not excluded, with room.
+        let mut cands: Vec<(PeerRecord, u64)> = Vec::new();
+        {
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT {PEER_COLS}, (SELECT COALESCE(SUM(size), 0) FROM pending q
+                                      WHERE q.holder = peers.id AND q.expires_s > ?3)
+                 FROM peers WHERE last_seen_ms >= ?1 AND id != ?2"
+            ))?;
+            let rows = st.query_map(
+                params![policy.online_cutoff_ms as i64, pid(owner), now_s as i64],
+                |r| Ok((peer_row(r)?, r.get::<_, i64>(10)? as u64)),
+            )?;
+            for row in rows {
+                let (p, pending_held) = row?;
+                if exclude.contains(&p.id) {
+                    continue;
+                }
+                // The daemon's report may lag a confirm; the server's own count may miss
+                // space the daemon uses otherwise: trust the smaller.
+                let room = p
+                    .free_bytes
+                    .min(p.lend_bytes.saturating_sub(p.held_bytes))
+                    .saturating_sub(pending_held);
+                cands.push((p, room));
+            }
+        }
+
+        // Greedy placement: each replica goes to the distinct candidate with the most room
+        // left, which spreads load and fills nobody past their free space.
+        let mut assign: HashMap<usize, Vec<(ChunkId, u32)>> = HashMap::new();
+        let mut order: Vec<usize> = (0..cands.len()).collect();
+        for (c, need, holders) in &wanted {
+            order.sort_by(|a, b| cands[*b].1.cmp(&cands[*a].1));
+            let mut got = 0;
+            for &i in &order {
+                if got == *need {
+                    break;
+                }
+                let (p, room) = &mut cands[i];
+                if *room < u64::from(c.size) || holders.contains(&p.id) {
+                    continue;
+                }
+                *room -= u64::from(c.size);
+                assign.entry(i).or_default().push((c.id, c.size));
+                got += 1;
+            }
+            if got < *need {
+                let fitting = cands
+                    .iter()
+                    .filter(|(p, _)| !holders.contains(&p.id))
+                    .count();
+                return Err(Refusal::new(
+                    503,
+                    "not_enough_peers",
+                    format!(
+                        "chunk {} needs {need} more replica(s) of {} bytes but only {got} \
+                         distinct online peer(s) with room could take it ({fitting} other \
+                         peer(s) online); ask for fewer replicas or try again when more \
+                         peers are online",
+                        c.id, c.size
+                    ),
+                ));
+            }
+        }
+
+        // Record the pending placements under fresh transaction ids.
+        let mut targets: Vec<usize> = assign.keys().copied().collect();
+        targets.sort_unstable();
+        let r = reserve_txids(&tx, self.next_txid, self.txid_hwm, targets.len() as u64)?;
+        let first = r.first;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO pending (txid, chunk, holder, owner, size, expires_s)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (k, i) in targets.iter().enumerate() {
+                let txid = TransactionId(first + k as u64);
+                let p = &cands[*i].0;
+                let grants = assign.remove(i).unwrap_or_default();
+                for (c, size) in &grants {
+                    ins.execute(params![
+                        txid.0 as i64,
+                        c.0.to_vec(),
+                        pid(p.id),
+                        pid(owner),
+                        i64::from(*size),
+                        policy.expires_s as i64
+                    ])?;
+                }
+                plan.placements.push(Planned {
+                    target: p.id,
+                    addr: p.quic_addr.clone(),
+                    fingerprint: p.fingerprint,
+                    txid,
+                    grants,
+                    online: true,
+                });
+            }
+        }
+        tx.commit()?;
+        self.next_txid = r.next;
+        self.txid_hwm = r.hwm;
+        Ok(plan)
+    }
+
+    /// A target confirms what it stored under `txid`: each chunk with a pending placement
+    /// for this target becomes a committed location. A chunk without one (released
+    /// meanwhile, or never placed there) is not committed, and the target is told to drop
+    /// it unless it holds that chunk for someone.
+    pub fn confirm(
+        &mut self,
+        holder: PeerId,
+        txid: TransactionId,
+        chunks: &[ChunkId],
+    ) -> rusqlite::Result<usize> {
+        let tx = self.conn.transaction()?;
+        let mut committed = 0;
+        {
+            let mut find = tx.prepare_cached(
+                "SELECT owner, size FROM pending WHERE txid = ?1 AND chunk = ?2 AND holder = ?3",
+            )?;
+            let mut del =
+                tx.prepare_cached("DELETE FROM pending WHERE txid = ?1 AND chunk = ?2")?;
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO locations (owner, chunk, holder, size) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut add = tx.prepare_cached(
+                "UPDATE peers SET stored_bytes = stored_bytes + ?2 WHERE id = ?1",
+            )?;
+            let mut add_held =
+                tx.prepare_cached("UPDATE peers SET held_bytes = held_bytes + ?2 WHERE id = ?1")?;
+            let mut undrop =
+                tx.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?;
+            let mut held = tx.prepare_cached(
+                "SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2 LIMIT 1",
+            )?;
+            let mut drop =
+                tx.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?;
+            for c in chunks {
+                let cb = c.0.to_vec();
+                let row: Option<(i64, i64)> = find
+                    .query_row(params![txid.0 as i64, cb, pid(holder)], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                match row {
+                    Some((owner, size)) => {
+                        del.execute(params![txid.0 as i64, cb])?;
+                        if ins.execute(params![owner, cb, pid(holder), size])? == 1 {
+                            add.execute(params![owner, size])?;
+                            add_held.execute(params![pid(holder), size])?;
+                            committed += 1;
+                        }
+                        undrop.execute(params![pid(holder), cb])?;
+                    }
+                    None => {
+                        if !held.exists(params![pid(holder), cb])? {
+                            drop.execute(params![pid(holder), cb])?;
+                        }
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(committed)
+    }
+
+    /// Plan get tokens: for each chunk `owner` owns, its committed holders, grouped by
+    /// holder, online holders first. Chunks with no holder (or not owned) are missing.
+    pub fn get(
+        &mut self,
+        owner: PeerId,
+        chunks: &[ChunkId],
+        online_cutoff_ms: u64,
+    ) -> Result<(Vec<Planned>, Vec<ChunkId>), Refusal> {
+        if chunks.is_empty() || chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
+            return Err(Refusal::bad_request(format!(
+                "a get names 1 to {} chunks, not {}",
+                api::MAX_CHUNKS_PER_REQUEST,
+                chunks.len()
+            )));
+        }
+        let tx = self.conn.transaction()?;
+        let mut by_holder: HashMap<PeerId, Planned> = HashMap::new();
+        let mut missing = Vec::new();
+        let mut seen = HashSet::new();
+        {
+            let mut st = tx.prepare_cached(
+                "SELECT l.holder, l.size, p.quic_addr, p.fingerprint, p.last_seen_ms
+                 FROM locations l JOIN peers p ON p.id = l.holder
+                 WHERE l.owner = ?1 AND l.chunk = ?2",
+            )?;
+            for c in chunks {
+                if !seen.insert(*c) {
+                    continue;
+                }
+                let rows = st.query_map(params![pid(owner), c.0.to_vec()], |r| {
+                    Ok((
+                        to_pid(r.get(0)?),
+                        r.get::<_, i64>(1)? as u32,
+                        r.get::<_, String>(2)?,
+                        Fingerprint(blob32(r.get(3)?)),
+                        r.get::<_, i64>(4)? as u64,
+                    ))
+                })?;
+                let mut any = false;
+                for row in rows {
+                    let (holder, size, addr, fingerprint, seen_ms) = row?;
+                    any = true;
+                    by_holder
+                        .entry(holder)
+                        .or_insert_with(|| Planned {
+                            target: holder,
+                            addr,
+                            fingerprint,
+                            txid: TransactionId(0),
+                            grants: Vec::new(),
+                            online: seen_ms >= online_cutoff_ms,
+                        })
+                        .grants
+                        .push((*c, size));
+                }
+                if !any {
+                    missing.push(*c);
+                }
+            }
+        }
+        let mut out: Vec<Planned> = by_holder.into_values().collect();
+        // Online holders first, then the ones holding most of the batch.
+        out.sort_by(|a, b| {
+            b.online
+                .cmp(&a.online)
+                .then(b.grants.len().cmp(&a.grants.len()))
+                .then(a.target.0.cmp(&b.target.0))
+        });
+        let r = reserve_txids(&tx, self.next_txid, self.txid_hwm, out.len() as u64)?;
+        for (k, p) in out.iter_mut().enumerate() {
+            p.txid = TransactionId(r.first + k as u64);
+        }
+        tx.commit()?;
+        self.next_txid = r.next;
+        self.txid_hwm = r.hwm;
+        Ok((out, missing))
+    }
+
+    /// Release chunks `owner` no longer references: drop its locations and pending
+    /// placements; holders that keep no other owner's copy learn to drop them.
+    pub fn release(&mut self, owner: PeerId, chunks: &[ChunkId]) -> Result<usize, Refusal> {
+        if chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
+            return Err(Refusal::bad_request(format!(
+                "a release names at most {} chunks",
+                api::MAX_CHUNKS_PER_REQUEST
+            )));
+        }
+        let tx = self.conn.transaction()?;
+        let mut released = 0;
+        {
+            let mut locs = tx.prepare_cached(
+                "SELECT holder, size FROM locations WHERE owner = ?1 AND chunk = ?2",
+            )?;
+            let mut del = tx.prepare_cached(
+                "DELETE FROM locations WHERE owner = ?1 AND chunk = ?2 AND holder = ?3",
+            )?;
+            let mut sub = tx.prepare_cached(
+                "UPDATE peers SET stored_bytes = MAX(stored_bytes - ?2, 0) WHERE id = ?1",
+            )?;
+            let mut sub_held = tx.prepare_cached(
+                "UPDATE peers SET held_bytes = MAX(held_bytes - ?2, 0) WHERE id = ?1",
+            )?;
+            let mut held = tx.prepare_cached(
+                "SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2 LIMIT 1",
+            )?;
+            let mut drop =
+                tx.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?;
+            let mut del_pending =
+                tx.prepare_cached("DELETE FROM pending WHERE owner = ?1 AND chunk = ?2")?;
+            for c in chunks {
+                let cb = c.0.to_vec();
+                let rows: Vec<(i64, i64)> = locs
+                    .query_map(params![pid(owner), cb], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let pend = del_pending.execute(params![pid(owner), cb])?;
+                for (holder, size) in &rows {
+                    del.execute(params![pid(owner), cb, holder])?;
+                    sub.execute(params![pid(owner), size])?;
+                    sub_held.execute(params![holder, size])?;
+                    if !held.exists(params![holder, cb])? {
+                        drop.execute(params![holder, cb])?;
+                    }
+                }
+                if !rows.is_empty() || pend > 0 {
+                    released += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(released)
+    }
+
+    /// Count a failure report against the peer it is about; a failed transfer also frees
+    /// the pending placements it names (they no longer count against the quota).
+    pub fn report(&mut self, reporter: PeerId, req: &ReportRequest) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        let (subject, kind, reason) = match req {
+            ReportRequest::Rejected {
+                requester, reason, ..
+            } => (
+                requester.unwrap_or(reporter),
+                "rejected",
+                sanitize_reason(reason),
+            ),
+            ReportRequest::BadChunk { holder, .. } => (*holder, "bad_chunk", "bad_hash".into()),
+            ReportRequest::TransferFailed {
+                target,
+                txid,
+                chunks,
+            } => {
+                let mut del = tx.prepare_cached(
+                    "DELETE FROM pending WHERE txid = ?1 AND chunk = ?2 AND holder = ?3 AND owner = ?4",
+                )?;
+                for c in chunks {
+                    del.execute(params![
+                        txid.0 as i64,
+                        c.0.to_vec(),
+                        pid(*target),
+                        pid(reporter)
+                    ])?;
+                }
+                (*target, "transfer_failed", "transfer_failed".into())
+            }
+        };
+        tx.execute(
+            "INSERT INTO reports (subject, kind, reason, count) VALUES (?1, ?2, ?3, 1)
+             ON CONFLICT(subject, kind, reason) DO UPDATE SET count = count + 1",
+            params![pid(subject), kind, reason],
+        )?;
+        tx.commit()
+    }
+
+    /// Figures for a peer's status: (record, pending bytes owned, peers online, total).
+    pub fn status(
+        &self,
+        id: PeerId,
+        online_cutoff_ms: u64,
+        now_s: u64,
+    ) -> rusqlite::Result<Option<(PeerRecord, u64, u64, u64)>> {
+        let Some(p) = self.peer(id)? else {
+            return Ok(None);
+        };
+        let pending: i64 = self.conn.query_row(
+            "SELECT COALESCE(SUM(size), 0) FROM pending WHERE owner = ?1 AND expires_s > ?2",
+            params![pid(id), now_s as i64],
+            |r| r.get(0),
+        )?;
+        let (online, total): (i64, i64) = self.conn.query_row(
+            "SELECT COALESCE(SUM(last_seen_ms >= ?1), 0), COUNT(*) FROM peers",
+            [online_cutoff_ms as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok(Some((p, pending as u64, online as u64, total as u64)))
+    }
+
+    /// Forget pending placements that expired more than `grace_s` ago.
+    pub fn sweep_pending(&mut self, now_s: u64, grace_s: u64) -> rusqlite::Result<usize> {
+        self.conn.execute(
+            "DELETE FROM pending WHERE expires_s < ?1",
+            [now_s.saturating_sub(grace_s) as i64],
+        )
+    }
+
+    /// Figures for `/metrics`.
+    pub fn figures(&self, online_cutoff_ms: u64) -> rusqlite::Result<DbFigures> {
+        let one = |sql: &str| -> rusqlite::Result<u64> {
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|v| v as u64)
+        };
+        let mut f = DbFigures {
+            peers_total: one("SELECT COUNT(*) FROM peers")?,
+            peers_online: self.conn.query_row(
+                "SELECT COUNT(*) FROM peers WHERE last_seen_ms >= ?1",
+                [online_cutoff_ms as i64],
+                |r| r.get::<_, i64>(0),
+            )? as u64,
+            locations: one("SELECT COUNT(*) FROM locations")?,
+            chunks: one("SELECT COUNT(*) FROM (SELECT DISTINCT owner, chunk FROM locations)")?,
+            bytes: one("SELECT COALESCE(SUM(stored_bytes), 0) FROM peers")?,
+            pending: one("SELECT COUNT(*) FROM pending")?,
+            invites: one("SELECT COUNT(*) FROM invites")?,
+            drops: one("SELECT COUNT(*) FROM drops")?,
+            reports: Vec::new(),
+        };
+        let mut st = self
+            .conn
+            .prepare("SELECT subject, kind, reason, count FROM reports ORDER BY subject, kind")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                to_pid(r.get(0)?),
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })?;
+        for r in rows {
+            f.reports.push(r?);
+        }
+        Ok(f)
+    }
+}
+
+fn key_mode_str(m: KeyMode) -> &'static str {
+    match m {
+        KeyMode::Escrow => "escrow",
+        KeyMode::Passphrase => "passphrase",
+    }
+}
+
+/// Reasons come from peers: keep them short and safe as metric label values.
+fn sanitize_reason(r: &str) -> String {
+    let s: String = r
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(32)
+        .collect();
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s
+    }
+}
+
+/// The refusal for a duplicate name.
+pub fn name_taken_refusal(name: &str) -> Refusal {
+    Refusal::new(
+        409,
+        "name_taken",
+        format!("the name {name:?} is already registered; pick another, or log in if it is yours"),
+    )
+}
+
+/// The refusal for a missing or unknown invite.
+pub fn bad_invite_refusal(given: bool) -> Refusal {
+    if given {
+        Refusal::new(
+            403,
+            "bad_invite",
+            "this invite code is unknown or already used; ask the operator for a new one \
+             (peerstash-server invite)",
+        )
+    } else {
+        Refusal::new(
+            403,
+            "bad_invite",
+            "this server registers by invitation: pass --invite CODE (the operator prints \
+             codes with peerstash-server invite)",
+        )
+    }
+}

@@ -1,0 +1,433 @@
+//! A peer's state directory ("home"): `--home DIR`, else `$PEERSTASH_HOME`, else
+//! `~/.local/share/peerstash`. Several peers can live on one machine, one home each.
+//!
+//! ```text
+//! config.toml      server url and fingerprint, peer id, name, lend, storage dir, ...
+//! transaction.key  hex, 0600: authenticates this peer to the server
+//! data.key         hex, 0600: encrypts this user's chunks
+//! peer-cert.der    the storage daemon's QUIC certificate
+//! peer-key.der     its private key, 0600
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::KeyMode;
+use crate::client::server_api::{ClientError, ServerClient};
+use crate::ids::{Fingerprint, PeerId};
+use crate::keys::{DataKey, TransactionKey};
+use crate::tls::CertKey;
+
+/// File names inside a home.
+pub mod files {
+    /// Settings.
+    pub const CONFIG: &str = "config.toml";
+    /// The transaction key (hex, 0600).
+    pub const TRANSACTION_KEY: &str = "transaction.key";
+    /// The data key (hex, 0600).
+    pub const DATA_KEY: &str = "data.key";
+    /// The daemon's QUIC certificate (DER).
+    pub const PEER_CERT: &str = "peer-cert.der";
+    /// Its private key (PKCS#8 DER, 0600).
+    pub const PEER_KEY: &str = "peer-key.der";
+}
+
+/// Default replicas per chunk.
+pub const DEFAULT_REPLICAS: u8 = 2;
+
+/// Why the home could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// File system trouble.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// No `config.toml`: this home has not registered or logged in.
+    #[error("{0} holds no peer yet: run `peerstash register` (new user) or `peerstash login` (existing user) first")]
+    NotRegistered(PathBuf),
+    /// `config.toml` is not valid.
+    #[error("{path} is not a valid config: {message}")]
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A key file is damaged.
+    #[error("{0} is not a valid key (64 hex digits)")]
+    BadKey(PathBuf),
+    /// No home directory could be determined.
+    #[error("cannot tell where the state directory is: set --home or PEERSTASH_HOME")]
+    NoHome,
+    /// A certificate could not be generated.
+    #[error("generating the peer certificate: {0}")]
+    Cert(String),
+}
+
+/// The contents of `config.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HomeConfig {
+    /// The coordination server, `https://host:port`.
+    pub server_url: String,
+    /// Its pinned certificate fingerprint.
+    pub server_fingerprint: Fingerprint,
+    /// This peer's id.
+    pub peer_id: PeerId,
+    /// This peer's user name.
+    pub name: String,
+    /// Bytes lent to others.
+    pub lend_bytes: u64,
+    /// Where the storage daemon keeps others' chunks.
+    pub storage_dir: PathBuf,
+    /// Where the storage daemon listens (QUIC), `host:port`.
+    pub listen_addr: String,
+    /// How the data key is kept.
+    pub key_mode: KeyMode,
+    /// Distinct peers each chunk is stored on.
+    #[serde(default = "default_replicas")]
+    pub replicas: u8,
+}
+
+fn default_replicas() -> u8 {
+    DEFAULT_REPLICAS
+}
+
+/// A peer's state directory.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
+    move |source| HomeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write `bytes` to `path` atomically with mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+impl Home {
+    /// The home at `dir` (nothing is created yet).
+    pub fn new(dir: impl Into<PathBuf>) -> Home {
+        Home { dir: dir.into() }
+    }
+
+    /// `flag` if given, else `$PEERSTASH_HOME`, else `~/.local/share/peerstash`.
+    pub fn resolve(flag: Option<PathBuf>) -> Result<Home, HomeError> {
+        if let Some(d) = flag {
+            return Ok(Home::new(d));
+        }
+        if let Some(d) = std::env::var_os("PEERSTASH_HOME").filter(|d| !d.is_empty()) {
+            return Ok(Home::new(d));
+        }
+        let home = std::env::var_os("HOME").ok_or(HomeError::NoHome)?;
+        Ok(Home::new(
+            PathBuf::from(home).join(".local/share/peerstash"),
+        ))
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a file inside the home.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Create the directory (mode 0700) if needed.
+    pub fn create(&self) -> Result<(), HomeError> {
+        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io(&self.dir))
+    }
+
+    /// Whether a peer lives here (a config exists).
+    pub fn is_registered(&self) -> bool {
+        self.path(files::CONFIG).exists()
+    }
+
+    /// Read `config.toml`.
+    pub fn load_config(&self) -> Result<HomeConfig, HomeError> {
+        let p = self.path(files::CONFIG);
+        let text = match fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(HomeError::NotRegistered(self.dir.clone()))
+            }
+            Err(e) => return Err(io(&p)(e)),
+        };
+        toml::from_str(&text).map_err(|e| HomeError::BadConfig {
+            path: p,
+            message: e.to_string(),
+        })
+    }
+
+    /// Write `config.toml` (0600: it names the server and the peer).
+    pub fn save_config(&self, cfg: &HomeConfig) -> Result<(), HomeError> {
+        self.create()?;
+        let p = self.path(files::CONFIG);
+        let text = toml::to_string_pretty(cfg).map_err(|e| HomeError::BadConfig {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        write_private(&p, text.as_bytes())
+    }
+
+    fn load_hex(&self, name: &str) -> Result<String, HomeError> {
+        let p = self.path(name);
+        match fs::read_to_string(&p) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(HomeError::NotRegistered(self.dir.clone()))
+            }
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+
+    /// Store the transaction key (0600).
+    pub fn save_transaction_key(&self, key: &TransactionKey) -> Result<(), HomeError> {
+        self.create()?;
+        write_private(
+            &self.path(files::TRANSACTION_KEY),
+            format!("{}\n", key.expose_hex()).as_bytes(),
+        )
+    }
+
+    /// Read the transaction key.
+    pub fn load_transaction_key(&self) -> Result<TransactionKey, HomeError> {
+        TransactionKey::from_hex(&self.load_hex(files::TRANSACTION_KEY)?)
+            .map_err(|_| HomeError::BadKey(self.path(files::TRANSACTION_KEY)))
+    }
+
+    /// Store the data key (0600).
+    pub fn save_data_key(&self, key: &DataKey) -> Result<(), HomeError> {
+        self.create()?;
+        write_private(
+            &self.path(files::DATA_KEY),
+            format!("{}\n", key.expose_hex()).as_bytes(),
+        )
+    }
+
+    /// Read the data key.
+    pub fn load_data_key(&self) -> Result<DataKey, HomeError> {
+        DataKey::from_hex(&self.load_hex(files::DATA_KEY)?)
+            .map_err(|_| HomeError::BadKey(self.path(files::DATA_KEY)))
+    }
+
+    /// The daemon's QUIC certificate and key, if generated.
+    pub fn load_peer_cert(&self) -> Result<Option<CertKey>, HomeError> {
+        let cp = self.path(files::PEER_CERT);
+        let kp = self.path(files::PEER_KEY);
+        if !cp.exists() || !kp.exists() {
+            return Ok(None);
+        }
+        Ok(Some(CertKey {
+            cert_der: fs::read(&cp).map_err(io(&cp))?,
+            key_der: fs::read(&kp).map_err(io(&kp))?,
+        }))
+    }
+
+    /// The daemon's QUIC certificate, generated (self-signed for `names`) if missing.
+    pub fn ensure_peer_cert(&self, names: &[&str]) -> Result<CertKey, HomeError> {
+        if let Some(ck) = self.load_peer_cert()? {
+            return Ok(ck);
+        }
+        self.create()?;
+        let ck = CertKey::self_signed(names).map_err(|e| HomeError::Cert(e.to_string()))?;
+        // Key first: a certificate without its key would be unusable.
+        write_private(&self.path(files::PEER_KEY), &ck.key_der)?;
+        write_private(&self.path(files::PEER_CERT), &ck.cert_der)?;
+        Ok(ck)
+    }
+
+    /// A server client for this home's peer (config + transaction key).
+    pub fn server_client(&self) -> Result<ServerClient, ClientOrHomeError> {
+        let cfg = self.load_config()?;
+        let key = self.load_transaction_key()?;
+        Ok(ServerClient::new(&cfg.server_url, cfg.server_fingerprint)?
+            .with_identity(cfg.peer_id, key))
+    }
+}
+
+/// Either a home problem or a client setup problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientOrHomeError {
+    /// The home.
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    /// The client.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Why a size did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a size: write bytes or a number with K, M, G or T (e.g. 500M, 10G, 1.5G)")]
+pub struct SizeError(pub String);
+
+/// Parse `500M`, `10G`, `1.5G`, `512K`, `2T`, `123` (bytes); binary units (1K = 1024),
+/// an optional `B`/`iB` suffix and any case.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let err = || SizeError(s.to_string());
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (num, mult): (&str, u64) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 1 << 10),
+        Some('m') => (&body[..body.len() - 1], 1 << 20),
+        Some('g') => (&body[..body.len() - 1], 1 << 30),
+        Some('t') => (&body[..body.len() - 1], 1 << 40),
+        Some(c) if c.is_ascii_digit() => (body, 1),
+        _ => return Err(err()),
+    };
+    let num = num.trim();
+    if num.is_empty() || num.starts_with('-') || num.starts_with('+') {
+        return Err(err());
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(err);
+    }
+    let f: f64 = num.parse().map_err(|_| err())?;
+    let v = f * mult as f64;
+    if !v.is_finite() || v < 0.0 || v >= u64::MAX as f64 {
+        return Err(err());
+    }
+    Ok(v.round() as u64)
+}
+
+/// Show bytes the way [`parse_size`] reads them (`1.5G`, `500M`, `123B`).
+pub fn format_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
+    for (u, m) in UNITS {
+        if n >= m {
+            let v = n as f64 / m as f64;
+            return if v.fract() == 0.0 {
+                format!("{}{u}", n / m)
+            } else {
+                format!("{v:.2}{u}")
+            };
+        }
+    }
+    format!("{n}B")
+}
+
+/// Passphrase mode: the data key from a recovery passphrase the server never sees, with
+/// Argon2id salted by the peer id (so equal passphrases of two users give two keys).
+pub fn derive_passphrase_key(passphrase: &str, peer: PeerId) -> Result<DataKey, String> {
+    let mut salt = b"peerstash data key v1:".to_vec();
+    salt.extend_from_slice(&peer.to_bytes());
+    let mut out = [0u8; 32];
+    argon2::Argon2::default()
+        .hash_password_into(passphrase.as_bytes(), &salt, &mut out)
+        .map_err(|e| e.to_string())?;
+    let key = DataKey::from_bytes(out);
+    zeroize::Zeroize::zeroize(&mut out);
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("500M").unwrap(), 500 << 20);
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert_eq!(parse_size("4k").unwrap(), 4096);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size(" 7 MB ").unwrap(), 7 << 20);
+        for bad in ["", "G", "-1G", "abc", "1.5X", "99999999999T", "nanG"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_size(1536 << 20), "1.50G");
+        assert_eq!(format_size(500 << 20), "500M");
+        assert_eq!(format_size(12), "12B");
+    }
+
+    #[test]
+    fn keys_and_config_round_trip_with_private_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let h = Home::new(d.path().join("h"));
+        assert!(matches!(h.load_config(), Err(HomeError::NotRegistered(_))));
+        let k = TransactionKey::generate().unwrap();
+        h.save_transaction_key(&k).unwrap();
+        assert_eq!(h.load_transaction_key().unwrap(), k);
+        let mode = fs::metadata(h.path(files::TRANSACTION_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let cfg = HomeConfig {
+            server_url: "https://127.0.0.1:1".into(),
+            server_fingerprint: Fingerprint([7; 32]),
+            peer_id: PeerId(42),
+            name: "ann".into(),
+            lend_bytes: 10,
+            storage_dir: "/tmp/x".into(),
+            listen_addr: "127.0.0.1:2".into(),
+            key_mode: KeyMode::Passphrase,
+            replicas: 3,
+        };
+        h.save_config(&cfg).unwrap();
+        assert_eq!(h.load_config().unwrap(), cfg);
+        let ck = h.ensure_peer_cert(&["localhost"]).unwrap();
+        assert_eq!(
+            h.ensure_peer_cert(&["localhost"]).unwrap().fingerprint(),
+            ck.fingerprint()
+        );
+        let mode = fs::metadata(h.path(files::PEER_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn passphrase_key_depends_on_peer() {
+        let a = derive_passphrase_key("correct horse", PeerId(1)).unwrap();
+        assert_eq!(
+            a,
+            derive_passphrase_key("correct horse", PeerId(1)).unwrap()
+        );
+        assert_ne!(
+            a,
+            derive_passphrase_key("correct horse", PeerId(2)).unwrap()
+        );
+        assert_ne!(a, derive_passphrase_key("wrong horse", PeerId(1)).unwrap());
+    }
+}

@@ -1,0 +1,248 @@
+//! Where sealed chunks live. The drive talks only to [`ChunkBackend`]; the network client
+//! implements it later, and [`DirBackend`] (a local directory with fault injection) serves
+//! the tests. A backend only ever sees chunk ids and ciphertext: never names or sizes of
+//! files.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use crate::ids::ChunkId;
+
+/// Space the user may use on the network and how much of it is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Bytes the user may store (stored, i.e. sealed, bytes).
+    pub total_bytes: u64,
+    /// Bytes stored now.
+    pub used_bytes: u64,
+}
+
+/// Why a backend call failed. The variant decides what the drive does next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// Storing would exceed the user's quota: the drive reports ENOSPC.
+    #[error("over quota: {needed} more bytes needed, {available} available")]
+    OverQuota {
+        /// Bytes the failed request wanted to add.
+        needed: u64,
+        /// Bytes still free.
+        available: u64,
+    },
+    /// Peers or server cannot be reached now: data stays staged and is retried later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A chunk came back with the wrong hash or size (and no holder had a good copy).
+    #[error("chunk {0} is corrupt")]
+    Corrupt(ChunkId),
+    /// No holder has the chunk.
+    #[error("chunk {0} not found")]
+    NotFound(ChunkId),
+}
+
+/// Blocking chunk storage, shared by the FUSE threads and the uploader.
+pub trait ChunkBackend: Send + Sync {
+    /// Store every chunk. Returns only when all are durably stored (on the configured
+    /// number of peers); storing a chunk that is already there is not an error.
+    fn put(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<(), BackendError>;
+    /// Fetch a chunk's stored bytes. `size` is its stored size, so a backend can ask for
+    /// the right token; the caller verifies the hash.
+    fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError>;
+    /// Forget chunks no file references any more. Releasing an absent chunk is not an error.
+    fn release(&self, ids: &[ChunkId]) -> Result<(), BackendError>;
+    /// The user's quota.
+    fn quota(&self) -> Result<Quota, BackendError>;
+}
+
+/// Chunks as files `DIR/ab/<hex id>`, durably written (fsync then rename). Test knobs:
+/// [`DirBackend::set_unavailable`], [`DirBackend::fail_next_puts`] and a capacity.
+#[derive(Debug)]
+pub struct DirBackend {
+    dir: PathBuf,
+    capacity: Mutex<u64>,
+    unavailable: AtomicBool,
+    fail_puts: AtomicU32,
+    // Serializes usage accounting with the files it counts.
+    used: Mutex<u64>,
+}
+
+impl DirBackend {
+    /// Open (creating) a backend in `dir` with `capacity` bytes of quota.
+    pub fn open(dir: &Path, capacity: u64) -> std::io::Result<DirBackend> {
+        fs::create_dir_all(dir)?;
+        let mut used = 0;
+        for sub in fs::read_dir(dir)? {
+            let sub = sub?;
+            if sub.file_type()?.is_dir() {
+                for f in fs::read_dir(sub.path())? {
+                    let f = f?;
+                    if !f.file_name().to_string_lossy().ends_with(".tmp") {
+                        used += f.metadata()?.len();
+                    }
+                }
+            }
+        }
+        Ok(DirBackend {
+            dir: dir.to_path_buf(),
+            capacity: Mutex::new(capacity),
+            unavailable: AtomicBool::new(false),
+            fail_puts: AtomicU32::new(0),
+            used: Mutex::new(used),
+        })
+    }
+
+    /// Make every call fail with [`BackendError::Unavailable`] (or work again).
+    pub fn set_unavailable(&self, down: bool) {
+        self.unavailable.store(down, Ordering::SeqCst);
+    }
+
+    /// Make the next `n` puts fail with [`BackendError::Unavailable`].
+    pub fn fail_next_puts(&self, n: u32) {
+        self.fail_puts.store(n, Ordering::SeqCst);
+    }
+
+    /// Change the quota.
+    pub fn set_capacity(&self, bytes: u64) {
+        *self.capacity.lock().unwrap() = bytes;
+    }
+
+    /// Number of chunks stored.
+    pub fn chunk_count(&self) -> usize {
+        walk(&self.dir).len()
+    }
+
+    /// The directory holding the chunks.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, id: ChunkId) -> PathBuf {
+        let hex = id.to_string();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    fn syncfs(&self) -> Result<(), BackendError> {
+        use std::os::fd::AsRawFd;
+        let dir = fs::File::open(&self.dir).map_err(io_unavailable)?;
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io_unavailable(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn check_up(&self) -> Result<(), BackendError> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(BackendError::Unavailable("DirBackend switched off".into()));
+        }
+        Ok(())
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for sub in rd.flatten() {
+            if let Ok(inner) = fs::read_dir(sub.path()) {
+                out.extend(
+                    inner
+                        .flatten()
+                        .map(|f| f.path())
+                        .filter(|p| p.extension().is_none_or(|e| e != "tmp")),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn io_unavailable(e: std::io::Error) -> BackendError {
+    BackendError::Unavailable(e.to_string())
+}
+
+impl ChunkBackend for DirBackend {
+    fn put(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<(), BackendError> {
+        self.check_up()?;
+        if self
+            .fail_puts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(BackendError::Unavailable("injected put failure".into()));
+        }
+        let mut used = self.used.lock().unwrap();
+        let capacity = *self.capacity.lock().unwrap();
+        let new: Vec<&(ChunkId, Vec<u8>)> = chunks
+            .iter()
+            .filter(|(id, _)| !self.path(*id).exists())
+            .collect();
+        let needed: u64 = new.iter().map(|(_, b)| b.len() as u64).sum();
+        if *used + needed > capacity {
+            return Err(BackendError::OverQuota {
+                needed,
+                available: capacity.saturating_sub(*used),
+            });
+        }
+        // Write every chunk to a temporary name, sync the filesystem once, then rename
+        // and sync again: one syncfs per batch instead of an fsync per chunk, and a chunk
+        // file never exists under its final name before its bytes are durable.
+        let mut renames = Vec::new();
+        for (id, bytes) in new {
+            let path = self.path(*id);
+            let tmp = path.with_extension("tmp");
+            if renames.iter().any(|(_, p)| p == &path) {
+                continue; // the same chunk twice in one batch
+            }
+            fs::create_dir_all(path.parent().unwrap()).map_err(io_unavailable)?;
+            let mut f = fs::File::create(&tmp).map_err(io_unavailable)?;
+            f.write_all(bytes).map_err(io_unavailable)?;
+            renames.push((tmp, path));
+            *used += bytes.len() as u64;
+        }
+        if renames.is_empty() {
+            return Ok(());
+        }
+        self.syncfs()?;
+        for (tmp, path) in &renames {
+            fs::rename(tmp, path).map_err(io_unavailable)?;
+        }
+        self.syncfs()
+    }
+
+    fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError> {
+        self.check_up()?;
+        let bytes = match fs::read(self.path(id)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BackendError::NotFound(id))
+            }
+            Err(e) => return Err(io_unavailable(e)),
+        };
+        if bytes.len() != size as usize || ChunkId::of(&bytes) != id {
+            return Err(BackendError::Corrupt(id));
+        }
+        Ok(bytes)
+    }
+
+    fn release(&self, ids: &[ChunkId]) -> Result<(), BackendError> {
+        self.check_up()?;
+        let mut used = self.used.lock().unwrap();
+        for id in ids {
+            let path = self.path(*id);
+            if let Ok(md) = fs::metadata(&path) {
+                fs::remove_file(&path).map_err(io_unavailable)?;
+                *used = used.saturating_sub(md.len());
+            }
+        }
+        Ok(())
+    }
+
+    fn quota(&self) -> Result<Quota, BackendError> {
+        self.check_up()?;
+        Ok(Quota {
+            total_bytes: *self.capacity.lock().unwrap(),
+            used_bytes: *self.used.lock().unwrap(),
+        })
+    }
+}

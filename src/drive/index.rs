@@ -1,0 +1,654 @@
+//! The local index: one SQLite file (WAL) holding the whole namespace — inodes, directory
+//! entries, symlink targets, xattrs — and, for every file, the chunk list of its last
+//! uploaded version plus the chunk reference counts. Names and sizes live only here; the
+//! backend sees chunk ids and ciphertext.
+//!
+//! Crash safety comes from one rule: a file's chunk list is replaced, and its old chunks
+//! dereferenced, inside one transaction that runs only after the new chunks are stored.
+//! Files closed but not yet uploaded are recorded in `inodes.stage` (the "pending uploads"),
+//! pointing at an immutable staging file.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::ids::ChunkId;
+
+/// Inode number of the root directory.
+pub const ROOT_INO: u64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS inodes (
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind INTEGER NOT NULL,
+    perm INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    atime_s INTEGER NOT NULL, atime_ns INTEGER NOT NULL,
+    mtime_s INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_s INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,
+    rdev INTEGER NOT NULL DEFAULT 0,
+    parent INTEGER NOT NULL DEFAULT 0,     -- directories only: their one parent
+    target BLOB,                           -- symlinks only
+    stage INTEGER,                         -- closed content waiting for upload
+    committed_stage INTEGER NOT NULL DEFAULT 0  -- stage whose content file_chunks holds
+);
+CREATE INDEX IF NOT EXISTS inodes_pending ON inodes(stage) WHERE stage IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dentries (
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    ino INTEGER NOT NULL,
+    PRIMARY KEY (parent, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dentries_ino ON dentries(ino);
+CREATE TABLE IF NOT EXISTS xattrs (
+    ino INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_chunks (
+    ino INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    chunk BLOB NOT NULL,
+    len INTEGER NOT NULL,
+    stored INTEGER NOT NULL,
+    PRIMARY KEY (ino, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY,
+    stored INTEGER NOT NULL,
+    refcount INTEGER NOT NULL   -- 0: stored or being stored, referenced by no file: release
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_free ON chunks(refcount) WHERE refcount = 0;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+/// What an inode is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Regular file.
+    File = 1,
+    /// Directory.
+    Dir = 2,
+    /// Symbolic link.
+    Symlink = 3,
+    /// Named pipe.
+    Fifo = 4,
+    /// Unix socket.
+    Socket = 5,
+    /// Character device.
+    CharDev = 6,
+    /// Block device.
+    BlockDev = 7,
+}
+
+impl Kind {
+    fn from_i64(v: i64) -> Kind {
+        match v {
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::Socket,
+            6 => Kind::CharDev,
+            7 => Kind::BlockDev,
+            _ => Kind::File,
+        }
+    }
+
+    /// The `S_IFMT` bits for this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDev => libc::S_IFCHR,
+            Kind::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    /// The kind encoded in a full `st_mode`, if supported.
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+/// A timestamp with nanoseconds; seconds may be negative (before 1970).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ts {
+    /// Seconds since the epoch.
+    pub sec: i64,
+    /// Nanoseconds, `0..1e9`.
+    pub nsec: u32,
+}
+
+impl Ts {
+    /// The current time.
+    pub fn now() -> Ts {
+        SystemTime::now().into()
+    }
+}
+
+impl From<SystemTime> for Ts {
+    fn from(t: SystemTime) -> Ts {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Ts {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                Ts { sec, nsec }
+            }
+        }
+    }
+}
+
+impl From<Ts> for SystemTime {
+    fn from(t: Ts) -> SystemTime {
+        if t.sec >= 0 {
+            UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+                + Duration::from_nanos(t.nsec as u64)
+        }
+    }
+}
+
+/// An inode's attributes as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// File type.
+    pub kind: Kind,
+    /// Permission bits (`mode & 0o7777`).
+    pub perm: u16,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes (for files: of the latest closed version).
+    pub size: u64,
+    /// Last access.
+    pub atime: Ts,
+    /// Last modification of the content.
+    pub mtime: Ts,
+    /// Last change of the inode.
+    pub ctime: Ts,
+    /// Hard links (directories: 2 + subdirectories).
+    pub nlink: u32,
+    /// Device number for device nodes.
+    pub rdev: u32,
+    /// Parent directory (directories only).
+    pub parent: u64,
+    /// Staging file holding closed content not yet uploaded.
+    pub stage: Option<u64>,
+    /// Stage id whose content the committed chunk list holds.
+    pub committed_stage: u64,
+}
+
+/// One chunk of a file version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// Offset of the chunk's first byte in the file.
+    pub offset: u64,
+    /// Chunk id.
+    pub id: ChunkId,
+    /// Plaintext length.
+    pub len: u32,
+    /// Stored (sealed) size.
+    pub stored: u32,
+}
+
+/// Open the index at `path`, creating the schema and the root directory.
+pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL: each commit is atomic and survives a process crash; fsync/fsyncdir force a
+    // checkpoint for power-loss durability.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)?;
+    let now = Ts::now();
+    conn.execute(
+        "INSERT OR IGNORE INTO inodes (ino, kind, perm, uid, gid, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, parent)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6, ?7, ?6, ?7, 2, ?1)",
+        params![ROOT_INO as i64, Kind::Dir as i64, 0o755, uid, gid, now.sec, now.nsec],
+    )?;
+    Ok(conn)
+}
+
+const ATTR_COLS: &str = "ino, kind, perm, uid, gid, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, rdev, parent, stage, committed_stage";
+
+fn row_attr(r: &rusqlite::Row<'_>) -> rusqlite::Result<Attr> {
+    Ok(Attr {
+        ino: r.get::<_, i64>(0)? as u64,
+        kind: Kind::from_i64(r.get(1)?),
+        perm: r.get::<_, i64>(2)? as u16,
+        uid: r.get::<_, i64>(3)? as u32,
+        gid: r.get::<_, i64>(4)? as u32,
+        size: r.get::<_, i64>(5)? as u64,
+        atime: Ts {
+            sec: r.get(6)?,
+            nsec: r.get::<_, i64>(7)? as u32,
+        },
+        mtime: Ts {
+            sec: r.get(8)?,
+            nsec: r.get::<_, i64>(9)? as u32,
+        },
+        ctime: Ts {
+            sec: r.get(10)?,
+            nsec: r.get::<_, i64>(11)? as u32,
+        },
+        nlink: r.get::<_, i64>(12)? as u32,
+        rdev: r.get::<_, i64>(13)? as u32,
+        parent: r.get::<_, i64>(14)? as u64,
+        stage: r.get::<_, Option<i64>>(15)?.map(|s| s as u64),
+        committed_stage: r.get::<_, i64>(16)? as u64,
+    })
+}
+
+/// An inode's attributes.
+pub fn get_attr(c: &Connection, ino: u64) -> rusqlite::Result<Option<Attr>> {
+    c.query_row(
+        &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1"),
+        [ino as i64],
+        row_attr,
+    )
+    .optional()
+}
+
+/// Insert a new inode (its `ino` is ignored and assigned); returns the number.
+pub fn insert_inode(c: &Connection, a: &Attr, target: Option<&[u8]>) -> rusqlite::Result<u64> {
+    c.execute(
+        "INSERT INTO inodes (kind, perm, uid, gid, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, rdev, parent, target)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            a.kind as i64, a.perm, a.uid, a.gid, a.size as i64, a.atime.sec, a.atime.nsec,
+            a.mtime.sec, a.mtime.nsec, a.ctime.sec, a.ctime.nsec, a.nlink, a.rdev,
+            a.parent as i64, target
+        ],
+    )?;
+    Ok(c.last_insert_rowid() as u64)
+}
+
+/// Write back every attribute except the stage bookkeeping.
+pub fn put_attr(c: &Connection, a: &Attr) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE inodes SET perm=?2, uid=?3, gid=?4, size=?5, atime_s=?6, atime_ns=?7, mtime_s=?8, mtime_ns=?9,
+         ctime_s=?10, ctime_ns=?11, nlink=?12, rdev=?13, parent=?14 WHERE ino=?1",
+        params![
+            a.ino as i64, a.perm, a.uid, a.gid, a.size as i64, a.atime.sec, a.atime.nsec,
+            a.mtime.sec, a.mtime.nsec, a.ctime.sec, a.ctime.nsec, a.nlink, a.rdev, a.parent as i64
+        ],
+    )?;
+    Ok(())
+}
+
+/// Set the pending stage of a file.
+pub fn set_stage(c: &Connection, ino: u64, stage: Option<u64>) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE inodes SET stage = ?2 WHERE ino = ?1",
+        params![ino as i64, stage.map(|s| s as i64)],
+    )?;
+    Ok(())
+}
+
+/// The inode a name points to.
+pub fn lookup(c: &Connection, parent: u64, name: &[u8]) -> rusqlite::Result<Option<u64>> {
+    c.query_row(
+        "SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2",
+        params![parent as i64, name],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|o| o.map(|i| i as u64))
+}
+
+/// Add a directory entry.
+pub fn insert_dentry(c: &Connection, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO dentries (parent, name, ino) VALUES (?1, ?2, ?3)",
+        params![parent as i64, name, ino as i64],
+    )?;
+    Ok(())
+}
+
+/// Point an existing entry at another inode.
+pub fn repoint_dentry(c: &Connection, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
+        params![parent as i64, name, ino as i64],
+    )?;
+    Ok(())
+}
+
+/// Remove a directory entry.
+pub fn remove_dentry(c: &Connection, parent: u64, name: &[u8]) -> rusqlite::Result<()> {
+    c.execute(
+        "DELETE FROM dentries WHERE parent = ?1 AND name = ?2",
+        params![parent as i64, name],
+    )?;
+    Ok(())
+}
+
+/// Whether a directory has entries.
+pub fn dir_has_entries(c: &Connection, dir: u64) -> rusqlite::Result<bool> {
+    c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM dentries WHERE parent = ?1)",
+        [dir as i64],
+        |r| r.get(0),
+    )
+}
+
+/// A directory's entries with their kinds, sorted by name.
+pub fn list_dir(c: &Connection, dir: u64) -> rusqlite::Result<Vec<(Vec<u8>, u64, Kind)>> {
+    let mut st = c.prepare_cached(
+        "SELECT d.name, d.ino, i.kind FROM dentries d JOIN inodes i ON i.ino = d.ino
+         WHERE d.parent = ?1 ORDER BY d.name",
+    )?;
+    let rows = st.query_map([dir as i64], |r| {
+        Ok((
+            r.get(0)?,
+            r.get::<_, i64>(1)? as u64,
+            Kind::from_i64(r.get(2)?),
+        ))
+    })?;
+    rows.collect()
+}
+
+/// A symlink's target.
+pub fn symlink_target(c: &Connection, ino: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+    c.query_row(
+        "SELECT target FROM inodes WHERE ino = ?1",
+        [ino as i64],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(Option::flatten)
+}
+
+/// The committed chunk list of a file, in offset order.
+pub fn chunks_of(c: &Connection, ino: u64) -> rusqlite::Result<Vec<ChunkRef>> {
+    let mut st = c.prepare_cached(
+        "SELECT offset, chunk, len, stored FROM file_chunks WHERE ino = ?1 ORDER BY offset",
+    )?;
+    let rows = st.query_map([ino as i64], row_chunk)?;
+    rows.collect()
+}
+
+/// The committed chunks of a file overlapping `[start, end)`.
+pub fn chunks_in_range(
+    c: &Connection,
+    ino: u64,
+    start: u64,
+    end: u64,
+) -> rusqlite::Result<Vec<ChunkRef>> {
+    // The chunk containing `start` begins at the greatest offset <= start.
+    let mut st = c.prepare_cached(
+        "SELECT offset, chunk, len, stored FROM file_chunks WHERE ino = ?1 AND offset < ?3 AND offset >= COALESCE(
+            (SELECT MAX(offset) FROM file_chunks WHERE ino = ?1 AND offset <= ?2), 0) ORDER BY offset",
+    )?;
+    let rows = st.query_map(params![ino as i64, start as i64, end as i64], row_chunk)?;
+    rows.collect()
+}
+
+fn row_chunk(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChunkRef> {
+    let id: Vec<u8> = r.get(1)?;
+    let mut b = [0u8; 32];
+    b.copy_from_slice(&id[..32.min(id.len())]);
+    Ok(ChunkRef {
+        offset: r.get::<_, i64>(0)? as u64,
+        id: ChunkId(b),
+        len: r.get::<_, i64>(2)? as u32,
+        stored: r.get::<_, i64>(3)? as u32,
+    })
+}
+
+/// Drop a file's chunk list, dereferencing its chunks (those reaching zero become
+/// candidates for release).
+pub fn drop_chunks(tx: &Transaction<'_>, ino: u64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE chunks SET refcount = refcount - 1 WHERE id IN (SELECT chunk FROM file_chunks WHERE ino = ?1)",
+        [ino as i64],
+    )?;
+    // A chunk used twice by the same file appears once in `IN (...)`: count it right.
+    tx.execute(
+        "UPDATE chunks SET refcount = refcount - (SELECT COUNT(*) - 1 FROM file_chunks f WHERE f.ino = ?1 AND f.chunk = chunks.id)
+         WHERE id IN (SELECT chunk FROM file_chunks WHERE ino = ?1 GROUP BY chunk HAVING COUNT(*) > 1)",
+        [ino as i64],
+    )?;
+    tx.execute("DELETE FROM file_chunks WHERE ino = ?1", [ino as i64])?;
+    Ok(())
+}
+
+/// Replace a file's chunk list (call only once every chunk is stored).
+pub fn replace_chunks(tx: &Transaction<'_>, ino: u64, list: &[ChunkRef]) -> rusqlite::Result<()> {
+    drop_chunks(tx, ino)?;
+    let mut ins = tx.prepare_cached(
+        "INSERT INTO file_chunks (ino, offset, chunk, len, stored) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut refc = tx.prepare_cached(
+        "INSERT INTO chunks (id, stored, refcount) VALUES (?1, ?2, 1)
+         ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1",
+    )?;
+    for c in list {
+        ins.execute(params![
+            ino as i64,
+            c.offset as i64,
+            &c.id.0[..],
+            c.len,
+            c.stored
+        ])?;
+        refc.execute(params![&c.id.0[..], c.stored])?;
+    }
+    Ok(())
+}
+
+/// Whether a chunk is referenced by a committed file version (so it is stored).
+pub fn chunk_referenced(c: &Connection, id: &ChunkId) -> rusqlite::Result<bool> {
+    c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND refcount > 0)",
+        [&id.0[..]],
+        |r| r.get(0),
+    )
+}
+
+/// Record that chunks are about to be stored, so that a crash before they are committed
+/// still lets them be released later.
+pub fn note_intent(c: &Connection, chunks: &[(ChunkId, u32)]) -> rusqlite::Result<()> {
+    let tx = c.unchecked_transaction()?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT OR IGNORE INTO chunks (id, stored, refcount) VALUES (?1, ?2, 0)",
+        )?;
+        for (id, stored) in chunks {
+            st.execute(params![&id.0[..], stored])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Chunks no file references.
+pub fn free_chunks(c: &Connection, limit: usize) -> rusqlite::Result<Vec<ChunkId>> {
+    let mut st = c.prepare_cached("SELECT id FROM chunks WHERE refcount <= 0 LIMIT ?1")?;
+    let rows = st.query_map([limit as i64], |r| {
+        let v: Vec<u8> = r.get(0)?;
+        let mut b = [0u8; 32];
+        b.copy_from_slice(&v[..32.min(v.len())]);
+        Ok(ChunkId(b))
+    })?;
+    rows.collect()
+}
+
+/// Forget released chunks (unless a commit referenced them meanwhile).
+pub fn forget_chunks(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
+    let tx = c.unchecked_transaction()?;
+    {
+        let mut st = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1 AND refcount <= 0")?;
+        for id in ids {
+            st.execute([&id.0[..]])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Files with closed content waiting for upload: `(ino, stage, size)`, oldest first.
+pub fn pending(c: &Connection, limit: usize) -> rusqlite::Result<Vec<(u64, u64, u64)>> {
+    let mut st = c.prepare_cached(
+        "SELECT ino, stage, size FROM inodes WHERE stage IS NOT NULL ORDER BY stage LIMIT ?1",
+    )?;
+    let rows = st.query_map([limit as i64], |r| {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, i64>(1)? as u64,
+            r.get::<_, i64>(2)? as u64,
+        ))
+    })?;
+    rows.collect()
+}
+
+/// Delete an inode with everything hanging off it.
+pub fn delete_inode(tx: &Transaction<'_>, ino: u64) -> rusqlite::Result<()> {
+    drop_chunks(tx, ino)?;
+    tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
+    tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
+    Ok(())
+}
+
+/// An xattr's value.
+pub fn get_xattr(c: &Connection, ino: u64, name: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
+    c.query_row(
+        "SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2",
+        params![ino as i64, name],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Set an xattr.
+pub fn set_xattr(c: &Connection, ino: u64, name: &[u8], value: &[u8]) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)
+         ON CONFLICT(ino, name) DO UPDATE SET value = excluded.value",
+        params![ino as i64, name, value],
+    )?;
+    Ok(())
+}
+
+/// Remove an xattr; whether it existed.
+pub fn remove_xattr(c: &Connection, ino: u64, name: &[u8]) -> rusqlite::Result<bool> {
+    Ok(c.execute(
+        "DELETE FROM xattrs WHERE ino = ?1 AND name = ?2",
+        params![ino as i64, name],
+    )? > 0)
+}
+
+/// The xattr names of an inode.
+pub fn list_xattrs(c: &Connection, ino: u64) -> rusqlite::Result<Vec<Vec<u8>>> {
+    let mut st = c.prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?;
+    let rows = st.query_map([ino as i64], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// Number of inodes (for statfs).
+pub fn inode_count(c: &Connection) -> rusqlite::Result<u64> {
+    c.query_row("SELECT COUNT(*) FROM inodes", [], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
+}
+
+/// Largest stage id mentioned anywhere, so new ids never collide after a restart.
+pub fn max_stage(c: &Connection) -> rusqlite::Result<u64> {
+    c.query_row(
+        "SELECT MAX(COALESCE(MAX(stage), 0), COALESCE(MAX(committed_stage), 0)) FROM inodes",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+}
+
+/// Inodes no name points to (left by a crash while they were open): `(ino, stage)`.
+pub fn orphans(c: &Connection) -> rusqlite::Result<Vec<(u64, Option<u64>)>> {
+    let mut st = c.prepare("SELECT ino, stage FROM inodes WHERE nlink = 0")?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, Option<i64>>(1)?.map(|s| s as u64),
+        ))
+    })?;
+    rows.collect()
+}
+
+/// All pending stage ids (to delete unreferenced staging files at start-up).
+pub fn all_stages(c: &Connection) -> rusqlite::Result<Vec<u64>> {
+    let mut st = c.prepare("SELECT stage FROM inodes WHERE stage IS NOT NULL")?;
+    let rows = st.query_map([], |r| r.get::<_, i64>(0).map(|s| s as u64))?;
+    rows.collect()
+}
+
+/// Counts for `peerstash status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Summary {
+    /// Inodes (files, directories, links…).
+    pub inodes: u64,
+    /// Files closed but not yet uploaded.
+    pub pending_files: u64,
+    /// Their bytes.
+    pub pending_bytes: u64,
+    /// Distinct chunks referenced by uploaded file versions.
+    pub chunks: u64,
+    /// Their stored (sealed) bytes.
+    pub stored_bytes: u64,
+}
+
+/// Counts for `peerstash status`.
+pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
+    let (pending_files, pending_bytes) = c.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes WHERE stage IS NOT NULL",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?;
+    let (chunks, stored_bytes) = c.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(stored), 0) FROM chunks WHERE refcount > 0",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?;
+    Ok(Summary {
+        inodes: inode_count(c)?,
+        pending_files,
+        pending_bytes,
+        chunks,
+        stored_bytes,
+    })
+}
+
+/// Read the summary of the drive whose state is in `state_dir`, without mounting it (safe
+/// while it is mounted: WAL readers do not block the writer).
+pub fn summary_of(state_dir: &std::path::Path) -> rusqlite::Result<Summary> {
+    let path = state_dir.join("index.sqlite");
+    if !path.exists() {
+        return Ok(Summary::default());
+    }
+    let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    summary(&c)
+}

@@ -1,0 +1,1580 @@
+//! The filesystem model: every POSIX operation the drive serves, with no FUSE types, so
+//! tests can drive it without a kernel. The FUSE adapter (`fuse.rs`) only translates.
+//!
+//! Concurrency: one mutex guards the index connection and the in-memory tables (open
+//! handles, working files). Everything that can be slow — backend fetches, materialising
+//! a file for rewriting, waiting for an upload — runs without it.
+//!
+//! Permission checks are left to the kernel (`default_permissions`).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use rusqlite::Connection;
+
+use super::backend::{BackendError, ChunkBackend, Quota};
+use super::crypto::ChunkSealer;
+use super::index::{self, Attr, ChunkRef, Kind, Ts, ROOT_INO};
+use super::staging::Staging;
+use crate::ids::ChunkId;
+use crate::keys::DataKey;
+
+/// Longest file name accepted.
+pub const NAME_MAX: usize = 255;
+
+/// Why an operation was refused; [`FsError::errno`] gives the errno the kernel sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    /// ENOENT.
+    #[error("no such file or directory")]
+    NotFound,
+    /// EEXIST.
+    #[error("file exists")]
+    Exists,
+    /// ENOTEMPTY.
+    #[error("directory not empty")]
+    NotEmpty,
+    /// EISDIR.
+    #[error("is a directory")]
+    IsDir,
+    /// ENOTDIR.
+    #[error("not a directory")]
+    NotDir,
+    /// EINVAL.
+    #[error("invalid argument")]
+    Invalid,
+    /// ENAMETOOLONG.
+    #[error("file name too long")]
+    NameTooLong,
+    /// ENOSPC: the quota on the network is used up.
+    #[error("no space left: quota exhausted")]
+    NoSpace,
+    /// EPERM.
+    #[error("operation not permitted")]
+    Perm,
+    /// ENODATA: no such xattr.
+    #[error("no such attribute")]
+    NoData,
+    /// EOPNOTSUPP.
+    #[error("operation not supported")]
+    NotSupported,
+    /// EBADF.
+    #[error("bad file handle")]
+    BadHandle,
+    /// EIO: index, staging or backend failure; the message says which.
+    #[error("I/O error: {0}")]
+    Io(String),
+    /// Another errno from the local system (e.g. the staging disk is full).
+    #[error("system error {0}")]
+    Os(i32),
+}
+
+impl FsError {
+    /// The errno for the kernel.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::Invalid => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::Perm => libc::EPERM,
+            FsError::NoData => libc::ENODATA,
+            FsError::NotSupported => libc::EOPNOTSUPP,
+            FsError::BadHandle => libc::EBADF,
+            FsError::Io(_) => libc::EIO,
+            FsError::Os(e) => *e,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for FsError {
+    fn from(e: rusqlite::Error) -> Self {
+        tracing::error!("index: {e}");
+        FsError::Io(format!("index: {e}"))
+    }
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(code) => FsError::Os(code),
+            None => FsError::Io(e.to_string()),
+        }
+    }
+}
+
+impl From<BackendError> for FsError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::OverQuota { .. } => FsError::NoSpace,
+            other => FsError::Io(other.to_string()),
+        }
+    }
+}
+
+/// Result of a model operation.
+pub type FsResult<T> = Result<T, FsError>;
+
+/// Tunables of a drive.
+#[derive(Debug, Clone)]
+pub struct DriveOptions {
+    /// Byte bound of the in-memory cache of decrypted chunks.
+    pub cache_bytes: usize,
+    /// How long `fsync` waits for the upload before failing with EIO (data stays staged).
+    pub fsync_timeout: Duration,
+    /// fsync a staging file when it is closed, so a power cut cannot lose closed content.
+    pub sync_on_close: bool,
+    /// Owner of the root directory when the index is created.
+    pub root_uid: u32,
+    /// Group of the root directory when the index is created.
+    pub root_gid: u32,
+    /// Most bytes of chunks handed to one backend `put`.
+    pub put_batch_bytes: usize,
+}
+
+impl Default for DriveOptions {
+    fn default() -> Self {
+        DriveOptions {
+            cache_bytes: 64 << 20,
+            fsync_timeout: Duration::from_secs(60),
+            sync_on_close: true,
+            root_uid: unsafe { libc::geteuid() },
+            root_gid: unsafe { libc::getegid() },
+            put_batch_bytes: 16 << 20,
+        }
+    }
+}
+
+/// How `setattr` sets a timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSet {
+    /// The current time.
+    Now,
+    /// A given time.
+    At(Ts),
+}
+
+/// The attributes `setattr` changes (None: unchanged).
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (truncate or extend with zeros).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<TimeSet>,
+    /// New modification time.
+    pub mtime: Option<TimeSet>,
+    /// New change time.
+    pub ctime: Option<Ts>,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Name.
+    pub name: Vec<u8>,
+    /// Inode.
+    pub ino: u64,
+    /// Kind.
+    pub kind: Kind,
+}
+
+/// Filesystem statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    /// Block size used for the counts below.
+    pub bsize: u32,
+    /// Total blocks (the quota).
+    pub blocks: u64,
+    /// Free blocks.
+    pub bfree: u64,
+    /// Inodes in use plus free.
+    pub files: u64,
+    /// Free inodes.
+    pub ffree: u64,
+    /// Longest name.
+    pub namelen: u32,
+}
+
+/// `renameat2` flags understood by [`Model::rename`].
+pub const RENAME_NOREPLACE: u32 = 1;
+/// Swap the two names.
+pub const RENAME_EXCHANGE: u32 = 2;
+
+const XATTR_CREATE: i32 = 1;
+const XATTR_REPLACE: i32 = 2;
+
+/// The mutable staging file of a file open for writing, with the attributes writes change.
+pub(crate) struct Working {
+    stage: u64,
+    file: Arc<File>,
+    size: u64,
+    mtime: Ts,
+    ctime: Ts,
+    dirty: bool,
+}
+
+struct Handle {
+    ino: u64,
+    write: bool,
+    next_read: u64,
+    dir: Option<Vec<DirEntry>>,
+}
+
+/// Everything behind the model's mutex.
+pub(crate) struct State {
+    pub(crate) db: Connection,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    working: HashMap<u64, Working>,
+    open_count: HashMap<u64, u32>,
+    /// Last upload failure per inode that fsync must report (over quota, local error).
+    pub(crate) upload_error: HashMap<u64, FsError>,
+    /// Latest quota known (refreshed by the uploader).
+    pub(crate) quota: Option<Quota>,
+    /// Set when there is new work for the uploader.
+    pub(crate) kick: bool,
+}
+
+/// Decrypted chunks, bounded by bytes.
+pub(crate) struct ChunkCache {
+    lru: LruCache<ChunkId, Arc<Vec<u8>>>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl ChunkCache {
+    fn get(&mut self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.lru.get(id).cloned()
+    }
+
+    fn put(&mut self, id: ChunkId, data: Arc<Vec<u8>>) {
+        self.bytes += data.len();
+        if let Some(old) = self.lru.put(id, data) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > self.cap {
+            match self.lru.pop_lru() {
+                Some((_, v)) => self.bytes -= v.len(),
+                None => break,
+            }
+        }
+    }
+}
+
+/// State shared by the model, the uploader thread and read-ahead threads.
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    /// Signalled when the uploader commits (fsync waiters).
+    pub(crate) committed: Condvar,
+    /// Signalled when there is work for the uploader.
+    pub(crate) work: Condvar,
+    pub(crate) backend: Arc<dyn ChunkBackend>,
+    pub(crate) sealer: ChunkSealer,
+    pub(crate) staging: Staging,
+    pub(crate) cache: Mutex<ChunkCache>,
+    prefetching: Mutex<HashSet<ChunkId>>,
+    inflight: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
+    pub(crate) stop: AtomicBool,
+    pub(crate) opts: DriveOptions,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A chunk's plaintext: from the cache, or fetched, verified and decrypted.
+    pub(crate) fn fetch(&self, c: &ChunkRef) -> FsResult<Arc<Vec<u8>>> {
+        if let Some(hit) = self.cache.lock().unwrap().get(&c.id) {
+            return Ok(hit);
+        }
+        // Single flight: the kernel's read-ahead sends several reads of one chunk at
+        // once; only the first fetches and decrypts, the others wait for the cache.
+        let gate = self
+            .inflight
+            .lock()
+            .unwrap()
+            .entry(c.id)
+            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .clone();
+        let guard = gate.lock().unwrap_or_else(|e| e.into_inner());
+        let res = self.fetch_uncached(c);
+        drop(guard);
+        let mut inflight = self.inflight.lock().unwrap();
+        // Clones are only taken under this lock: 2 means the map's and ours.
+        if Arc::strong_count(&gate) <= 2 {
+            inflight.remove(&c.id);
+        }
+        res
+    }
+
+    fn fetch_uncached(&self, c: &ChunkRef) -> FsResult<Arc<Vec<u8>>> {
+        if let Some(hit) = self.cache.lock().unwrap().get(&c.id) {
+            return Ok(hit);
+        }
+        let stored = self.backend.get(c.id, c.stored)?;
+        let plain = self.sealer.open(c.id, &stored).map_err(|e| {
+            tracing::error!("chunk {}: {e}", c.id);
+            FsError::Io(e.to_string())
+        })?;
+        if plain.len() != c.len as usize {
+            return Err(FsError::Io(format!("chunk {} has the wrong length", c.id)));
+        }
+        let plain = Arc::new(plain);
+        self.cache.lock().unwrap().put(c.id, plain.clone());
+        Ok(plain)
+    }
+
+    fn prefetch(self: &Arc<Self>, c: ChunkRef) {
+        if self.cache.lock().unwrap().lru.contains(&c.id) {
+            return;
+        }
+        if !self.prefetching.lock().unwrap().insert(c.id) {
+            return;
+        }
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let _ = me.fetch(&c);
+            me.prefetching.lock().unwrap().remove(&c.id);
+        });
+    }
+}
+
+/// The drive's filesystem.
+pub struct Model {
+    shared: Arc<Shared>,
+    uploader: Option<JoinHandle<()>>,
+}
+
+fn check_name(name: &OsStr) -> FsResult<&[u8]> {
+    let b = name.as_bytes();
+    if b.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+        return Err(FsError::Invalid);
+    }
+    Ok(b)
+}
+
+impl State {
+    fn attr(&self, ino: u64) -> FsResult<Attr> {
+        let mut a = index::get_attr(&self.db, ino)?.ok_or(FsError::NotFound)?;
+        if let Some(w) = self.working.get(&ino) {
+            a.size = w.size;
+            a.mtime = w.mtime;
+            a.ctime = w.ctime;
+        }
+        Ok(a)
+    }
+
+    fn dir_attr(&self, ino: u64) -> FsResult<Attr> {
+        let a = self.attr(ino)?;
+        if a.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(a)
+    }
+
+    fn touch_dir(&self, ino: u64, now: Ts) -> FsResult<()> {
+        self.db.execute(
+            "UPDATE inodes SET mtime_s=?2, mtime_ns=?3, ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
+            rusqlite::params![ino as i64, now.sec, now.nsec],
+        )?;
+        Ok(())
+    }
+
+    fn alloc_fh(&mut self, h: Handle) -> u64 {
+        self.next_fh += 1;
+        let fh = self.next_fh;
+        *self.open_count.entry(h.ino).or_default() += 1;
+        self.handles.insert(fh, h);
+        fh
+    }
+
+    /// Bytes staged but not yet stored (pending stages plus working files).
+    fn staged_bytes(&self) -> FsResult<u64> {
+        let pending: i64 = self.db.query_row(
+            "SELECT COALESCE(SUM(size), 0) FROM inodes WHERE stage IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(pending as u64 + self.working.values().map(|w| w.size).sum::<u64>())
+    }
+}
+
+impl Model {
+    /// Open the drive whose state lives in `state_dir` (index `index.sqlite`, staging files
+    /// under `staging/`), and start the uploader, which resumes pending uploads.
+    pub fn new(
+        state_dir: &Path,
+        key: &DataKey,
+        backend: Arc<dyn ChunkBackend>,
+        opts: DriveOptions,
+    ) -> FsResult<Model> {
+        std::fs::create_dir_all(state_dir)?;
+        let db = index::open(
+            &state_dir.join("index.sqlite"),
+            opts.root_uid,
+            opts.root_gid,
+        )?;
+        let staging = Staging::open(&state_dir.join("staging"), index::max_stage(&db)?)?;
+        // Inodes unlinked while open when we stopped: nobody can reach them any more.
+        for (ino, stage) in index::orphans(&db)? {
+            let tx = db.unchecked_transaction()?;
+            index::delete_inode(&tx, ino)?;
+            tx.commit()?;
+            if let Some(s) = stage {
+                staging.remove(s);
+            }
+        }
+        // Working files of a crashed session: never closed, so the old version stands.
+        let keep: HashSet<u64> = index::all_stages(&db)?.into_iter().collect();
+        let dropped = staging.cleanup(&keep)?;
+        if dropped > 0 {
+            tracing::info!("discarded {dropped} unclosed staging files from an earlier run");
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                db,
+                handles: HashMap::new(),
+                next_fh: 0,
+                working: HashMap::new(),
+                open_count: HashMap::new(),
+                upload_error: HashMap::new(),
+                quota: backend.quota().ok(),
+                kick: true,
+            }),
+            committed: Condvar::new(),
+            work: Condvar::new(),
+            sealer: ChunkSealer::new(key),
+            backend,
+            staging,
+            cache: Mutex::new(ChunkCache {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                cap: opts.cache_bytes,
+            }),
+            prefetching: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            opts,
+        });
+        let s2 = shared.clone();
+        let uploader = std::thread::Builder::new()
+            .name("peerstash-upload".into())
+            .spawn(move || super::uploader::run(s2))?;
+        Ok(Model {
+            shared,
+            uploader: Some(uploader),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+
+    fn kick(&self, st: &mut State) {
+        st.kick = true;
+        self.shared.work.notify_all();
+    }
+
+    /// Stop the uploader (an upload in progress is abandoned, as in a crash; it resumes at
+    /// the next open) and close the index.
+    pub fn shutdown(mut self) {
+        self.stop_uploader();
+    }
+
+    fn stop_uploader(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        {
+            let _g = self.lock();
+            self.shared.work.notify_all();
+        }
+        if let Some(h) = self.uploader.take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Seal every file still open for writing (as if closed), then wait until nothing is
+    /// waiting for upload. Returns false on timeout.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        let dirty: Vec<u64> = st
+            .working
+            .iter()
+            .filter(|(_, w)| w.dirty)
+            .map(|(i, _)| *i)
+            .collect();
+        for ino in dirty {
+            let _ = self.seal(&mut st, ino);
+        }
+        loop {
+            match index::pending(&st.db, 1) {
+                Ok(p) if p.is_empty() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            self.kick(&mut st);
+            st = self
+                .shared
+                .committed
+                .wait_timeout(st, (deadline - now).min(Duration::from_millis(200)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Files closed but not uploaded yet.
+    pub fn pending_uploads(&self) -> usize {
+        index::pending(&self.lock().db, usize::MAX).map_or(0, |p| p.len())
+    }
+
+    // ---- names and attributes ------------------------------------------------------
+
+    /// Find `name` in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let st = self.lock();
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        st.dir_attr(parent)?;
+        let ino = index::lookup(&st.db, parent, name.as_bytes())?.ok_or(FsError::NotFound)?;
+        st.attr(ino)
+    }
+
+    /// An inode's attributes.
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.lock().attr(ino)
+    }
+
+    /// chmod, chown, truncate and utimens.
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> FsResult<Attr> {
+        if let Some(size) = set.size {
+            let kind = self.lock().attr(ino)?.kind;
+            if kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if kind != Kind::File {
+                return Err(FsError::Invalid);
+            }
+            self.truncate(ino, size)?;
+        }
+        let mut st = self.lock();
+        let mut a = st.attr(ino)?;
+        let now = Ts::now();
+        if let Some(m) = set.mode {
+            a.perm = (m & 0o7777) as u16;
+        }
+        if let Some(u) = set.uid {
+            a.uid = u;
+        }
+        if let Some(g) = set.gid {
+            a.gid = g;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            // chown clears set-user/group-id on executables, as on local filesystems.
+            if a.kind == Kind::File && set.mode.is_none() {
+                a.perm &= !0o6000;
+            }
+        }
+        match set.atime {
+            Some(TimeSet::Now) => a.atime = now,
+            Some(TimeSet::At(t)) => a.atime = t,
+            None => {}
+        }
+        match set.mtime {
+            Some(TimeSet::Now) => a.mtime = now,
+            Some(TimeSet::At(t)) => a.mtime = t,
+            None => {}
+        }
+        a.ctime = set.ctime.unwrap_or(now);
+        if let Some(w) = st.working.get_mut(&ino) {
+            // Keep size/mtime with the unclosed content: if we crash before close, the
+            // old content keeps its old mtime (rsync compares size and mtime).
+            w.mtime = a.mtime;
+            w.ctime = a.ctime;
+            let committed = index::get_attr(&st.db, ino)?.ok_or(FsError::NotFound)?;
+            let mut b = a.clone();
+            b.size = committed.size;
+            b.mtime = committed.mtime;
+            index::put_attr(&st.db, &b)?;
+        } else {
+            index::put_attr(&st.db, &a)?;
+        }
+        Ok(a)
+    }
+
+    fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
+        let file = self.working_file(ino, size == 0)?;
+        let mut st = self.lock();
+        let cur = st.working.get(&ino).map(|w| w.size).unwrap_or(0);
+        if size > cur {
+            self.check_quota(&st, size - cur)?;
+        }
+        file.set_len(size)?;
+        if let Some(w) = st.working.get_mut(&ino) {
+            let now = Ts::now();
+            w.size = size;
+            w.mtime = now;
+            w.ctime = now;
+            w.dirty = true;
+        }
+        if st.open_count.get(&ino).copied().unwrap_or(0) == 0 {
+            // truncate(2) by path: no close will follow, so this is the close point.
+            self.seal(&mut st, ino)?;
+            if let Some(w) = st.working.remove(&ino) {
+                self.shared.staging.remove(w.stage);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_quota(&self, st: &State, growth: u64) -> FsResult<()> {
+        if let Some(q) = st.quota {
+            let staged = st.staged_bytes()?;
+            if q.used_bytes + staged + growth > q.total_bytes {
+                return Err(FsError::NoSpace);
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolve a path relative to the root (for tests and tools).
+    pub fn resolve(&self, path: &Path) -> FsResult<Attr> {
+        let mut ino = ROOT_INO;
+        for comp in path.components() {
+            match comp {
+                std::path::Component::Normal(n) => ino = self.lookup(ino, n)?.ino,
+                std::path::Component::RootDir | std::path::Component::CurDir => {}
+                _ => return Err(FsError::Invalid),
+            }
+        }
+        self.getattr(ino)
+    }
+
+    // ---- creating and removing -----------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    fn make_node(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        kind: Kind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> FsResult<Attr> {
+        let name = check_name(name)?;
+        let st = self.lock();
+        let p = st.dir_attr(parent)?;
+        if p.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        if index::lookup(&st.db, parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let now = Ts::now();
+        let mut perm = (mode & 0o7777) as u16;
+        let mut gid = gid;
+        if p.perm & 0o2000 != 0 {
+            // setgid directory: new entries take its group, new directories its bit.
+            gid = p.gid;
+            if kind == Kind::Dir {
+                perm |= 0o2000;
+            }
+        }
+        let mut a = Attr {
+            ino: 0,
+            kind,
+            perm,
+            uid,
+            gid,
+            size: target.map_or(0, |t| t.len() as u64),
+            atime: now,
+            mtime: now,
+            ctime: now,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            rdev,
+            parent: if kind == Kind::Dir { parent } else { 0 },
+            stage: None,
+            committed_stage: 0,
+        };
+        let tx = st.db.unchecked_transaction()?;
+        a.ino = index::insert_inode(&tx, &a, target)?;
+        index::insert_dentry(&tx, parent, name, a.ino)?;
+        if kind == Kind::Dir {
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
+                [parent as i64],
+            )?;
+        }
+        st.touch_dir(parent, now)?;
+        tx.commit()?;
+        Ok(a)
+    }
+
+    /// mkdir (`mode` without the umask applied; `umask` is applied here).
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.make_node(parent, name, Kind::Dir, mode & !umask, uid, gid, 0, None)
+    }
+
+    /// mknod for regular files, fifos, sockets and device nodes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        let kind = Kind::from_mode(mode).ok_or(FsError::Invalid)?;
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        self.make_node(parent, name, kind, mode & !umask, uid, gid, rdev, None)
+    }
+
+    /// symlink.
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        let t = target.as_os_str().as_bytes();
+        if t.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        if t.len() > 4095 {
+            return Err(FsError::NameTooLong);
+        }
+        self.make_node(parent, name, Kind::Symlink, 0o777, uid, gid, 0, Some(t))
+    }
+
+    /// readlink.
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let st = self.lock();
+        if st.attr(ino)?.kind != Kind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        Ok(index::symlink_target(&st.db, ino)?.unwrap_or_default())
+    }
+
+    /// Create a regular file and open it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Attr, u64)> {
+        let a = self.make_node(parent, name, Kind::File, mode & !umask, uid, gid, 0, None)?;
+        let fh = self.open(a.ino, flags & !libc::O_TRUNC)?;
+        Ok((a, fh))
+    }
+
+    /// link: a new name for a non-directory.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {
+        let name = check_name(newname)?;
+        let mut st = self.lock();
+        let a = st.attr(ino)?;
+        if a.kind == Kind::Dir {
+            return Err(FsError::Perm);
+        }
+        if a.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        st.dir_attr(newparent)?;
+        if index::lookup(&st.db, newparent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let now = Ts::now();
+        let tx = st.db.unchecked_transaction()?;
+        index::insert_dentry(&tx, newparent, name, ino)?;
+        tx.execute(
+            "UPDATE inodes SET nlink = nlink + 1, ctime_s = ?2, ctime_ns = ?3 WHERE ino = ?1",
+            rusqlite::params![ino as i64, now.sec, now.nsec],
+        )?;
+        st.touch_dir(newparent, now)?;
+        tx.commit()?;
+        if let Some(w) = st.working.get_mut(&ino) {
+            w.ctime = now;
+        }
+        st.attr(ino)
+    }
+
+    /// Drop one link of `ino` inside `tx`; returns true if the inode must be purged once
+    /// the transaction commits.
+    fn drop_link(st: &State, tx: &rusqlite::Transaction<'_>, a: &Attr, now: Ts) -> FsResult<bool> {
+        if a.kind == Kind::Dir {
+            tx.execute("UPDATE inodes SET nlink = 0 WHERE ino = ?1", [a.ino as i64])?;
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
+                [a.parent as i64],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink - 1, ctime_s = ?2, ctime_ns = ?3 WHERE ino = ?1",
+                rusqlite::params![a.ino as i64, now.sec, now.nsec],
+            )?;
+        }
+        let last = a.kind == Kind::Dir || a.nlink <= 1;
+        let open = st.open_count.get(&a.ino).copied().unwrap_or(0) > 0;
+        if last && !open {
+            index::delete_inode(tx, a.ino)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn purge_files(&self, st: &mut State, ino: u64, stage: Option<u64>) {
+        if let Some(s) = stage {
+            self.shared.staging.remove(s);
+        }
+        if let Some(w) = st.working.remove(&ino) {
+            self.shared.staging.remove(w.stage);
+        }
+        st.upload_error.remove(&ino);
+        // Chunks this file alone used are now free: let the uploader release them.
+        self.kick(st);
+    }
+
+    /// unlink a non-directory.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let mut st = self.lock();
+        st.dir_attr(parent)?;
+        let ino = index::lookup(&st.db, parent, name.as_bytes())?.ok_or(FsError::NotFound)?;
+        let a = st.attr(ino)?;
+        if a.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let now = Ts::now();
+        let tx = st.db.unchecked_transaction()?;
+        index::remove_dentry(&tx, parent, name.as_bytes())?;
+        let purge = Self::drop_link(&st, &tx, &a, now)?;
+        st.touch_dir(parent, now)?;
+        tx.commit()?;
+        if purge {
+            self.purge_files(&mut st, ino, a.stage);
+        }
+        Ok(())
+    }
+
+    /// rmdir.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        if name.as_bytes() == b"." {
+            return Err(FsError::Invalid);
+        }
+        if name.as_bytes() == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        let mut st = self.lock();
+        st.dir_attr(parent)?;
+        let ino = index::lookup(&st.db, parent, name.as_bytes())?.ok_or(FsError::NotFound)?;
+        let a = st.attr(ino)?;
+        if a.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if index::dir_has_entries(&st.db, ino)? {
+            return Err(FsError::NotEmpty);
+        }
+        let now = Ts::now();
+        let tx = st.db.unchecked_transaction()?;
+        index::remove_dentry(&tx, parent, name.as_bytes())?;
+        let purge = Self::drop_link(&st, &tx, &a, now)?;
+        st.touch_dir(parent, now)?;
+        tx.commit()?;
+        if purge {
+            self.purge_files(&mut st, ino, None);
+        }
+        Ok(())
+    }
+
+    fn is_ancestor(st: &State, anc: u64, mut dir: u64) -> FsResult<bool> {
+        loop {
+            if dir == anc {
+                return Ok(true);
+            }
+            if dir == ROOT_INO {
+                return Ok(false);
+            }
+            dir = st.attr(dir)?.parent;
+        }
+    }
+
+    /// rename, atomically replacing the target; `flags` takes [`RENAME_NOREPLACE`] and
+    /// [`RENAME_EXCHANGE`].
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        {
+            return Err(FsError::Invalid);
+        }
+        let newname_b = check_name(newname)?;
+        let name_b = name.as_bytes();
+        let mut st = self.lock();
+        st.dir_attr(parent)?;
+        st.dir_attr(newparent)?;
+        let src = index::lookup(&st.db, parent, name_b)?.ok_or(FsError::NotFound)?;
+        let sa = st.attr(src)?;
+        let dst = index::lookup(&st.db, newparent, newname_b)?;
+        let now = Ts::now();
+        if flags & RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(FsError::NotFound)?;
+            let da = st.attr(dst)?;
+            if (sa.kind == Kind::Dir && Self::is_ancestor(&st, src, newparent)?)
+                || (da.kind == Kind::Dir && Self::is_ancestor(&st, dst, parent)?)
+            {
+                return Err(FsError::Invalid);
+            }
+            let tx = st.db.unchecked_transaction()?;
+            index::repoint_dentry(&tx, parent, name_b, dst)?;
+            index::repoint_dentry(&tx, newparent, newname_b, src)?;
+            for (a, p) in [(&sa, newparent), (&da, parent)] {
+                tx.execute(
+                    "UPDATE inodes SET ctime_s=?2, ctime_ns=?3, parent = CASE WHEN kind = 2 THEN ?4 ELSE parent END WHERE ino=?1",
+                    rusqlite::params![a.ino as i64, now.sec, now.nsec, p as i64],
+                )?;
+            }
+            if parent != newparent && (sa.kind == Kind::Dir) != (da.kind == Kind::Dir) {
+                let (gain, lose) = if sa.kind == Kind::Dir {
+                    (newparent, parent)
+                } else {
+                    (parent, newparent)
+                };
+                tx.execute(
+                    "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
+                    [gain as i64],
+                )?;
+                tx.execute(
+                    "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
+                    [lose as i64],
+                )?;
+            }
+            st.touch_dir(parent, now)?;
+            st.touch_dir(newparent, now)?;
+            tx.commit()?;
+            return Ok(());
+        }
+        if dst == Some(src) {
+            return Ok(()); // two names of one inode: POSIX says do nothing
+        }
+        if sa.kind == Kind::Dir && Self::is_ancestor(&st, src, newparent)? {
+            return Err(FsError::Invalid);
+        }
+        let mut purge = None;
+        let tx = st.db.unchecked_transaction()?;
+        if let Some(d) = dst {
+            if flags & RENAME_NOREPLACE != 0 {
+                return Err(FsError::Exists);
+            }
+            let da = st.attr(d)?;
+            if sa.kind == Kind::Dir {
+                if da.kind != Kind::Dir {
+                    return Err(FsError::NotDir);
+                }
+                if index::dir_has_entries(&tx, d)? {
+                    return Err(FsError::NotEmpty);
+                }
+            } else if da.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if Self::drop_link(&st, &tx, &da, now)? {
+                purge = Some((d, da.stage));
+            }
+            index::repoint_dentry(&tx, newparent, newname_b, src)?;
+        } else {
+            index::insert_dentry(&tx, newparent, newname_b, src)?;
+        }
+        index::remove_dentry(&tx, parent, name_b)?;
+        if sa.kind == Kind::Dir && parent != newparent {
+            tx.execute(
+                "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
+                [src as i64, newparent as i64],
+            )?;
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
+                [parent as i64],
+            )?;
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
+                [newparent as i64],
+            )?;
+        }
+        tx.execute(
+            "UPDATE inodes SET ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
+            rusqlite::params![src as i64, now.sec, now.nsec],
+        )?;
+        st.touch_dir(parent, now)?;
+        st.touch_dir(newparent, now)?;
+        tx.commit()?;
+        if let Some(w) = st.working.get_mut(&src) {
+            w.ctime = now;
+        }
+        if let Some((d, stage)) = purge {
+            self.purge_files(&mut st, d, stage);
+        }
+        Ok(())
+    }
+
+    // ---- directories ---------------------------------------------------------------
+
+    /// Open a directory: its entries are snapshotted so that concurrent changes cannot
+    /// make readdir skip or repeat entries.
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let mut st = self.lock();
+        let a = st.dir_attr(ino)?;
+        let mut entries = vec![
+            DirEntry {
+                name: b".".to_vec(),
+                ino,
+                kind: Kind::Dir,
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                ino: a.parent.max(ROOT_INO),
+                kind: Kind::Dir,
+            },
+        ];
+        entries.extend(
+            index::list_dir(&st.db, ino)?
+                .into_iter()
+                .map(|(name, ino, kind)| DirEntry { name, ino, kind }),
+        );
+        Ok(st.alloc_fh(Handle {
+            ino,
+            write: false,
+            next_read: 0,
+            dir: Some(entries),
+        }))
+    }
+
+    /// Entries of an open directory from position `offset` on; each comes with the
+    /// offset of the entry after it.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        let st = self.lock();
+        let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+        let entries = h.dir.as_ref().ok_or(FsError::NotDir)?;
+        Ok(entries
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .collect())
+    }
+
+    /// Close a directory handle.
+    pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        self.release(fh)
+    }
+
+    // ---- file content ---------------------------------------------------------------
+
+    /// Open a file. With `O_TRUNC` and write access it is truncated.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let acc = flags & libc::O_ACCMODE;
+        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        let a = self.lock().attr(ino)?;
+        match a.kind {
+            Kind::Dir if write => return Err(FsError::IsDir),
+            Kind::Dir | Kind::File => {}
+            _ => return Err(FsError::Invalid),
+        }
+        let fh = self.lock().alloc_fh(Handle {
+            ino,
+            write,
+            next_read: 0,
+            dir: None,
+        });
+        if write && flags & libc::O_TRUNC != 0 && a.kind == Kind::File {
+            if let Err(e) = self.truncate(ino, 0) {
+                let _ = self.release(fh);
+                return Err(e);
+            }
+        }
+        Ok(fh)
+    }
+
+    /// The working (mutable) staging file of `ino`, creating it from the current content
+    /// (or empty when `empty`) if the file is not being written yet.
+    fn working_file(&self, ino: u64, empty: bool) -> FsResult<Arc<File>> {
+        for _attempt in 0..20 {
+            // Phase 1 (locked): decide what the new working file starts from.
+            let (src_stage, chunks, a, id) = {
+                let st = self.lock();
+                if let Some(w) = st.working.get(&ino) {
+                    return Ok(w.file.clone());
+                }
+                let a = st.attr(ino)?;
+                if a.kind != Kind::File {
+                    return Err(FsError::Invalid);
+                }
+                let chunks = if empty || a.stage.is_some() || a.size == 0 {
+                    Vec::new()
+                } else {
+                    index::chunks_of(&st.db, ino)?
+                };
+                (a.stage, chunks, a.clone(), self.shared.staging.next_id())
+            };
+            // Phase 2 (unlocked): build it — may copy a large stage or fetch chunks.
+            let built: FsResult<File> = (|| {
+                let f = self.shared.staging.create(id)?;
+                if !empty {
+                    if let Some(s) = src_stage {
+                        let mut src = self.shared.staging.open_read(s)?;
+                        std::io::copy(&mut src, &mut &f)?;
+                    } else {
+                        for c in &chunks {
+                            let plain = self.shared.fetch(c)?;
+                            f.write_all_at(&plain, c.offset)?;
+                        }
+                        f.set_len(a.size)?;
+                    }
+                }
+                Ok(f)
+            })();
+            // Phase 3 (locked): install unless someone else did or the source changed.
+            let mut st = self.lock();
+            let f = match built {
+                Ok(f) => f,
+                Err(e) => {
+                    self.shared.staging.remove(id);
+                    match st.attr(ino) {
+                        Ok(now)
+                            if now.stage != a.stage || now.committed_stage != a.committed_stage =>
+                        {
+                            continue
+                        }
+                        _ => return Err(e),
+                    }
+                }
+            };
+            if let Some(w) = st.working.get(&ino) {
+                self.shared.staging.remove(id);
+                return Ok(w.file.clone());
+            }
+            let now = st.attr(ino)?;
+            if now.stage != a.stage || now.committed_stage != a.committed_stage {
+                self.shared.staging.remove(id);
+                continue;
+            }
+            let file = Arc::new(f);
+            st.working.insert(
+                ino,
+                Working {
+                    stage: id,
+                    file: file.clone(),
+                    size: if empty { 0 } else { a.size },
+                    mtime: a.mtime,
+                    ctime: a.ctime,
+                    dirty: empty && a.size != 0,
+                },
+            );
+            return Ok(file);
+        }
+        Err(FsError::Io(
+            "file kept changing while being opened for writing".into(),
+        ))
+    }
+
+    /// Write `data` at `offset`; returns the bytes written.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let ino = {
+            let st = self.lock();
+            let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+            if !h.write {
+                return Err(FsError::BadHandle);
+            }
+            h.ino
+        };
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::Invalid)?;
+        if end > i64::MAX as u64 {
+            return Err(FsError::Os(libc::EFBIG));
+        }
+        let file = self.working_file(ino, false)?;
+        let mut st = self.lock();
+        let w = st
+            .working
+            .get(&ino)
+            .ok_or(FsError::Io("file sealed during write".into()))?;
+        if !Arc::ptr_eq(&w.file, &file) {
+            return Err(FsError::Io("file sealed during write".into()));
+        }
+        if end > w.size {
+            self.check_quota(&st, end - w.size)?;
+        }
+        // Written under the lock: a close that seals this file cannot interleave.
+        file.write_all_at(data, offset)?;
+        let w = st.working.get_mut(&ino).expect("checked above");
+        let now = Ts::now();
+        w.size = w.size.max(end);
+        w.mtime = now;
+        w.ctime = now;
+        w.dirty = true;
+        Ok(data.len() as u32)
+    }
+
+    /// Read up to `size` bytes at `offset`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        for attempt in 0..3 {
+            match self.read_once(fh, offset, size) {
+                // A newer version may have been committed and the old chunks released
+                // between listing and fetching them: look again.
+                Err(FsError::Io(msg)) if attempt < 2 && msg.contains("not found") => continue,
+                other => return other,
+            }
+        }
+        unreachable!()
+    }
+
+    fn read_once(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let (chunks, end, sequential, next_chunk) = {
+            let mut st = self.lock();
+            let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+            let ino = h.ino;
+            let sequential = h.next_read == offset;
+            let a = st.attr(ino)?;
+            if a.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let end = a.size.min(offset.saturating_add(size as u64));
+            if let Some(h) = st.handles.get_mut(&fh) {
+                h.next_read = end;
+            }
+            if end <= offset {
+                return Ok(Vec::new());
+            }
+            let mut buf = vec![0u8; (end - offset) as usize];
+            if let Some(w) = st.working.get(&ino) {
+                let n = read_full_at(&w.file, &mut buf, offset)?;
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            if let Some(s) = a.stage {
+                let f = self.shared.staging.open_read(s)?;
+                let n = read_full_at(&f, &mut buf, offset)?;
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            let chunks = index::chunks_in_range(&st.db, ino, offset, end)?;
+            let next = match chunks.last() {
+                Some(l) if sequential => index::chunks_in_range(
+                    &st.db,
+                    ino,
+                    l.offset + l.len as u64,
+                    l.offset + l.len as u64 + 1,
+                )?
+                .into_iter()
+                .next(),
+                _ => None,
+            };
+            (chunks, end, sequential, next)
+        };
+        let mut buf = vec![0u8; (end - offset) as usize];
+        for c in &chunks {
+            let plain = self.shared.fetch(c)?;
+            let c_end = c.offset + c.len as u64;
+            let from = offset.max(c.offset);
+            let to = end.min(c_end);
+            if from >= to {
+                continue;
+            }
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&plain[(from - c.offset) as usize..(to - c.offset) as usize]);
+        }
+        if sequential {
+            if let Some(n) = next_chunk {
+                self.shared.prefetch(n);
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Turn the working file of `ino` into a pending stage (the "close" point).
+    fn seal(&self, st: &mut State, ino: u64) -> FsResult<()> {
+        let Some(w) = st.working.get(&ino) else {
+            return Ok(());
+        };
+        if !w.dirty {
+            return Ok(());
+        }
+        let a = index::get_attr(&st.db, ino)?.ok_or(FsError::NotFound)?;
+        if a.nlink == 0 {
+            return Ok(()); // unlinked: nobody will ever read this content
+        }
+        if self.shared.opts.sync_on_close {
+            w.file.sync_data()?;
+        }
+        let (stage, size, mtime, ctime) = (w.stage, w.size, w.mtime, w.ctime);
+        let tx = st.db.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE inodes SET stage=?2, size=?3, mtime_s=?4, mtime_ns=?5, ctime_s=?6, ctime_ns=?7 WHERE ino=?1",
+            rusqlite::params![ino as i64, stage as i64, size as i64, mtime.sec, mtime.nsec, ctime.sec, ctime.nsec],
+        )?;
+        tx.commit()?;
+        st.working.remove(&ino);
+        if let Some(old) = a.stage {
+            self.shared.staging.remove(old);
+        }
+        st.upload_error.remove(&ino);
+        self.kick(st);
+        Ok(())
+    }
+
+    /// Called at every close of a descriptor: closed content becomes pending upload.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let mut st = self.lock();
+        let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+        if !h.write {
+            return Ok(());
+        }
+        let ino = h.ino;
+        self.seal(&mut st, ino)
+    }
+
+    /// Last close of a handle.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let mut st = self.lock();
+        let h = st.handles.remove(&fh).ok_or(FsError::BadHandle)?;
+        let ino = h.ino;
+        let left = {
+            let n = st.open_count.entry(ino).or_default();
+            *n = n.saturating_sub(1);
+            *n
+        };
+        let res = if h.write || left == 0 {
+            self.seal(&mut st, ino)
+        } else {
+            Ok(())
+        };
+        if left == 0 {
+            st.open_count.remove(&ino);
+            if let Some(w) = st.working.remove(&ino) {
+                // Not dirty (or unlinked): nothing to keep.
+                self.shared.staging.remove(w.stage);
+            }
+            if let Some(a) = index::get_attr(&st.db, ino)? {
+                if a.nlink == 0 {
+                    let tx = st.db.unchecked_transaction()?;
+                    index::delete_inode(&tx, ino)?;
+                    tx.commit()?;
+                    self.purge_files(&mut st, ino, a.stage);
+                }
+            }
+        }
+        res
+    }
+
+    /// Make a file durable: seal it and wait until its chunks are confirmed stored (EIO
+    /// after [`DriveOptions::fsync_timeout`], ENOSPC over quota; data stays staged).
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        let deadline = Instant::now() + self.shared.opts.fsync_timeout;
+        let mut st = self.lock();
+        let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+        let ino = h.ino;
+        self.seal(&mut st, ino)?;
+        let Some(stage) = st.attr(ino)?.stage else {
+            return self.checkpoint(&st);
+        };
+        loop {
+            let a = match index::get_attr(&st.db, ino)? {
+                Some(a) => a,
+                None => return Ok(()),
+            };
+            if a.committed_stage >= stage {
+                return self.checkpoint(&st);
+            }
+            if let Some(e) = st.upload_error.get(&ino) {
+                return Err(e.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(FsError::Io(
+                    "upload not confirmed in time; data stays staged".into(),
+                ));
+            }
+            st = self
+                .shared
+                .committed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Make the index durable against power loss (the WAL is not synced per commit).
+    fn checkpoint(&self, st: &State) -> FsResult<()> {
+        st.db
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(FsError::from)
+    }
+
+    /// fsyncdir: metadata lives in the index.
+    pub fn fsyncdir(&self) -> FsResult<()> {
+        let st = self.lock();
+        self.checkpoint(&st)
+    }
+
+    /// Quota as filesystem size and free space.
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        let st = self.lock();
+        let bsize = 4096u64;
+        let (total, used) = match st.quota {
+            Some(q) => (q.total_bytes, q.used_bytes + st.staged_bytes()?),
+            None => (0, 0),
+        };
+        let files = index::inode_count(&st.db)?;
+        Ok(StatFs {
+            bsize: bsize as u32,
+            blocks: total / bsize,
+            bfree: total.saturating_sub(used) / bsize,
+            files: files + 1_000_000,
+            ffree: 1_000_000,
+            namelen: NAME_MAX as u32,
+        })
+    }
+
+    // ---- xattrs ---------------------------------------------------------------------
+
+    fn check_xattr_name(name: &OsStr) -> FsResult<&[u8]> {
+        let n = name.as_bytes();
+        if n.len() > 255 {
+            return Err(FsError::Os(libc::ERANGE));
+        }
+        if !n.starts_with(b"user.") || n.len() == 5 {
+            return Err(FsError::NotSupported);
+        }
+        Ok(n)
+    }
+
+    /// setxattr (`user.*` only). `flags`: XATTR_CREATE / XATTR_REPLACE.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        let n = Self::check_xattr_name(name)?;
+        if value.len() > 65536 {
+            return Err(FsError::Os(libc::E2BIG));
+        }
+        let st = self.lock();
+        st.attr(ino)?;
+        let exists = index::get_xattr(&st.db, ino, n)?.is_some();
+        if flags & XATTR_CREATE != 0 && exists {
+            return Err(FsError::Exists);
+        }
+        if flags & XATTR_REPLACE != 0 && !exists {
+            return Err(FsError::NoData);
+        }
+        index::set_xattr(&st.db, ino, n, value)?;
+        let now = Ts::now();
+        st.db.execute(
+            "UPDATE inodes SET ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
+            rusqlite::params![ino as i64, now.sec, now.nsec],
+        )?;
+        Ok(())
+    }
+
+    /// getxattr.
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        let st = self.lock();
+        st.attr(ino)?;
+        if !name.as_bytes().starts_with(b"user.") {
+            return Err(FsError::NoData);
+        }
+        index::get_xattr(&st.db, ino, name.as_bytes())?.ok_or(FsError::NoData)
+    }
+
+    /// listxattr: names, each followed by a NUL.
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let st = self.lock();
+        st.attr(ino)?;
+        let mut out = Vec::new();
+        for n in index::list_xattrs(&st.db, ino)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// removexattr.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        let st = self.lock();
+        st.attr(ino)?;
+        if !name.as_bytes().starts_with(b"user.") {
+            return Err(FsError::NoData);
+        }
+        if !index::remove_xattr(&st.db, ino, name.as_bytes())? {
+            return Err(FsError::NoData);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        self.stop_uploader();
+    }
+}
+
+fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

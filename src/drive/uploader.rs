@@ -1,0 +1,310 @@
+//! The uploader: one background thread that turns pending stages into stored chunks.
+//!
+//! For a batch of closed files it chunks (FastCDC) and seals each staging file, stores the
+//! chunks no committed version already references (recording them first as "intent" rows
+//! with refcount 0, so a crash leaves them to be released, never leaked), and then commits
+//! every file's new chunk list in one transaction. Chunks whose refcount fell to zero are
+//! released between batches. Being the only thread that stores, commits and releases
+//! chunks is what makes "skip a chunk that is already referenced" safe.
+//!
+//! Failures keep the data staged: an unavailable backend backs off (1 s doubling to 30 s),
+//! over quota is reported to fsync (ENOSPC) and retried later.
+
+use std::collections::{HashMap, HashSet};
+use std::io::BufReader;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::backend::BackendError;
+use super::chunker;
+use super::index::{self, ChunkRef};
+use super::model::{FsError, Shared};
+use crate::ids::ChunkId;
+
+/// Most files committed in one transaction.
+const BATCH_FILES: usize = 256;
+/// Most staged bytes in one batch (bigger files make a batch of their own).
+const BATCH_BYTES: u64 = 32 << 20;
+
+#[derive(Debug)]
+enum UploadError {
+    Stopped,
+    Backend(BackendError),
+    Local(FsError),
+}
+
+impl From<BackendError> for UploadError {
+    fn from(e: BackendError) -> Self {
+        UploadError::Backend(e)
+    }
+}
+impl From<rusqlite::Error> for UploadError {
+    fn from(e: rusqlite::Error) -> Self {
+        UploadError::Local(e.into())
+    }
+}
+impl From<std::io::Error> for UploadError {
+    fn from(e: std::io::Error) -> Self {
+        UploadError::Local(e.into())
+    }
+}
+
+/// The uploader thread's body; returns when `shared.stop` is set.
+pub(crate) fn run(sh: Arc<Shared>) {
+    let mut backoff = Duration::ZERO;
+    let mut retry_at: HashMap<u64, Instant> = HashMap::new();
+    let mut last_quota = Instant::now();
+    loop {
+        if sh.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut st = sh.lock();
+            let wait = if backoff > Duration::ZERO {
+                backoff
+            } else if st.kick {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(1)
+            };
+            if wait > Duration::ZERO {
+                // Kicks during a backoff are ignored (the backend is down) but stop is not.
+                let deadline = Instant::now() + wait;
+                while !sh.stop.load(Ordering::SeqCst) {
+                    let now = Instant::now();
+                    if now >= deadline || (backoff.is_zero() && st.kick) {
+                        break;
+                    }
+                    st = sh
+                        .work
+                        .wait_timeout(st, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+            st.kick = false;
+        }
+        if sh.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if last_quota.elapsed() > Duration::from_secs(2) {
+            refresh_quota(&sh);
+            last_quota = Instant::now();
+        }
+        if let Err(e) = release_free(&sh) {
+            tracing::warn!("releasing chunks: {e}");
+            backoff = next_backoff(backoff);
+            continue;
+        }
+        let pending = match index::pending(&sh.lock().db, 100_000) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("listing pending uploads: {e}");
+                backoff = next_backoff(backoff);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        retry_at.retain(|_, t| *t > now);
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        for (ino, stage, size) in pending {
+            if retry_at.contains_key(&ino) {
+                continue;
+            }
+            if !batch.is_empty() && (bytes + size > BATCH_BYTES || batch.len() >= BATCH_FILES) {
+                break;
+            }
+            bytes += size;
+            batch.push((ino, stage));
+        }
+        if batch.is_empty() {
+            backoff = Duration::ZERO;
+            continue;
+        }
+        match upload(&sh, &batch) {
+            Ok(()) => {
+                backoff = Duration::ZERO;
+                sh.lock().kick = true; // maybe more pending
+                refresh_quota(&sh);
+                last_quota = Instant::now();
+            }
+            Err(UploadError::Stopped) => return,
+            Err(UploadError::Backend(BackendError::Unavailable(msg))) => {
+                tracing::warn!("upload postponed, storage unavailable: {msg}");
+                backoff = next_backoff(backoff);
+            }
+            Err(first) => {
+                // Find which files fail by trying them one by one; the others go through.
+                let singles: Vec<_> = if batch.len() > 1 {
+                    batch.clone()
+                } else {
+                    Vec::new()
+                };
+                let mut failures = Vec::new();
+                if singles.is_empty() {
+                    failures.push((batch[0].0, first));
+                }
+                for item in singles {
+                    match upload(&sh, &[item]) {
+                        Ok(()) => {}
+                        Err(UploadError::Stopped) => return,
+                        Err(e) => failures.push((item.0, e)),
+                    }
+                }
+                let mut st = sh.lock();
+                for (ino, e) in failures {
+                    let err = match e {
+                        UploadError::Backend(BackendError::OverQuota { .. }) => FsError::NoSpace,
+                        UploadError::Backend(b) => FsError::Io(b.to_string()),
+                        UploadError::Local(l) => l,
+                        UploadError::Stopped => return,
+                    };
+                    tracing::warn!("upload of inode {ino} failed, kept staged: {err}");
+                    st.upload_error.insert(ino, err);
+                    retry_at.insert(ino, Instant::now() + Duration::from_secs(5));
+                }
+                sh.committed.notify_all();
+                drop(st);
+                refresh_quota(&sh);
+            }
+        }
+    }
+}
+
+fn next_backoff(b: Duration) -> Duration {
+    if b.is_zero() {
+        Duration::from_secs(1)
+    } else {
+        (b * 2).min(Duration::from_secs(30))
+    }
+}
+
+fn refresh_quota(sh: &Shared) {
+    if let Ok(q) = sh.backend.quota() {
+        sh.lock().quota = Some(q);
+    }
+}
+
+/// Release chunks no committed file version references.
+fn release_free(sh: &Shared) -> Result<(), BackendError> {
+    loop {
+        let ids = match index::free_chunks(&sh.lock().db, 1000) {
+            Ok(ids) => ids,
+            Err(e) => return Err(BackendError::Unavailable(format!("index: {e}"))),
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sh.backend.release(&ids)?;
+        if let Err(e) = index::forget_chunks(&sh.lock().db, &ids) {
+            return Err(BackendError::Unavailable(format!("index: {e}")));
+        }
+    }
+}
+
+struct PutBuffer {
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    bytes: usize,
+    seen: HashSet<ChunkId>,
+}
+
+impl PutBuffer {
+    fn flush(&mut self, sh: &Shared) -> Result<(), UploadError> {
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        let intent: Vec<(ChunkId, u32)> = self
+            .chunks
+            .iter()
+            .map(|(id, b)| (*id, b.len() as u32))
+            .collect();
+        index::note_intent(&sh.lock().db, &intent)?;
+        sh.backend.put(&self.chunks)?;
+        self.chunks.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+/// Upload a batch of `(ino, stage)` and commit it in one transaction.
+fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
+    let mut buf = PutBuffer {
+        chunks: Vec::new(),
+        bytes: 0,
+        seen: HashSet::new(),
+    };
+    let mut done: Vec<(u64, u64, Vec<ChunkRef>)> = Vec::new();
+    for &(ino, stage) in batch {
+        let file = match sh.staging.open_read(stage) {
+            Ok(f) => f,
+            // Superseded by a newer close, or the file was deleted: nothing to do.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut list = Vec::new();
+        chunker::for_each_chunk(BufReader::with_capacity(1 << 20, file), |offset, data| {
+            if sh.stop.load(Ordering::SeqCst) {
+                return Err(UploadError::Stopped);
+            }
+            let sealed = sh.sealer.seal(&data);
+            list.push(ChunkRef {
+                offset,
+                id: sealed.id,
+                len: data.len() as u32,
+                stored: sealed.stored.len() as u32,
+            });
+            if buf.seen.insert(sealed.id) && !index::chunk_referenced(&sh.lock().db, &sealed.id)? {
+                buf.bytes += sealed.stored.len();
+                buf.chunks.push((sealed.id, sealed.stored));
+                if buf.bytes >= sh.opts.put_batch_bytes {
+                    buf.flush(sh)?;
+                }
+            }
+            Ok(())
+        })?;
+        done.push((ino, stage, list));
+    }
+    buf.flush(sh)?;
+    if sh.stop.load(Ordering::SeqCst) {
+        return Err(UploadError::Stopped);
+    }
+    let mut st = sh.lock();
+    let mut finished = Vec::new();
+    let tx = st.db.unchecked_transaction()?;
+    for (ino, stage, list) in &done {
+        let Some(a) = index::get_attr(&tx, *ino)? else {
+            continue;
+        };
+        if a.nlink == 0 {
+            continue; // unlinked while open: purged at its last close
+        }
+        if a.committed_stage >= *stage {
+            // Already superseded by a newer commit; never leave the stage dangling.
+            if a.stage == Some(*stage) {
+                index::set_stage(&tx, *ino, None)?;
+                finished.push(*stage);
+            }
+            continue;
+        }
+        index::replace_chunks(&tx, *ino, list)?;
+        tx.execute(
+            "UPDATE inodes SET committed_stage = ?2, stage = CASE WHEN stage = ?2 THEN NULL ELSE stage END WHERE ino = ?1",
+            [*ino as i64, *stage as i64],
+        )?;
+        if a.stage == Some(*stage) {
+            finished.push(*stage);
+        }
+    }
+    tx.commit()?;
+    for (ino, _, _) in &done {
+        st.upload_error.remove(ino);
+    }
+    drop(st);
+    for s in finished {
+        sh.staging.remove(s);
+    }
+    sh.committed.notify_all();
+    Ok(())
+}

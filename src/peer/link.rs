@@ -1,0 +1,127 @@
+//! The daemon's view of the coordination server: the few calls it makes, behind a trait
+//! so the real HTTPS client, a test double or a recording link can be plugged in.
+
+use std::future::Future;
+use std::sync::Mutex;
+
+use crate::api::{ConfirmRequest, HeartbeatRequest, HeartbeatResponse, ReportRequest};
+use crate::ids::ChunkId;
+
+/// A call to the server failed (unreachable, refused, bad reply).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("server link: {0}")]
+pub struct LinkError(pub String);
+
+/// What the storage daemon needs from the coordination server. Implementations sign each
+/// call as a control message of the matching kind (Confirm, Report, Heartbeat).
+pub trait ServerLink: Send + Sync + 'static {
+    /// Tell the server which chunks of a put transaction are stored and fsynced, so it
+    /// records their location.
+    fn confirm(&self, req: ConfirmRequest) -> impl Future<Output = Result<(), LinkError>> + Send;
+
+    /// Report a refusal (bad token, bad bytes) so the server can spot abuse.
+    fn report(&self, req: ReportRequest) -> impl Future<Output = Result<(), LinkError>> + Send;
+
+    /// Say the daemon is up, with its address and free space; the answer lists chunks the
+    /// daemon may drop and when to call again.
+    fn heartbeat(
+        &self,
+        req: HeartbeatRequest,
+    ) -> impl Future<Output = Result<HeartbeatResponse, LinkError>> + Send;
+}
+
+/// A link that accepts everything and asks for nothing (a daemon without a server).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullLink;
+
+impl ServerLink for NullLink {
+    async fn confirm(&self, _req: ConfirmRequest) -> Result<(), LinkError> {
+        Ok(())
+    }
+    async fn report(&self, _req: ReportRequest) -> Result<(), LinkError> {
+        Ok(())
+    }
+    async fn heartbeat(&self, _req: HeartbeatRequest) -> Result<HeartbeatResponse, LinkError> {
+        Ok(HeartbeatResponse::default())
+    }
+}
+
+/// A link that records every call, and answers the next heartbeat with chunks to drop
+/// (for tests and diagnostics).
+#[derive(Debug, Default)]
+pub struct RecordingLink {
+    inner: Mutex<Recorded>,
+}
+
+#[derive(Debug, Default)]
+struct Recorded {
+    confirms: Vec<ConfirmRequest>,
+    reports: Vec<ReportRequest>,
+    heartbeats: Vec<HeartbeatRequest>,
+    next_drop: Vec<ChunkId>,
+}
+
+impl RecordingLink {
+    /// An empty recording link.
+    pub fn new() -> RecordingLink {
+        RecordingLink::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Confirms received so far.
+    pub fn confirms(&self) -> Vec<ConfirmRequest> {
+        self.lock().confirms.clone()
+    }
+
+    /// Reports received so far.
+    pub fn reports(&self) -> Vec<ReportRequest> {
+        self.lock().reports.clone()
+    }
+
+    /// Heartbeats received so far.
+    pub fn heartbeats(&self) -> Vec<HeartbeatRequest> {
+        self.lock().heartbeats.clone()
+    }
+
+    /// Answer the next heartbeat with `chunks` to drop.
+    pub fn drop_next(&self, chunks: Vec<ChunkId>) {
+        self.lock().next_drop = chunks;
+    }
+}
+
+impl ServerLink for RecordingLink {
+    async fn confirm(&self, req: ConfirmRequest) -> Result<(), LinkError> {
+        self.lock().confirms.push(req);
+        Ok(())
+    }
+    async fn report(&self, req: ReportRequest) -> Result<(), LinkError> {
+        self.lock().reports.push(req);
+        Ok(())
+    }
+    async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, LinkError> {
+        let mut r = self.lock();
+        r.heartbeats.push(req);
+        Ok(HeartbeatResponse {
+            drop: std::mem::take(&mut r.next_drop),
+            interval_secs: 0,
+        })
+    }
+}
+
+impl<L: ServerLink> ServerLink for std::sync::Arc<L> {
+    fn confirm(&self, req: ConfirmRequest) -> impl Future<Output = Result<(), LinkError>> + Send {
+        (**self).confirm(req)
+    }
+    fn report(&self, req: ReportRequest) -> impl Future<Output = Result<(), LinkError>> + Send {
+        (**self).report(req)
+    }
+    fn heartbeat(
+        &self,
+        req: HeartbeatRequest,
+    ) -> impl Future<Output = Result<HeartbeatResponse, LinkError>> + Send {
+        (**self).heartbeat(req)
+    }
+}

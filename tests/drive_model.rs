@@ -1,0 +1,691 @@
+//! The drive's filesystem model without FUSE: random operation sequences against a plain
+//! local directory, crash safety, over-quota behaviour, unavailable storage, and that the
+//! backend never sees plaintext or names.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use peerstash::drive::backend::DirBackend;
+use peerstash::drive::index::ROOT_INO;
+use peerstash::drive::model::{DriveOptions, FsError, Model, SetAttr};
+use peerstash::DataKey;
+use proptest::prelude::*;
+
+const WR: i32 = libc::O_RDWR;
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    state: PathBuf,
+    key: DataKey,
+    backend: Arc<DirBackend>,
+}
+
+impl Env {
+    fn new(capacity: u64) -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let backend = Arc::new(DirBackend::open(&tmp.path().join("peers"), capacity).unwrap());
+        Env {
+            state: tmp.path().join("state"),
+            key: DataKey::from_bytes([7; 32]),
+            backend,
+            _tmp: tmp,
+        }
+    }
+
+    fn open(&self) -> Model {
+        let opts = DriveOptions {
+            fsync_timeout: Duration::from_secs(2),
+            sync_on_close: false,
+            ..DriveOptions::default()
+        };
+        Model::new(&self.state, &self.key, self.backend.clone(), opts).unwrap()
+    }
+}
+
+fn split(m: &Model, path: &str) -> Result<(u64, String), FsError> {
+    let p = Path::new(path);
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => m.resolve(d)?.ino,
+        _ => ROOT_INO,
+    };
+    Ok((parent, p.file_name().unwrap().to_str().unwrap().to_string()))
+}
+
+fn open_path(m: &Model, path: &str, create: bool) -> Result<u64, FsError> {
+    let (parent, leaf) = split(m, path)?;
+    match m.lookup(parent, OsStr::new(&leaf)) {
+        Ok(a) => m.open(a.ino, WR),
+        Err(FsError::NotFound) if create => Ok(m
+            .create(parent, OsStr::new(&leaf), 0o644, 0o022, WR, 0, 0)?
+            .1),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_file(m: &Model, path: &str, data: &[u8]) -> Result<(), FsError> {
+    let fh = open_path(m, path, true)?;
+    let r = (|| {
+        m.setattr(
+            m.resolve(Path::new(path))?.ino,
+            SetAttr {
+                size: Some(0),
+                ..Default::default()
+            },
+        )?;
+        for (i, piece) in data.chunks(128 * 1024).enumerate() {
+            m.write(fh, (i * 128 * 1024) as u64, piece)?;
+        }
+        m.flush(fh)
+    })();
+    m.release(fh)?;
+    r
+}
+
+fn read_fh(m: &Model, fh: u64) -> Result<Vec<u8>, FsError> {
+    let mut out = Vec::new();
+    loop {
+        let piece = m.read(fh, out.len() as u64, 200 * 1024)?;
+        if piece.is_empty() {
+            return Ok(out);
+        }
+        out.extend_from_slice(&piece);
+    }
+}
+
+fn read_file(m: &Model, path: &str) -> Result<Vec<u8>, FsError> {
+    let a = m.resolve(Path::new(path))?;
+    let fh = m.open(a.ino, libc::O_RDONLY)?;
+    let r = read_fh(m, fh);
+    m.release(fh)?;
+    let data = r?;
+    assert_eq!(
+        data.len() as u64,
+        a.size,
+        "{path}: size attribute matches content"
+    );
+    Ok(data)
+}
+
+/// Deterministic pseudo-random bytes.
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const NAMES: [&str; 5] = ["a", "b", "d/c", "d/e f", "d/ü"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        f: usize,
+        off: u32,
+        len: u32,
+        seed: u64,
+        keep_open: bool,
+    },
+    Truncate {
+        f: usize,
+        size: u32,
+    },
+    Rename {
+        a: usize,
+        b: usize,
+    },
+    Unlink {
+        f: usize,
+    },
+    Link {
+        a: usize,
+        b: usize,
+    },
+    Close {
+        f: usize,
+    },
+    Read {
+        f: usize,
+    },
+    Sync,
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let f = 0..NAMES.len();
+    prop_oneof![
+        6 => (f.clone(), prop_oneof![0..70_000u32, 0..3_000_000u32], prop_oneof![1..20_000u32, 1..600_000u32], any::<u64>(), any::<bool>())
+            .prop_map(|(f, off, len, seed, keep_open)| Op::Write { f, off, len, seed, keep_open }),
+        2 => (f.clone(), prop_oneof![0..100_000u32, 0..3_000_000u32]).prop_map(|(f, size)| Op::Truncate { f, size }),
+        2 => (f.clone(), f.clone()).prop_map(|(a, b)| Op::Rename { a, b }),
+        1 => f.clone().prop_map(|f| Op::Unlink { f }),
+        1 => (f.clone(), f.clone()).prop_map(|(a, b)| Op::Link { a, b }),
+        2 => f.clone().prop_map(|f| Op::Close { f }),
+        2 => f.clone().prop_map(|f| Op::Read { f }),
+        1 => Just(Op::Sync),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+struct Harness {
+    env: Env,
+    model: Option<Model>,
+    reference: PathBuf,
+    open: HashMap<usize, (File, u64)>,
+}
+
+impl Harness {
+    fn m(&self) -> &Model {
+        self.model.as_ref().unwrap()
+    }
+
+    fn close_all(&mut self) {
+        for (_, (_, fh)) in self.open.drain() {
+            let m = self.model.as_ref().unwrap();
+            m.flush(fh).unwrap();
+            m.release(fh).unwrap();
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        let r = |i: usize| self.reference.join(NAMES[i]);
+        match *op {
+            Op::Write {
+                f,
+                off,
+                len,
+                seed,
+                keep_open,
+            } => {
+                let data = bytes(seed, len as usize);
+                if !self.open.contains_key(&f) {
+                    let rf = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(r(f))
+                        .unwrap();
+                    let fh = open_path(self.m(), NAMES[f], true).unwrap();
+                    self.open.insert(f, (rf, fh));
+                }
+                let (rf, fh) = &self.open[&f];
+                rf.write_all_at(&data, off as u64).unwrap();
+                assert_eq!(self.m().write(*fh, off as u64, &data).unwrap(), len);
+                if !keep_open {
+                    let (_, fh) = self.open.remove(&f).unwrap();
+                    self.m().flush(fh).unwrap();
+                    self.m().release(fh).unwrap();
+                }
+            }
+            Op::Truncate { f, size } => {
+                let exists = r(f).exists();
+                let got = self.m().resolve(Path::new(NAMES[f]));
+                assert_eq!(exists, got.is_ok());
+                if exists {
+                    let rf = OpenOptions::new().write(true).open(r(f)).unwrap();
+                    rf.set_len(size as u64).unwrap();
+                    self.m()
+                        .setattr(
+                            got.unwrap().ino,
+                            SetAttr {
+                                size: Some(size as u64),
+                                ..Default::default()
+                            },
+                        )
+                        .unwrap();
+                }
+            }
+            Op::Rename { a, b } => {
+                let want = fs::rename(r(a), r(b)).map_err(|e| e.raw_os_error().unwrap());
+                let (pa, la) = split(self.m(), NAMES[a]).unwrap();
+                let (pb, lb) = split(self.m(), NAMES[b]).unwrap();
+                let got = self
+                    .m()
+                    .rename(pa, OsStr::new(&la), pb, OsStr::new(&lb), 0)
+                    .map_err(|e| e.errno());
+                assert_eq!(want, got, "rename {a} {b}");
+            }
+            Op::Unlink { f } => {
+                let want = fs::remove_file(r(f)).map_err(|e| e.raw_os_error().unwrap());
+                let (p, l) = split(self.m(), NAMES[f]).unwrap();
+                assert_eq!(
+                    want,
+                    self.m().unlink(p, OsStr::new(&l)).map_err(|e| e.errno())
+                );
+            }
+            Op::Link { a, b } => {
+                let want = fs::hard_link(r(a), r(b)).map_err(|e| e.raw_os_error().unwrap());
+                let got = (|| {
+                    let ino = self.m().resolve(Path::new(NAMES[a]))?.ino;
+                    let (p, l) = split(self.m(), NAMES[b])?;
+                    self.m().link(ino, p, OsStr::new(&l)).map(|_| ())
+                })()
+                .map_err(|e| e.errno());
+                assert_eq!(want, got, "link {a} {b}");
+            }
+            Op::Close { f } => {
+                if let Some((_, fh)) = self.open.remove(&f) {
+                    self.m().flush(fh).unwrap();
+                    self.m().release(fh).unwrap();
+                }
+            }
+            Op::Read { f } => {
+                let want = fs::read(r(f)).ok();
+                let got = read_file(self.m(), NAMES[f]).ok();
+                assert!(want == got, "content of {} differs", NAMES[f]);
+                // Reading through an open handle sees the unclosed writes too.
+                if let Some((rf, fh)) = self.open.get(&f) {
+                    let len = rf.metadata().unwrap().len() as usize;
+                    let mut want = vec![0; len];
+                    rf.read_exact_at(&mut want, 0).unwrap();
+                    assert!(read_fh(self.m(), *fh).unwrap() == want);
+                }
+            }
+            Op::Sync => assert!(self.m().wait_idle(Duration::from_secs(30))),
+            Op::Reopen => {
+                self.close_all();
+                self.model.take().unwrap().shutdown();
+                self.model = Some(self.env.open());
+            }
+        }
+    }
+
+    fn check_all(&self) {
+        for (i, name) in NAMES.iter().enumerate() {
+            let want = fs::read(self.reference.join(name)).ok();
+            let got = read_file(self.m(), name).ok();
+            assert!(want == got, "final content of {name} differs");
+            if want.is_some() {
+                let len = fs::metadata(self.reference.join(name)).unwrap().len();
+                let a = self.m().resolve(Path::new(NAMES[i])).unwrap();
+                assert_eq!(a.size, len, "size of {name}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn random_ops_match_a_local_directory(ops in prop::collection::vec(op(), 1..28)) {
+        let env = Env::new(1 << 40);
+        let reference = env._tmp.path().join("reference");
+        fs::create_dir_all(reference.join("d")).unwrap();
+        let model = env.open();
+        model.mkdir(ROOT_INO, OsStr::new("d"), 0o755, 0, 0, 0).unwrap();
+        let mut h = Harness { env, model: Some(model), reference, open: HashMap::new() };
+        for op in &ops {
+            h.apply(op);
+        }
+        h.check_all();
+        h.close_all();
+        assert!(h.m().wait_idle(Duration::from_secs(30)));
+        h.check_all();
+        h.model.take().unwrap().shutdown();
+        h.model = Some(h.env.open());
+        h.check_all();
+        // Delete everything: every chunk is released from the backend.
+        for name in NAMES {
+            let (p, l) = split(h.m(), name).unwrap();
+            let _ = h.m().unlink(p, OsStr::new(&l));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while h.env.backend.chunk_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        prop_assert_eq!(h.env.backend.chunk_count(), 0, "unreferenced chunks are released");
+    }
+}
+
+#[test]
+fn crash_leaves_old_or_new_content() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    let v1: Vec<Vec<u8>> = (0..4)
+        .map(|i| bytes(i, 700_000 + i as usize * 1000))
+        .collect();
+    let v2: Vec<Vec<u8>> = (0..4)
+        .map(|i| bytes(100 + i, 3_000_000 + i as usize))
+        .collect();
+    let names = ["a", "b", "c", "big"];
+    for (n, d) in names.iter().zip(&v1) {
+        write_file(&m, n, d).unwrap();
+    }
+    assert!(m.wait_idle(Duration::from_secs(30)));
+
+    // a: new version closed while the storage is down (stays pending).
+    // b: new version being written, never closed.
+    let fh = open_path(&m, "b", false).unwrap();
+    m.write(fh, 0, &v2[1][..1_000_000]).unwrap();
+    env.backend.set_unavailable(true);
+    write_file(&m, "a", &v2[0]).unwrap();
+    // c: untouched. Crash (the model stops without closing anything).
+    drop(m);
+    env.backend.set_unavailable(false);
+
+    let m = env.open();
+    assert_eq!(
+        read_file(&m, "a").unwrap(),
+        v2[0],
+        "closed content survives the crash"
+    );
+    assert_eq!(
+        read_file(&m, "b").unwrap(),
+        v1[1],
+        "unclosed content reverts to the old version"
+    );
+    assert_eq!(read_file(&m, "c").unwrap(), v1[2]);
+    assert_eq!(m.pending_uploads(), 1, "the upload of a resumes");
+    assert!(m.wait_idle(Duration::from_secs(30)));
+
+    // Crash in the middle of uploading a big file, at different moments.
+    let mut m = m;
+    for round in 0..6u64 {
+        let new = bytes(1000 + round, 6_000_000);
+        let old = read_file(&m, "big").unwrap();
+        write_file(&m, "big", &new).unwrap();
+        std::thread::sleep(Duration::from_millis(round * 15));
+        drop(m);
+        let m2 = env.open();
+        let got = read_file(&m2, "big").unwrap();
+        assert!(
+            got == new || got == old,
+            "round {round}: neither old nor new"
+        );
+        assert!(m2.wait_idle(Duration::from_secs(30)));
+        drop(m2);
+        m = env.open();
+        assert_eq!(read_file(&m, "big").unwrap(), new, "round {round}");
+    }
+}
+
+#[test]
+fn over_quota_is_enospc_and_the_rest_keeps_working() {
+    let env = Env::new(5_000_000);
+    let m = env.open();
+    write_file(&m, "one", &bytes(1, 3_000_000)).unwrap();
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    // The quota is refreshed after uploads.
+    std::thread::sleep(Duration::from_millis(200));
+    let err = write_file(&m, "two", &bytes(2, 3_000_000)).unwrap_err();
+    assert_eq!(err, FsError::NoSpace);
+    assert_eq!(err.errno(), libc::ENOSPC);
+    let s = m.statfs().unwrap();
+    assert!(s.bfree * 4096 < 2_100_000, "statfs shows the quota: {s:?}");
+    // Everything else still works.
+    m.mkdir(ROOT_INO, OsStr::new("dir"), 0o755, 0, 0, 0)
+        .unwrap();
+    write_file(&m, "dir/small", b"small file").unwrap();
+    assert_eq!(read_file(&m, "one").unwrap(), bytes(1, 3_000_000));
+    assert_eq!(read_file(&m, "dir/small").unwrap(), b"small file");
+    // Freeing space makes room again.
+    m.unlink(ROOT_INO, OsStr::new("one")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match write_file(&m, "two", &bytes(2, 3_000_000)) {
+            Ok(()) => break,
+            Err(FsError::NoSpace) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(m.wait_idle(Duration::from_secs(30)));
+
+    // Over quota discovered only by the backend (quota lowered behind our back): fsync
+    // reports ENOSPC, the data stays staged and readable.
+    env.backend.set_capacity(3_500_000);
+    let fh = open_path(&m, "three", true).unwrap();
+    let wrote = m.write(fh, 0, &bytes(3, 1_000_000));
+    let synced = wrote.and_then(|_| m.fsync(fh));
+    assert_eq!(synced, Err(FsError::NoSpace));
+    m.release(fh).unwrap();
+    if m.resolve(Path::new("three")).unwrap().size > 0 {
+        assert_eq!(read_file(&m, "three").unwrap(), bytes(3, 1_000_000));
+    }
+}
+
+#[test]
+fn unavailable_storage_fsync_eio_then_resumes() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    env.backend.set_unavailable(true);
+    let fh = open_path(&m, "f", true).unwrap();
+    m.write(fh, 0, b"precious").unwrap();
+    let t = Instant::now();
+    assert!(
+        matches!(m.fsync(fh), Err(FsError::Io(_))),
+        "fsync fails with EIO"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    m.release(fh).unwrap();
+    assert_eq!(
+        read_file(&m, "f").unwrap(),
+        b"precious",
+        "still staged and readable"
+    );
+    let s = peerstash::drive::index::summary_of(&env.state).unwrap();
+    assert_eq!(
+        (s.pending_files, s.pending_bytes),
+        (1, 8),
+        "status shows the pending upload"
+    );
+    drop(m);
+    env.backend.set_unavailable(false);
+    let m = env.open();
+    assert!(
+        m.wait_idle(Duration::from_secs(60)),
+        "upload resumes after restart"
+    );
+    assert_eq!(read_file(&m, "f").unwrap(), b"precious");
+    // Transient put failures are retried.
+    env.backend.fail_next_puts(1);
+    write_file(&m, "g", b"retried").unwrap();
+    assert!(m.wait_idle(Duration::from_secs(60)));
+    drop(m);
+    // Reading with the staging area gone proves it comes from the backend.
+    let m = env.open();
+    assert_eq!(read_file(&m, "g").unwrap(), b"retried");
+    assert_eq!(fs::read_dir(env.state.join("staging")).unwrap().count(), 0);
+}
+
+#[test]
+fn backend_sees_no_plaintext_and_no_names() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    let marker = b"MARKER-7f3a9c-PLAINTEXT";
+    let mut data = Vec::new();
+    for _ in 0..50_000 {
+        data.extend_from_slice(marker);
+    }
+    write_file(&m, "secret-name-zq9.txt", &data).unwrap();
+    write_file(&m, "dupe-a", &data).unwrap();
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    let chunks_after_two_copies = env.backend.chunk_count();
+    write_file(&m, "dupe-b", &data).unwrap();
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    assert_eq!(
+        env.backend.chunk_count(),
+        chunks_after_two_copies,
+        "identical content dedupes"
+    );
+    for entry in walk(env.backend.dir()) {
+        let name = entry.file_name().unwrap().to_string_lossy().to_string();
+        assert!(!name.contains("secret"), "{name}");
+        let bytes = fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "plaintext in {name}"
+        );
+        assert!(!bytes.windows(10).any(|w| w == b"secret-nam"));
+    }
+    // A tampered chunk is detected on read (EIO), not served.
+    drop(m);
+    let m = env.open();
+    for entry in walk(env.backend.dir()) {
+        let mut b = fs::read(&entry).unwrap();
+        b[40] ^= 1;
+        fs::write(&entry, b).unwrap();
+    }
+    let err = read_file(&m, "dupe-a").unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn posix_errors_and_metadata() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    let root = ROOT_INO;
+    let d = m
+        .mkdir(root, OsStr::new("d"), 0o750, 0o022, 1000, 1000)
+        .unwrap();
+    assert_eq!(d.perm, 0o750);
+    assert_eq!(
+        m.mkdir(root, OsStr::new("d"), 0o755, 0, 0, 0).unwrap_err(),
+        FsError::Exists
+    );
+    let long = "x".repeat(256);
+    assert_eq!(
+        m.mkdir(root, OsStr::new(&long), 0o755, 0, 0, 0)
+            .unwrap_err(),
+        FsError::NameTooLong
+    );
+    assert_eq!(
+        m.lookup(root, OsStr::new("nope")).unwrap_err(),
+        FsError::NotFound
+    );
+    write_file(&m, "d/f", b"x").unwrap();
+    assert_eq!(
+        m.rmdir(root, OsStr::new("d")).unwrap_err(),
+        FsError::NotEmpty
+    );
+    assert_eq!(m.unlink(root, OsStr::new("d")).unwrap_err(), FsError::IsDir);
+    assert_eq!(
+        m.rmdir(d.ino, OsStr::new("f")).unwrap_err(),
+        FsError::NotDir
+    );
+    assert_eq!(
+        m.lookup(m.resolve(Path::new("d/f")).unwrap().ino, OsStr::new("x"))
+            .unwrap_err(),
+        FsError::NotDir
+    );
+    // A directory cannot move into itself.
+    let sub = m.mkdir(d.ino, OsStr::new("sub"), 0o755, 0, 0, 0).unwrap();
+    assert_eq!(
+        m.rename(root, OsStr::new("d"), sub.ino, OsStr::new("x"), 0)
+            .unwrap_err(),
+        FsError::Invalid
+    );
+    // Directory link counts follow subdirectories.
+    assert_eq!(m.getattr(d.ino).unwrap().nlink, 3);
+    m.rename(d.ino, OsStr::new("sub"), root, OsStr::new("sub2"), 0)
+        .unwrap();
+    assert_eq!(m.getattr(d.ino).unwrap().nlink, 2);
+    // NOREPLACE and EXCHANGE.
+    write_file(&m, "g", b"g").unwrap();
+    assert_eq!(
+        m.rename(root, OsStr::new("g"), d.ino, OsStr::new("f"), 1)
+            .unwrap_err(),
+        FsError::Exists
+    );
+    m.rename(root, OsStr::new("g"), d.ino, OsStr::new("f"), 2)
+        .unwrap();
+    assert_eq!(read_file(&m, "g").unwrap(), b"x");
+    assert_eq!(read_file(&m, "d/f").unwrap(), b"g");
+    // Symlinks, hard links, xattrs.
+    let s = m
+        .symlink(root, OsStr::new("ln"), Path::new("d/f"), 0, 0)
+        .unwrap();
+    assert_eq!(m.readlink(s.ino).unwrap(), b"d/f");
+    let g = m.resolve(Path::new("g")).unwrap();
+    m.link(g.ino, d.ino, OsStr::new("g2")).unwrap();
+    assert_eq!(m.getattr(g.ino).unwrap().nlink, 2);
+    assert_eq!(
+        m.link(d.ino, root, OsStr::new("dl")).unwrap_err(),
+        FsError::Perm
+    );
+    m.setxattr(g.ino, OsStr::new("user.k"), b"v", 0).unwrap();
+    assert_eq!(
+        m.setxattr(g.ino, OsStr::new("user.k"), b"v", 1)
+            .unwrap_err(),
+        FsError::Exists
+    );
+    assert_eq!(m.getxattr(g.ino, OsStr::new("user.k")).unwrap(), b"v");
+    assert_eq!(m.listxattr(g.ino).unwrap(), b"user.k\0");
+    assert_eq!(
+        m.getxattr(g.ino, OsStr::new("user.none")).unwrap_err(),
+        FsError::NoData
+    );
+    assert_eq!(
+        m.setxattr(g.ino, OsStr::new("trusted.x"), b"v", 0)
+            .unwrap_err(),
+        FsError::NotSupported
+    );
+    m.removexattr(g.ino, OsStr::new("user.k")).unwrap();
+    // Explicit mtimes stick through close and upload.
+    let t = peerstash::drive::index::Ts {
+        sec: 1_000_000_000,
+        nsec: 123_456_789,
+    };
+    let fh = open_path(&m, "timed", true).unwrap();
+    m.write(fh, 0, b"data").unwrap();
+    let set = SetAttr {
+        mtime: Some(peerstash::drive::model::TimeSet::At(t)),
+        ..Default::default()
+    };
+    let ino = m.resolve(Path::new("timed")).unwrap().ino;
+    m.setattr(ino, set).unwrap();
+    m.flush(fh).unwrap();
+    m.release(fh).unwrap();
+    assert_eq!(m.getattr(ino).unwrap().mtime, t);
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    drop(m);
+    let m = env.open();
+    assert_eq!(
+        m.getattr(ino).unwrap().mtime,
+        t,
+        "mtime survives upload and restart"
+    );
+    assert_eq!(m.getattr(g.ino).unwrap().nlink, 2);
+}
+
+#[test]
+fn mount_options_parse() {
+    let env = Env::new(1 << 30);
+    let mut cfg = peerstash::drive::DriveConfig::new(
+        "/mnt",
+        &env.state,
+        env.key.clone(),
+        env.backend.clone(),
+    );
+    cfg.apply_options("allow_other,max_write=1048576,fsync_timeout=5,nosync_on_close,rw")
+        .unwrap();
+    assert!(cfg.allow_other);
+    assert_eq!(cfg.max_write, Some(1 << 20));
+    assert_eq!(cfg.options.fsync_timeout, Duration::from_secs(5));
+    assert!(!cfg.options.sync_on_close);
+    assert!(cfg.apply_options("max_write=lots").is_err());
+    assert!(cfg.apply_options("bogus").unwrap_err().contains("bogus"));
+}

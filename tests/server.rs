@@ -1,0 +1,1058 @@
+//! End-to-end tests of the coordination server: a real `peerstash-server` process on
+//! loopback with its real SQLite file, the real `peerstash` binary for register and login,
+//! and the `ServerClient` library against the live server for the rest.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{bin, Proc};
+use peerstash::api::{
+    ChunkRef, ConfirmRequest, GetRequest, HeartbeatRequest, KeyMode, LoginRequest, PutRequest,
+    RegisterRequest, ReleaseRequest, ReportRequest, StatusResponse,
+};
+use peerstash::client::ServerClient;
+use peerstash::control::{now_ms, ControlSigner, Direction, MessageKind};
+use peerstash::token::TokenVerifier;
+use peerstash::{ChunkId, Fingerprint, PeerId, TransactionKey, TxKind};
+
+const MIB: u64 = 1 << 20;
+const PASSWORD: &str = "correct horse battery";
+
+/// A running `peerstash-server`, killed when dropped.
+struct Server {
+    proc: Proc,
+    url: String,
+    fingerprint: Fingerprint,
+    data_dir: PathBuf,
+}
+
+impl Server {
+    /// Start on a free loopback port with `args`, and read the two lines it prints.
+    fn start(data_dir: &Path, args: &[&str]) -> Server {
+        let mut cmd = Command::new(bin("peerstash-server"));
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped());
+        let mut proc = Proc::spawn("peerstash-server", cmd);
+        let stdout = proc.child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep reading so the server never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut fp, mut url) = (None, None);
+        while fp.is_none() || url.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the server prints its fingerprint and address");
+            if let Some(v) = line.strip_prefix("fingerprint: ") {
+                assert_eq!(v.len(), 64, "64 hex digits: {v}");
+                fp = Some(v.parse().unwrap());
+            } else if let Some(v) = line.strip_prefix("listening: ") {
+                url = Some(v.to_string());
+            }
+        }
+        Server {
+            proc,
+            url: url.unwrap(),
+            fingerprint: fp.unwrap(),
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    fn client(&self) -> ServerClient {
+        ServerClient::new(&self.url, self.fingerprint).unwrap()
+    }
+
+    fn invites(&self, n: usize) -> Vec<String> {
+        let out = Command::new(bin("peerstash-server"))
+            .arg("invite")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--count", &n.to_string()])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let codes: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(codes.len(), n);
+        codes
+    }
+
+    /// One metric's value, summed over its label sets that contain `labels`.
+    async fn metric(&self, name: &str, labels: &str) -> u64 {
+        let text = self.client().metrics().await.unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+            .filter(|l| l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+/// A registered peer, with its client and key.
+struct Peer {
+    id: PeerId,
+    key: TransactionKey,
+    client: ServerClient,
+}
+
+async fn register(s: &Server, name: &str, lend: u64) -> Peer {
+    let resp = s
+        .client()
+        .register(&RegisterRequest {
+            name: name.into(),
+            password: PASSWORD.into(),
+            invite: None,
+            lend_bytes: lend,
+            quic_addr: format!("127.0.0.1:{}", 20000 + name.len()),
+            cert_fingerprint: Fingerprint([name.len() as u8; 32]),
+            key_mode: KeyMode::Escrow,
+        })
+        .await
+        .unwrap();
+    let key = TransactionKey::from_hex(&resp.transaction_key).unwrap();
+    Peer {
+        id: resp.peer_id,
+        key: key.clone(),
+        client: s.client().with_identity(resp.peer_id, key),
+    }
+}
+
+async fn heartbeat(p: &Peer, free: u64) -> Vec<ChunkId> {
+    heartbeat_ack(p, free, vec![]).await
+}
+
+async fn heartbeat_ack(p: &Peer, free: u64, dropped: Vec<ChunkId>) -> Vec<ChunkId> {
+    p.client
+        .heartbeat(&HeartbeatRequest {
+            quic_addr: format!("127.0.0.1:{}", 30000 + (p.id.0 % 1000)),
+            cert_fingerprint: Fingerprint([1; 32]),
+            free_bytes: free,
+            used_bytes: 0,
+            dropped,
+        })
+        .await
+        .unwrap()
+        .drop
+}
+
+fn chunks(tag: &str, n: usize, size: u32) -> Vec<ChunkRef> {
+    (0..n)
+        .map(|i| ChunkRef {
+            id: ChunkId::of(format!("{tag}-{i}").as_bytes()),
+            size,
+        })
+        .collect()
+}
+
+fn put_req(c: &[ChunkRef], replicas: u8) -> PutRequest {
+    PutRequest {
+        chunks: c.to_vec(),
+        replicas,
+        exclude: vec![],
+    }
+}
+
+fn run_cli(home: &Path, args: &[&str]) -> Output {
+    Command::new(bin("peerstash"))
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_register_with_and_without_invite_login_and_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), &[]);
+    let fp = s.fingerprint.to_string();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let pw = pw.to_str().unwrap();
+    let storage = tmp.path().join("storage");
+    let reg = |home: &Path, name: &str, invite: Option<&str>| {
+        let mut a = vec![
+            "register",
+            "--server",
+            &s.url,
+            "--server-fingerprint",
+            &fp,
+            "--name",
+            name,
+            "--password-file",
+            pw,
+            "--lend",
+            "1.5G",
+            "--storage-dir",
+            storage.to_str().unwrap(),
+        ];
+        if let Some(i) = invite {
+            a.extend(["--invite", i]);
+        }
+        run_cli(home, &a)
+    };
+
+    // Without an invite: refused with the reason and a hint.
+    let h1 = tmp.path().join("h1");
+    let o = reg(&h1, "ann", None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad_invite"), "{}", stderr(&o));
+    assert!(!h1.join("config.toml").exists(), "nothing saved on refusal");
+
+    // With an invite: registered, keys saved 0600.
+    let codes = s.invites(2);
+    let o = reg(&h1, "ann", Some(&codes[0]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("1G"), "quota is lend / 1.5: {out}");
+    for f in ["transaction.key", "data.key", "peer-key.der", "config.toml"] {
+        let mode = std::fs::metadata(h1.join(f)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+
+    // The same invite cannot be used twice.
+    let o = reg(&tmp.path().join("h2"), "bob", Some(&codes[0]));
+    assert!(stderr(&o).contains("bad_invite"), "{}", stderr(&o));
+    // A duplicate name is refused, and the second invite is not spent by the refusal.
+    let o = reg(&tmp.path().join("h3"), "ann", Some(&codes[1]));
+    assert!(stderr(&o).contains("name_taken"), "{}", stderr(&o));
+    assert_eq!(s.metric("peerstash_invites_unused", "").await, 1);
+    assert_eq!(s.metric("peerstash_peers_registered", "").await, 1);
+
+    // Login with a wrong password is refused; with the right one it restores the keys.
+    let bad_pw = tmp.path().join("bad");
+    std::fs::write(&bad_pw, "not the password\n").unwrap();
+    let h4 = tmp.path().join("h4");
+    let login = |pwf: &str| {
+        run_cli(
+            &h4,
+            &[
+                "login",
+                "--server",
+                &s.url,
+                "--server-fingerprint",
+                &fp,
+                "--name",
+                "ann",
+                "--password-file",
+                pwf,
+            ],
+        )
+    };
+    let o = login(bad_pw.to_str().unwrap());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("bad_credentials"), "{}", stderr(&o));
+    let o = login(pw);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["transaction.key", "data.key"] {
+        assert_eq!(
+            std::fs::read(h1.join(f)).unwrap(),
+            std::fs::read(h4.join(f)).unwrap(),
+            "login restores {f}"
+        );
+    }
+
+    // Status through the restored home.
+    let o = run_cli(&h4, &["status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        out.contains("ann") && out.contains("of 1 registered"),
+        "{out}"
+    );
+
+    // A wrong pin never reaches the server.
+    let wrong = "ab".repeat(32);
+    let o = run_cli(
+        &tmp.path().join("h5"),
+        &[
+            "login",
+            "--server",
+            &s.url,
+            "--server-fingerprint",
+            &wrong,
+            "--name",
+            "ann",
+            "--password-file",
+            pw,
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("does not match the pinned"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Commands that other parts provide exist and say so.
+    let o = run_cli(&h4, &["serve"]);
+    assert!(!o.status.success() && stderr(&o).contains("not built yet"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_and_registration_are_rate_limited_per_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        tmp.path(),
+        &[
+            "--open-registration",
+            "--auth-burst",
+            "3",
+            "--auth-per-minute",
+            "1",
+        ],
+    );
+    register(&s, "ann", 100 * MIB).await;
+    let c = s.client();
+    let wrong = LoginRequest {
+        name: "ann".into(),
+        password: "wrong password".into(),
+    };
+    let e = c.login(&wrong).await.unwrap_err();
+    assert_eq!(e.reason(), Some("bad_credentials"));
+    let e = c.login(&wrong).await.unwrap_err();
+    assert_eq!(e.reason(), Some("bad_credentials"));
+    let e = c.login(&wrong).await.unwrap_err();
+    assert_eq!(
+        (e.status(), e.reason()),
+        (Some(429), Some("rate_limited")),
+        "{e}"
+    );
+    // Even the right password waits: guessing cannot be sped up.
+    let right = LoginRequest {
+        name: "ann".into(),
+        password: PASSWORD.into(),
+    };
+    assert_eq!(
+        c.login(&right).await.unwrap_err().reason(),
+        Some("rate_limited")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_spreads_replicas_over_distinct_online_peers_with_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s, "alice", 1 << 30).await;
+    let b = register(&s, "bob", 1 << 30).await;
+    let c = register(&s, "carol", 1 << 30).await;
+    let d = register(&s, "dave", 1 << 30).await;
+    let e = register(&s, "erin", 1 << 30).await;
+    let f = register(&s, "frank", 1 << 30).await; // never online
+    heartbeat(&a, 1 << 30).await;
+    for p in [&b, &c, &d] {
+        heartbeat(p, 100 * MIB).await;
+    }
+    heartbeat(&e, MIB).await; // room for exactly one 1 MiB chunk
+    let keys: HashMap<PeerId, &TransactionKey> = [&a, &b, &c, &d, &e, &f]
+        .iter()
+        .map(|p| (p.id, &p.key))
+        .collect();
+
+    let batch = chunks("spread", 64, MIB as u32);
+    let resp = a.client.put(&put_req(&batch, 2)).await.unwrap();
+    assert!(resp.already_stored.is_empty());
+    let mut holders: HashMap<ChunkId, Vec<PeerId>> = HashMap::new();
+    let mut per_target: HashMap<PeerId, usize> = HashMap::new();
+    let mut txids = HashSet::new();
+    for pl in &resp.placements {
+        assert!(txids.insert(pl.txid), "one transaction id per token");
+        assert_ne!(pl.target, a.id, "never the requester");
+        assert_ne!(pl.target, f.id, "never an offline peer");
+        // The token opens under the target's own key and grants exactly these chunks.
+        let auth = TokenVerifier::new(pl.target, keys[&pl.target])
+            .open(pl.token.as_bytes(), now_ms() / 1000)
+            .unwrap();
+        let claims = auth.claims();
+        assert_eq!(
+            (claims.requester, claims.kind, claims.txid),
+            (a.id, TxKind::Put, pl.txid)
+        );
+        let granted: Vec<ChunkId> = claims.grants.iter().map(|g| g.chunk).collect();
+        assert_eq!(granted, pl.chunks);
+        // And not under anyone else's.
+        assert!(TokenVerifier::new(pl.target, &a.key)
+            .open(pl.token.as_bytes(), now_ms() / 1000)
+            .is_err());
+        *per_target.entry(pl.target).or_default() += pl.chunks.len();
+        for ch in &pl.chunks {
+            holders.entry(*ch).or_default().push(pl.target);
+        }
+    }
+    assert_eq!(holders.len(), 64);
+    for (ch, hs) in &holders {
+        let distinct: HashSet<_> = hs.iter().collect();
+        assert_eq!(distinct.len(), 2, "two distinct peers for {ch}");
+    }
+    assert!(
+        per_target.get(&e.id).copied().unwrap_or(0) <= 1,
+        "erin had room for one"
+    );
+    for p in [&b, &c, &d] {
+        let n = per_target[&p.id];
+        assert!((40..=46).contains(&n), "load spread evenly: {per_target:?}");
+    }
+
+    // Exclusion: a peer the client wants to avoid gets nothing.
+    let more = chunks("exclude", 4, 1000);
+    let mut req = put_req(&more, 2);
+    req.exclude = vec![b.id];
+    let r = a.client.put(&req).await.unwrap();
+    assert!(r.placements.iter().all(|p| p.target != b.id));
+
+    // Too many replicas for the peers online: a clear refusal, nothing recorded.
+    let used_before = a.client.status().await.unwrap().used_bytes;
+    let err = a
+        .client
+        .put(&put_req(&chunks("many", 1, 10), 5))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.status(), err.reason()),
+        (Some(503), Some("not_enough_peers")),
+        "{err}"
+    );
+    assert_eq!(a.client.status().await.unwrap().used_bytes, used_before);
+
+    // Confirms commit only what was placed on the confirming target.
+    let first = &resp.placements[0];
+    let target = [&b, &c, &d, &e]
+        .into_iter()
+        .find(|p| p.id == first.target)
+        .unwrap();
+    let other = [&b, &c, &d]
+        .into_iter()
+        .find(|p| p.id != first.target)
+        .unwrap();
+    let stolen = other
+        .client
+        .confirm(&ConfirmRequest {
+            txid: first.txid,
+            chunks: first.chunks.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        stolen.committed, 0,
+        "another peer cannot confirm someone's placement"
+    );
+    for pl in &resp.placements {
+        let t = [&b, &c, &d, &e]
+            .into_iter()
+            .find(|p| p.id == pl.target)
+            .unwrap();
+        let r = t
+            .client
+            .confirm(&ConfirmRequest {
+                txid: pl.txid,
+                chunks: pl.chunks.clone(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.committed, pl.chunks.len());
+    }
+    assert_eq!(s.metric("peerstash_chunk_locations", "").await, 128);
+    assert!(target.client.status().await.unwrap().holding_bytes >= MIB);
+
+    // Dedupe: the same chunks again need nothing sent.
+    let again = a.client.put(&put_req(&batch, 2)).await.unwrap();
+    assert_eq!(again.already_stored.len(), 64);
+    assert!(again.placements.is_empty());
+
+    // Get: the owner gets one token per holder; nobody else gets any.
+    let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+    let got = a
+        .client
+        .get(&GetRequest {
+            chunks: ids.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(got.missing.is_empty());
+    let mut covered = HashSet::new();
+    for pl in &got.placements {
+        let auth = TokenVerifier::new(pl.target, keys[&pl.target])
+            .open(pl.token.as_bytes(), now_ms() / 1000)
+            .unwrap();
+        assert_eq!(auth.claims().kind, TxKind::Get);
+        assert_eq!(auth.claims().requester, a.id);
+        covered.extend(pl.chunks.iter().copied());
+    }
+    assert_eq!(covered.len(), 64);
+    let theirs = b
+        .client
+        .get(&GetRequest {
+            chunks: ids.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        theirs.placements.is_empty(),
+        "no tokens for another user's chunks"
+    );
+    assert_eq!(theirs.missing.len(), 64);
+
+    // Release: stops counting against the quota; holders learn to drop via heartbeat.
+    let before = a.client.status().await.unwrap().used_bytes;
+    let rel = a
+        .client
+        .release(&ReleaseRequest {
+            chunks: vec![ids[0]],
+        })
+        .await
+        .unwrap();
+    assert_eq!(rel.released, 1);
+    assert_eq!(
+        a.client.status().await.unwrap().used_bytes,
+        before - 2 * MIB
+    );
+    let mut told = HashSet::new();
+    for p in [&b, &c, &d, &e] {
+        let drops = heartbeat(p, 100 * MIB).await;
+        if drops.contains(&ids[0]) {
+            told.insert(p.id);
+            let again = heartbeat_ack(p, 100 * MIB, vec![ids[0]]).await;
+            assert!(
+                !again.contains(&ids[0]),
+                "acknowledged drops are not repeated"
+            );
+        }
+    }
+    let holders_of_0: HashSet<PeerId> = holders[&ids[0]].iter().copied().collect();
+    assert!(told.is_superset(&holders_of_0), "both holders are told");
+    // Anyone else told is the peer that confirmed chunks it was never given: it may drop
+    // whatever it stored without a placement.
+    for extra in told.difference(&holders_of_0) {
+        assert_eq!(*extra, other.id);
+        assert!(first.chunks.contains(&ids[0]));
+    }
+
+    // Failure reports are counted per peer in the metrics.
+    a.client
+        .report(&ReportRequest::BadChunk {
+            holder: c.id,
+            chunk: ids[1],
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        s.metric("peerstash_reports_total", &format!("peer=\"{}\"", c.id))
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quota_put_is_refused_with_the_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s, "alice", 3 * MIB).await; // quota 2 MiB at the default 1.5
+    let b = register(&s, "bob", 1 << 30).await;
+    let c = register(&s, "carol", 1 << 30).await;
+    heartbeat(&b, 1 << 30).await;
+    heartbeat(&c, 1 << 30).await;
+    let err = a
+        .client
+        .put(&put_req(&chunks("q", 3, MIB as u32), 1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.status(), err.reason()),
+        (Some(507), Some("over_quota")),
+        "{err}"
+    );
+    let msg = err.to_string();
+    for n in ["3145728", "2097152", "0 of"] {
+        assert!(msg.contains(n), "message names {n}: {msg}");
+    }
+    let st: StatusResponse = a.client.status().await.unwrap();
+    assert_eq!(
+        (st.used_bytes, st.quota_bytes),
+        (0, 2 * MIB),
+        "refusal recorded nothing"
+    );
+    // Every replica counts: one chunk twice fits, a third replica-MiB does not.
+    a.client
+        .put(&put_req(&chunks("q", 1, MIB as u32), 2))
+        .await
+        .unwrap();
+    assert_eq!(a.client.status().await.unwrap().used_bytes, 2 * MIB);
+    let err = a
+        .client
+        .put(&put_req(&chunks("r", 1, 1), 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Some("over_quota"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_forged_and_malformed_control_messages_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s, "alice", 100 * MIB).await;
+    let b = register(&s, "bob", 100 * MIB).await;
+    heartbeat(&b, 100 * MIB).await;
+    let raw = s.client();
+    let api_reason = |body: &[u8]| -> String {
+        serde_json::from_slice::<peerstash::api::ApiError>(body)
+            .unwrap()
+            .reason
+    };
+
+    // A captured put, sent twice: the second is a replay and changes nothing.
+    let body = serde_json::to_vec(&put_req(&chunks("replay", 1, 1000), 1)).unwrap();
+    let signer = ControlSigner::new(a.id, &a.key, Direction::PeerToServer);
+    let auth = signer.sign(MessageKind::Put, &body, now_ms()).to_header();
+    let (st1, _) = raw
+        .post_raw("/v1/put", body.clone(), Some(&auth))
+        .await
+        .unwrap();
+    assert_eq!(st1, 200);
+    let used = a.client.status().await.unwrap().used_bytes;
+    let (st2, resp) = raw
+        .post_raw("/v1/put", body.clone(), Some(&auth))
+        .await
+        .unwrap();
+    assert_eq!((st2, api_reason(&resp).as_str()), (401, "replayed"));
+    assert_eq!(
+        a.client.status().await.unwrap().used_bytes,
+        used,
+        "the replay recorded nothing"
+    );
+
+    // Forged: alice's id, a key that is not hers.
+    let forger = ControlSigner::new(
+        a.id,
+        &TransactionKey::generate().unwrap(),
+        Direction::PeerToServer,
+    );
+    let auth = forger.sign(MessageKind::Put, &body, now_ms()).to_header();
+    let (st, resp) = raw
+        .post_raw("/v1/put", body.clone(), Some(&auth))
+        .await
+        .unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (401, "bad_mac"));
+
+    // Tampered: a valid message over another body.
+    let auth = signer.sign(MessageKind::Put, b"{}", now_ms()).to_header();
+    let (st, resp) = raw
+        .post_raw("/v1/put", body.clone(), Some(&auth))
+        .await
+        .unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (401, "bad_mac"));
+
+    // Sent to the wrong endpoint.
+    let auth = signer
+        .sign(MessageKind::Heartbeat, &body, now_ms())
+        .to_header();
+    let (st, resp) = raw
+        .post_raw("/v1/put", body.clone(), Some(&auth))
+        .await
+        .unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (401, "wrong_kind"));
+
+    // Stale: stamped before the server started.
+    let auth = signer
+        .sign(MessageKind::Put, &body, now_ms() - 3_600_000)
+        .to_header();
+    let (st, resp) = raw
+        .post_raw("/v1/put", body.clone(), Some(&auth))
+        .await
+        .unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (401, "stale"));
+
+    // Unknown peer, missing header, garbage header.
+    let ghost = ControlSigner::new(PeerId(12345), &a.key, Direction::PeerToServer);
+    let auth = ghost.sign(MessageKind::Put, &body, now_ms()).to_header();
+    let (st, resp) = raw
+        .post_raw("/v1/put", body.clone(), Some(&auth))
+        .await
+        .unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (401, "unknown_peer"));
+    let (st, resp) = raw.post_raw("/v1/put", body.clone(), None).await.unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (401, "malformed"));
+    let (st, resp) = raw
+        .post_raw("/v1/put", body.clone(), Some("zz"))
+        .await
+        .unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (401, "malformed"));
+
+    // Oversized body: refused before anything else.
+    let big = vec![b' '; peerstash::api::MAX_BODY_BYTES + 1];
+    let (st, resp) = raw.post_raw("/v1/put", big, None).await.unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (413, "too_large"));
+
+    // Authenticated but not JSON.
+    let junk = b"not json".to_vec();
+    let auth = signer.sign(MessageKind::Put, &junk, now_ms()).to_header();
+    let (st, resp) = raw.post_raw("/v1/put", junk, Some(&auth)).await.unwrap();
+    assert_eq!((st, api_reason(&resp).as_str()), (400, "bad_json"));
+
+    assert_eq!(
+        a.client.status().await.unwrap().used_bytes,
+        used,
+        "no refusal recorded anything"
+    );
+    assert_eq!(
+        s.metric("peerstash_rejections_total", "reason=\"replayed\"")
+            .await,
+        1
+    );
+    assert_eq!(
+        s.metric("peerstash_rejections_total", "reason=\"bad_mac\"")
+            .await,
+        2
+    );
+
+    // Concurrent requests from one client each get their own channel.
+    let futs: Vec<_> = (0..16).map(|_| a.client.status()).collect();
+    for r in futures_util::future::join_all(futs).await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_and_restart_loses_nothing_committed_and_txids_never_repeat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s, "alice", 1 << 30).await;
+    let b = register(&s, "bob", 1 << 30).await;
+    let c = register(&s, "carol", 1 << 30).await;
+    heartbeat(&b, 1 << 30).await;
+    heartbeat(&c, 1 << 30).await;
+    let batch = chunks("durable", 8, 4096);
+    let resp = a.client.put(&put_req(&batch, 2)).await.unwrap();
+    let mut seen_txids: HashSet<u64> = resp.placements.iter().map(|p| p.txid.0).collect();
+    for pl in &resp.placements {
+        let t = if pl.target == b.id { &b } else { &c };
+        t.client
+            .confirm(&ConfirmRequest {
+                txid: pl.txid,
+                chunks: pl.chunks.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    let got = a
+        .client
+        .get(&GetRequest {
+            chunks: batch.iter().map(|c| c.id).collect(),
+        })
+        .await
+        .unwrap();
+    seen_txids.extend(got.placements.iter().map(|p| p.txid.0));
+
+    s.proc.kill9();
+    // What is on disk right after the kill: every location, and a txid mark above every id.
+    {
+        let db = rusqlite::Connection::open(tmp.path().join("server.db")).unwrap();
+        let n: i64 = db
+            .query_row("SELECT COUNT(*) FROM locations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 16);
+        let hwm: i64 = db
+            .query_row("SELECT value FROM meta WHERE key = 'txid_hwm'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(seen_txids.iter().all(|t| (*t as i64) < hwm));
+    }
+    let s2 = Server::start(tmp.path(), &["--open-registration"]);
+    assert_eq!(
+        s2.fingerprint, s.fingerprint,
+        "the certificate survives a restart"
+    );
+
+    // The same keys still authenticate (kept encrypted at rest), and login returns them.
+    let login = s2
+        .client()
+        .login(&LoginRequest {
+            name: "alice".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(login.peer_id, a.id);
+    assert_eq!(
+        TransactionKey::from_hex(&login.transaction_key).unwrap(),
+        a.key
+    );
+    let a2 = s2.client().with_identity(a.id, a.key.clone());
+    let b2 = Peer {
+        id: b.id,
+        key: b.key.clone(),
+        client: s2.client().with_identity(b.id, b.key.clone()),
+    };
+    let c2 = Peer {
+        id: c.id,
+        key: c.key.clone(),
+        client: s2.client().with_identity(c.id, c.key.clone()),
+    };
+    heartbeat(&b2, 1 << 30).await;
+    heartbeat(&c2, 1 << 30).await;
+
+    let st = a2.status().await.unwrap();
+    assert_eq!(
+        st.used_bytes,
+        8 * 4096 * 2,
+        "every committed replica is still counted"
+    );
+    let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+    let got = a2
+        .get(&GetRequest {
+            chunks: ids.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(got.missing.is_empty(), "every committed location survived");
+    let holders: HashSet<PeerId> = got.placements.iter().map(|p| p.target).collect();
+    assert_eq!(holders, HashSet::from([b.id, c.id]));
+    let again = a2.put(&put_req(&batch, 2)).await.unwrap();
+    assert_eq!(again.already_stored.len(), 8);
+
+    // New transaction ids are all above the ones issued before the crash.
+    let max_before = *seen_txids.iter().max().unwrap();
+    let fresh = a2
+        .put(&put_req(&chunks("after", 4, 4096), 2))
+        .await
+        .unwrap();
+    for p in fresh.placements.iter().chain(got.placements.iter()) {
+        assert!(
+            p.txid.0 > max_before,
+            "txid {} repeats or goes back (max before {max_before})",
+            p.txid.0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_load_mode_issues_universal_tokens_only_when_switched_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (flag, kind) in [
+        (None, TxKind::Put),
+        (Some("--peak-load"), TxKind::Universal),
+    ] {
+        let dir = tmp.path().join(format!("{kind:?}"));
+        let mut args = vec!["--open-registration"];
+        args.extend(flag);
+        let s = Server::start(&dir, &args);
+        let a = register(&s, "alice", 1 << 30).await;
+        let b = register(&s, "bob", 1 << 30).await;
+        heartbeat(&b, 1 << 30).await;
+        let r = a
+            .client
+            .put(&put_req(&chunks("peak", 2, 100), 1))
+            .await
+            .unwrap();
+        assert_eq!(r.placements.len(), 1);
+        let auth = TokenVerifier::new(b.id, &b.key)
+            .open(r.placements[0].token.as_bytes(), now_ms() / 1000)
+            .unwrap();
+        assert_eq!(auth.claims().kind, kind);
+        assert_eq!(
+            auth.claims().grants.len(),
+            2,
+            "still limited to the placed chunks"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_passphrase_mode_keeps_the_data_key_from_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("server"), &["--open-registration"]);
+    let fp = s.fingerprint.to_string();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let phrase = tmp.path().join("phrase");
+    std::fs::write(&phrase, "a long recovery passphrase\n").unwrap();
+    let (pw, phrase) = (pw.to_str().unwrap(), phrase.to_str().unwrap());
+    let h1 = tmp.path().join("h1");
+    let o = run_cli(
+        &h1,
+        &[
+            "register",
+            "--server",
+            &s.url,
+            "--server-fingerprint",
+            &format!("sha256:{fp}"),
+            "--name",
+            "pat",
+            "--password-file",
+            pw,
+            "--lend",
+            "500M",
+            "--storage-dir",
+            tmp.path().join("st").to_str().unwrap(),
+            "--key-mode",
+            "passphrase",
+            "--passphrase-file",
+            phrase,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The server never had the data key: login returns none, the passphrase restores it.
+    let login = s
+        .client()
+        .login(&LoginRequest {
+            name: "pat".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (login.key_mode, login.data_key),
+        (KeyMode::Passphrase, None)
+    );
+    let h2 = tmp.path().join("h2");
+    let o = run_cli(
+        &h2,
+        &[
+            "login",
+            "--server",
+            &s.url,
+            "--server-fingerprint",
+            &fp,
+            "--name",
+            "pat",
+            "--password-file",
+            pw,
+            "--passphrase-file",
+            phrase,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(h1.join("data.key")).unwrap(),
+        std::fs::read(h2.join("data.key")).unwrap()
+    );
+    // Registering twice into one home is refused before contacting the server.
+    let o = run_cli(
+        &h1,
+        &[
+            "register",
+            "--server",
+            &s.url,
+            "--server-fingerprint",
+            &fp,
+            "--name",
+            "pat2",
+            "--password-file",
+            pw,
+            "--lend",
+            "1G",
+            "--storage-dir",
+            "/nonexistent",
+        ],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("already holds a peer"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_go_offline_and_get_no_placements() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        tmp.path(),
+        &["--open-registration", "--online-timeout", "1"],
+    );
+    let a = register(&s, "alice", 1 << 30).await;
+    let b = register(&s, "bob", 1 << 30).await;
+    heartbeat(&b, 1 << 30).await;
+    assert_eq!(a.client.status().await.unwrap().peers_online, 1);
+    a.client
+        .put(&put_req(&chunks("on", 1, 10), 1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(a.client.status().await.unwrap().peers_online, 0);
+    let err = a
+        .client
+        .put(&put_req(&chunks("off", 1, 10), 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Some("not_enough_peers"), "{err}");
+    // A heartbeat brings it back.
+    heartbeat(&b, 1 << 30).await;
+    a.client
+        .put(&put_req(&chunks("off", 1, 10), 1))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_transfer_frees_its_placement_and_a_new_one_avoids_the_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s, "alice", 3 * MIB).await;
+    let b = register(&s, "bob", 1 << 30).await;
+    let c = register(&s, "carol", 1 << 30).await;
+    heartbeat(&b, 1 << 30).await;
+    heartbeat(&c, 1 << 30).await;
+    let one = chunks("retry", 1, MIB as u32);
+    let r = a.client.put(&put_req(&one, 1)).await.unwrap();
+    let pl = &r.placements[0];
+    assert_eq!(a.client.status().await.unwrap().used_bytes, MIB);
+    a.client
+        .report(&ReportRequest::TransferFailed {
+            target: pl.target,
+            txid: pl.txid,
+            chunks: pl.chunks.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        a.client.status().await.unwrap().used_bytes,
+        0,
+        "the failed placement no longer counts"
+    );
+    let mut req = put_req(&one, 1);
+    req.exclude = vec![pl.target];
+    let again = a.client.put(&req).await.unwrap();
+    assert_eq!(again.placements.len(), 1);
+    assert_ne!(again.placements[0].target, pl.target);
+    // The failed target cannot commit the abandoned placement any more.
+    let failed = if pl.target == b.id { &b } else { &c };
+    let r = failed
+        .client
+        .confirm(&ConfirmRequest {
+            txid: pl.txid,
+            chunks: pl.chunks.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.committed, 0);
+    let labels = format!("peer=\"{}\",kind=\"transfer_failed\"", pl.target);
+    assert_eq!(s.metric("peerstash_reports_total", &labels).await, 1);
+}
