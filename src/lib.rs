@@ -10,6 +10,8 @@
 pub mod api;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "client")]
+pub mod cluster;
 pub mod control;
 #[cfg(feature = "client")]
 pub mod drive;
@@ -17,6 +19,8 @@ pub mod ids;
 pub mod keys;
 #[cfg(feature = "client")]
 pub mod peer;
+#[cfg(feature = "client")]
+pub mod remote;
 pub mod replay;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -10,6 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use peerstash::api::{KeyMode, LoginRequest, RegisterRequest};
 use peerstash::client::home::{derive_passphrase_key, format_size, HomeConfig, DEFAULT_REPLICAS};
 use peerstash::client::{parse_size, ClientError, Home, ServerClient};
+use peerstash::drive::DriveConfig;
+use peerstash::peer::{Daemon, DaemonConfig};
+use peerstash::remote::{HttpLink, RemoteBackend};
 use peerstash::{DataKey, Fingerprint, TransactionKey};
 
 /// A backup drive made of other people's spare disk.
@@ -123,9 +126,12 @@ struct LocalClusterArgs {
     /// Where to mount the drive.
     #[arg(long)]
     mount: Option<PathBuf>,
-    /// Where to keep the cluster's state.
+    /// Where to keep the cluster's state (default ~/.local/share/peerstash/local-cluster).
     #[arg(long)]
     state: Option<PathBuf>,
+    /// Space each peer lends.
+    #[arg(long, default_value = "2G", value_parser = parse_size_arg)]
+    lend: u64,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -152,16 +158,178 @@ fn run(cli: Cli) -> Result<()> {
         Command::Register(a) => runtime()?.block_on(register(&home, a)),
         Command::Login(a) => runtime()?.block_on(login(&home, a)),
         Command::Status => runtime()?.block_on(status(&home)),
-        Command::Serve => not_built("serve"),
-        Command::Mount(_) => not_built("mount"),
-        Command::LocalCluster(_) => not_built("local-cluster"),
+        Command::Serve => serve(&home),
+        Command::Mount(a) => mount(&home, a),
+        Command::LocalCluster(a) => local_cluster(a),
     }
 }
 
-fn not_built(what: &str) -> Result<()> {
+/// The home's settings and keys, with a hint when the home was never set up.
+fn registered(home: &Home) -> Result<HomeConfig> {
+    if !home.is_registered() {
+        bail!(
+            "{} holds no peer: run `peerstash register` (new user) or `peerstash login` \
+             (after a reinstall) first, or pick the right --home",
+            home.dir().display()
+        );
+    }
+    Ok(home.load_config()?)
+}
+
+fn serve(home: &Home) -> Result<()> {
+    let cfg = registered(home)?;
+    let key = home.load_transaction_key()?;
+    let cert = home.load_peer_cert()?.context(
+        "this home has no storage daemon certificate: run `peerstash login` to make one",
+    )?;
+    let listen = std::net::ToSocketAddrs::to_socket_addrs(&cfg.listen_addr.as_str())
+        .ok()
+        .and_then(|mut a| a.next())
+        .with_context(|| {
+            format!(
+                "the listen address {:?} in config.toml is not host:port",
+                cfg.listen_addr
+            )
+        })?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let link = HttpLink::new(home.server_client()?);
+        let mut dc = DaemonConfig::new(
+            cfg.peer_id,
+            key,
+            listen,
+            cfg.storage_dir.clone(),
+            cfg.lend_bytes,
+            cert,
+            home.path("daemon"),
+        );
+        dc.advertise = Some(cfg.listen_addr.clone());
+        dc.heartbeat_interval = peerstash::remote::HEARTBEAT_INTERVAL;
+        let daemon = Daemon::run(dc, link)
+            .await
+            .with_context(|| format!("starting the storage daemon on {listen}"))?;
+        println!(
+            "serving {} of {} for other peers on {} (peer {})",
+            format_size(cfg.lend_bytes),
+            cfg.storage_dir.display(),
+            daemon.local_addr(),
+            cfg.peer_id
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        println!("stopping the storage daemon");
+        daemon.shutdown().await;
+        Ok(())
+    })
+}
+
+fn mount(home: &Home, a: MountArgs) -> Result<()> {
+    let cfg = registered(home)?;
+    let data_key = home.load_data_key()?;
+    if a.daemon {
+        return mount_in_background(home, &a);
+    }
+    // Block SIGINT/SIGTERM before any thread starts, so the drive's signal wait sees them
+    // (and no runtime thread dies of them with the mount still up).
+    peerstash::drive::fuse::block_stop_signals().context("blocking signals")?;
+    let rt = std::sync::Arc::new(runtime()?);
+    let server = home.server_client()?;
+    let backend =
+        RemoteBackend::new(rt.clone(), server, cfg.replicas).context("starting the QUIC client")?;
+    let mut dc = DriveConfig::new(
+        &a.mountpoint,
+        home.path("drive"),
+        data_key,
+        std::sync::Arc::new(backend),
+    );
+    if let Some(o) = &a.options {
+        dc.apply_options(o).map_err(anyhow::Error::msg)?;
+    }
+    eprintln!(
+        "peerstash: mounted at {} — Ctrl-C or `fusermount3 -u {}` unmounts",
+        a.mountpoint.display(),
+        a.mountpoint.display()
+    );
+    peerstash::drive::run_foreground(dc)
+        .with_context(|| format!("mounting the drive at {}", a.mountpoint.display()))?;
+    Ok(())
+}
+
+/// `--daemon`: start the same command without it, detached, and return once the mount is
+/// up (or report why it failed).
+fn mount_in_background(home: &Home, a: &MountArgs) -> Result<()> {
+    let log = home.path("mount.log");
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--home")
+        .arg(home.dir())
+        .arg("mount")
+        .arg(&a.mountpoint);
+    if let Some(o) = &a.options {
+        cmd.arg("-o").arg(o);
+    }
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .context("starting the mount in the background")?;
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        if let Some(status) = child.try_wait()? {
+            let msg = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("the mount exited ({status}):\n{msg}");
+        }
+        if is_fuse_mount(&a.mountpoint) {
+            println!(
+                "mounted at {} (pid {}; log {})",
+                a.mountpoint.display(),
+                child.id(),
+                log.display()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     bail!(
-        "`peerstash {what}` is not built yet in this version; use `register`, `login` and `status`"
+        "the mount did not come up within 30 s; see {}",
+        log.display()
     )
+}
+
+fn is_fuse_mount(p: &Path) -> bool {
+    let Ok(canon) = p.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let mut f = l.split(' ');
+            let _src = f.next();
+            f.next() == Some(&*canon.to_string_lossy())
+                && f.next().is_some_and(|t| t.starts_with("fuse"))
+        })
+}
+
+fn local_cluster(a: LocalClusterArgs) -> Result<()> {
+    let base = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join(".local/share/peerstash");
+    let state = a.state.unwrap_or_else(|| base.join("local-cluster"));
+    let mount = a.mount.unwrap_or_else(|| state.join("mnt"));
+    peerstash::cluster::run(peerstash::cluster::ClusterOptions {
+        peers: a.peers.max(1),
+        mount,
+        state,
+        lend_bytes: a.lend,
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

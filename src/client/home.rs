@@ -114,7 +114,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
 }
 
 /// Write `bytes` to `path` atomically with mode 0600.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), HomeError> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)

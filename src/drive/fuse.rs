@@ -250,18 +250,7 @@ pub fn mount(cfg: DriveConfig) -> Result<MountHandle, MountError> {
 /// Mount and serve until SIGINT or SIGTERM (then unmount cleanly) or until unmounted
 /// from outside (`fusermount3 -u`, `umount`).
 pub fn run_foreground(cfg: DriveConfig) -> Result<(), MountError> {
-    // Block the signals in this thread before any other thread exists, so every thread
-    // inherits the mask and only sigtimedwait below sees them.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(MountError::Signal(io::Error::last_os_error()));
-        }
-        set
-    };
+    let set = block_stop_signals().map_err(MountError::Signal)?;
     let handle = mount(cfg)?;
     let timeout = libc::timespec {
         tv_sec: 0,
@@ -278,6 +267,23 @@ pub fn run_foreground(cfg: DriveConfig) -> Result<(), MountError> {
         }
     }
     handle.unmount().map_err(MountError::Mount)
+}
+
+/// Block SIGINT and SIGTERM in the calling thread (and so in every thread it starts
+/// afterwards), returning the set for `sigtimedwait`. Call it before starting any thread
+/// (an async runtime, say) so that only [`run_foreground`] sees those signals.
+pub fn block_stop_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: plain signal-mask calls on a zeroed, initialised sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(set)
+    }
 }
 
 /// Mount and serve until `stop()` returns true (polled every 100 ms) or the drive is

@@ -21,7 +21,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, RecvStream, SendStream, TransportConfig, VarInt};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::link::ServerLink;
@@ -205,7 +205,8 @@ struct Shared {
     store: Arc<ChunkStore>,
     limits: Limits,
     reports: mpsc::Sender<ReportRequest>,
-    confirms: mpsc::Sender<ConfirmRequest>,
+    /// Confirms for the server, each with a way to tell the uploader it went through.
+    confirms: mpsc::Sender<(ConfirmRequest, oneshot::Sender<bool>)>,
     /// Chunks deleted since the last successful heartbeat.
     dropped: Mutex<Vec<ChunkId>>,
 }
@@ -640,6 +641,9 @@ async fn serve_put(
     let (requester, txid) = who(&auth);
     let count = wire::check_count(read_u16(recv, t).await?).map_err(ReadFail::Refuse)?;
     let mut stored = Vec::new();
+    // Records are held back until the server has the locations: an acknowledged chunk is
+    // one the uploader can count as stored (its fsync depends on it).
+    let mut records: Vec<Result<(), Refusal>> = Vec::new();
     let mut result = Ok(());
     for _ in 0..count {
         let (chunk, size) = match read_chunk_header(recv, t).await {
@@ -652,17 +656,11 @@ async fn serve_put(
         match receive_chunk(shared, &auth, recv, chunk, size).await {
             Ok(Ok(())) => {
                 stored.push(chunk);
-                if let Err(e) = write(send, t, &wire::encode_record(Ok(()))).await {
-                    result = Err(e);
-                    break;
-                }
+                records.push(Ok(()));
             }
             Ok(Err(r)) => {
                 shared.report(requester, txid, r);
-                if let Err(e) = write(send, t, &r.encode()).await {
-                    result = Err(e);
-                    break;
-                }
+                records.push(Err(r));
             }
             Err(e) => {
                 result = Err(e);
@@ -670,13 +668,32 @@ async fn serve_put(
             }
         }
     }
+    let mut confirmed = true;
     if !stored.is_empty() {
         let req = ConfirmRequest {
             txid: auth.claims().txid,
             chunks: stored,
         };
+        let (done_tx, done_rx) = oneshot::channel();
         // Waits when the queue is full: uploads slow down instead of confirms getting lost.
-        let _ = shared.confirms.send(req).await;
+        confirmed =
+            shared.confirms.send((req, done_tx)).await.is_ok() && done_rx.await.unwrap_or(false);
+    }
+    if result.is_ok() || matches!(result, Err(ReadFail::Refuse(_))) {
+        let mut out = Vec::new();
+        for r in &records {
+            // Stored but unknown to the server: not durable as far as the uploader can
+            // tell, so it must place the chunk again.
+            let r = if r.is_ok() && !confirmed {
+                Err(Refusal::Internal)
+            } else {
+                *r
+            };
+            out.extend_from_slice(&wire::encode_record(r));
+        }
+        if !out.is_empty() {
+            write(send, t, &out).await?;
+        }
     }
     if let Err(ReadFail::Refuse(r)) = &result {
         shared.report(requester, txid, *r);
@@ -872,29 +889,32 @@ async fn serve_status(
 
 async fn confirm_loop<L: ServerLink>(
     link: Arc<L>,
-    mut rx: mpsc::Receiver<ConfirmRequest>,
+    mut rx: mpsc::Receiver<(ConfirmRequest, oneshot::Sender<bool>)>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let req = tokio::select! {
+        let (req, done) = tokio::select! {
             r = rx.recv() => match r { Some(r) => r, None => return },
             _ = stop.changed() => break,
         };
-        confirm_with_retries(&*link, req).await;
+        let _ = done.send(confirm_with_retries(&*link, req).await);
     }
     // Shutting down: flush what is queued, once each.
-    while let Ok(req) = rx.try_recv() {
-        if let Err(e) = link.confirm(req).await {
+    while let Ok((req, done)) = rx.try_recv() {
+        let ok = link.confirm(req).await;
+        if let Err(e) = &ok {
             tracing::warn!(error = %e, "confirm lost at shutdown");
         }
+        let _ = done.send(ok.is_ok());
     }
 }
 
-async fn confirm_with_retries<L: ServerLink>(link: &L, req: ConfirmRequest) {
+/// Whether the server took the confirm (after a few tries).
+async fn confirm_with_retries<L: ServerLink>(link: &L, req: ConfirmRequest) -> bool {
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=4 {
         match link.confirm(req.clone()).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(e) if attempt < 4 => {
                 tracing::warn!(txid = %req.txid, error = %e, "confirm failed; retrying");
                 tokio::time::sleep(delay).await;
@@ -903,6 +923,7 @@ async fn confirm_with_retries<L: ServerLink>(link: &L, req: ConfirmRequest) {
             Err(e) => tracing::warn!(txid = %req.txid, error = %e, "confirm failed; giving up"),
         }
     }
+    false
 }
 
 async fn report_loop<L: ServerLink>(
