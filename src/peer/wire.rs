@@ -74,8 +74,9 @@
 //! the replay store *before* it accepts any of the chunk's bytes).
 //!
 //! **Replay.** Every chunk operation claims (token txid, chunk id) in the daemon's
-//! persistent replay store before acting, so a token is good for one PUT, GET, STREAM or
-//! DELETE of each chunk it names, even across daemon restarts, until it expires.
+//! persistent replay store before acting, so a token is good for one operation on each
+//! chunk it names (a universal token too: one operation per chunk), even across daemon
+//! restarts, until it expires.
 //!
 //! **Limits.** A daemon refuses connections beyond its total and per-address caps (QUIC
 //! `CONNECTION_REFUSED`), allows a bounded number of concurrent streams per connection
