@@ -41,6 +41,8 @@ const IO_PIECE: usize = 256 << 10;
 /// Refusal reports waiting to be sent; beyond this they are dropped, so a flood of bad
 /// requests cannot grow memory.
 const REPORT_QUEUE: usize = 256;
+/// Chunks stored on one PUT stream before they are confirmed without waiting for its end.
+const CONFIRM_EVERY: usize = 64;
 /// Least time between two refusal reports.
 const REPORT_SPACING: Duration = Duration::from_millis(50);
 /// Confirms waiting to be sent; a full queue slows uploads down rather than losing them.
@@ -653,6 +655,17 @@ async fn serve_put(
         match receive_chunk(shared, &auth, recv, chunk, size).await {
             Ok(Ok(())) => {
                 stored.push(chunk);
+                if stored.len() >= CONFIRM_EVERY {
+                    // Long batches: the server learns of stored chunks as they land.
+                    let chunks = std::mem::take(&mut stored);
+                    let _ = shared
+                        .confirms
+                        .send(ConfirmRequest {
+                            txid: auth.claims().txid,
+                            chunks,
+                        })
+                        .await;
+                }
                 if let Err(e) = write(send, t, &wire::encode_record(Ok(()))).await {
                     result = Err(e);
                     break;
