@@ -266,6 +266,21 @@ async fn store_and_fetch_single_and_batch() {
     want.sort();
     assert_eq!(confirmed, want);
 
+    // A universal token with no entries (the server's peak-load mode) covers any chunk.
+    let any = random_chunk(3000);
+    // Like any token, it is good for one operation on each chunk.
+    let ut = p.token(TxKind::Universal, &[]);
+    put_one(&client, &peer, &ut, &any).await.unwrap();
+    assert_eq!(
+        client.get(&peer, &ut, &any.0, 3000).await,
+        Err(PeerError::BadToken(TokenReason::Replayed))
+    );
+    let ut = p.token(TxKind::Universal, &[]);
+    assert_eq!(client.get(&peer, &ut, &any.0, 3000).await.unwrap(), any.1);
+    let ut = p.token(TxKind::Universal, &[]);
+    let r = client.delete(&peer, &ut, &[(any.0, 3000)]).await.unwrap();
+    assert_eq!(r, vec![Ok(())]);
+
     // Delete under a delete token; a second delete of the same chunk is a replay, and a
     // chunk that is not there is NotFound.
     let gone = (batch[0].0, batch[0].1.len() as u32);
@@ -448,6 +463,21 @@ async fn every_attack_is_refused_with_its_code_and_stores_nothing() {
         .unwrap();
     assert_eq!(r.iter().filter(|r| r.is_ok()).count(), 1, "{r:?}");
     assert!(r.contains(&bad_token(TokenReason::Replayed)), "{r:?}");
+    // A put token used to read, a get token used to delete.
+    assert_eq!(
+        client
+            .get(&peer, &p.token(TxKind::Put, &grant), &chunk.0, 50_000)
+            .await,
+        Err(PeerError::BadToken(TokenReason::WrongType))
+    );
+    assert_eq!(
+        client
+            .delete(&peer, &p.token(TxKind::Get, &grant), &grant)
+            .await
+            .unwrap(),
+        vec![bad_token(TokenReason::WrongType)]
+    );
+    assert!(d.store().contains(&chunk.0));
     // A get token replayed for the same chunk.
     let gt = p.token(TxKind::Get, &grant);
     client.get(&peer, &gt, &chunk.0, 50_000).await.unwrap();

@@ -10,7 +10,8 @@
 //! Resource bounds, so a slow or hostile client cannot pin unbounded memory or slots:
 //! a maximum number of connections (in total and per source IP), of concurrent streams per
 //! connection, QUIC flow-control windows per stream and per connection, a fixed-size write
-//! buffer per upload, an idle timeout per connection and a read timeout per request.
+//! buffer per upload, an idle timeout per connection, and a read (and write) timeout and
+//! an overall timeout per request. See [`Limits::memory_bound`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -37,8 +38,8 @@ use crate::token::{Authorization, TokenVerifier, TxKind};
 
 /// Largest piece read from a stream or a file at a time.
 const IO_PIECE: usize = 256 << 10;
-/// Refusal reports waiting to be sent; beyond this they are counted and dropped, so a
-/// flood of bad requests cannot grow memory.
+/// Refusal reports waiting to be sent; beyond this they are dropped, so a flood of bad
+/// requests cannot grow memory.
 const REPORT_QUEUE: usize = 256;
 /// Least time between two refusal reports.
 const REPORT_SPACING: Duration = Duration::from_millis(50);

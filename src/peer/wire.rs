@@ -37,7 +37,8 @@
 //!           3 SizeMismatch  the announced size is not the token's size for that chunk
 //!           4 NoSpace       over the lent capacity, or the disk is full (ENOSPC)
 //!           5 NotFound      no such chunk here (GET, STREAM, DELETE)
-//!           6 TooLarge      a chunk size above MAX_CHUNK_SIZE, or a token above MAX_TOKEN_LEN
+//!           6 TooLarge      a chunk size above MAX_CHUNK_SIZE (a token length above
+//!                           MAX_TOKEN_LEN is BadToken oversized)
 //!           7 Malformed     a request that does not parse (unknown op, bad count, early end)
 //!           8 BadControl    detail = ControlReason (below)
 //!           9 Internal      the daemon failed (I/O, replay store); try another holder
@@ -56,6 +57,14 @@
 //! size, hash mismatch, no space) is that chunk's record; for PUT the daemon then reads
 //! and discards the chunk's bytes so the next chunk's header is found.
 //!
+//! **Order of the checks on each PUT chunk**, and what a refusal costs the client:
+//! size bound (TooLarge, fatal) → token kind, coverage and size (BadToken wrong_type or
+//! not_in_token, SizeMismatch) → lent capacity (NoSpace) → replay claim (BadToken
+//! replayed) → bytes to a temporary file while hashing (HashMismatch; NoSpace on ENOSPC;
+//! Internal) → fsync, rename, fsync dir → Ok. Refusals before the replay claim leave the
+//! token usable for that chunk; from the claim on, a retry needs a new token. A chunk the
+//! daemon already holds needs no capacity: its bytes are hashed and checked, not written.
+//!
 //! **Why a PUT stream carries one token and many chunks.** A batch token can name up to
 //! 4096 chunks and be ~180 KB long; sending it again with every chunk would cost quadratic
 //! bytes and one token open (HMAC + AES-GCM-SIV) per chunk. Yet one stream per batch would
@@ -65,8 +74,9 @@
 //! the replay store *before* it accepts any of the chunk's bytes).
 //!
 //! **Replay.** Every chunk operation claims (token txid, chunk id) in the daemon's
-//! persistent replay store before acting, so a token is good for one PUT, GET, STREAM or
-//! DELETE of each chunk it names, even across daemon restarts, until it expires.
+//! persistent replay store before acting, so a token is good for one operation on each
+//! chunk it names (a universal token too: one operation per chunk), even across daemon
+//! restarts, until it expires.
 //!
 //! **Limits.** A daemon refuses connections beyond its total and per-address caps (QUIC
 //! `CONNECTION_REFUSED`), allows a bounded number of concurrent streams per connection
