@@ -1,0 +1,443 @@
+//! End to end on loopback: a real `peerstash-server`, real `peerstash serve` daemons over
+//! QUIC, and a real FUSE mount by `peerstash mount`, all as separate processes in
+//! temporary directories. What a user does — copy a tree in, read it back, lose a peer,
+//! run out of quota, restart the local cluster — and what they would check.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{bin, free_udp_port, wait_for, Proc};
+
+const MARKER: &str = "PEERSTASH-PLAINTEXT-MARKER-7f3a";
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let p = p.to_string_lossy().to_string();
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(p.as_str()))
+}
+
+/// A mount by `peerstash mount` in a child process; unmounted (SIGTERM, then a lazy
+/// fusermount3) when dropped.
+struct Mount {
+    proc: Proc,
+    at: PathBuf,
+}
+
+impl Mount {
+    fn start(home: &Path, at: &Path) -> Mount {
+        fs::create_dir_all(at).unwrap();
+        let mut cmd = Command::new(bin("peerstash"));
+        cmd.arg("--home").arg(home).arg("mount").arg(at);
+        let proc = Proc::spawn("mount", cmd);
+        let mut m = Mount {
+            proc,
+            at: at.to_path_buf(),
+        };
+        wait_for("the mount", Duration::from_secs(30), || {
+            if let Ok(Some(s)) = m.proc.child.try_wait() {
+                panic!("peerstash mount exited early: {s}");
+            }
+            is_mounted(at).then_some(())
+        });
+        m
+    }
+
+    /// Unmount the way Ctrl-C does, and check it went cleanly.
+    fn stop(mut self) {
+        self.proc.terminate(Duration::from_secs(20));
+        assert!(!is_mounted(&self.at), "still mounted after SIGTERM");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.at) {
+            self.proc.terminate(Duration::from_secs(10));
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.at)
+                .status();
+        }
+    }
+}
+
+/// A server, storage daemons and one user, each a real process.
+struct Net {
+    dir: tempfile::TempDir,
+    url: String,
+    fingerprint: String,
+    password: PathBuf,
+    _server: Proc,
+    peers: Vec<Proc>,
+}
+
+impl Net {
+    fn start(peers: usize) -> Net {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(bin("peerstash-server"));
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("server"))
+            .args(["--listen", "127.0.0.1:0", "--open-registration"])
+            .stdout(Stdio::piped());
+        let mut server = Proc::spawn("server", cmd);
+        let out = server.child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut fingerprint, mut url) = (String::new(), String::new());
+        while fingerprint.is_empty() || url.is_empty() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("server start-up lines");
+            if let Some(f) = line.strip_prefix("fingerprint: ") {
+                fingerprint = f.trim().to_string();
+            } else if let Some(u) = line.strip_prefix("listening: ") {
+                url = u.trim().to_string();
+            }
+        }
+        let password = dir.path().join("password");
+        fs::write(&password, "correct horse battery staple\n").unwrap();
+        let mut net = Net {
+            dir,
+            url,
+            fingerprint,
+            password,
+            _server: server,
+            peers: Vec::new(),
+        };
+        for i in 0..peers {
+            let home = net.register(&format!("peer-{i}"), "1G");
+            let mut cmd = Command::new(bin("peerstash"));
+            cmd.arg("--home").arg(&home).arg("serve");
+            net.peers.push(Proc::spawn(&format!("peer-{i}"), cmd));
+        }
+        // Placement needs the daemons' first heartbeats.
+        let user = net.register("probe", "1M");
+        wait_for("peers online", Duration::from_secs(30), || {
+            let s = run(Command::new(bin("peerstash"))
+                .arg("--home")
+                .arg(&user)
+                .arg("status"));
+            s.contains(&format!("{peers} online")).then_some(())
+        });
+        net
+    }
+
+    fn home(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn register(&self, name: &str, lend: &str) -> PathBuf {
+        let home = self.home(name);
+        run(Command::new(bin("peerstash"))
+            .arg("--home")
+            .arg(&home)
+            .arg("register")
+            .args([
+                "--server",
+                &self.url,
+                "--server-fingerprint",
+                &self.fingerprint,
+            ])
+            .args(["--name", name, "--lend", lend])
+            .arg("--password-file")
+            .arg(&self.password)
+            .arg("--storage-dir")
+            .arg(home.join("storage"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_udp_port())]));
+        home
+    }
+
+    fn storage_dirs(&self) -> Vec<PathBuf> {
+        (0..self.peers.len())
+            .map(|i| self.home(&format!("peer-{i}")).join("storage"))
+            .collect()
+    }
+}
+
+/// A tree with what backups meet: small files, a large one, empty files, symlinks, a
+/// hard link, deep directories and odd names. Every file carries the marker.
+fn make_tree(root: &Path, large_mib: usize) {
+    fs::create_dir_all(root.join("deep/a/b/c/d/e")).unwrap();
+    fs::create_dir_all(root.join("odd names/ünï cødé")).unwrap();
+    for i in 0..150 {
+        let p = root.join(format!("deep/a/small-{i}.txt"));
+        fs::write(&p, format!("{MARKER} file {i} {}\n", "x".repeat(i * 7))).unwrap();
+    }
+    fs::write(
+        root.join("deep/a/b/c/d/e/leaf.txt"),
+        format!("{MARKER} leaf"),
+    )
+    .unwrap();
+    fs::write(root.join("odd names/ünï cødé/sp ace & 'quote'.txt"), MARKER).unwrap();
+    fs::write(root.join("empty"), b"").unwrap();
+    let mut big = fs::File::create(root.join("large.bin")).unwrap();
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..large_mib {
+        for b in block.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            b.copy_from_slice(&seed.to_le_bytes()[..b.len()]);
+        }
+        big.write_all(&block).unwrap();
+    }
+    big.write_all(MARKER.as_bytes()).unwrap();
+    std::os::unix::fs::symlink("deep/a/small-1.txt", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling")).unwrap();
+    fs::hard_link(root.join("deep/a/small-2.txt"), root.join("hard")).unwrap();
+    fs::set_permissions(
+        root.join("deep/a/small-3.txt"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+}
+
+fn diff(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg("--no-dereference")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "trees differ:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Mode and mtime of every entry, as `stat` prints them, relative to the root.
+fn stat_tree(root: &Path) -> Vec<String> {
+    let out = run(Command::new("find")
+        .arg(".")
+        .args(["-printf", "%p %M %n %T@\\n"])
+        .current_dir(root));
+    let mut lines: Vec<String> = out
+        .lines()
+        .filter(|l| !l.starts_with(". "))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// fsync every regular file: returns once the drive has them confirmed on peers.
+fn fsync_all(root: &Path) {
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os,sys\n\
+         for d,_,fs in os.walk(sys.argv[1]):\n\
+         \x20 for f in fs:\n\
+         \x20   p=os.path.join(d,f)\n\
+         \x20   if os.path.islink(p): continue\n\
+         \x20   fd=os.open(p,os.O_RDONLY); os.fsync(fd); os.close(fd)\n",
+        )
+        .arg(root));
+}
+
+/// grep -r for `needle` (fixed string) under `dirs`; true when found.
+fn found_in(dirs: &[PathBuf], needle: &str) -> bool {
+    Command::new("grep")
+        .args(["-r", "-a", "-q", "-F", "--", needle])
+        .args(dirs)
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
+    let net = Net::start(3);
+    let user = net.register("alice", "1G");
+    let src = net.dir.path().join("src");
+    make_tree(&src, 12);
+    let mnt = net.dir.path().join("mnt");
+
+    let m = Mount::start(&user, &mnt);
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(&mnt));
+    fsync_all(&mnt);
+    diff(&src, &mnt);
+    assert_eq!(
+        stat_tree(&src),
+        stat_tree(&mnt),
+        "modes, link counts or mtimes differ"
+    );
+    m.stop();
+
+    // Peers hold ciphertext only: neither contents nor names appear anywhere.
+    let stores = net.storage_dirs();
+    assert!(
+        found_in(&[src.clone()], MARKER),
+        "the search itself must find the marker"
+    );
+    assert!(
+        !found_in(&stores, MARKER),
+        "plaintext marker found in a peer's storage directory"
+    );
+    for name in ["small-1.txt", "leaf.txt", "sp ace", "large.bin"] {
+        assert!(
+            !found_in(&stores, name),
+            "file name {name:?} found in a peer's storage"
+        );
+    }
+    let stored: u64 = stores
+        .iter()
+        .map(|d| {
+            run(Command::new("du").args(["-sb"]).arg(d))
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        stored > 2 * 12 << 20,
+        "two replicas of 12 MiB expected on peers, found {stored} bytes"
+    );
+
+    // Remount: what was uploaded reads back from the peers.
+    let m = Mount::start(&user, &mnt);
+    diff(&src, &mnt);
+    assert_eq!(stat_tree(&src), stat_tree(&mnt));
+    m.stop();
+
+    // Lose a peer for good: every file still reads (each chunk has another holder), and new
+    // writes go to the peers that are left.
+    let mut peers = net.peers;
+    peers[0].kill9();
+    let m = Mount::start(&user, &mnt);
+    diff(&src, &mnt);
+    fs::write(mnt.join("after-loss.txt"), "written with a peer gone").unwrap();
+    fsync_all(&mnt);
+    m.stop();
+    let m = Mount::start(&user, &mnt);
+    assert_eq!(
+        fs::read_to_string(mnt.join("after-loss.txt")).unwrap(),
+        "written with a peer gone"
+    );
+    m.stop();
+}
+
+#[test]
+fn over_quota_is_enospc_and_the_rest_keeps_working() {
+    let net = Net::start(2);
+    // Lending 3 MB allows 2 MB on peers, every replica counted: 1 MB of data at 2 replicas.
+    let user = net.register("bob", "3M");
+    let mnt = net.dir.path().join("mnt");
+    let m = Mount::start(&user, &mnt);
+    fs::write(mnt.join("small.txt"), "fits").unwrap();
+    fsync_all(&mnt);
+    let big = vec![7u8; 3 << 20];
+    let err = fs::write(mnt.join("too-big.bin"), &big)
+        .and_then(|_| {
+            let f = fs::File::open(mnt.join("too-big.bin"))?;
+            f.sync_all()
+        })
+        .expect_err("3 MiB must not fit a 1 MB quota");
+    assert_eq!(err.raw_os_error(), Some(libc_enospc()), "{err}");
+    // Everything else keeps working.
+    fs::create_dir(mnt.join("dir")).unwrap();
+    fs::write(mnt.join("dir/also-small.txt"), "still fits").unwrap();
+    fsync_all(&mnt.join("dir"));
+    assert_eq!(fs::read_to_string(mnt.join("small.txt")).unwrap(), "fits");
+    m.stop();
+    let m = Mount::start(&user, &mnt);
+    assert_eq!(
+        fs::read_to_string(mnt.join("dir/also-small.txt")).unwrap(),
+        "still fits"
+    );
+    m.stop();
+}
+
+fn libc_enospc() -> i32 {
+    28
+}
+
+#[test]
+fn local_cluster_starts_stops_and_keeps_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mnt = dir.path().join("mnt");
+    let start = || {
+        let mut cmd = Command::new(bin("peerstash"));
+        cmd.args(["local-cluster", "--peers", "2", "--lend", "200M"])
+            .arg("--state")
+            .arg(&state)
+            .arg("--mount")
+            .arg(&mnt);
+        let mut p = Proc::spawn("local-cluster", cmd);
+        wait_for("local-cluster's mount", Duration::from_secs(60), || {
+            if let Ok(Some(s)) = p.child.try_wait() {
+                panic!("local-cluster exited early: {s}");
+            }
+            is_mounted(&mnt).then_some(())
+        });
+        p
+    };
+    let mut p = start();
+    fs::write(mnt.join("kept.txt"), "survives a restart").unwrap();
+    fsync_all(&mnt);
+    // Ctrl-C: the mount goes away and every process stops.
+    unsafe_sigint(p.pid());
+    wait_for("local-cluster to stop", Duration::from_secs(30), || {
+        p.child.try_wait().unwrap().map(|_| ())
+    });
+    assert!(!is_mounted(&mnt));
+    let left = Command::new("pgrep")
+        .arg("-af")
+        .arg(state.as_os_str())
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+
+    let mut p = start();
+    assert_eq!(
+        fs::read_to_string(mnt.join("kept.txt")).unwrap(),
+        "survives a restart"
+    );
+    unsafe_sigint(p.pid());
+    wait_for("local-cluster to stop", Duration::from_secs(30), || {
+        p.child.try_wait().unwrap().map(|_| ())
+    });
+    assert!(!is_mounted(&mnt));
+}
+
+fn unsafe_sigint(pid: u32) {
+    run(Command::new("kill").arg("-INT").arg(pid.to_string()));
+}
