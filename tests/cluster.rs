@@ -298,7 +298,7 @@ fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
     // Peers hold ciphertext only: neither contents nor names appear anywhere.
     let stores = net.storage_dirs();
     assert!(
-        found_in(&[src.clone()], MARKER),
+        found_in(std::slice::from_ref(&src), MARKER),
         "the search itself must find the marker"
     );
     assert!(
@@ -323,7 +323,7 @@ fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
         })
         .sum();
     assert!(
-        stored > 2 * 12 << 20,
+        stored > (2 * 12) << 20,
         "two replicas of 12 MiB expected on peers, found {stored} bytes"
     );
 
