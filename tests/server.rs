@@ -732,6 +732,27 @@ async fn replayed_forged_and_malformed_control_messages_are_refused() {
         2
     );
 
+    // Bad registrations: a clear 400 with the reason, and no peer is created.
+    let bad = |name: &str, password: &str, lend: u64| RegisterRequest {
+        name: name.into(),
+        password: password.into(),
+        invite: None,
+        lend_bytes: lend,
+        quic_addr: "127.0.0.1:1".into(),
+        cert_fingerprint: Fingerprint([0; 32]),
+        key_mode: KeyMode::Escrow,
+    };
+    for (req, reason) in [
+        (bad("no spaces", PASSWORD, MIB), "bad_name"),
+        (bad(&"x".repeat(65), PASSWORD, MIB), "bad_name"),
+        (bad("shorty", "short", MIB), "bad_password"),
+        (bad("nolend", PASSWORD, 0), "bad_lend"),
+    ] {
+        let e = raw.register(&req).await.unwrap_err();
+        assert_eq!((e.status(), e.reason()), (Some(400), Some(reason)), "{e}");
+    }
+    assert_eq!(s.metric("peerstash_peers_registered", "").await, 2);
+
     // Concurrent requests from one client each get their own channel.
     let futs: Vec<_> = (0..16).map(|_| a.client.status()).collect();
     for r in futures_util::future::join_all(futs).await {
