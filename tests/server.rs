@@ -772,16 +772,24 @@ async fn kill9_and_restart_loses_nothing_committed_and_txids_never_repeat() {
     let batch = chunks("durable", 8, 4096);
     let resp = a.client.put(&put_req(&batch, 2)).await.unwrap();
     let mut seen_txids: HashSet<u64> = resp.placements.iter().map(|p| p.txid.0).collect();
-    for pl in &resp.placements {
+    // The targets confirm concurrently, one request per chunk (the server commits queued
+    // confirms together): every location is committed exactly once.
+    let confirms = resp.placements.iter().flat_map(|pl| {
         let t = if pl.target == b.id { &b } else { &c };
-        t.client
-            .confirm(&ConfirmRequest {
+        pl.chunks.iter().map(move |ch| {
+            let req = ConfirmRequest {
                 txid: pl.txid,
-                chunks: pl.chunks.clone(),
-            })
-            .await
-            .unwrap();
-    }
+                chunks: vec![*ch],
+            };
+            async move { t.client.confirm(&req).await }
+        })
+    });
+    let committed: usize = futures_util::future::join_all(confirms)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().committed)
+        .sum();
+    assert_eq!(committed, 16);
     let got = a
         .client
         .get(&GetRequest {
