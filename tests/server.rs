@@ -732,6 +732,27 @@ async fn replayed_forged_and_malformed_control_messages_are_refused() {
         2
     );
 
+    // Bad registrations: a clear 400 with the reason, and no peer is created.
+    let bad = |name: &str, password: &str, lend: u64| RegisterRequest {
+        name: name.into(),
+        password: password.into(),
+        invite: None,
+        lend_bytes: lend,
+        quic_addr: "127.0.0.1:1".into(),
+        cert_fingerprint: Fingerprint([0; 32]),
+        key_mode: KeyMode::Escrow,
+    };
+    for (req, reason) in [
+        (bad("no spaces", PASSWORD, MIB), "bad_name"),
+        (bad(&"x".repeat(65), PASSWORD, MIB), "bad_name"),
+        (bad("shorty", "short", MIB), "bad_password"),
+        (bad("nolend", PASSWORD, 0), "bad_lend"),
+    ] {
+        let e = raw.register(&req).await.unwrap_err();
+        assert_eq!((e.status(), e.reason()), (Some(400), Some(reason)), "{e}");
+    }
+    assert_eq!(s.metric("peerstash_peers_registered", "").await, 2);
+
     // Concurrent requests from one client each get their own channel.
     let futs: Vec<_> = (0..16).map(|_| a.client.status()).collect();
     for r in futures_util::future::join_all(futs).await {
@@ -751,16 +772,24 @@ async fn kill9_and_restart_loses_nothing_committed_and_txids_never_repeat() {
     let batch = chunks("durable", 8, 4096);
     let resp = a.client.put(&put_req(&batch, 2)).await.unwrap();
     let mut seen_txids: HashSet<u64> = resp.placements.iter().map(|p| p.txid.0).collect();
-    for pl in &resp.placements {
+    // The targets confirm concurrently, one request per chunk (the server commits queued
+    // confirms together): every location is committed exactly once.
+    let confirms = resp.placements.iter().flat_map(|pl| {
         let t = if pl.target == b.id { &b } else { &c };
-        t.client
-            .confirm(&ConfirmRequest {
+        pl.chunks.iter().map(move |ch| {
+            let req = ConfirmRequest {
                 txid: pl.txid,
-                chunks: pl.chunks.clone(),
-            })
-            .await
-            .unwrap();
-    }
+                chunks: vec![*ch],
+            };
+            async move { t.client.confirm(&req).await }
+        })
+    });
+    let committed: usize = futures_util::future::join_all(confirms)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().committed)
+        .sum();
+    assert_eq!(committed, 16);
     let got = a
         .client
         .get(&GetRequest {

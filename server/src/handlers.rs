@@ -278,7 +278,18 @@ pub(crate) fn put(st: &State, peer: PeerId, req: PutRequest) -> Result<PutRespon
     })
 }
 
+/// A confirm waiting to be written, and where to send its result.
+pub(crate) type QueuedConfirm = (
+    PeerId,
+    ConfirmRequest,
+    std::sync::mpsc::Sender<Result<usize, Refusal>>,
+);
+
 /// `POST /v1/confirm` (from the target).
+///
+/// Group commit: every confirm joins a queue, and whoever next holds the database lock
+/// writes the whole queue in one transaction. Confirms arrive in bursts (every target of
+/// a put confirms at once), and each transaction costs an fsync.
 pub(crate) fn confirm(
     st: &State,
     peer: PeerId,
@@ -287,11 +298,40 @@ pub(crate) fn confirm(
     if req.chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
         return Err(Refusal::bad_request("too many chunks in one confirm"));
     }
-    let committed = st
-        .store
+    let (tx, rx) = std::sync::mpsc::channel();
+    st.confirm_queue
         .lock()
         .expect("not poisoned")
-        .confirm(peer, req.txid, &req.chunks)?;
+        .push((peer, req, tx));
+    {
+        let mut store = st.store.lock().expect("not poisoned");
+        let batch = std::mem::take(&mut *st.confirm_queue.lock().expect("not poisoned"));
+        // Empty when an earlier lock holder already wrote ours.
+        if !batch.is_empty() {
+            let items: Vec<(PeerId, peerstash::TransactionId, &[peerstash::ChunkId])> = batch
+                .iter()
+                .map(|(p, r, _)| (*p, r.txid, r.chunks.as_slice()))
+                .collect();
+            match store.confirm_batch(&items) {
+                Ok(counts) => {
+                    for ((_, _, reply), n) in batch.iter().zip(counts) {
+                        let _ = reply.send(Ok(n));
+                    }
+                }
+                Err(e) => {
+                    let refusal = Refusal::from(e);
+                    for (_, _, reply) in &batch {
+                        let _ = reply.send(Err(refusal.clone()));
+                    }
+                }
+            }
+        }
+    }
+    // Our item was queued before we took the lock, so whoever drained the queue — us or
+    // an earlier holder — has answered by now.
+    let committed = rx
+        .recv()
+        .map_err(|_| Refusal::internal("a queued confirm got no answer"))??;
     st.metrics
         .confirmed
         .fetch_add(committed as u64, Ordering::Relaxed);

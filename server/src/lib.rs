@@ -129,6 +129,8 @@ pub struct State {
     /// Counters.
     pub metrics: Metrics,
     limiter: RateLimiter,
+    /// Confirms waiting for the next group commit.
+    confirm_queue: Mutex<Vec<handlers::QueuedConfirm>>,
     /// Bounds concurrent password hashing (register, login).
     hash_slots: tokio::sync::Semaphore,
     /// TLS identity served.
@@ -256,6 +258,7 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
         verifier,
         metrics: Metrics::default(),
         limiter,
+        confirm_queue: Mutex::new(Vec::new()),
         hash_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism()
                 .map_or(2, |n| n.get())

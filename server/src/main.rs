@@ -70,7 +70,20 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
+/// Every login and registration allocates ~19 MiB for Argon2id on some blocking thread.
+/// glibc raises its mmap threshold after such a block is freed, so later blocks come from
+/// per-thread arenas and stay resident (hundreds of MiB after a burst of logins). A fixed
+/// threshold keeps large blocks mmapped, and freeing them returns the memory.
+fn keep_large_allocations_mmapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    keep_large_allocations_mmapped();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -694,8 +694,18 @@ impl Store {
         txid: TransactionId,
         chunks: &[ChunkId],
     ) -> rusqlite::Result<usize> {
+        Ok(self.confirm_batch(&[(holder, txid, chunks)])?[0])
+    }
+
+    /// Several confirms in one database transaction (one fsync instead of one each): how
+    /// many locations each committed. A confirm never refuses anything, so sharing the
+    /// transaction cannot make one confirm fail because of another.
+    pub fn confirm_batch(
+        &mut self,
+        batch: &[(PeerId, TransactionId, &[ChunkId])],
+    ) -> rusqlite::Result<Vec<usize>> {
         let tx = self.conn.transaction()?;
-        let mut committed = 0;
+        let mut out = Vec::with_capacity(batch.len());
         {
             let mut find = tx.prepare_cached(
                 "SELECT owner, size FROM pending WHERE txid = ?1 AND chunk = ?2 AND holder = ?3",
@@ -717,33 +727,38 @@ impl Store {
             )?;
             let mut drop =
                 tx.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?;
-            for c in chunks {
-                let cb = c.0.to_vec();
-                let row: Option<(i64, i64)> = find
-                    .query_row(params![txid.0 as i64, cb, pid(holder)], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
-                    .optional()?;
-                match row {
-                    Some((owner, size)) => {
-                        del.execute(params![txid.0 as i64, cb])?;
-                        if ins.execute(params![owner, cb, pid(holder), size])? == 1 {
-                            add.execute(params![owner, size])?;
-                            add_held.execute(params![pid(holder), size])?;
-                            committed += 1;
+            for (holder, txid, chunks) in batch {
+                let (holder, txid) = (*holder, *txid);
+                let mut committed = 0;
+                for c in chunks.iter() {
+                    let cb = c.0.to_vec();
+                    let row: Option<(i64, i64)> = find
+                        .query_row(params![txid.0 as i64, cb, pid(holder)], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                        .optional()?;
+                    match row {
+                        Some((owner, size)) => {
+                            del.execute(params![txid.0 as i64, cb])?;
+                            if ins.execute(params![owner, cb, pid(holder), size])? == 1 {
+                                add.execute(params![owner, size])?;
+                                add_held.execute(params![pid(holder), size])?;
+                                committed += 1;
+                            }
+                            undrop.execute(params![pid(holder), cb])?;
                         }
-                        undrop.execute(params![pid(holder), cb])?;
-                    }
-                    None => {
-                        if !held.exists(params![pid(holder), cb])? {
-                            drop.execute(params![pid(holder), cb])?;
+                        None => {
+                            if !held.exists(params![pid(holder), cb])? {
+                                drop.execute(params![pid(holder), cb])?;
+                            }
                         }
                     }
                 }
+                out.push(committed);
             }
         }
         tx.commit()?;
-        Ok(committed)
+        Ok(out)
     }
 
     /// Plan get tokens: for each chunk `owner` owns, its committed holders, grouped by
