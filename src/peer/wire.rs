@@ -14,8 +14,8 @@
 //!                 | count u16 (1..=MAX_ENTRIES)
 //!                 | count × ( chunk_id [32] | size u32 (≤ MAX_CHUNK_SIZE) | bytes [size] )
 //!         reply   count × record   (one per chunk, in request order, sent after the last
-                chunk once the server has confirmed the stored ones: an Ok is a chunk
-                the server knows is here; stored but unconfirmed answers Internal)
+//!                 chunk once the server has confirmed the stored ones: an Ok is a chunk
+//!                 the server knows is here; stored but unconfirmed answers Internal)
 //!
 //! op 0x02 GET     token_len u32 | token | chunk_id [32] | size u32
 //!         reply   record [| len u32 (= size) | bytes [len]   when status = Ok]
