@@ -689,3 +689,18 @@ fn mount_options_parse() {
     assert!(cfg.apply_options("max_write=lots").is_err());
     assert!(cfg.apply_options("bogus").unwrap_err().contains("bogus"));
 }
+
+#[test]
+fn another_data_key_is_refused() {
+    let env = Env::new(1 << 30);
+    drop(env.open());
+    let other = DataKey::from_bytes([8; 32]);
+    let err = Model::new(
+        &env.state,
+        &other,
+        env.backend.clone(),
+        DriveOptions::default(),
+    )
+    .err();
+    assert_eq!(err, Some(FsError::WrongKey));
+}

@@ -228,6 +228,10 @@ pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Conn
     // checkpoint for power-loss durability.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1)",
+        [],
+    )?;
     let now = Ts::now();
     conn.execute(
         "INSERT OR IGNORE INTO inodes (ino, kind, perm, uid, gid, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, parent)
@@ -651,4 +655,19 @@ pub fn summary_of(state_dir: &std::path::Path) -> rusqlite::Result<Summary> {
     let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     c.busy_timeout(Duration::from_secs(5))?;
     summary(&c)
+}
+
+/// A value kept in `meta`.
+pub fn get_meta(c: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+/// Set a value in `meta`.
+pub fn set_meta(c: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        rusqlite::params![key, value],
+    )?;
+    Ok(())
 }

@@ -73,6 +73,9 @@ pub enum FsError {
     /// EIO: index, staging or backend failure; the message says which.
     #[error("I/O error: {0}")]
     Io(String),
+    /// The drive's index was created with another data key (EACCES at mount time).
+    #[error("this drive's state was created with another data key")]
+    WrongKey,
     /// Another errno from the local system (e.g. the staging disk is full).
     #[error("system error {0}")]
     Os(i32),
@@ -95,6 +98,7 @@ impl FsError {
             FsError::NotSupported => libc::EOPNOTSUPP,
             FsError::BadHandle => libc::EBADF,
             FsError::Io(_) => libc::EIO,
+            FsError::WrongKey => libc::EACCES,
             FsError::Os(e) => *e,
         }
     }
@@ -230,6 +234,10 @@ pub(crate) struct Working {
     mtime: Ts,
     ctime: Ts,
     dirty: bool,
+    /// Bumped by every change; `synced` is the value last made durable (fsync of the
+    /// staging file), so a close can sync without holding the model's lock.
+    gen: u64,
+    synced: u64,
 }
 
 struct Handle {
@@ -437,6 +445,14 @@ impl Model {
             opts.root_uid,
             opts.root_gid,
         )?;
+        // A drive opened with another data key would fail every read: refuse up front.
+        let check = blake3::derive_key("peerstash 2026-11 drive key check v1", key.expose_secret());
+        let check = i64::from_be_bytes(check[..8].try_into().expect("8 bytes"));
+        match index::get_meta(&db, "key_check")? {
+            Some(v) if v != check => return Err(FsError::WrongKey),
+            Some(_) => {}
+            None => index::set_meta(&db, "key_check", check)?,
+        }
         let staging = Staging::open(&state_dir.join("staging"), index::max_stage(&db)?)?;
         // Inodes unlinked while open when we stopped: nobody can reach them any more.
         for (ino, stage) in index::orphans(&db)? {
@@ -643,6 +659,7 @@ impl Model {
             w.mtime = now;
             w.ctime = now;
             w.dirty = true;
+            w.gen += 1;
         }
         if st.open_count.get(&ino).copied().unwrap_or(0) == 0 {
             // truncate(2) by path: no close will follow, so this is the close point.
@@ -1219,6 +1236,8 @@ impl Model {
                     mtime: a.mtime,
                     ctime: a.ctime,
                     dirty: empty && a.size != 0,
+                    gen: 1,
+                    synced: 0,
                 },
             );
             return Ok(file);
@@ -1264,6 +1283,7 @@ impl Model {
         w.mtime = now;
         w.ctime = now;
         w.dirty = true;
+        w.gen += 1;
         Ok(data.len() as u32)
     }
 
@@ -1355,7 +1375,7 @@ impl Model {
         if a.nlink == 0 {
             return Ok(()); // unlinked: nobody will ever read this content
         }
-        if self.shared.opts.sync_on_close {
+        if self.shared.opts.sync_on_close && w.synced != w.gen {
             w.file.sync_data()?;
         }
         let (stage, size, mtime, ctime) = (w.stage, w.size, w.mtime, w.ctime);
@@ -1374,8 +1394,36 @@ impl Model {
         Ok(())
     }
 
+    /// fsync the working file of the inode behind `fh` without holding the lock, so
+    /// that sealing it afterwards is quick and other requests are not held up.
+    fn presync(&self, fh: u64) {
+        if !self.shared.opts.sync_on_close {
+            return;
+        }
+        let (ino, file, gen) = {
+            let st = self.lock();
+            let Some(h) = st.handles.get(&fh) else { return };
+            let Some(w) = st.working.get(&h.ino) else {
+                return;
+            };
+            if !w.dirty || w.synced == w.gen {
+                return;
+            }
+            (h.ino, w.file.clone(), w.gen)
+        };
+        if file.sync_data().is_ok() {
+            let mut st = self.lock();
+            if let Some(w) = st.working.get_mut(&ino) {
+                if Arc::ptr_eq(&w.file, &file) {
+                    w.synced = w.synced.max(gen);
+                }
+            }
+        }
+    }
+
     /// Called at every close of a descriptor: closed content becomes pending upload.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.presync(fh);
         let mut st = self.lock();
         let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
         if !h.write {
@@ -1387,6 +1435,7 @@ impl Model {
 
     /// Last close of a handle.
     pub fn release(&self, fh: u64) -> FsResult<()> {
+        self.presync(fh);
         let mut st = self.lock();
         let h = st.handles.remove(&fh).ok_or(FsError::BadHandle)?;
         let ino = h.ino;
@@ -1422,6 +1471,7 @@ impl Model {
     /// after [`DriveOptions::fsync_timeout`], ENOSPC over quota; data stays staged).
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
         let deadline = Instant::now() + self.shared.opts.fsync_timeout;
+        self.presync(fh);
         let mut st = self.lock();
         let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
         let ino = h.ino;
