@@ -671,3 +671,18 @@ pub fn set_meta(c: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
     )?;
     Ok(())
 }
+
+/// Make every commit so far durable against power loss. Commits use synchronous=NORMAL
+/// (atomic, but the WAL is not fsynced per commit); one FULL commit syncs the WAL with all
+/// earlier frames. Call it before acting outside the index on something a commit decided
+/// (releasing chunks, deleting staging files), and in fsync.
+pub fn make_durable(c: &Connection) -> rusqlite::Result<()> {
+    c.pragma_update(None, "synchronous", "FULL")?;
+    let r = c.execute(
+        "INSERT INTO meta (key, value) VALUES ('durable_syncs', 1)
+         ON CONFLICT(key) DO UPDATE SET value = value + 1",
+        [],
+    );
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    r.map(|_| ())
+}

@@ -260,6 +260,9 @@ pub(crate) struct State {
     pub(crate) quota: Option<Quota>,
     /// Set when there is new work for the uploader.
     pub(crate) kick: bool,
+    /// Staging files a commit stopped referencing; deleted only once the index is durable,
+    /// so a power cut cannot leave the index pointing at a deleted stage.
+    pub(crate) doomed: Vec<u64>,
 }
 
 /// Decrypted chunks, bounded by bytes.
@@ -479,6 +482,7 @@ impl Model {
                 upload_error: HashMap::new(),
                 quota: backend.quota().ok(),
                 kick: true,
+                doomed: Vec::new(),
             }),
             committed: Condvar::new(),
             work: Condvar::new(),
@@ -890,7 +894,7 @@ impl Model {
 
     fn purge_files(&self, st: &mut State, ino: u64, stage: Option<u64>) {
         if let Some(s) = stage {
-            self.shared.staging.remove(s);
+            st.doomed.push(s);
         }
         if let Some(w) = st.working.remove(&ino) {
             self.shared.staging.remove(w.stage);
@@ -1387,7 +1391,7 @@ impl Model {
         tx.commit()?;
         st.working.remove(&ino);
         if let Some(old) = a.stage {
-            self.shared.staging.remove(old);
+            st.doomed.push(old);
         }
         st.upload_error.remove(&ino);
         self.kick(st);
@@ -1507,9 +1511,7 @@ impl Model {
 
     /// Make the index durable against power loss (the WAL is not synced per commit).
     fn checkpoint(&self, st: &State) -> FsResult<()> {
-        st.db
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            .map_err(FsError::from)
+        index::make_durable(&st.db).map_err(FsError::from)
     }
 
     /// fsyncdir: metadata lives in the index.

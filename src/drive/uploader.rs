@@ -92,6 +92,9 @@ pub(crate) fn run(sh: Arc<Shared>) {
             refresh_quota(&sh);
             last_quota = Instant::now();
         }
+        if let Err(e) = delete_doomed(&sh) {
+            tracing::error!("syncing the index: {e}");
+        }
         if let Err(e) = release_free(&sh) {
             tracing::warn!("releasing chunks: {e}");
             backoff = next_backoff(backoff);
@@ -187,8 +190,31 @@ fn refresh_quota(sh: &Shared) {
     }
 }
 
+/// Delete staging files that committed transactions stopped referencing, once those
+/// commits are durable.
+fn delete_doomed(sh: &Shared) -> rusqlite::Result<()> {
+    let doomed = {
+        let mut st = sh.lock();
+        if st.doomed.is_empty() {
+            return Ok(());
+        }
+        // Taken before the sync: every id here was let go by a commit the sync covers.
+        let doomed = std::mem::take(&mut st.doomed);
+        if let Err(e) = index::make_durable(&st.db) {
+            st.doomed.extend(doomed);
+            return Err(e);
+        }
+        doomed
+    };
+    for s in doomed {
+        sh.staging.remove(s);
+    }
+    Ok(())
+}
+
 /// Release chunks no committed file version references.
 fn release_free(sh: &Shared) -> Result<(), BackendError> {
+    let mut synced = false;
     loop {
         let ids = match index::free_chunks(&sh.lock().db, 1000) {
             Ok(ids) => ids,
@@ -196,6 +222,14 @@ fn release_free(sh: &Shared) -> Result<(), BackendError> {
         };
         if ids.is_empty() {
             return Ok(());
+        }
+        if !synced {
+            // The commits that dropped these references must survive a power cut before
+            // the chunks are gone.
+            if let Err(e) = index::make_durable(&sh.lock().db) {
+                return Err(BackendError::Unavailable(format!("index: {e}")));
+            }
+            synced = true;
         }
         sh.backend.release(&ids)?;
         if let Err(e) = index::forget_chunks(&sh.lock().db, &ids) {
@@ -301,9 +335,11 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
     for (ino, _, _) in &done {
         st.upload_error.remove(ino);
     }
+    // Finished stages are deleted by the next `delete_doomed`, after a durable sync.
+    st.doomed.extend(finished);
     drop(st);
-    for s in finished {
-        sh.staging.remove(s);
+    if let Err(e) = delete_doomed(sh) {
+        tracing::error!("syncing the index: {e}");
     }
     sh.committed.notify_all();
     Ok(())
