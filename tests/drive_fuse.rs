@@ -30,7 +30,8 @@ fn child_mount() {
     let state = std::env::var("PEERSTASH_TEST_STATE").unwrap();
     let backend_dir = std::env::var("PEERSTASH_TEST_BACKEND").unwrap();
     let stop = PathBuf::from(std::env::var("PEERSTASH_TEST_STOP").unwrap());
-    let backend = Arc::new(DirBackend::open(Path::new(&backend_dir), 1 << 40).unwrap());
+    let capacity = std::env::var("PEERSTASH_TEST_CAPACITY").map_or(1 << 40, |c| c.parse().unwrap());
+    let backend = Arc::new(DirBackend::open(Path::new(&backend_dir), capacity).unwrap());
     let mut cfg = DriveConfig::new(mnt, state, DataKey::from_bytes([9; 32]), backend);
     cfg.options.fsync_timeout = Duration::from_secs(30);
     // Knobs for measuring kernel settings by hand (see the report in the drive docs).
@@ -668,4 +669,32 @@ fn pjdfstest_against_the_mount() {
         summary.starts_with("Summary: 0 failed"),
         "{summary}\n{text}"
     );
+}
+
+/// Over quota through the kernel: ENOSPC for the write that does not fit, and the rest of
+/// the drive keeps working.
+#[test]
+fn over_quota_enospc_through_the_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Mount::start_with(tmp.path(), &[("PEERSTASH_TEST_CAPACITY", "6000000")]);
+    let first = m.mnt.join("first");
+    fs::write(&first, bytes(1, 4_000_000)).unwrap();
+    File::open(&first).unwrap().sync_all().unwrap();
+    // The quota is refreshed after each upload.
+    std::thread::sleep(Duration::from_millis(300));
+    let err = fs::write(m.mnt.join("second"), bytes(2, 4_000_000)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    fs::create_dir(m.mnt.join("dir")).unwrap();
+    fs::write(m.mnt.join("dir").join("small"), b"still works").unwrap();
+    assert_eq!(
+        fs::read(m.mnt.join("dir").join("small")).unwrap(),
+        b"still works"
+    );
+    assert_eq!(fs::read(&first).unwrap(), bytes(1, 4_000_000));
+    let df = run(Command::new("df")
+        .arg("-B1")
+        .arg("--output=size,avail")
+        .arg(&m.mnt));
+    assert!(df.contains("6000000") || df.contains("5996544"), "{df}");
+    m.stop();
 }
