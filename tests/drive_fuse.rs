@@ -32,6 +32,9 @@ fn child_mount() {
     let stop = PathBuf::from(std::env::var("PEERSTASH_TEST_STOP").unwrap());
     let capacity = std::env::var("PEERSTASH_TEST_CAPACITY").map_or(1 << 40, |c| c.parse().unwrap());
     let backend = Arc::new(DirBackend::open(Path::new(&backend_dir), capacity).unwrap());
+    if let Ok(ms) = std::env::var("PEERSTASH_TEST_GET_DELAY_MS") {
+        backend.set_get_delay(Duration::from_millis(ms.parse().unwrap()));
+    }
     let mut cfg = DriveConfig::new(mnt, state, DataKey::from_bytes([9; 32]), backend);
     cfg.options.fsync_timeout = Duration::from_secs(30);
     // Knobs for measuring kernel settings by hand (see the report in the drive docs).
@@ -696,5 +699,38 @@ fn over_quota_enospc_through_the_mount() {
         .arg("--output=size,avail")
         .arg(&m.mnt));
     assert!(df.contains("6000000") || df.contains("5996544"), "{df}");
+    m.stop();
+}
+
+/// A slow fetch (a read waiting for the backend) does not hold up other requests.
+#[test]
+fn slow_fetch_does_not_block_other_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let m = Mount::start(base);
+    let data = bytes(5, 3_000_000);
+    fs::write(m.mnt.join("remote"), &data).unwrap();
+    File::open(m.mnt.join("remote"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    m.stop();
+    let m = Mount::start_with(base, &[("PEERSTASH_TEST_GET_DELAY_MS", "4000")]);
+    let path = m.mnt.join("remote");
+    let reader = std::thread::spawn(move || fs::read(path).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    // Metadata and writes go through while the read waits for its chunk.
+    fs::create_dir(m.mnt.join("meanwhile")).unwrap();
+    fs::write(m.mnt.join("meanwhile").join("f"), b"not blocked").unwrap();
+    assert_eq!(fs::read_dir(m.mnt.join("meanwhile")).unwrap().count(), 1);
+    assert_eq!(
+        fs::read(m.mnt.join("meanwhile").join("f")).unwrap(),
+        b"not blocked"
+    );
+    assert!(
+        !reader.is_finished(),
+        "the slow read should still be waiting"
+    );
+    assert_eq!(reader.join().unwrap(), data);
     m.stop();
 }

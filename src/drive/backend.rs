@@ -64,6 +64,7 @@ pub struct DirBackend {
     capacity: Mutex<u64>,
     unavailable: AtomicBool,
     fail_puts: AtomicU32,
+    get_delay_ms: AtomicU32,
     // Serializes usage accounting with the files it counts.
     used: Mutex<u64>,
 }
@@ -89,6 +90,7 @@ impl DirBackend {
             capacity: Mutex::new(capacity),
             unavailable: AtomicBool::new(false),
             fail_puts: AtomicU32::new(0),
+            get_delay_ms: AtomicU32::new(0),
             used: Mutex::new(used),
         })
     }
@@ -101,6 +103,15 @@ impl DirBackend {
     /// Make the next `n` puts fail with [`BackendError::Unavailable`].
     pub fn fail_next_puts(&self, n: u32) {
         self.fail_puts.store(n, Ordering::SeqCst);
+    }
+
+    /// Make every `get` take this long (a slow network), to test that slow fetches do not
+    /// hold up other requests.
+    pub fn set_get_delay(&self, delay: std::time::Duration) {
+        self.get_delay_ms.store(
+            delay.as_millis().min(u32::MAX as u128) as u32,
+            Ordering::SeqCst,
+        );
     }
 
     /// Change the quota.
@@ -212,6 +223,10 @@ impl ChunkBackend for DirBackend {
 
     fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError> {
         self.check_up()?;
+        let delay = self.get_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay as u64));
+        }
         let bytes = match fs::read(self.path(id)) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
