@@ -68,6 +68,17 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+fn wait_for_quietly(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 /// A mount served by a child process.
 struct Mount {
     proc: Option<Proc>,
@@ -99,7 +110,10 @@ impl Mount {
             mnt,
             stop,
         };
-        wait_for("the mount", Duration::from_secs(30), || is_mounted(&m.mnt));
+        // Mounted, and not a dead mount left by a killed process.
+        wait_for("the mount", Duration::from_secs(30), || {
+            is_mounted(&m.mnt) && fs::metadata(&m.mnt).is_ok()
+        });
         m
     }
 
@@ -122,13 +136,12 @@ impl Mount {
         assert!(!is_mounted(&self.mnt));
     }
 
-    /// SIGKILL the mount process; the kernel connection dies with it.
+    /// SIGKILL the mount process; the kernel connection dies with it. fusermount3's
+    /// auto-unmount removes the mount unless files in it are still open; whatever is left
+    /// is a dead mount that the next mount clears.
     fn kill9(mut self) {
         let mut p = self.proc.take().unwrap();
         p.kill9();
-        wait_for("auto-unmount", Duration::from_secs(20), || {
-            !is_mounted(&self.mnt)
-        });
     }
 }
 
@@ -438,12 +451,26 @@ fn kill9_while_writing_leaves_old_or_new() {
     }
     // Long enough for some files to be rewritten, short enough for others not to be.
     std::thread::sleep(Duration::from_millis(400));
+    let mnt = m.mnt.clone();
+    // A descriptor open across the kill keeps fusermount3 from auto-unmounting: the next
+    // mount must clear the dead mount itself.
+    let held = File::open(mnt.join("f0")).unwrap();
     m.kill9();
     stop.store(true, Ordering::SeqCst);
     for w in writers {
         w.join().unwrap();
     }
+    drop(held);
+    // Usually auto-unmounted; a dead mount left behind is cleared by the next mount.
+    let auto = wait_for_quietly(Duration::from_secs(5), || !is_mounted(&mnt));
+    eprintln!("auto-unmounted after kill -9: {auto}");
     let m = Mount::start(base);
+    let mounts = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == mnt.to_str())
+        .count();
+    assert_eq!(mounts, 1, "exactly one mount at the mountpoint");
     let mut new = 0;
     for i in 0..n as usize {
         let got = fs::read(m.mnt.join(format!("f{i}"))).unwrap();

@@ -65,6 +65,7 @@ pub struct DirBackend {
     unavailable: AtomicBool,
     fail_puts: AtomicU32,
     get_delay_ms: AtomicU32,
+    bytes_put: std::sync::atomic::AtomicU64,
     // Serializes usage accounting with the files it counts.
     used: Mutex<u64>,
 }
@@ -91,6 +92,7 @@ impl DirBackend {
             unavailable: AtomicBool::new(false),
             fail_puts: AtomicU32::new(0),
             get_delay_ms: AtomicU32::new(0),
+            bytes_put: std::sync::atomic::AtomicU64::new(0),
             used: Mutex::new(used),
         })
     }
@@ -117,6 +119,11 @@ impl DirBackend {
     /// Change the quota.
     pub fn set_capacity(&self, bytes: u64) {
         *self.capacity.lock().unwrap() = bytes;
+    }
+
+    /// Bytes handed to `put` so far (including chunks already stored).
+    pub fn bytes_put(&self) -> u64 {
+        self.bytes_put.load(Ordering::SeqCst)
     }
 
     /// Number of chunks stored.
@@ -182,6 +189,8 @@ impl ChunkBackend for DirBackend {
         {
             return Err(BackendError::Unavailable("injected put failure".into()));
         }
+        let offered: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
+        self.bytes_put.fetch_add(offered, Ordering::SeqCst);
         let mut used = self.used.lock().unwrap();
         let capacity = *self.capacity.lock().unwrap();
         let new: Vec<&(ChunkId, Vec<u8>)> = chunks

@@ -239,6 +239,17 @@ fn build(cfg: DriveConfig) -> Result<(DriveFs, Config), MountError> {
 /// Mount the drive in background threads; the returned handle unmounts on drop.
 pub fn mount(cfg: DriveConfig) -> Result<MountHandle, MountError> {
     let mountpoint = cfg.mountpoint.clone();
+    // A drive whose process was killed leaves a dead mount ("Transport endpoint is not
+    // connected") when auto-unmount could not run (files were open): clear it first.
+    if let Err(e) = std::fs::metadata(&mountpoint) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            tracing::warn!(
+                "{}: clearing a dead mount left by an earlier run",
+                mountpoint.display()
+            );
+            detach(&mountpoint);
+        }
+    }
     let (fs, config) = build(cfg)?;
     let session = fuser::spawn_mount(fs, &mountpoint, &config).map_err(MountError::Mount)?;
     Ok(MountHandle {

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS file_chunks (
 CREATE TABLE IF NOT EXISTS chunks (
     id BLOB PRIMARY KEY,
     stored INTEGER NOT NULL,
-    refcount INTEGER NOT NULL   -- 0: stored or being stored, referenced by no file: release
+    refcount INTEGER NOT NULL,  -- 0: referenced by no file: release when idle
+    confirmed INTEGER NOT NULL DEFAULT 0  -- 1: the backend confirmed it stored
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_free ON chunks(refcount) WHERE refcount = 0;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -452,8 +453,8 @@ pub fn replace_chunks(tx: &Transaction<'_>, ino: u64, list: &[ChunkRef]) -> rusq
         "INSERT INTO file_chunks (ino, offset, chunk, len, stored) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut refc = tx.prepare_cached(
-        "INSERT INTO chunks (id, stored, refcount) VALUES (?1, ?2, 1)
-         ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1",
+        "INSERT INTO chunks (id, stored, refcount, confirmed) VALUES (?1, ?2, 1, 1)
+         ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1, confirmed = 1",
     )?;
     for c in list {
         ins.execute(params![
@@ -468,13 +469,26 @@ pub fn replace_chunks(tx: &Transaction<'_>, ino: u64, list: &[ChunkRef]) -> rusq
     Ok(())
 }
 
-/// Whether a chunk is referenced by a committed file version (so it is stored).
-pub fn chunk_referenced(c: &Connection, id: &ChunkId) -> rusqlite::Result<bool> {
+/// Whether the backend holds a chunk: referenced by a committed version, or confirmed
+/// stored and not released yet (e.g. the old version of a file rsync just replaced).
+pub fn chunk_stored(c: &Connection, id: &ChunkId) -> rusqlite::Result<bool> {
     c.query_row(
-        "SELECT EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND refcount > 0)",
+        "SELECT EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND (refcount > 0 OR confirmed = 1))",
         [&id.0[..]],
         |r| r.get(0),
     )
+}
+
+/// Record that the backend confirmed storing these chunks.
+pub fn mark_confirmed(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
+    let tx = c.unchecked_transaction()?;
+    {
+        let mut st = tx.prepare_cached("UPDATE chunks SET confirmed = 1 WHERE id = ?1")?;
+        for id in ids {
+            st.execute([&id.0[..]])?;
+        }
+    }
+    tx.commit()
 }
 
 /// Record that chunks are about to be stored, so that a crash before they are committed
