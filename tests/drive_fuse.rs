@@ -48,6 +48,32 @@ fn child_mount() {
     if std::env::var("PEERSTASH_TEST_NO_SYNC_ON_CLOSE").is_ok() {
         cfg.options.sync_on_close = false;
     }
+    if let Ok(pidfile) = std::env::var("PEERSTASH_TEST_SIGNALS") {
+        // run_foreground as the CLI runs it: in a process whose only thread blocks the
+        // signals. fork() leaves just this thread in the child (libtest's other threads
+        // are idle), which then serves until SIGTERM.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // Die with the test process that forked us, so a failing test leaves nothing.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            let code = match peerstash::drive::run_foreground(cfg) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("run_foreground: {e}");
+                    1
+                }
+            };
+            unsafe { libc::_exit(code) };
+        }
+        fs::write(&pidfile, pid.to_string()).unwrap();
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status}"
+        );
+        return;
+    }
     // The stop file stands in for SIGTERM: libtest's main thread would take the signal.
     run_foreground_until(cfg, move || stop.exists()).unwrap();
 }
@@ -759,5 +785,47 @@ fn slow_fetch_does_not_block_other_requests() {
         "the slow read should still be waiting"
     );
     assert_eq!(reader.join().unwrap(), data);
+    m.stop();
+}
+
+/// `run_foreground` (what `peerstash mount` runs) unmounts cleanly on SIGTERM.
+#[test]
+fn run_foreground_unmounts_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let pidfile = base.join("server.pid");
+    let m = Mount::start_with(
+        base,
+        &[("PEERSTASH_TEST_SIGNALS", pidfile.to_str().unwrap())],
+    );
+    fs::write(m.mnt.join("kept"), b"kept across SIGTERM").unwrap();
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // The test process exits 0 only if run_foreground returned Ok after unmounting.
+    let mut m = m;
+    let mut p = m.proc.take().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&m.mnt));
+    drop(m);
+    let m = Mount::start(base);
+    assert_eq!(
+        fs::read(m.mnt.join("kept")).unwrap(),
+        b"kept across SIGTERM"
+    );
     m.stop();
 }

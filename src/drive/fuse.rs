@@ -260,6 +260,12 @@ pub fn mount(cfg: DriveConfig) -> Result<MountHandle, MountError> {
 
 /// Mount and serve until SIGINT or SIGTERM (then unmount cleanly) or until unmounted
 /// from outside (`fusermount3 -u`, `umount`).
+///
+/// Call it from the main thread before other threads (e.g. a tokio runtime) exist: it
+/// blocks the two signals in the calling thread, and threads started earlier would still
+/// take them with the default action (the process dies; nothing is lost — pending uploads
+/// resume at the next mount — but the unmount is left to fusermount3's auto-unmount).
+/// Embedders that own their shutdown signal use [`run_foreground_until`].
 pub fn run_foreground(cfg: DriveConfig) -> Result<(), MountError> {
     // Block the signals in this thread before any other thread exists, so every thread
     // inherits the mask and only sigtimedwait below sees them.
