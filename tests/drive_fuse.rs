@@ -30,7 +30,11 @@ fn child_mount() {
     let state = std::env::var("PEERSTASH_TEST_STATE").unwrap();
     let backend_dir = std::env::var("PEERSTASH_TEST_BACKEND").unwrap();
     let stop = PathBuf::from(std::env::var("PEERSTASH_TEST_STOP").unwrap());
-    let backend = Arc::new(DirBackend::open(Path::new(&backend_dir), 1 << 40).unwrap());
+    let capacity = std::env::var("PEERSTASH_TEST_CAPACITY").map_or(1 << 40, |c| c.parse().unwrap());
+    let backend = Arc::new(DirBackend::open(Path::new(&backend_dir), capacity).unwrap());
+    if let Ok(ms) = std::env::var("PEERSTASH_TEST_GET_DELAY_MS") {
+        backend.set_get_delay(Duration::from_millis(ms.parse().unwrap()));
+    }
     let mut cfg = DriveConfig::new(mnt, state, DataKey::from_bytes([9; 32]), backend);
     cfg.options.fsync_timeout = Duration::from_secs(30);
     // Knobs for measuring kernel settings by hand (see the report in the drive docs).
@@ -43,6 +47,32 @@ fn child_mount() {
     }
     if std::env::var("PEERSTASH_TEST_NO_SYNC_ON_CLOSE").is_ok() {
         cfg.options.sync_on_close = false;
+    }
+    if let Ok(pidfile) = std::env::var("PEERSTASH_TEST_SIGNALS") {
+        // run_foreground as the CLI runs it: in a process whose only thread blocks the
+        // signals. fork() leaves just this thread in the child (libtest's other threads
+        // are idle), which then serves until SIGTERM.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // Die with the test process that forked us, so a failing test leaves nothing.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            let code = match peerstash::drive::run_foreground(cfg) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("run_foreground: {e}");
+                    1
+                }
+            };
+            unsafe { libc::_exit(code) };
+        }
+        fs::write(&pidfile, pid.to_string()).unwrap();
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status}"
+        );
+        return;
     }
     // The stop file stands in for SIGTERM: libtest's main thread would take the signal.
     run_foreground_until(cfg, move || stop.exists()).unwrap();
@@ -62,6 +92,17 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn wait_for_quietly(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 /// A mount served by a child process.
@@ -95,7 +136,10 @@ impl Mount {
             mnt,
             stop,
         };
-        wait_for("the mount", Duration::from_secs(30), || is_mounted(&m.mnt));
+        // Mounted, and not a dead mount left by a killed process.
+        wait_for("the mount", Duration::from_secs(30), || {
+            is_mounted(&m.mnt) && fs::metadata(&m.mnt).is_ok()
+        });
         m
     }
 
@@ -118,13 +162,12 @@ impl Mount {
         assert!(!is_mounted(&self.mnt));
     }
 
-    /// SIGKILL the mount process; the kernel connection dies with it.
+    /// SIGKILL the mount process; the kernel connection dies with it. fusermount3's
+    /// auto-unmount removes the mount unless files in it are still open; whatever is left
+    /// is a dead mount that the next mount clears.
     fn kill9(mut self) {
         let mut p = self.proc.take().unwrap();
         p.kill9();
-        wait_for("auto-unmount", Duration::from_secs(20), || {
-            !is_mounted(&self.mnt)
-        });
     }
 }
 
@@ -434,12 +477,26 @@ fn kill9_while_writing_leaves_old_or_new() {
     }
     // Long enough for some files to be rewritten, short enough for others not to be.
     std::thread::sleep(Duration::from_millis(400));
+    let mnt = m.mnt.clone();
+    // A descriptor open across the kill keeps fusermount3 from auto-unmounting: the next
+    // mount must clear the dead mount itself.
+    let held = File::open(mnt.join("f0")).unwrap();
     m.kill9();
     stop.store(true, Ordering::SeqCst);
     for w in writers {
         w.join().unwrap();
     }
+    drop(held);
+    // Usually auto-unmounted; a dead mount left behind is cleared by the next mount.
+    let auto = wait_for_quietly(Duration::from_secs(5), || !is_mounted(&mnt));
+    eprintln!("auto-unmounted after kill -9: {auto}");
     let m = Mount::start(base);
+    let mounts = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == mnt.to_str())
+        .count();
+    assert_eq!(mounts, 1, "exactly one mount at the mountpoint");
     let mut new = 0;
     for i in 0..n as usize {
         let got = fs::read(m.mnt.join(format!("f{i}"))).unwrap();
@@ -668,4 +725,107 @@ fn pjdfstest_against_the_mount() {
         summary.starts_with("Summary: 0 failed"),
         "{summary}\n{text}"
     );
+}
+
+/// Over quota through the kernel: ENOSPC for the write that does not fit, and the rest of
+/// the drive keeps working.
+#[test]
+fn over_quota_enospc_through_the_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Mount::start_with(tmp.path(), &[("PEERSTASH_TEST_CAPACITY", "6000000")]);
+    let first = m.mnt.join("first");
+    fs::write(&first, bytes(1, 4_000_000)).unwrap();
+    File::open(&first).unwrap().sync_all().unwrap();
+    // The quota is refreshed after each upload.
+    std::thread::sleep(Duration::from_millis(300));
+    let err = fs::write(m.mnt.join("second"), bytes(2, 4_000_000)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    fs::create_dir(m.mnt.join("dir")).unwrap();
+    fs::write(m.mnt.join("dir").join("small"), b"still works").unwrap();
+    assert_eq!(
+        fs::read(m.mnt.join("dir").join("small")).unwrap(),
+        b"still works"
+    );
+    assert_eq!(fs::read(&first).unwrap(), bytes(1, 4_000_000));
+    let df = run(Command::new("df")
+        .arg("-B1")
+        .arg("--output=size,avail")
+        .arg(&m.mnt));
+    assert!(df.contains("6000000") || df.contains("5996544"), "{df}");
+    m.stop();
+}
+
+/// A slow fetch (a read waiting for the backend) does not hold up other requests.
+#[test]
+fn slow_fetch_does_not_block_other_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let m = Mount::start(base);
+    let data = bytes(5, 3_000_000);
+    fs::write(m.mnt.join("remote"), &data).unwrap();
+    File::open(m.mnt.join("remote"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    m.stop();
+    let m = Mount::start_with(base, &[("PEERSTASH_TEST_GET_DELAY_MS", "4000")]);
+    let path = m.mnt.join("remote");
+    let reader = std::thread::spawn(move || fs::read(path).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    // Metadata and writes go through while the read waits for its chunk.
+    fs::create_dir(m.mnt.join("meanwhile")).unwrap();
+    fs::write(m.mnt.join("meanwhile").join("f"), b"not blocked").unwrap();
+    assert_eq!(fs::read_dir(m.mnt.join("meanwhile")).unwrap().count(), 1);
+    assert_eq!(
+        fs::read(m.mnt.join("meanwhile").join("f")).unwrap(),
+        b"not blocked"
+    );
+    assert!(
+        !reader.is_finished(),
+        "the slow read should still be waiting"
+    );
+    assert_eq!(reader.join().unwrap(), data);
+    m.stop();
+}
+
+/// `run_foreground` (what `peerstash mount` runs) unmounts cleanly on SIGTERM.
+#[test]
+fn run_foreground_unmounts_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let pidfile = base.join("server.pid");
+    let m = Mount::start_with(
+        base,
+        &[("PEERSTASH_TEST_SIGNALS", pidfile.to_str().unwrap())],
+    );
+    fs::write(m.mnt.join("kept"), b"kept across SIGTERM").unwrap();
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // The test process exits 0 only if run_foreground returned Ok after unmounting.
+    let mut m = m;
+    let mut p = m.proc.take().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&m.mnt));
+    drop(m);
+    let m = Mount::start(base);
+    assert_eq!(
+        fs::read(m.mnt.join("kept")).unwrap(),
+        b"kept across SIGTERM"
+    );
+    m.stop();
 }

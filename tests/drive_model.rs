@@ -689,3 +689,51 @@ fn mount_options_parse() {
     assert!(cfg.apply_options("max_write=lots").is_err());
     assert!(cfg.apply_options("bogus").unwrap_err().contains("bogus"));
 }
+
+#[test]
+fn another_data_key_is_refused() {
+    let env = Env::new(1 << 30);
+    drop(env.open());
+    let other = DataKey::from_bytes([8; 32]);
+    let err = Model::new(
+        &env.state,
+        &other,
+        env.backend.clone(),
+        DriveOptions::default(),
+    )
+    .err();
+    assert_eq!(err, Some(FsError::WrongKey));
+}
+
+/// rsync-style update (a new temporary file renamed over the old one) of a file with a
+/// small change: only the chunks around the change are uploaded.
+#[test]
+fn small_change_uploads_only_changed_chunks() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    let mut data = bytes(42, 16 << 20);
+    write_file(&m, "big", &data).unwrap();
+    assert!(m.wait_idle(Duration::from_secs(60)));
+    let first = env.backend.bytes_put();
+    assert!(first >= 16 << 20);
+    for b in &mut data[8 << 20..(8 << 20) + 1000] {
+        *b ^= 0x5a;
+    }
+    write_file(&m, ".big.tmp", &data).unwrap();
+    m.rename(
+        ROOT_INO,
+        OsStr::new(".big.tmp"),
+        ROOT_INO,
+        OsStr::new("big"),
+        0,
+    )
+    .unwrap();
+    assert!(m.wait_idle(Duration::from_secs(60)));
+    let second = env.backend.bytes_put() - first;
+    eprintln!("16 MiB file, 1000 bytes changed: {second} bytes uploaded");
+    assert!(
+        second < 6 << 20,
+        "uploaded {second} bytes for a 1000-byte change"
+    );
+    assert_eq!(read_file(&m, "big").unwrap(), data);
+}

@@ -64,6 +64,8 @@ pub struct DirBackend {
     capacity: Mutex<u64>,
     unavailable: AtomicBool,
     fail_puts: AtomicU32,
+    get_delay_ms: AtomicU32,
+    bytes_put: std::sync::atomic::AtomicU64,
     // Serializes usage accounting with the files it counts.
     used: Mutex<u64>,
 }
@@ -89,6 +91,8 @@ impl DirBackend {
             capacity: Mutex::new(capacity),
             unavailable: AtomicBool::new(false),
             fail_puts: AtomicU32::new(0),
+            get_delay_ms: AtomicU32::new(0),
+            bytes_put: std::sync::atomic::AtomicU64::new(0),
             used: Mutex::new(used),
         })
     }
@@ -103,9 +107,23 @@ impl DirBackend {
         self.fail_puts.store(n, Ordering::SeqCst);
     }
 
+    /// Make every `get` take this long (a slow network), to test that slow fetches do not
+    /// hold up other requests.
+    pub fn set_get_delay(&self, delay: std::time::Duration) {
+        self.get_delay_ms.store(
+            delay.as_millis().min(u32::MAX as u128) as u32,
+            Ordering::SeqCst,
+        );
+    }
+
     /// Change the quota.
     pub fn set_capacity(&self, bytes: u64) {
         *self.capacity.lock().unwrap() = bytes;
+    }
+
+    /// Bytes handed to `put` so far (including chunks already stored).
+    pub fn bytes_put(&self) -> u64 {
+        self.bytes_put.load(Ordering::SeqCst)
     }
 
     /// Number of chunks stored.
@@ -171,6 +189,8 @@ impl ChunkBackend for DirBackend {
         {
             return Err(BackendError::Unavailable("injected put failure".into()));
         }
+        let offered: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
+        self.bytes_put.fetch_add(offered, Ordering::SeqCst);
         let mut used = self.used.lock().unwrap();
         let capacity = *self.capacity.lock().unwrap();
         let new: Vec<&(ChunkId, Vec<u8>)> = chunks
@@ -212,6 +232,10 @@ impl ChunkBackend for DirBackend {
 
     fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError> {
         self.check_up()?;
+        let delay = self.get_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay as u64));
+        }
         let bytes = match fs::read(self.path(id)) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

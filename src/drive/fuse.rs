@@ -239,6 +239,17 @@ fn build(cfg: DriveConfig) -> Result<(DriveFs, Config), MountError> {
 /// Mount the drive in background threads; the returned handle unmounts on drop.
 pub fn mount(cfg: DriveConfig) -> Result<MountHandle, MountError> {
     let mountpoint = cfg.mountpoint.clone();
+    // A drive whose process was killed leaves a dead mount ("Transport endpoint is not
+    // connected") when auto-unmount could not run (files were open): clear it first.
+    if let Err(e) = std::fs::metadata(&mountpoint) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            tracing::warn!(
+                "{}: clearing a dead mount left by an earlier run",
+                mountpoint.display()
+            );
+            detach(&mountpoint);
+        }
+    }
     let (fs, config) = build(cfg)?;
     let session = fuser::spawn_mount(fs, &mountpoint, &config).map_err(MountError::Mount)?;
     Ok(MountHandle {
@@ -249,6 +260,12 @@ pub fn mount(cfg: DriveConfig) -> Result<MountHandle, MountError> {
 
 /// Mount and serve until SIGINT or SIGTERM (then unmount cleanly) or until unmounted
 /// from outside (`fusermount3 -u`, `umount`).
+///
+/// Call it from the main thread before other threads (e.g. a tokio runtime) exist: it
+/// blocks the two signals in the calling thread, and threads started earlier would still
+/// take them with the default action (the process dies; nothing is lost — pending uploads
+/// resume at the next mount — but the unmount is left to fusermount3's auto-unmount).
+/// Embedders that own their shutdown signal use [`run_foreground_until`].
 pub fn run_foreground(cfg: DriveConfig) -> Result<(), MountError> {
     let set = block_stop_signals().map_err(MountError::Signal)?;
     let handle = mount(cfg)?;

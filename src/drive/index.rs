@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS file_chunks (
 CREATE TABLE IF NOT EXISTS chunks (
     id BLOB PRIMARY KEY,
     stored INTEGER NOT NULL,
-    refcount INTEGER NOT NULL   -- 0: stored or being stored, referenced by no file: release
+    refcount INTEGER NOT NULL,  -- 0: referenced by no file: release when idle
+    confirmed INTEGER NOT NULL DEFAULT 0  -- 1: the backend confirmed it stored
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_free ON chunks(refcount) WHERE refcount = 0;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -228,6 +229,10 @@ pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Conn
     // checkpoint for power-loss durability.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1)",
+        [],
+    )?;
     let now = Ts::now();
     conn.execute(
         "INSERT OR IGNORE INTO inodes (ino, kind, perm, uid, gid, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, parent)
@@ -448,8 +453,8 @@ pub fn replace_chunks(tx: &Transaction<'_>, ino: u64, list: &[ChunkRef]) -> rusq
         "INSERT INTO file_chunks (ino, offset, chunk, len, stored) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut refc = tx.prepare_cached(
-        "INSERT INTO chunks (id, stored, refcount) VALUES (?1, ?2, 1)
-         ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1",
+        "INSERT INTO chunks (id, stored, refcount, confirmed) VALUES (?1, ?2, 1, 1)
+         ON CONFLICT(id) DO UPDATE SET refcount = refcount + 1, confirmed = 1",
     )?;
     for c in list {
         ins.execute(params![
@@ -464,13 +469,26 @@ pub fn replace_chunks(tx: &Transaction<'_>, ino: u64, list: &[ChunkRef]) -> rusq
     Ok(())
 }
 
-/// Whether a chunk is referenced by a committed file version (so it is stored).
-pub fn chunk_referenced(c: &Connection, id: &ChunkId) -> rusqlite::Result<bool> {
+/// Whether the backend holds a chunk: referenced by a committed version, or confirmed
+/// stored and not released yet (e.g. the old version of a file rsync just replaced).
+pub fn chunk_stored(c: &Connection, id: &ChunkId) -> rusqlite::Result<bool> {
     c.query_row(
-        "SELECT EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND refcount > 0)",
+        "SELECT EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND (refcount > 0 OR confirmed = 1))",
         [&id.0[..]],
         |r| r.get(0),
     )
+}
+
+/// Record that the backend confirmed storing these chunks.
+pub fn mark_confirmed(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
+    let tx = c.unchecked_transaction()?;
+    {
+        let mut st = tx.prepare_cached("UPDATE chunks SET confirmed = 1 WHERE id = ?1")?;
+        for id in ids {
+            st.execute([&id.0[..]])?;
+        }
+    }
+    tx.commit()
 }
 
 /// Record that chunks are about to be stored, so that a crash before they are committed
@@ -651,4 +669,34 @@ pub fn summary_of(state_dir: &std::path::Path) -> rusqlite::Result<Summary> {
     let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     c.busy_timeout(Duration::from_secs(5))?;
     summary(&c)
+}
+
+/// A value kept in `meta`.
+pub fn get_meta(c: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+/// Set a value in `meta`.
+pub fn set_meta(c: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        rusqlite::params![key, value],
+    )?;
+    Ok(())
+}
+
+/// Make every commit so far durable against power loss. Commits use synchronous=NORMAL
+/// (atomic, but the WAL is not fsynced per commit); one FULL commit syncs the WAL with all
+/// earlier frames. Call it before acting outside the index on something a commit decided
+/// (releasing chunks, deleting staging files), and in fsync.
+pub fn make_durable(c: &Connection) -> rusqlite::Result<()> {
+    c.pragma_update(None, "synchronous", "FULL")?;
+    let r = c.execute(
+        "INSERT INTO meta (key, value) VALUES ('durable_syncs', 1)
+         ON CONFLICT(key) DO UPDATE SET value = value + 1",
+        [],
+    );
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    r.map(|_| ())
 }

@@ -3,13 +3,58 @@
 //! [`ChunkBackend`]. One module per job:
 //!
 //! - [`crypto`]: sealing and opening chunks;
-//! - [`chunker`]: content-defined chunking;
-//! - [`backend`]: the storage trait and a local-directory implementation for tests;
+//! - [`chunker`]: content-defined chunking (256 KiB / 1 MiB / 4 MiB);
+//! - [`backend`]: the storage trait the network implements, and [`DirBackend`] (a local
+//!   directory with fault injection) for tests;
 //! - [`index`]: the SQLite index (namespace, chunk lists, refcounts, pending uploads);
 //! - [`staging`]: local files holding content not yet uploaded;
-//! - [`model`]: the POSIX operations, without FUSE;
-//! - `uploader`: the background thread that stores and commits;
-//! - [`fuse`]: the fuser adapter, [`mount`] and [`run_foreground`].
+//! - [`model`]: the POSIX operations, without FUSE — tests drive it directly;
+//! - `uploader`: the background thread that stores chunks and commits chunk lists;
+//! - [`fuse`]: the fuser adapter, [`mount`], [`run_foreground`], [`run_foreground_until`].
+//!
+//! # Life of a file
+//!
+//! 1. Writes (and truncates) go to a *working* staging file, created empty or from the
+//!    current content (copied from a pending stage, or fetched chunk by chunk). Size and
+//!    mtime of unclosed content live in memory only.
+//! 2. At close (flush/release), `fsync`, or a path truncate, the working file is synced
+//!    and becomes the inode's immutable *pending stage* (`inodes.stage`), with its size and
+//!    mtime, in one transaction. A crash before this point leaves the previous version.
+//! 3. The uploader chunks and seals the stage, stores the chunks no committed version
+//!    already references, and in one transaction replaces the file's chunk list, adjusts
+//!    refcounts, sets `committed_stage` and clears `stage`. Uploading never touches mtime.
+//! 4. Chunks whose refcount reaches zero are released from the backend between batches.
+//!
+//! Reads come from the working file, else the pending stage, else chunks (LRU cache of
+//! decrypted chunks, single-flight fetches, read-ahead of the next chunk on sequential
+//! reads). After a restart, pending stages are uploaded again and unclosed working files
+//! are discarded.
+//!
+//! # Index schema (`STATE/index.sqlite`, WAL)
+//!
+//! ```text
+//! inodes(ino PK AUTOINCREMENT, kind, perm, uid, gid, size, atime_s/ns, mtime_s/ns,
+//!        ctime_s/ns, nlink, rdev, parent /*dirs*/, target /*symlinks*/,
+//!        stage /*pending upload or NULL*/, committed_stage)
+//! dentries(parent, name BLOB, ino, PK(parent, name))
+//! xattrs(ino, name BLOB, value BLOB, PK(ino, name))          -- user.* only
+//! file_chunks(ino, offset, chunk BLOB, len, stored, PK(ino, offset))
+//! chunks(id BLOB PK, stored, refcount)    -- refcount 0: release (or being stored)
+//! meta(key PK, value)
+//! ```
+//!
+//! Names, sizes and the namespace never leave this file; the backend sees chunk ids and
+//! ciphertext only. Chunk *locations* (which peers hold a chunk) belong to the network
+//! backend and are not kept here.
+//!
+//! # Known limits
+//!
+//! - Rewriting part of an uploaded file first fetches the whole file into staging.
+//! - The ENOSPC check at write time counts staged bytes in full (it does not know about
+//!   deduplication), so a rewrite of a large file needs that much free quota.
+//! - Permission checks are the kernel's (`default_permissions`); the model checks none.
+//! - Debug builds seal at only ~7 MiB/s (the AEAD's generic code is instantiated in this
+//!   crate, built at opt-level 0); release builds are limited by disk and FUSE.
 
 pub mod backend;
 pub mod chunker;
@@ -22,4 +67,5 @@ mod uploader;
 
 pub use backend::{BackendError, ChunkBackend, DirBackend, Quota};
 pub use fuse::{mount, run_foreground, run_foreground_until, DriveConfig, MountError, MountHandle};
+pub use index::{summary_of, Summary};
 pub use model::{DriveOptions, FsError, Model};

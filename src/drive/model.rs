@@ -73,6 +73,9 @@ pub enum FsError {
     /// EIO: index, staging or backend failure; the message says which.
     #[error("I/O error: {0}")]
     Io(String),
+    /// The drive's index was created with another data key (EACCES at mount time).
+    #[error("this drive's state was created with another data key")]
+    WrongKey,
     /// Another errno from the local system (e.g. the staging disk is full).
     #[error("system error {0}")]
     Os(i32),
@@ -95,6 +98,7 @@ impl FsError {
             FsError::NotSupported => libc::EOPNOTSUPP,
             FsError::BadHandle => libc::EBADF,
             FsError::Io(_) => libc::EIO,
+            FsError::WrongKey => libc::EACCES,
             FsError::Os(e) => *e,
         }
     }
@@ -230,6 +234,10 @@ pub(crate) struct Working {
     mtime: Ts,
     ctime: Ts,
     dirty: bool,
+    /// Bumped by every change; `synced` is the value last made durable (fsync of the
+    /// staging file), so a close can sync without holding the model's lock.
+    gen: u64,
+    synced: u64,
 }
 
 struct Handle {
@@ -252,6 +260,9 @@ pub(crate) struct State {
     pub(crate) quota: Option<Quota>,
     /// Set when there is new work for the uploader.
     pub(crate) kick: bool,
+    /// Staging files a commit stopped referencing; deleted only once the index is durable,
+    /// so a power cut cannot leave the index pointing at a deleted stage.
+    pub(crate) doomed: Vec<u64>,
 }
 
 /// Decrypted chunks, bounded by bytes.
@@ -437,6 +448,14 @@ impl Model {
             opts.root_uid,
             opts.root_gid,
         )?;
+        // A drive opened with another data key would fail every read: refuse up front.
+        let check = blake3::derive_key("peerstash 2026-11 drive key check v1", key.expose_secret());
+        let check = i64::from_be_bytes(check[..8].try_into().expect("8 bytes"));
+        match index::get_meta(&db, "key_check")? {
+            Some(v) if v != check => return Err(FsError::WrongKey),
+            Some(_) => {}
+            None => index::set_meta(&db, "key_check", check)?,
+        }
         let staging = Staging::open(&state_dir.join("staging"), index::max_stage(&db)?)?;
         // Inodes unlinked while open when we stopped: nobody can reach them any more.
         for (ino, stage) in index::orphans(&db)? {
@@ -463,6 +482,7 @@ impl Model {
                 upload_error: HashMap::new(),
                 quota: backend.quota().ok(),
                 kick: true,
+                doomed: Vec::new(),
             }),
             committed: Condvar::new(),
             work: Condvar::new(),
@@ -643,6 +663,7 @@ impl Model {
             w.mtime = now;
             w.ctime = now;
             w.dirty = true;
+            w.gen += 1;
         }
         if st.open_count.get(&ino).copied().unwrap_or(0) == 0 {
             // truncate(2) by path: no close will follow, so this is the close point.
@@ -873,7 +894,7 @@ impl Model {
 
     fn purge_files(&self, st: &mut State, ino: u64, stage: Option<u64>) {
         if let Some(s) = stage {
-            self.shared.staging.remove(s);
+            st.doomed.push(s);
         }
         if let Some(w) = st.working.remove(&ino) {
             self.shared.staging.remove(w.stage);
@@ -1219,6 +1240,8 @@ impl Model {
                     mtime: a.mtime,
                     ctime: a.ctime,
                     dirty: empty && a.size != 0,
+                    gen: 1,
+                    synced: 0,
                 },
             );
             return Ok(file);
@@ -1264,6 +1287,7 @@ impl Model {
         w.mtime = now;
         w.ctime = now;
         w.dirty = true;
+        w.gen += 1;
         Ok(data.len() as u32)
     }
 
@@ -1355,7 +1379,7 @@ impl Model {
         if a.nlink == 0 {
             return Ok(()); // unlinked: nobody will ever read this content
         }
-        if self.shared.opts.sync_on_close {
+        if self.shared.opts.sync_on_close && w.synced != w.gen {
             w.file.sync_data()?;
         }
         let (stage, size, mtime, ctime) = (w.stage, w.size, w.mtime, w.ctime);
@@ -1367,15 +1391,43 @@ impl Model {
         tx.commit()?;
         st.working.remove(&ino);
         if let Some(old) = a.stage {
-            self.shared.staging.remove(old);
+            st.doomed.push(old);
         }
         st.upload_error.remove(&ino);
         self.kick(st);
         Ok(())
     }
 
+    /// fsync the working file of the inode behind `fh` without holding the lock, so
+    /// that sealing it afterwards is quick and other requests are not held up.
+    fn presync(&self, fh: u64) {
+        if !self.shared.opts.sync_on_close {
+            return;
+        }
+        let (ino, file, gen) = {
+            let st = self.lock();
+            let Some(h) = st.handles.get(&fh) else { return };
+            let Some(w) = st.working.get(&h.ino) else {
+                return;
+            };
+            if !w.dirty || w.synced == w.gen {
+                return;
+            }
+            (h.ino, w.file.clone(), w.gen)
+        };
+        if file.sync_data().is_ok() {
+            let mut st = self.lock();
+            if let Some(w) = st.working.get_mut(&ino) {
+                if Arc::ptr_eq(&w.file, &file) {
+                    w.synced = w.synced.max(gen);
+                }
+            }
+        }
+    }
+
     /// Called at every close of a descriptor: closed content becomes pending upload.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.presync(fh);
         let mut st = self.lock();
         let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
         if !h.write {
@@ -1387,6 +1439,7 @@ impl Model {
 
     /// Last close of a handle.
     pub fn release(&self, fh: u64) -> FsResult<()> {
+        self.presync(fh);
         let mut st = self.lock();
         let h = st.handles.remove(&fh).ok_or(FsError::BadHandle)?;
         let ino = h.ino;
@@ -1422,6 +1475,7 @@ impl Model {
     /// after [`DriveOptions::fsync_timeout`], ENOSPC over quota; data stays staged).
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
         let deadline = Instant::now() + self.shared.opts.fsync_timeout;
+        self.presync(fh);
         let mut st = self.lock();
         let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
         let ino = h.ino;
@@ -1457,9 +1511,7 @@ impl Model {
 
     /// Make the index durable against power loss (the WAL is not synced per commit).
     fn checkpoint(&self, st: &State) -> FsResult<()> {
-        st.db
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            .map_err(FsError::from)
+        index::make_durable(&st.db).map_err(FsError::from)
     }
 
     /// fsyncdir: metadata lives in the index.

@@ -1,11 +1,12 @@
 //! The uploader: one background thread that turns pending stages into stored chunks.
 //!
 //! For a batch of closed files it chunks (FastCDC) and seals each staging file, stores the
-//! chunks no committed version already references (recording them first as "intent" rows
-//! with refcount 0, so a crash leaves them to be released, never leaked), and then commits
-//! every file's new chunk list in one transaction. Chunks whose refcount fell to zero are
-//! released between batches. Being the only thread that stores, commits and releases
-//! chunks is what makes "skip a chunk that is already referenced" safe.
+//! chunks the backend does not hold yet (recording them first as "intent" rows with
+//! refcount 0, so a crash leaves them to be released, never leaked; marked confirmed once
+//! stored), and then commits every file's new chunk list in one transaction. Chunks whose
+//! refcount fell to zero are released when no upload is pending. Being the only thread
+//! that stores, commits and releases chunks is what makes "skip a chunk the backend
+//! already holds" safe: nothing can release it between the check and the commit.
 //!
 //! Failures keep the data staged: an unavailable backend backs off (1 s doubling to 30 s),
 //! over quota is reported to fsync (ENOSPC) and retried later.
@@ -92,10 +93,8 @@ pub(crate) fn run(sh: Arc<Shared>) {
             refresh_quota(&sh);
             last_quota = Instant::now();
         }
-        if let Err(e) = release_free(&sh) {
-            tracing::warn!("releasing chunks: {e}");
-            backoff = next_backoff(backoff);
-            continue;
+        if let Err(e) = delete_doomed(&sh) {
+            tracing::error!("syncing the index: {e}");
         }
         let pending = match index::pending(&sh.lock().db, 100_000) {
             Ok(p) => p,
@@ -120,6 +119,14 @@ pub(crate) fn run(sh: Arc<Shared>) {
             batch.push((ino, stage));
         }
         if batch.is_empty() {
+            // Idle: release what no file references. Done only when nothing waits for
+            // upload, so a file replaced by a new version (rsync's temp file + rename)
+            // keeps its chunks for the new version to reuse instead of re-uploading them.
+            if let Err(e) = release_free(&sh) {
+                tracing::warn!("releasing chunks: {e}");
+                backoff = next_backoff(backoff);
+                continue;
+            }
             backoff = Duration::ZERO;
             continue;
         }
@@ -187,8 +194,31 @@ fn refresh_quota(sh: &Shared) {
     }
 }
 
+/// Delete staging files that committed transactions stopped referencing, once those
+/// commits are durable.
+fn delete_doomed(sh: &Shared) -> rusqlite::Result<()> {
+    let doomed = {
+        let mut st = sh.lock();
+        if st.doomed.is_empty() {
+            return Ok(());
+        }
+        // Taken before the sync: every id here was let go by a commit the sync covers.
+        let doomed = std::mem::take(&mut st.doomed);
+        if let Err(e) = index::make_durable(&st.db) {
+            st.doomed.extend(doomed);
+            return Err(e);
+        }
+        doomed
+    };
+    for s in doomed {
+        sh.staging.remove(s);
+    }
+    Ok(())
+}
+
 /// Release chunks no committed file version references.
 fn release_free(sh: &Shared) -> Result<(), BackendError> {
+    let mut synced = false;
     loop {
         let ids = match index::free_chunks(&sh.lock().db, 1000) {
             Ok(ids) => ids,
@@ -196,6 +226,14 @@ fn release_free(sh: &Shared) -> Result<(), BackendError> {
         };
         if ids.is_empty() {
             return Ok(());
+        }
+        if !synced {
+            // The commits that dropped these references must survive a power cut before
+            // the chunks are gone.
+            if let Err(e) = index::make_durable(&sh.lock().db) {
+                return Err(BackendError::Unavailable(format!("index: {e}")));
+            }
+            synced = true;
         }
         sh.backend.release(&ids)?;
         if let Err(e) = index::forget_chunks(&sh.lock().db, &ids) {
@@ -222,6 +260,8 @@ impl PutBuffer {
             .collect();
         index::note_intent(&sh.lock().db, &intent)?;
         sh.backend.put(&self.chunks)?;
+        let ids: Vec<ChunkId> = self.chunks.iter().map(|(id, _)| *id).collect();
+        index::mark_confirmed(&sh.lock().db, &ids)?;
         self.chunks.clear();
         self.bytes = 0;
         Ok(())
@@ -255,7 +295,7 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
                 len: data.len() as u32,
                 stored: sealed.stored.len() as u32,
             });
-            if buf.seen.insert(sealed.id) && !index::chunk_referenced(&sh.lock().db, &sealed.id)? {
+            if buf.seen.insert(sealed.id) && !index::chunk_stored(&sh.lock().db, &sealed.id)? {
                 buf.bytes += sealed.stored.len();
                 buf.chunks.push((sealed.id, sealed.stored));
                 if buf.bytes >= sh.opts.put_batch_bytes {
@@ -301,9 +341,11 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
     for (ino, _, _) in &done {
         st.upload_error.remove(ino);
     }
+    // Finished stages are deleted by the next `delete_doomed`, after a durable sync.
+    st.doomed.extend(finished);
     drop(st);
-    for s in finished {
-        sh.staging.remove(s);
+    if let Err(e) = delete_doomed(sh) {
+        tracing::error!("syncing the index: {e}");
     }
     sh.committed.notify_all();
     Ok(())
