@@ -338,11 +338,32 @@ fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
     assert_eq!(stat_tree(&src), stat_tree(&mnt));
     m.stop();
 
-    // Lose a peer for good: every file still reads (each chunk has another holder), and new
-    // writes go to the peers that are left.
+    // Lose a peer for good, in the middle of an upload: the fsync still succeeds (the
+    // chunks go to the peers that are left), and every file still reads (each chunk has
+    // another holder).
     let mut peers = net.peers;
-    peers[0].kill9();
     let m = Mount::start(&user, &mnt);
+    let late: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(mnt.join("during-loss.bin"), &late).unwrap();
+    let syncing = {
+        let p = mnt.join("during-loss.bin");
+        std::thread::spawn(move || fs::File::open(p).and_then(|f| f.sync_all()))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    peers[0].kill9();
+    syncing
+        .join()
+        .unwrap()
+        .expect("fsync with a peer killed mid-upload");
+    m.stop();
+    let m = Mount::start(&user, &mnt);
+    assert!(
+        fs::read(mnt.join("during-loss.bin")).unwrap() == late,
+        "content differs"
+    );
+    fs::remove_file(mnt.join("during-loss.bin")).unwrap();
     diff(&src, &mnt);
     fs::write(mnt.join("after-loss.txt"), "written with a peer gone").unwrap();
     fsync_all(&mnt);
