@@ -416,6 +416,8 @@ fn local_cluster_starts_stops_and_keeps_files() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let mnt = dir.path().join("mnt");
+    // local-cluster runs the server binary found beside its own: make sure it is built.
+    bin("peerstash-server");
     let start = || {
         let mut cmd = Command::new(bin("peerstash"));
         cmd.args(["local-cluster", "--peers", "2", "--lend", "200M"])
