@@ -1,9 +1,6 @@
 //! Secrets on disk: files written with mode 0600, and transaction keys encrypted at rest
 //! under a key derived from the server's master secret.
 
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
@@ -33,25 +30,10 @@ pub enum SecretError {
 /// Write `bytes` to `path` with mode 0600, atomically (temp file + rename), so a crash
 /// never leaves a half-written secret.
 pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), SecretError> {
-    let io = |source| SecretError::Io {
+    peerstash::keys::write_secret_file(path, bytes).map_err(|source| SecretError::Io {
         path: path.display().to_string(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    // The mode above only applies to new files; make sure an old temp file is 0600 too.
-    f.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
+    })
 }
 
 /// Encrypts transaction keys for the database with AES-256-GCM-SIV. The peer id is the
@@ -133,7 +115,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s");
         write_secret_file(&p, b"x").unwrap();
-        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }
 }
