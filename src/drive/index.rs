@@ -636,6 +636,8 @@ pub struct Summary {
     pub chunks: u64,
     /// Their stored (sealed) bytes.
     pub stored_bytes: u64,
+    /// Version of the last snapshot stored (0: none yet).
+    pub snapshot_version: u64,
 }
 
 /// Counts for `peerstash status`.
@@ -656,6 +658,7 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
         pending_bytes,
         chunks,
         stored_bytes,
+        snapshot_version: get_meta(c, "snapshot_version")?.unwrap_or(0) as u64,
     })
 }
 

@@ -128,6 +128,18 @@ pub(crate) fn run(sh: Arc<Shared>) {
                 continue;
             }
             backoff = Duration::ZERO;
+            // Settled: snapshot the index if it changed, at most once per interval.
+            if sh.opts.roots.is_some() {
+                let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
+                let due = snap
+                    .last
+                    .is_none_or(|t| t.elapsed() >= sh.opts.snapshot_interval);
+                if due {
+                    if let Err(e) = super::snapshot::take(&sh, &mut snap) {
+                        tracing::warn!("snapshot postponed: {e}");
+                    }
+                }
+            }
             continue;
         }
         match upload(&sh, &batch) {
