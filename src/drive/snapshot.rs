@@ -409,6 +409,9 @@ pub fn load(
     if !root_seen {
         return Err(bad("no root directory"));
     }
+    // Every restored file holds an uploaded version: mark it committed (stage 1), so that
+    // a later pending version never hides it from the next snapshot.
+    tx.execute("UPDATE inodes SET committed_stage = 1 WHERE kind = 1", [])?;
     tx.commit()?;
     progress(records);
     Ok(records)

@@ -119,16 +119,8 @@ pub(crate) fn run(sh: Arc<Shared>) {
             batch.push((ino, stage));
         }
         if batch.is_empty() {
-            // Idle: release what no file references. Done only when nothing waits for
-            // upload, so a file replaced by a new version (rsync's temp file + rename)
-            // keeps its chunks for the new version to reuse instead of re-uploading them.
-            if let Err(e) = release_free(&sh) {
-                tracing::warn!("releasing chunks: {e}");
-                backoff = next_backoff(backoff);
-                continue;
-            }
-            backoff = Duration::ZERO;
             // Settled: snapshot the index if it changed, at most once per interval.
+            let mut snapshot_current = true;
             if sh.opts.roots.is_some() {
                 let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
                 let due = snap
@@ -139,7 +131,21 @@ pub(crate) fn run(sh: Arc<Shared>) {
                         tracing::warn!("snapshot postponed: {e}");
                     }
                 }
+                // The latest stored snapshot must never name a released chunk: release
+                // only once it covers every commit (it then names no unreferenced chunk).
+                snapshot_current = snap.changes == Some(sh.lock().db.total_changes());
             }
+            // Idle: release what no file references. Done only when nothing waits for
+            // upload, so a file replaced by a new version (rsync's temp file + rename)
+            // keeps its chunks for the new version to reuse instead of re-uploading them.
+            if snapshot_current {
+                if let Err(e) = release_free(&sh) {
+                    tracing::warn!("releasing chunks: {e}");
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
+            }
+            backoff = Duration::ZERO;
             continue;
         }
         match upload(&sh, &batch) {
