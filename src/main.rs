@@ -623,7 +623,15 @@ fn print_drive_summary(home: &Home) -> Result<()> {
         format_size(d.pending_bytes)
     );
     if d.snapshot_version > 0 {
-        println!("snapshot: version {}", d.snapshot_version);
+        println!(
+            "snapshot: version {}{}",
+            d.snapshot_version,
+            if d.snapshot_current {
+                " (up to date)"
+            } else {
+                " (changes since)"
+            }
+        );
     } else {
         println!("snapshot: none yet");
     }

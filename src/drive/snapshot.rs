@@ -552,7 +552,7 @@ pub fn fetch_snapshot(
 
 /// The first 8 bytes of BLAKE3 of a serialized snapshot (kept in `meta` to skip storing
 /// an unchanged snapshot again).
-fn short_digest(data: &[u8]) -> i64 {
+pub(crate) fn short_digest(data: &[u8]) -> i64 {
     i64::from_be_bytes(blake3::hash(data).as_bytes()[..8].try_into().expect("8"))
 }
 
