@@ -13,6 +13,8 @@ use crate::token::Token;
 
 /// Most bytes a request body may have; the server refuses larger ones with 413.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// Largest sealed root record the server keeps.
+pub const MAX_ROOT_BYTES: usize = 64 << 10;
 /// Most chunks one put, get or release request may name.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 4096;
 /// Longest user name.
@@ -38,6 +40,11 @@ pub mod path {
     pub const REPORT: &str = "/v1/report";
     /// `POST` `{}` → [`super::StatusResponse`].
     pub const STATUS: &str = "/v1/status";
+    /// `POST` [`super::PutRootRequest`] → [`super::PutRootResponse`] (409 `stale_root`
+    /// when the version is not newer than the latest kept one).
+    pub const ROOT: &str = "/v1/root";
+    /// `POST` [`super::GetRootRequest`] → [`super::GetRootResponse`].
+    pub const ROOT_GET: &str = "/v1/root/get";
     /// `GET`: `ok`.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: Prometheus text format.
@@ -54,6 +61,7 @@ pub fn kind_for_path(p: &str) -> Option<MessageKind> {
         path::RELEASE => MessageKind::Release,
         path::REPORT => MessageKind::Report,
         path::STATUS => MessageKind::Status,
+        path::ROOT | path::ROOT_GET => MessageKind::Root,
         _ => return None,
     })
 }
@@ -309,4 +317,49 @@ pub struct StatusResponse {
     pub lend_bytes: u64,
     /// Bytes of others' chunks it holds.
     pub holding_bytes: u64,
+}
+
+/// Store a new sealed root record (the encrypted pointer to the drive's latest snapshot).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutRootRequest {
+    /// Snapshot version: must be greater than every version the server kept.
+    pub version: u64,
+    /// The sealed root record, hex (at most [`MAX_ROOT_BYTES`] bytes once decoded).
+    pub sealed: String,
+}
+
+/// What the server keeps after a root put.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutRootResponse {
+    /// Versions kept, newest first.
+    pub kept: Vec<u64>,
+}
+
+/// Ask for a sealed root record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GetRootRequest {
+    /// A given version, or `None` for the latest.
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// A sealed root record, if the peer has one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetRootResponse {
+    /// The record's version, creation time (ms since the epoch) and sealed bytes (hex);
+    /// `None` when the peer never stored a root (or that version is not kept).
+    pub root: Option<RootRecord>,
+    /// Versions kept, newest first.
+    pub kept: Vec<u64>,
+}
+
+/// A kept sealed root record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootRecord {
+    /// Snapshot version.
+    pub version: u64,
+    /// When the server received it (ms since the epoch).
+    pub created_ms: u64,
+    /// The sealed record, hex.
+    pub sealed: String,
 }

@@ -237,14 +237,27 @@ fn mount(home: &Home, a: MountArgs) -> Result<()> {
     peerstash::drive::fuse::block_stop_signals().context("blocking signals")?;
     let rt = std::sync::Arc::new(runtime()?);
     let server = home.server_client()?;
-    let backend =
-        RemoteBackend::new(rt.clone(), server, cfg.replicas).context("starting the QUIC client")?;
-    let mut dc = DriveConfig::new(
-        &a.mountpoint,
-        home.path("drive"),
-        data_key,
-        std::sync::Arc::new(backend),
+    let backend = std::sync::Arc::new(
+        RemoteBackend::new(rt.clone(), server, cfg.replicas).context("starting the QUIC client")?,
     );
+    let state_dir = home.path("drive");
+    // An empty drive state (a reinstall): rebuild the index from the latest snapshot.
+    match peerstash::drive::snapshot::restore_if_empty(
+        &state_dir,
+        &data_key,
+        &*backend,
+        &*backend,
+        |line| eprintln!("peerstash: {line}"),
+    ) {
+        Ok(_) => {}
+        Err(e @ peerstash::drive::SnapshotError::WrongKey) => bail!("{e}"),
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context("restoring the drive's index from its latest snapshot"))
+        }
+    }
+    let mut dc = DriveConfig::new(&a.mountpoint, state_dir, data_key, backend.clone());
+    dc.options.roots = Some(backend);
     if let Some(o) = &a.options {
         dc.apply_options(o).map_err(anyhow::Error::msg)?;
     }
@@ -609,5 +622,18 @@ fn print_drive_summary(home: &Home) -> Result<()> {
         d.pending_files,
         format_size(d.pending_bytes)
     );
+    if d.snapshot_version > 0 {
+        println!(
+            "snapshot: version {}{}",
+            d.snapshot_version,
+            if d.snapshot_current {
+                " (up to date)"
+            } else {
+                " (changes since)"
+            }
+        );
+    } else {
+        println!("snapshot: none yet");
+    }
     Ok(())
 }

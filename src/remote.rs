@@ -293,3 +293,39 @@ impl ServerLink for HttpLink {
 
 /// Default time between heartbeats of a daemon started from the command line.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+impl crate::drive::RootStore for RemoteBackend {
+    fn put_root(&self, version: u64, sealed: &[u8]) -> Result<(), crate::drive::RootError> {
+        self.rt
+            .block_on(self.server.put_root(&crate::api::PutRootRequest {
+                version,
+                sealed: hex::encode(sealed),
+            }))
+            .map(|_| ())
+            .map_err(|e| {
+                if e.reason() == Some("stale_root") {
+                    crate::drive::RootError::Stale
+                } else {
+                    crate::drive::RootError::Unavailable(e.to_string())
+                }
+            })
+    }
+
+    fn get_root(&self) -> Result<Option<(u64, Vec<u8>)>, crate::drive::RootError> {
+        let resp = self
+            .rt
+            .block_on(self.server.get_root(&crate::api::GetRootRequest::default()))
+            .map_err(|e| crate::drive::RootError::Unavailable(e.to_string()))?;
+        match resp.root {
+            None => Ok(None),
+            Some(r) => {
+                let sealed = hex::decode(&r.sealed).map_err(|_| {
+                    crate::drive::RootError::Unavailable(
+                        "the server sent a root that is not hex".into(),
+                    )
+                })?;
+                Ok(Some((r.version, sealed)))
+            }
+        }
+    }
+}

@@ -1089,3 +1089,69 @@ async fn failed_transfer_frees_its_placement_and_a_new_one_avoids_the_peer() {
     let labels = format!("peer=\"{}\",kind=\"transfer_failed\"", pl.target);
     assert_eq!(s.metric("peerstash_reports_total", &labels).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_roots_only_move_forward_and_the_newest_are_kept() {
+    use peerstash::api::{GetRootRequest, PutRootRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        tmp.path(),
+        &["--open-registration", "--keep-snapshots", "2"],
+    );
+    let a = register(&s, "alice", 1 << 30).await;
+    let b = register(&s, "bob", 1 << 30).await;
+    let none = a.client.get_root(&GetRootRequest::default()).await.unwrap();
+    assert!(
+        none.root.is_none() && none.kept.is_empty(),
+        "a new user has no root"
+    );
+    let put = |v: u64, body: &str| PutRootRequest {
+        version: v,
+        sealed: hex::encode(body),
+    };
+    a.client.put_root(&put(5, "five")).await.unwrap();
+    // Not newer: refused, whether equal or older, and the kept root is untouched.
+    for v in [5, 4] {
+        let err = a.client.put_root(&put(v, "stale")).await.unwrap_err();
+        assert_eq!(
+            (err.status(), err.reason()),
+            (Some(409), Some("stale_root")),
+            "{err}"
+        );
+    }
+    a.client.put_root(&put(7, "seven")).await.unwrap();
+    let kept = a.client.put_root(&put(9, "nine")).await.unwrap().kept;
+    assert_eq!(kept, vec![9, 7], "--keep-snapshots 2 keeps the newest two");
+    let latest = a.client.get_root(&GetRootRequest::default()).await.unwrap();
+    let root = latest.root.unwrap();
+    assert_eq!((root.version, root.sealed), (9, hex::encode("nine")));
+    let older = a
+        .client
+        .get_root(&GetRootRequest { version: Some(7) })
+        .await
+        .unwrap()
+        .root
+        .unwrap();
+    assert_eq!(older.sealed, hex::encode("seven"));
+    let dropped = a
+        .client
+        .get_root(&GetRootRequest { version: Some(5) })
+        .await
+        .unwrap();
+    assert!(dropped.root.is_none());
+    // Roots are per peer: bob sees none of alice's.
+    assert!(b
+        .client
+        .get_root(&GetRootRequest::default())
+        .await
+        .unwrap()
+        .root
+        .is_none());
+    // Bounded: an oversized root is refused.
+    let big = PutRootRequest {
+        version: 10,
+        sealed: "00".repeat(peerstash::api::MAX_ROOT_BYTES + 1),
+    };
+    let err = a.client.put_root(&big).await.unwrap_err();
+    assert_eq!(err.status(), Some(413), "{err}");
+}

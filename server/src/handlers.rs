@@ -12,6 +12,9 @@ use peerstash::api::{
     RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, ReportRequest,
     StatusResponse,
 };
+use peerstash::api::{
+    GetRootRequest, GetRootResponse, PutRootRequest, PutRootResponse, RootRecord,
+};
 use peerstash::control::now_ms;
 use peerstash::token::{Grant, TokenClaims};
 use peerstash::{PeerId, TransactionKey, TxKind};
@@ -400,5 +403,57 @@ pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal
         used_bytes: rec.stored_bytes + pending,
         lend_bytes: rec.lend_bytes,
         holding_bytes: rec.held_bytes,
+    })
+}
+
+/// `POST /v1/root`: keep a new sealed root record.
+pub(crate) fn put_root(
+    st: &State,
+    peer: PeerId,
+    req: PutRootRequest,
+) -> Result<PutRootResponse, Refusal> {
+    if req.sealed.len() > 2 * api::MAX_ROOT_BYTES {
+        return Err(Refusal::new(
+            413,
+            "root_too_large",
+            format!("a sealed root is at most {} bytes", api::MAX_ROOT_BYTES),
+        ));
+    }
+    let sealed =
+        hex::decode(&req.sealed).map_err(|_| Refusal::bad_request("the sealed root is not hex"))?;
+    if sealed.is_empty() {
+        return Err(Refusal::bad_request("the sealed root is empty"));
+    }
+    if req.version == 0 || req.version > i64::MAX as u64 {
+        return Err(Refusal::bad_request("root versions are 1 to 2^63-1"));
+    }
+    let kept = st.store.lock().expect("not poisoned").put_root(
+        peer,
+        req.version,
+        &sealed,
+        now_ms(),
+        st.cfg.keep_snapshots,
+    )?;
+    Ok(PutRootResponse { kept })
+}
+
+/// `POST /v1/root/get`: the latest (or a given) sealed root record.
+pub(crate) fn get_root(
+    st: &State,
+    peer: PeerId,
+    req: GetRootRequest,
+) -> Result<GetRootResponse, Refusal> {
+    let (root, kept) = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .get_root(peer, req.version)?;
+    Ok(GetRootResponse {
+        root: root.map(|(version, created_ms, sealed)| RootRecord {
+            version,
+            created_ms,
+            sealed: hex::encode(sealed),
+        }),
+        kept,
     })
 }

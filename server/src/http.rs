@@ -116,6 +116,8 @@ fn route_name(p: &str) -> &'static str {
         path::RELEASE => path::RELEASE,
         path::REPORT => path::REPORT,
         path::STATUS => path::STATUS,
+        path::ROOT => path::ROOT,
+        path::ROOT_GET => path::ROOT_GET,
         path::HEALTHZ => path::HEALTHZ,
         path::METRICS => path::METRICS,
         _ => "other",
@@ -371,6 +373,20 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
                     let r = parse(&body)?;
                     blocking(move || handlers::report(&s, peer, r)).await?;
                     Ok(json(200, &serde_json::json!({})))
+                }
+                MessageKind::Root if p == path::ROOT => {
+                    let r = parse(&body)?;
+                    Ok(json(
+                        200,
+                        &blocking(move || handlers::put_root(&s, peer, r)).await?,
+                    ))
+                }
+                MessageKind::Root => {
+                    let r = parse(&body)?;
+                    Ok(json(
+                        200,
+                        &blocking(move || handlers::get_root(&s, peer, r)).await?,
+                    ))
                 }
                 MessageKind::Status => Ok(json(
                     200,

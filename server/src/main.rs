@@ -49,6 +49,9 @@ struct Cli {
     /// Peak-load mode: issue universal tokens (any operation on the listed chunks).
     #[arg(long)]
     peak_load: bool,
+    /// Sealed snapshot roots kept per peer (the latest and earlier ones).
+    #[arg(long, default_value_t = 10)]
+    keep_snapshots: usize,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -129,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         auth_per_minute: cli.auth_per_minute,
         auth_burst: cli.auth_burst,
         peak_load: cli.peak_load,
+        keep_snapshots: cli.keep_snapshots.max(1),
     };
     let state = init(cfg).with_context(|| {
         format!(

@@ -68,6 +68,13 @@ CREATE TABLE IF NOT EXISTS drops (
     chunk BLOB NOT NULL,
     PRIMARY KEY (holder, chunk)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS roots (
+    peer INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    sealed BLOB NOT NULL,
+    PRIMARY KEY (peer, version)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reports (
     subject INTEGER NOT NULL,
     kind TEXT NOT NULL,
@@ -837,6 +844,80 @@ impl Store {
         self.next_txid = r.next;
         self.txid_hwm = r.hwm;
         Ok((out, missing))
+    }
+
+    /// Keep a new sealed root for `peer`: refused (409) unless `version` is greater than
+    /// every kept one; then only the newest `keep` versions stay. Returns the kept
+    /// versions, newest first.
+    pub fn put_root(
+        &mut self,
+        peer: PeerId,
+        version: u64,
+        sealed: &[u8],
+        now_ms: u64,
+        keep: usize,
+    ) -> Result<Vec<u64>, Refusal> {
+        let tx = self.conn.transaction()?;
+        let latest: Option<i64> = tx.query_row(
+            "SELECT MAX(version) FROM roots WHERE peer = ?1",
+            [pid(peer)],
+            |r| r.get(0),
+        )?;
+        if let Some(latest) = latest {
+            if version as i64 <= latest {
+                return Err(Refusal::new(
+                    409,
+                    "stale_root",
+                    format!("root version {version} is not newer than the kept version {latest}"),
+                ));
+            }
+        }
+        tx.execute(
+            "INSERT INTO roots (peer, version, created_ms, sealed) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![pid(peer), version as i64, now_ms as i64, sealed],
+        )?;
+        tx.execute(
+            "DELETE FROM roots WHERE peer = ?1 AND version NOT IN
+             (SELECT version FROM roots WHERE peer = ?1 ORDER BY version DESC LIMIT ?2)",
+            rusqlite::params![pid(peer), keep.max(1) as i64],
+        )?;
+        let kept = Self::root_versions(&tx, peer)?;
+        tx.commit()?;
+        Ok(kept)
+    }
+
+    fn root_versions(c: &Connection, peer: PeerId) -> rusqlite::Result<Vec<u64>> {
+        let mut st =
+            c.prepare_cached("SELECT version FROM roots WHERE peer = ?1 ORDER BY version DESC")?;
+        let rows = st.query_map([pid(peer)], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
+        rows.collect()
+    }
+
+    /// A kept sealed root (the latest when `version` is `None`) and the kept versions:
+    /// `(version, created_ms, sealed)`.
+    #[allow(clippy::type_complexity)]
+    pub fn get_root(
+        &self,
+        peer: PeerId,
+        version: Option<u64>,
+    ) -> Result<(Option<(u64, u64, Vec<u8>)>, Vec<u64>), Refusal> {
+        let kept = Self::root_versions(&self.conn, peer)?;
+        let want = match version {
+            Some(v) => Some(v),
+            None => kept.first().copied(),
+        };
+        let root = match want {
+            None => None,
+            Some(v) => self
+                .conn
+                .query_row(
+                    "SELECT created_ms, sealed FROM roots WHERE peer = ?1 AND version = ?2",
+                    rusqlite::params![pid(peer), v as i64],
+                    |r| Ok((v, r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
+                )
+                .optional()?,
+        };
+        Ok((root, kept))
     }
 
     /// Release chunks `owner` no longer references: drop its locations and pending

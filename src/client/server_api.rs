@@ -311,4 +311,20 @@ impl ServerClient {
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
         self.call(api::path::STATUS, &serde_json::json!({})).await
     }
+
+    /// Keep a new sealed root record (409 `stale_root` unless the version is newer).
+    pub async fn put_root(
+        &self,
+        req: &api::PutRootRequest,
+    ) -> Result<api::PutRootResponse, ClientError> {
+        self.call(api::path::ROOT, req).await
+    }
+
+    /// The latest (or a given) sealed root record.
+    pub async fn get_root(
+        &self,
+        req: &api::GetRootRequest,
+    ) -> Result<api::GetRootResponse, ClientError> {
+        self.call(api::path::ROOT_GET, req).await
+    }
 }

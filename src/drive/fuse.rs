@@ -102,12 +102,15 @@ impl DriveConfig {
                 "cache_size" => self.options.cache_bytes = num(k, v)?,
                 "fsync_timeout" => self.options.fsync_timeout = Duration::from_secs(num(k, v)?),
                 "threads" => self.fuse_threads = num(k, v)?,
+                "snapshot_interval" => {
+                    self.options.snapshot_interval = Duration::from_secs(num(k, v)?)
+                }
                 // Accepted for fstab/systemd mount units, which pass them along.
                 "rw" | "defaults" | "nofail" | "_netdev" | "noauto" | "user" | "users" => {}
                 other => {
                     return Err(format!(
                         "unknown mount option {other:?} (known: allow_other, auto_unmount, noauto_unmount, \
-                         max_write=N, writeback_cache, cache_size=N, fsync_timeout=S, nosync_on_close, threads=N)"
+                         max_write=N, writeback_cache, cache_size=N, fsync_timeout=S, nosync_on_close, threads=N, snapshot_interval=S)"
                     ))
                 }
             }

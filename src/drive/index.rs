@@ -636,6 +636,10 @@ pub struct Summary {
     pub chunks: u64,
     /// Their stored (sealed) bytes.
     pub stored_bytes: u64,
+    /// Version of the last snapshot stored (0: none yet).
+    pub snapshot_version: u64,
+    /// Whether that snapshot holds the index as it is now (every uploaded change).
+    pub snapshot_current: bool,
 }
 
 /// Counts for `peerstash status`.
@@ -656,6 +660,11 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
         pending_bytes,
         chunks,
         stored_bytes,
+        snapshot_version: get_meta(c, "snapshot_version")?.unwrap_or(0) as u64,
+        snapshot_current: match get_meta(c, "snapshot_digest")? {
+            Some(d) => super::snapshot::short_digest(&super::snapshot::serialize(c)?) == d,
+            None => false,
+        },
     })
 }
 

@@ -9,6 +9,8 @@
 //! - [`index`]: the SQLite index (namespace, chunk lists, refcounts, pending uploads);
 //! - [`staging`]: local files holding content not yet uploaded;
 //! - [`model`]: the POSIX operations, without FUSE — tests drive it directly;
+//! - [`snapshot`]: encrypted snapshots of the index on peers, their root on the server,
+//!   and the restore of an empty drive from them;
 //! - `uploader`: the background thread that stores chunks and commits chunk lists;
 //! - [`fuse`]: the fuser adapter, [`mount`], [`run_foreground`], [`run_foreground_until`].
 //!
@@ -62,6 +64,7 @@ pub mod crypto;
 pub mod fuse;
 pub mod index;
 pub mod model;
+pub mod snapshot;
 pub mod staging;
 mod uploader;
 
@@ -69,3 +72,4 @@ pub use backend::{BackendError, ChunkBackend, DirBackend, Quota};
 pub use fuse::{mount, run_foreground, run_foreground_until, DriveConfig, MountError, MountHandle};
 pub use index::{summary_of, Summary};
 pub use model::{DriveOptions, FsError, Model};
+pub use snapshot::{RootError, RootStore, SnapshotError};

@@ -147,6 +147,11 @@ pub struct DriveOptions {
     pub root_gid: u32,
     /// Most bytes of chunks handed to one backend `put`.
     pub put_batch_bytes: usize,
+    /// Where snapshot roots go; `None`: no snapshots (tests of the model alone).
+    pub roots: Option<std::sync::Arc<dyn super::snapshot::RootStore>>,
+    /// Least time between two snapshots (one is taken once uploads settle and the index
+    /// changed, and at unmount).
+    pub snapshot_interval: Duration,
 }
 
 impl Default for DriveOptions {
@@ -158,6 +163,8 @@ impl Default for DriveOptions {
             root_uid: unsafe { libc::geteuid() },
             root_gid: unsafe { libc::getegid() },
             put_batch_bytes: 16 << 20,
+            roots: None,
+            snapshot_interval: Duration::from_secs(30),
         }
     }
 }
@@ -306,6 +313,8 @@ pub(crate) struct Shared {
     inflight: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
     pub(crate) stop: AtomicBool,
     pub(crate) opts: DriveOptions,
+    /// Snapshot bookkeeping (the uploader's, and the final snapshot's at stop).
+    pub(crate) snap: Mutex<super::snapshot::SnapState>,
 }
 
 impl Shared {
@@ -498,6 +507,7 @@ impl Model {
             inflight: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             opts,
+            snap: Mutex::new(Default::default()),
         });
         let s2 = shared.clone();
         let uploader = std::thread::Builder::new()
@@ -532,6 +542,13 @@ impl Model {
         }
         if let Some(h) = self.uploader.take() {
             let _ = h.join();
+            // Clean stop: one last snapshot of what is uploaded, if anything changed.
+            if self.shared.opts.roots.is_some() {
+                let mut snap = self.shared.snap.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = super::snapshot::take(&self.shared, &mut snap) {
+                    tracing::warn!("final snapshot failed: {e}");
+                }
+            }
         }
     }
 

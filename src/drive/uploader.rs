@@ -119,13 +119,31 @@ pub(crate) fn run(sh: Arc<Shared>) {
             batch.push((ino, stage));
         }
         if batch.is_empty() {
+            // Settled: snapshot the index if it changed, at most once per interval.
+            let mut snapshot_current = true;
+            if sh.opts.roots.is_some() {
+                let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
+                let due = snap
+                    .last
+                    .is_none_or(|t| t.elapsed() >= sh.opts.snapshot_interval);
+                if due {
+                    if let Err(e) = super::snapshot::take(&sh, &mut snap) {
+                        tracing::warn!("snapshot postponed: {e}");
+                    }
+                }
+                // The latest stored snapshot must never name a released chunk: release
+                // only once it covers every commit (it then names no unreferenced chunk).
+                snapshot_current = snap.changes == Some(sh.lock().db.total_changes());
+            }
             // Idle: release what no file references. Done only when nothing waits for
             // upload, so a file replaced by a new version (rsync's temp file + rename)
             // keeps its chunks for the new version to reuse instead of re-uploading them.
-            if let Err(e) = release_free(&sh) {
-                tracing::warn!("releasing chunks: {e}");
-                backoff = next_backoff(backoff);
-                continue;
+            if snapshot_current {
+                if let Err(e) = release_free(&sh) {
+                    tracing::warn!("releasing chunks: {e}");
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
             }
             backoff = Duration::ZERO;
             continue;
