@@ -18,9 +18,12 @@ command -v cargo-deb >/dev/null || skip "cargo-deb is not installed (cargo insta
 command -v dpkg >/dev/null || skip "dpkg is missing"
 [ -e /dev/fuse ] || skip "no /dev/fuse"
 command -v fusermount3 >/dev/null || skip "fuse3 is not installed (apt-get install fuse3)"
-if dpkg -s peerstash >/dev/null 2>&1; then
+installed() { dpkg-query -W -f='${Status}' peerstash 2>/dev/null | grep -q ' installed$'; }
+if installed; then
     skip "a peerstash package is already installed; not touching it"
 fi
+had_user=0
+getent passwd peerstash >/dev/null && had_user=1
 
 T=$(mktemp -d /tmp/peerstash-deb.XXXXXX)
 PIDS=
@@ -39,7 +42,12 @@ cleanup() {
         while kill -0 "$p" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
         kill -9 "$p" 2>/dev/null
     done
-    dpkg -s peerstash >/dev/null 2>&1 && dpkg -r peerstash >/dev/null
+    dpkg-query -W peerstash >/dev/null 2>&1 && dpkg --purge peerstash >/dev/null
+    if [ $had_user = 0 ] && getent passwd peerstash >/dev/null; then
+        userdel peerstash 2>/dev/null
+        getent group peerstash >/dev/null && groupdel peerstash 2>/dev/null
+        rmdir /var/lib/peerstash 2>/dev/null
+    fi
     rm -rf "$T"
 }
 trap cleanup EXIT
@@ -138,7 +146,7 @@ sync
 cmp "$T/original" "$T/mnt/file.bin" || fail "read back differs"
 umount "$T/mnt"
 mountpoint -q "$T/mnt" && fail "still mounted after umount"
-wait_until "the drive process to exit" 30 sh -c "! pgrep -f -- '--home $T/alice mount $T/mnt' >/dev/null"
+wait_until "the drive process to exit" 30 sh -c "! pgrep -f -- '[-]-home $T/alice mount $T/mnt' >/dev/null"
 echo "round trip through mount -t fuse.peerstash: ok"
 
 step "an /etc/fstab line (ro, uid, gid)"
@@ -149,7 +157,7 @@ mountpoint -q "$T/mnt-fstab" || fail "the fstab mount is not up"
 cmp "$T/original" "$T/mnt-fstab/file.bin" || fail "read back through the fstab mount differs"
 [ "$(cat "$T/mnt-fstab/hello.txt")" = hello ] || fail "hello.txt"
 [ "$(stat -c %u:%g "$T/mnt-fstab/file.bin")" = 65534:65534 ] || fail "uid/gid: $(stat -c %u:%g "$T/mnt-fstab/file.bin")"
-if echo x >"$T/mnt-fstab/new.txt" 2>"$T/ro.err"; then fail "a write succeeded on a ro mount"; fi
+if sh -c 'echo x >"$1"' _ "$T/mnt-fstab/new.txt" 2>"$T/ro.err"; then fail "a write succeeded on a ro mount"; fi
 grep -q "Read-only file system" "$T/ro.err" || fail "ro write error: $(cat "$T/ro.err")"
 umount "$T/mnt-fstab"
 mountpoint -q "$T/mnt-fstab" && fail "still mounted after umount"
@@ -167,4 +175,6 @@ step "dpkg -r"
 for p in $PIDS; do kill "$p" 2>/dev/null || true; done
 dpkg -r peerstash >/dev/null
 [ -e /usr/bin/peerstash ] && fail "/usr/bin/peerstash still there after dpkg -r"
+[ -e /sbin/mount.fuse.peerstash ] && fail "the mount helper is still there after dpkg -r"
+dpkg --purge peerstash >/dev/null
 echo "PASSED: packaging/test-deb.sh"
