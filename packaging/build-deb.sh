@@ -11,5 +11,7 @@ rm -rf "$target/release/man"
 "$target/release/peerstash" man "$target/release/man"
 "$target/release/peerstash-server" man "$target/release/man"
 gzip -9n "$target/release/man/"*.1
-cargo deb -p peerstash --no-build >&2
+# Stripped, as Debian ships binaries (the release profile keeps line tables for
+# backtraces in development builds).
+cargo deb -p peerstash --no-build --strip >&2
 ls -t "$target/debian/"peerstash_*.deb | head -n1
