@@ -10,7 +10,8 @@ target=${CARGO_TARGET_DIR:-target}
 rm -rf "$target/release/man"
 "$target/release/peerstash" man "$target/release/man"
 "$target/release/peerstash-server" man "$target/release/man"
-gzip -9n "$target/release/man/"*.1
+cp packaging/mount.fuse.peerstash.8 "$target/release/man/"
+gzip -9n "$target/release/man/"*.1 "$target/release/man/"*.8
 # Stripped, as Debian ships binaries (the release profile keeps line tables for
 # backtraces in development builds).
 cargo deb -p peerstash --no-build --strip >&2

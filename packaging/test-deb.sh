@@ -81,7 +81,8 @@ for f in ./usr/bin/peerstash ./usr/bin/peerstash-server ./sbin/mount.fuse.peerst
     ./lib/systemd/system/peerstash-serve@.service ./usr/share/man/man1/peerstash.1.gz \
     ./usr/share/man/man1/peerstash-server.1.gz ./usr/share/man/man1/peerstash-mount.1.gz \
     ./etc/peerstash/peerstash-server.toml ./etc/peerstash/peerstash.toml \
-    ./usr/share/doc/peerstash/examples/mnt-backup.mount ./usr/share/doc/peerstash/INSTALL.md; do
+    ./usr/share/man/man8/mount.fuse.peerstash.8.gz ./usr/share/doc/peerstash/examples/mnt-backup.mount \
+    ./usr/share/doc/peerstash/INSTALL.md; do
     grep -qxF "$f" "$T/contents" || fail "$f is not in the package"
 done
 dpkg-deb --field "$deb" Depends | grep -q fuse3 || fail "the package does not depend on fuse3"
