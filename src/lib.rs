@@ -17,7 +17,7 @@ pub mod control;
 pub mod drive;
 pub mod ids;
 pub mod keys;
-#[cfg(feature = "client")]
+#[cfg(feature = "peer")]
 pub mod peer;
 #[cfg(feature = "client")]
 pub mod remote;

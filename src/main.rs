@@ -616,10 +616,14 @@ async fn login(home: &Home, a: LoginArgs) -> Result<()> {
 async fn status(home: &Home) -> Result<()> {
     let cfg = home.load_config()?;
     let client = home.server_client()?;
-    let s = client
-        .status()
-        .await
-        .map_err(|e| explain(e, "asking the server for this peer's status"))?;
+    let s = match client.status().await {
+        Ok(s) => s,
+        Err(e) => {
+            // What is local still tells the user whether their data is safe.
+            print_drive_summary(home)?;
+            return Err(explain(e, "asking the server for this peer's status"));
+        }
+    };
     println!("peer:     {} ({})", s.name, s.peer_id);
     println!("server:   {}", cfg.server_url);
     println!(
@@ -639,5 +643,23 @@ async fn status(home: &Home) -> Result<()> {
         format_size(s.holding_bytes)
     );
     println!("replicas: {}", cfg.replicas);
+    print_drive_summary(home)
+}
+
+/// What the local index says: files, stored chunks, uploads still pending.
+fn print_drive_summary(home: &Home) -> Result<()> {
+    let d = peerstash::drive::index::summary_of(&home.path("drive"))
+        .context("reading the drive's index")?;
+    println!(
+        "drive:    {} entries, {} chunks ({}) on peers",
+        d.inodes,
+        d.chunks,
+        format_size(d.stored_bytes)
+    );
+    println!(
+        "pending:  {} uploads ({})",
+        d.pending_files,
+        format_size(d.pending_bytes)
+    );
     Ok(())
 }

@@ -93,11 +93,16 @@ struct Net {
 
 impl Net {
     fn start(peers: usize) -> Net {
+        Net::start_with(peers, &[])
+    }
+
+    fn start_with(peers: usize, server_args: &[&str]) -> Net {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(bin("peerstash-server"));
         cmd.arg("--data-dir")
             .arg(dir.path().join("server"))
             .args(["--listen", "127.0.0.1:0", "--open-registration"])
+            .args(server_args)
             .stdout(Stdio::piped());
         let mut server = Proc::spawn("server", cmd);
         let out = server.child.stdout.take().unwrap();
@@ -333,11 +338,32 @@ fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
     assert_eq!(stat_tree(&src), stat_tree(&mnt));
     m.stop();
 
-    // Lose a peer for good: every file still reads (each chunk has another holder), and new
-    // writes go to the peers that are left.
+    // Lose a peer for good, in the middle of an upload: the fsync still succeeds (the
+    // chunks go to the peers that are left), and every file still reads (each chunk has
+    // another holder).
     let mut peers = net.peers;
-    peers[0].kill9();
     let m = Mount::start(&user, &mnt);
+    let late: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(mnt.join("during-loss.bin"), &late).unwrap();
+    let syncing = {
+        let p = mnt.join("during-loss.bin");
+        std::thread::spawn(move || fs::File::open(p).and_then(|f| f.sync_all()))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    peers[0].kill9();
+    syncing
+        .join()
+        .unwrap()
+        .expect("fsync with a peer killed mid-upload");
+    m.stop();
+    let m = Mount::start(&user, &mnt);
+    assert!(
+        fs::read(mnt.join("during-loss.bin")).unwrap() == late,
+        "content differs"
+    );
+    fs::remove_file(mnt.join("during-loss.bin")).unwrap();
     diff(&src, &mnt);
     fs::write(mnt.join("after-loss.txt"), "written with a peer gone").unwrap();
     fsync_all(&mnt);
@@ -436,6 +462,48 @@ fn local_cluster_starts_stops_and_keeps_files() {
         p.child.try_wait().unwrap().map(|_| ())
     });
     assert!(!is_mounted(&mnt));
+}
+
+/// Peers online, as `peerstash status` shows it to `home`.
+fn online(home: &Path) -> usize {
+    let s = run(Command::new(bin("peerstash"))
+        .arg("--home")
+        .arg(home)
+        .arg("status"));
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("peers:"))
+        .expect("a peers line");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_server_checks_quiet_peers_itself() {
+    // Daemons heartbeat once an hour here; the online timeout is 3 s. Only the server's
+    // own authenticated status checks over QUIC can keep them online.
+    let mut net = Net::start_with(
+        2,
+        &["--online-timeout", "3", "--heartbeat-interval", "3600"],
+    );
+    let user = net.register("carol", "10M");
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        online(&user),
+        2,
+        "answering peers stay online between heartbeats"
+    );
+    net.peers[0].kill9();
+    wait_for(
+        "the killed peer to go offline",
+        Duration::from_secs(15),
+        || (online(&user) == 1).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        online(&user),
+        1,
+        "the live peer is still checked and online"
+    );
 }
 
 fn unsafe_sigint(pid: u32) {

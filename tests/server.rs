@@ -312,9 +312,13 @@ async fn cli_register_with_and_without_invite_login_and_status() {
         stderr(&o)
     );
 
-    // Commands that other parts provide exist and say so.
-    let o = run_cli(&h4, &["serve"]);
-    assert!(!o.status.success() && stderr(&o).contains("not built yet"));
+    // A home that holds no peer cannot serve or mount, and says what to do.
+    let empty = tmp.path().join("never-registered");
+    for cmd in [&["serve"][..], &["mount", "/nonexistent-mountpoint"][..]] {
+        let o = run_cli(&empty, cmd);
+        assert!(!o.status.success(), "{cmd:?} succeeded on an empty home");
+        assert!(stderr(&o).contains("peerstash register"), "{}", stderr(&o));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

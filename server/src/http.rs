@@ -41,6 +41,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
         .map_err(std::io::Error::other)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     spawn_sweeper(state.clone());
+    crate::probe::spawn_prober(state.clone());
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,

@@ -10,6 +10,7 @@ pub mod error;
 mod handlers;
 pub mod http;
 pub mod metrics;
+pub mod probe;
 pub mod ratelimit;
 pub mod secrets;
 pub mod store;
@@ -143,7 +144,7 @@ impl State {
         self.cert.fingerprint()
     }
 
-    fn key_of(&self, peer: PeerId) -> Option<TransactionKey> {
+    pub(crate) fn key_of(&self, peer: PeerId) -> Option<TransactionKey> {
         self.keys.read().expect("not poisoned").get(&peer).cloned()
     }
 }

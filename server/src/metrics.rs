@@ -32,6 +32,10 @@ pub struct Metrics {
     pub registrations: AtomicU64,
     /// Logins accepted.
     pub logins: AtomicU64,
+    /// The server's own status checks of peers that answered.
+    pub probes_ok: AtomicU64,
+    /// The server's own status checks that got no valid answer.
+    pub probes_failed: AtomicU64,
     rejections: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<BTreeMap<(&'static str, u16), Histogram>>,
 }
@@ -59,6 +63,16 @@ impl Metrics {
         }
         h.count += 1;
         h.sum += secs;
+    }
+
+    /// Count one status check of a peer by the server (`ok` or `failed`).
+    pub fn probe(&self, outcome: &str) {
+        let c = if outcome == "ok" {
+            &self.probes_ok
+        } else {
+            &self.probes_failed
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many requests were refused with `reason`.
@@ -141,6 +155,14 @@ impl Metrics {
         let _ = writeln!(o, "# HELP peerstash_registrations_total Registrations accepted.\n# TYPE peerstash_registrations_total counter\npeerstash_registrations_total {}", self.registrations.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP peerstash_logins_total Logins accepted.\n# TYPE peerstash_logins_total counter\npeerstash_logins_total {}", self.logins.load(Ordering::Relaxed));
 
+        let _ = writeln!(o, "# HELP peerstash_status_checks_total The server's own status checks of quiet peers, by outcome.\n# TYPE peerstash_status_checks_total counter");
+        for (outcome, c) in [("ok", &self.probes_ok), ("failed", &self.probes_failed)] {
+            let _ = writeln!(
+                o,
+                "peerstash_status_checks_total{{outcome=\"{outcome}\"}} {}",
+                c.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(o, "# HELP peerstash_rejections_total Refused requests, by reason.\n# TYPE peerstash_rejections_total counter");
         for (reason, n) in self.rejections.lock().expect("not poisoned").iter() {
             let _ = writeln!(o, "peerstash_rejections_total{{reason=\"{reason}\"}} {n}");

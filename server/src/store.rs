@@ -956,6 +956,36 @@ impl Store {
         Ok(Some((p, pending as u64, online as u64, total as u64)))
     }
 
+    /// Peers still counted online whose last sign of life is older than `seen_before_ms`:
+    /// the ones the server checks itself before they time out.
+    pub fn peers_to_probe(
+        &self,
+        seen_before_ms: u64,
+        online_cutoff_ms: u64,
+    ) -> rusqlite::Result<Vec<PeerRecord>> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {PEER_COLS} FROM peers WHERE last_seen_ms >= ?1 AND last_seen_ms < ?2"
+        ))?;
+        let rows = st.query_map(
+            params![online_cutoff_ms as i64, seen_before_ms as i64],
+            peer_row,
+        )?;
+        rows.collect()
+    }
+
+    /// A peer answered the server's own status check.
+    pub fn mark_seen(&mut self, id: PeerId, free_bytes: u64, now_ms: u64) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "UPDATE peers SET free_bytes = ?2, last_seen_ms = ?3 WHERE id = ?1",
+            params![
+                pid(id),
+                free_bytes.min(i64::MAX as u64) as i64,
+                now_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Forget pending placements that expired more than `grace_s` ago.
     pub fn sweep_pending(&mut self, now_s: u64, grace_s: u64) -> rusqlite::Result<usize> {
         self.conn.execute(
