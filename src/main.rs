@@ -22,6 +22,10 @@ struct Cli {
     /// State directory (keys, config); several peers can live on one machine.
     #[arg(long, global = true, env = "PEERSTASH_HOME")]
     home: Option<PathBuf>,
+    /// Settings file (TOML; see /usr/share/doc/peerstash/examples/peerstash.toml); flags
+    /// override it.
+    #[arg(long, global = true, env = "PEERSTASH_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +44,9 @@ enum Command {
     Status,
     /// Run a server, several peers and a mounted drive on loopback.
     LocalCluster(LocalClusterArgs),
+    /// Write man pages into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -113,7 +120,11 @@ struct MountArgs {
     /// Run in the background.
     #[arg(long)]
     daemon: bool,
-    /// Mount options, comma-separated.
+    /// Mount options, comma-separated: allow_other, ro, uid=N, gid=N, cache_size=SIZE
+    /// (read cache, e.g. 512M), default_permissions (always on), auto_unmount (default) or
+    /// noauto_unmount, writeback_cache, max_write=BYTES, fsync_timeout=SECS,
+    /// nosync_on_close, threads=N, fsname=NAME. fstab's generic options (rw, _netdev,
+    /// nofail, noauto, x-systemd.*...) are ignored.
     #[arg(short = 'o')]
     options: Option<String>,
 }
@@ -139,7 +150,7 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -152,7 +163,47 @@ fn main() {
     }
 }
 
+/// The command line, with a `--config` file's settings as defaults.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    if let Some(file) = peerstash::client::home::config_file_arg(&args, "PEERSTASH_CONFIG") {
+        cmd = peerstash::client::home::apply_config_file(cmd, &file).unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(2)
+        });
+    }
+    let m = cmd.get_matches_from(args);
+    Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
+}
+
+/// `peerstash man DIR`: one page per command.
+fn write_man_pages(dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command().name("peerstash");
+    let mut pages = vec![(String::from("peerstash"), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("peerstash-{}", sub.get_name());
+        let page = sub
+            .clone()
+            .name(&*Box::leak(name.clone().into_boxed_str()))
+            .bin_name(format!("peerstash {}", sub.get_name()));
+        pages.push((name, page));
+    }
+    for (name, page) in pages {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
+    if let Command::Man { dir } = &cli.command {
+        return write_man_pages(dir);
+    }
     let home = Home::resolve(cli.home)?;
     match cli.command {
         Command::Register(a) => runtime()?.block_on(register(&home, a)),
@@ -161,6 +212,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve => serve(&home),
         Command::Mount(a) => mount(&home, a),
         Command::LocalCluster(a) => local_cluster(a),
+        Command::Man { .. } => unreachable!("handled above"),
     }
 }
 

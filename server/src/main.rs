@@ -13,6 +13,10 @@ use peerstash_server::{http, init, open_store, Config};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
+    /// Settings file (TOML; see /usr/share/doc/peerstash/examples/peerstash-server.toml):
+    /// keys are the long flags with `_` for `-`; flags override it.
+    #[arg(long, global = true, env = "PEERSTASH_SERVER_CONFIG")]
+    config: Option<PathBuf>,
     /// State directory: database, master secret, TLS certificate (created on first start).
     #[arg(long, global = true, env = "PEERSTASH_SERVER_DATA")]
     data_dir: Option<PathBuf>,
@@ -64,6 +68,63 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: usize,
     },
+    /// Write the man page into DIR (for packaging).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+}
+
+/// The command line, with a `--config` file's settings as defaults (flags override).
+fn parse_cli() -> anyhow::Result<Cli> {
+    use clap::{CommandFactory, FromArgMatches};
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    if let Some(file) = config_file_arg(&args) {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading the config file {}", file.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .with_context(|| format!("{}: not valid TOML", file.display()))?;
+        for (key, value) in table {
+            let id = key.replace('-', "_");
+            if id == "config" || !cmd.get_arguments().any(|a| a.get_id() == id.as_str()) {
+                anyhow::bail!("{}: unknown option {key:?}", file.display());
+            }
+            let v = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                _ => anyhow::bail!(
+                    "{}: {key} must be a string, number or boolean",
+                    file.display()
+                ),
+            };
+            let v: &'static str = Box::leak(v.into_boxed_str());
+            cmd = cmd.mut_arg(id, |a| a.default_value(v));
+        }
+    }
+    let m = cmd.get_matches_from(args);
+    Ok(Cli::from_arg_matches(&m).unwrap_or_else(|e| e.exit()))
+}
+
+/// The `--config FILE` (or `--config=FILE`) in `args`, or `PEERSTASH_SERVER_CONFIG`.
+fn config_file_arg(args: &[std::ffi::OsString]) -> Option<PathBuf> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--" {
+            break;
+        }
+        if s == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = s.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    std::env::var_os("PEERSTASH_SERVER_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -87,13 +148,21 @@ fn keep_large_allocations_mmapped() {
 
 fn main() -> anyhow::Result<()> {
     keep_large_allocations_mmapped();
-    let cli = Cli::parse();
+    let cli = parse_cli()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Cmd::Man { dir }) = &cli.command {
+        use clap::CommandFactory;
+        std::fs::create_dir_all(dir)?;
+        let mut out = Vec::new();
+        clap_mangen::Man::new(Cli::command().name("peerstash-server")).render(&mut out)?;
+        std::fs::write(dir.join("peerstash-server.1"), out)?;
+        return Ok(());
+    }
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     if let Some(Cmd::Invite { count }) = cli.command {
         if count == 0 || count > 10_000 {

@@ -345,6 +345,82 @@ pub fn derive_passphrase_key(passphrase: &str, peer: PeerId) -> Result<DataKey, 
     Ok(key)
 }
 
+/// Load a TOML config file into `cmd` as argument defaults, so that flags on the command
+/// line override it. Top-level keys are the global arguments' ids (`home`); a table named
+/// after a subcommand (`[register]`, `[mount]`, `[local-cluster]`) holds that
+/// subcommand's arguments. Keys are the long flags with `_` for `-` (`storage_dir`,
+/// `server_fingerprint`). Unknown keys are an error.
+pub fn apply_config_file(cmd: clap::Command, path: &Path) -> Result<clap::Command, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("{}: not valid TOML: {e}", path.display()))?;
+    config_defaults(cmd, &table, path, "")
+}
+
+fn config_defaults(
+    mut cmd: clap::Command,
+    table: &toml::Table,
+    path: &Path,
+    section: &str,
+) -> Result<clap::Command, String> {
+    for (key, value) in table {
+        if let toml::Value::Table(sub) = value {
+            if cmd.find_subcommand(key).is_none() {
+                return Err(format!("{}: unknown section [{key}]", path.display()));
+            }
+            let sub_cmd = cmd.find_subcommand(key).cloned().expect("checked");
+            let sub_cmd = config_defaults(sub_cmd, sub, path, key)?;
+            cmd = cmd.mut_subcommand(key, |_| sub_cmd);
+            continue;
+        }
+        let id = key.replace('-', "_");
+        if id == "config" || !cmd.get_arguments().any(|a| a.get_id() == id.as_str()) {
+            let place = if section.is_empty() {
+                String::new()
+            } else {
+                format!(" in [{section}]")
+            };
+            return Err(format!("{}: unknown option {key:?}{place}", path.display()));
+        }
+        let v = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(format!(
+                    "{}: {key} must be a string, number or boolean",
+                    path.display()
+                ))
+            }
+        };
+        let v: &'static str = Box::leak(v.into_boxed_str());
+        cmd = cmd.mut_arg(id, |a| a.default_value(v).required(false));
+    }
+    Ok(cmd)
+}
+
+/// The `--config FILE` (or `--config=FILE`) in `args`, or `PEERSTASH_CONFIG`.
+pub fn config_file_arg(args: &[std::ffi::OsString], env: &str) -> Option<PathBuf> {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--" {
+            break;
+        }
+        if s == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = s.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    std::env::var_os(env)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,15 @@ pub struct DriveConfig {
     pub writeback_cache: bool,
     /// Model tunables.
     pub options: DriveOptions,
+    /// Read-only mount (`ro`): the kernel mount is read-only and every change is refused
+    /// with EROFS.
+    pub read_only: bool,
+    /// Present every file as owned by this user (`uid=N`) instead of its stored owner.
+    pub uid: Option<u32>,
+    /// Present every file as owned by this group (`gid=N`) instead of its stored group.
+    pub gid: Option<u32>,
+    /// The mount's source as `mount`/`findmnt` show it (`fsname=`; default `peerstash`).
+    pub fsname: String,
 }
 
 impl DriveConfig {
@@ -74,6 +83,10 @@ impl DriveConfig {
             max_write: None,
             writeback_cache: false,
             options: DriveOptions::default(),
+            read_only: false,
+            uid: None,
+            gid: None,
+            fsname: "peerstash".into(),
         }
     }
 }
@@ -81,7 +94,12 @@ impl DriveConfig {
 impl DriveConfig {
     /// Apply comma-separated `-o` options: `allow_other`, `auto_unmount`/`noauto_unmount`,
     /// `max_write=BYTES`, `writeback_cache`, `cache_size=BYTES`, `fsync_timeout=SECS`,
-    /// `nosync_on_close`, `threads=N`. Unknown options are an error.
+    /// `nosync_on_close`, `threads=N`, `ro`, `uid=N`, `gid=N`, `fsname=NAME`,
+    /// `default_permissions` (always on). `cache_size` also takes `500M`-style sizes.
+    /// Generic options that fstab and systemd pass along (`rw`, `defaults`, `_netdev`,
+    /// `nofail`, `noauto`, `auto`, `user`, `users`, `nouser`, `dev`, `nodev`, `suid`,
+    /// `nosuid`, `exec`, `noexec`, `atime`, `noatime`, `relatime`, `x-*`, `comment=`) are
+    /// ignored. Unknown options are an error.
     pub fn apply_options(&mut self, opts: &str) -> Result<(), String> {
         fn num<T: std::str::FromStr>(k: &str, v: Option<&str>) -> Result<T, String> {
             v.and_then(|v| v.parse().ok())
@@ -99,18 +117,38 @@ impl DriveConfig {
                 "writeback_cache" => self.writeback_cache = true,
                 "nosync_on_close" => self.options.sync_on_close = false,
                 "max_write" => self.max_write = Some(num(k, v)?),
-                "cache_size" => self.options.cache_bytes = num(k, v)?,
+                "cache_size" => {
+                    self.options.cache_bytes = v
+                        .and_then(|v| crate::client::parse_size(v).ok())
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or("mount option cache_size needs a size (bytes, or e.g. 512M)")?
+                }
+                "ro" => self.read_only = true,
+                "uid" => self.uid = Some(num(k, v)?),
+                "gid" => self.gid = Some(num(k, v)?),
+                "fsname" => {
+                    self.fsname = v
+                        .filter(|v| !v.is_empty())
+                        .ok_or("mount option fsname needs a value")?
+                        .to_string()
+                }
+                "default_permissions" => {}
                 "fsync_timeout" => self.options.fsync_timeout = Duration::from_secs(num(k, v)?),
                 "threads" => self.fuse_threads = num(k, v)?,
                 "snapshot_interval" => {
                     self.options.snapshot_interval = Duration::from_secs(num(k, v)?)
                 }
                 // Accepted for fstab/systemd mount units, which pass them along.
-                "rw" | "defaults" | "nofail" | "_netdev" | "noauto" | "user" | "users" => {}
+                "rw" | "defaults" | "nofail" | "_netdev" | "noauto" | "auto" | "user" | "users"
+                | "nouser" | "owner" | "group" | "dev" | "nodev" | "suid" | "nosuid" | "exec"
+                | "noexec" | "atime" | "noatime" | "relatime" | "strictatime" | "nodiratime"
+                | "async" | "comment" => {}
+                k if k.starts_with("x-") => {}
                 other => {
                     return Err(format!(
                         "unknown mount option {other:?} (known: allow_other, auto_unmount, noauto_unmount, \
-                         max_write=N, writeback_cache, cache_size=N, fsync_timeout=S, nosync_on_close, threads=N, snapshot_interval=S)"
+                         max_write=N, writeback_cache, cache_size=SIZE, fsync_timeout=S, nosync_on_close, threads=N, \
+                         ro, uid=N, gid=N, fsname=NAME, default_permissions, snapshot_interval=S)"
                     ))
                 }
             }
@@ -202,7 +240,7 @@ fn detach(mnt: &Path) {
 fn fuse_config(cfg: &DriveConfig) -> Config {
     let mut c = Config::default();
     c.mount_options = vec![
-        MountOption::FSName("peerstash".into()),
+        MountOption::FSName(cfg.fsname.clone()),
         MountOption::Subtype("peerstash".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
@@ -210,6 +248,9 @@ fn fuse_config(cfg: &DriveConfig) -> Config {
     ];
     if cfg.auto_unmount {
         c.mount_options.push(MountOption::AutoUnmount);
+    }
+    if cfg.read_only {
+        c.mount_options.push(MountOption::RO);
     }
     c.acl = if cfg.allow_other {
         SessionACL::All
@@ -235,6 +276,11 @@ fn build(cfg: DriveConfig) -> Result<(DriveFs, Config), MountError> {
         pool: Pool::new(cfg.workers.max(1)),
         max_write: cfg.max_write,
         writeback_cache: cfg.writeback_cache,
+        read_only: cfg.read_only,
+        owner: Owner {
+            uid: cfg.uid,
+            gid: cfg.gid,
+        },
     };
     Ok((fs, fuse_config(&cfg)))
 }
@@ -367,6 +413,26 @@ struct DriveFs {
     pool: Pool,
     max_write: Option<u32>,
     writeback_cache: bool,
+    read_only: bool,
+    owner: Owner,
+}
+
+/// The owner files are presented with (`uid=`/`gid=`), if not their stored one.
+#[derive(Clone, Copy)]
+struct Owner {
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+/// Refuse a change on a read-only mount (the kernel refuses most already; this covers
+/// the rest, e.g. setxattr).
+macro_rules! refuse_if_ro {
+    ($self:ident, $reply:ident) => {
+        if $self.read_only {
+            $reply.error(Errno::EROFS);
+            return;
+        }
+    };
 }
 
 fn errno(e: FsError) -> Errno {
@@ -385,7 +451,7 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
-fn to_fuse(a: &Attr) -> FileAttr {
+fn to_fuse(a: &Attr, owner: Owner) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -397,8 +463,8 @@ fn to_fuse(a: &Attr) -> FileAttr {
         kind: file_type(a.kind),
         perm: a.perm,
         nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
+        uid: owner.uid.unwrap_or(a.uid),
+        gid: owner.gid.unwrap_or(a.gid),
         rdev: a.rdev,
         // cp and friends size their buffers by st_blksize: large is faster through FUSE.
         blksize: 128 * 1024,
@@ -413,9 +479,9 @@ fn time_set(t: Option<TimeOrNow>) -> Option<TimeSet> {
     })
 }
 
-fn entry(reply: ReplyEntry, r: Result<Attr, FsError>) {
+fn entry(reply: ReplyEntry, r: Result<Attr, FsError>, owner: Owner) {
     match r {
-        Ok(a) => reply.entry(&TTL, &to_fuse(&a), Generation(0)),
+        Ok(a) => reply.entry(&TTL, &to_fuse(&a, owner), Generation(0)),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -451,12 +517,13 @@ impl Filesystem for DriveFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.model.lookup(parent.0, name));
+        entry(reply, self.model.lookup(parent.0, name), self.owner);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let owner = self.owner;
         match self.model.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &to_fuse(&a)),
+            Ok(a) => reply.attr(&TTL, &to_fuse(&a, owner)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -488,10 +555,11 @@ impl Filesystem for DriveFs {
             mtime: time_set(mtime),
             ctime: ctime.map(Ts::from),
         };
-        let model = self.model.clone();
+        refuse_if_ro!(self, reply);
+        let (model, owner) = (self.model.clone(), self.owner);
         // A truncate may have to fetch the file: off the reader thread.
         self.pool.run(move || match model.setattr(ino.0, set) {
-            Ok(a) => reply.attr(&TTL, &to_fuse(&a)),
+            Ok(a) => reply.attr(&TTL, &to_fuse(&a, owner)),
             Err(e) => reply.error(errno(e)),
         });
     }
@@ -513,10 +581,12 @@ impl Filesystem for DriveFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        refuse_if_ro!(self, reply);
         entry(
             reply,
             self.model
                 .mknod(parent.0, name, mode, umask, rdev, req.uid(), req.gid()),
+            self.owner,
         );
     }
 
@@ -529,18 +599,22 @@ impl Filesystem for DriveFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        refuse_if_ro!(self, reply);
         entry(
             reply,
             self.model
                 .mkdir(parent.0, name, mode, umask, req.uid(), req.gid()),
+            self.owner,
         );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        refuse_if_ro!(self, reply);
         empty(reply, self.model.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        refuse_if_ro!(self, reply);
         empty(reply, self.model.rmdir(parent.0, name));
     }
 
@@ -552,10 +626,12 @@ impl Filesystem for DriveFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        refuse_if_ro!(self, reply);
         entry(
             reply,
             self.model
                 .symlink(parent.0, link_name, target, req.uid(), req.gid()),
+            self.owner,
         );
     }
 
@@ -569,6 +645,7 @@ impl Filesystem for DriveFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        refuse_if_ro!(self, reply);
         empty(
             reply,
             self.model
@@ -584,10 +661,21 @@ impl Filesystem for DriveFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        entry(reply, self.model.link(ino.0, newparent.0, newname));
+        refuse_if_ro!(self, reply);
+        entry(
+            reply,
+            self.model.link(ino.0, newparent.0, newname),
+            self.owner,
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.read_only
+            && (flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0)
+        {
+            reply.error(Errno::EROFS);
+            return;
+        }
         let model = self.model.clone();
         self.pool.run(move || match model.open(ino.0, flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -625,6 +713,7 @@ impl Filesystem for DriveFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        refuse_if_ro!(self, reply);
         let model = self.model.clone();
         let data = data.to_vec();
         self.pool
@@ -746,6 +835,7 @@ impl Filesystem for DriveFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        refuse_if_ro!(self, reply);
         empty(reply, self.model.setxattr(ino.0, name, value, flags));
     }
 
@@ -758,6 +848,7 @@ impl Filesystem for DriveFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        refuse_if_ro!(self, reply);
         empty(reply, self.model.removexattr(ino.0, name));
     }
 
@@ -771,14 +862,15 @@ impl Filesystem for DriveFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let model = self.model.clone();
+        refuse_if_ro!(self, reply);
+        let (model, owner) = (self.model.clone(), self.owner);
         let name = name.to_owned();
         let (uid, gid) = (req.uid(), req.gid());
         self.pool.run(
             move || match model.create(parent.0, &name, mode, umask, flags, uid, gid) {
                 Ok((a, fh)) => reply.created(
                     &TTL,
-                    &to_fuse(&a),
+                    &to_fuse(&a, owner),
                     Generation(0),
                     FileHandle(fh),
                     FopenFlags::empty(),
