@@ -50,17 +50,6 @@ fn unavailable(e: impl std::fmt::Display) -> BackendError {
     BackendError::Unavailable(e.to_string())
 }
 
-fn server_error(e: ClientError) -> BackendError {
-    if e.reason() == Some("over_quota") {
-        // The server's message names the numbers; the drive only needs "no space".
-        return BackendError::OverQuota {
-            needed: 0,
-            available: 0,
-        };
-    }
-    unavailable(e)
-}
-
 impl RemoteBackend {
     /// A backend storing `replicas` copies of each chunk, driving its async clients on
     /// `rt` (callers are plain threads: FUSE workers and the uploader).
@@ -101,8 +90,21 @@ impl RemoteBackend {
                     replicas: self.replicas,
                     exclude: exclude.clone(),
                 })
-                .await
-                .map_err(server_error)?;
+                .await;
+            let resp = match resp {
+                Ok(r) => r,
+                Err(e) if e.reason() == Some("over_quota") => {
+                    // The drive turns this into ENOSPC; the numbers are for its logs.
+                    let needed = todo.iter().map(|c| u64::from(c.size)).sum();
+                    let available = self
+                        .quota_async()
+                        .await
+                        .map(|q| q.total_bytes.saturating_sub(q.used_bytes))
+                        .unwrap_or(0);
+                    return Err(BackendError::OverQuota { needed, available });
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
             let sends = resp
                 .placements
                 .iter()
@@ -168,6 +170,16 @@ impl RemoteBackend {
         } else {
             Err((failed, why))
         }
+    }
+
+    /// The quota as the drive counts it: each chunk once (the server counts every replica).
+    async fn quota_async(&self) -> Result<Quota, BackendError> {
+        let st = self.server.status().await.map_err(unavailable)?;
+        let r = u64::from(self.replicas);
+        Ok(Quota {
+            total_bytes: st.quota_bytes / r,
+            used_bytes: st.used_bytes / r,
+        })
     }
 
     async fn get_async(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError> {
