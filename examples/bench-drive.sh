@@ -36,8 +36,7 @@ start_cluster() {
   echo "cluster did not come up:"; cat "$W/cluster.log"; exit 1
 }
 stop_cluster() { kill -INT "$CLUSTER_PID"; wait "$CLUSTER_PID" || true; CLUSTER_PID=""; }
-pending() { "$BIN" --home "$W/state/user" status 2>/dev/null | awk '/^pending:/ {print $2}'; }
-wait_durable() { until [ "$(pending)" = "0" ]; do sleep 0.2; done; }
+wait_durable() { "$BIN" --home "$W/state/user" status --wait >/dev/null; }
 # Chunk files on the peers, "size path" per line: new lines after an operation = uploaded.
 chunk_files() { find "$W"/state/peer-*/storage -type f -printf '%s %p\n' | sort; }
 

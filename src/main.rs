@@ -41,7 +41,7 @@ enum Command {
     /// Mount the drive.
     Mount(MountArgs),
     /// Show this peer's account: quota, usage, peers online.
-    Status,
+    Status(StatusArgs),
     /// Run a server, several peers and a mounted drive on loopback.
     LocalCluster(LocalClusterArgs),
     /// Write man pages into DIR (for packaging).
@@ -111,6 +111,13 @@ struct LoginArgs {
     /// Where to keep others' chunks (default: kept from this home's config, else HOME/storage).
     #[arg(long)]
     storage_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Then wait until every upload is confirmed on peers (progress on a terminal).
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Args, Debug)]
@@ -208,7 +215,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Register(a) => runtime()?.block_on(register(&home, a)),
         Command::Login(a) => runtime()?.block_on(login(&home, a)),
-        Command::Status => runtime()?.block_on(status(&home)),
+        Command::Status(a) => {
+            runtime()?.block_on(status(&home))?;
+            if a.wait {
+                wait_for_uploads(&home)?;
+            }
+            Ok(())
+        }
         Command::Serve => serve(&home),
         Command::Mount(a) => mount(&home, a),
         Command::LocalCluster(a) => local_cluster(a),
@@ -294,12 +307,13 @@ fn mount(home: &Home, a: MountArgs) -> Result<()> {
     );
     let state_dir = home.path("drive");
     // An empty drive state (a reinstall): rebuild the index from the latest snapshot.
+    let restore_progress = Progress::spinner("peerstash");
     match peerstash::drive::snapshot::restore_if_empty(
         &state_dir,
         &data_key,
         &*backend,
         &*backend,
-        |line| eprintln!("peerstash: {line}"),
+        |line| restore_progress.set_message(line.to_string()),
     ) {
         Ok(_) => {}
         Err(e @ peerstash::drive::SnapshotError::WrongKey) => bail!("{e}"),
@@ -308,6 +322,7 @@ fn mount(home: &Home, a: MountArgs) -> Result<()> {
                 .context("restoring the drive's index from its latest snapshot"))
         }
     }
+    restore_progress.finish();
     let mut dc = DriveConfig::new(&a.mountpoint, state_dir, data_key, backend.clone());
     dc.options.roots = Some(backend);
     if let Some(o) = &a.options {
@@ -657,6 +672,90 @@ async fn status(home: &Home) -> Result<()> {
     );
     println!("replicas: {}", cfg.replicas);
     print_drive_summary(home)
+}
+
+/// Progress on a terminal (indicatif); plain lines on stderr otherwise, so logs and
+/// scripts still see what happened.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    prefix: &'static str,
+    last: std::cell::RefCell<String>,
+}
+
+impl Progress {
+    fn spinner(prefix: &'static str) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        Progress {
+            bar,
+            prefix,
+            last: Default::default(),
+        }
+    }
+
+    fn set_message(&self, m: String) {
+        match &self.bar {
+            Some(b) => b.set_message(m.clone()),
+            None => eprintln!("{}: {m}", self.prefix),
+        }
+        *self.last.borrow_mut() = m;
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+            let last = self.last.borrow();
+            if !last.is_empty() {
+                eprintln!("{}: {last}", self.prefix);
+            }
+        }
+    }
+}
+
+/// `status --wait`: block until the drive has no upload pending, with a progress bar of
+/// the bytes still to confirm on a terminal.
+fn wait_for_uploads(home: &Home) -> Result<()> {
+    let dir = home.path("drive");
+    let first = peerstash::drive::index::summary_of(&dir).context("reading the drive's index")?;
+    if first.pending_files > 0 {
+        // Uploads happen in the mount process: nothing moves while the drive is unmounted.
+        eprintln!(
+            "waiting for the mounted drive to upload {} files (mount it if it is not)",
+            first.pending_files
+        );
+    }
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(first.pending_bytes.max(1));
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "uploading {bar:30} {bytes}/{total_bytes} ({msg} files left)",
+            )
+            .expect("a valid template"),
+        );
+        b
+    });
+    loop {
+        let d = peerstash::drive::index::summary_of(&dir).context("reading the drive's index")?;
+        if d.pending_files == 0 {
+            break;
+        }
+        if let Some(b) = &bar {
+            if d.pending_bytes > b.length().unwrap_or(0) {
+                b.set_length(d.pending_bytes);
+            }
+            b.set_position(b.length().unwrap_or(0).saturating_sub(d.pending_bytes));
+            b.set_message(d.pending_files.to_string());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    println!("pending:  none: every file is confirmed on peers");
+    Ok(())
 }
 
 /// What the local index says: files, stored chunks, uploads still pending.

@@ -324,6 +324,20 @@ fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
         .arg("-a")
         .arg(format!("{}/.", src.display()))
         .arg(&mnt));
+    // `status --wait` returns once every closed file is confirmed on peers.
+    let waited = run(Command::new(bin("peerstash"))
+        .arg("--home")
+        .arg(&user)
+        .args(["status", "--wait"]));
+    assert!(
+        waited.contains("every file is confirmed on peers"),
+        "{waited}"
+    );
+    let pending = run(Command::new(bin("peerstash"))
+        .arg("--home")
+        .arg(&user)
+        .arg("status"));
+    assert!(pending.contains("pending:  0 uploads"), "{pending}");
     fsync_all(&mnt);
     diff(&src, &mnt);
     assert_eq!(
