@@ -64,7 +64,7 @@ pub enum MessageKind {
     Status = 7,
     /// Server checks that a peer is online.
     StatusCheck = 8,
-    /// Peer fetches the list of chunks it may drop.
+    /// Reserved: no endpoint uses it (chunks to drop travel in heartbeat responses).
     Releases = 9,
     /// Peer reads or writes its encrypted root pointer (snapshots).
     Root = 10,
