@@ -2,6 +2,8 @@
 //! and make sure every process a test starts is killed when the test ends.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
