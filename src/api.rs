@@ -170,6 +170,29 @@ pub struct HeartbeatResponse {
     pub drop: Vec<ChunkId>,
     /// Seconds until the next heartbeat is due.
     pub interval_secs: u64,
+    /// Chunks to copy here from a live holder, to bring them back to their replica
+    /// target after a peer was lost (at most [`MAX_REPAIRS_PER_HEARTBEAT`]).
+    #[serde(default)]
+    pub repairs: Vec<RepairOrder>,
+}
+
+/// Most repair orders one heartbeat response carries.
+pub const MAX_REPAIRS_PER_HEARTBEAT: usize = 64;
+
+/// Copy one chunk from a live holder to the daemon that receives this order: fetch it from
+/// `source` under `source.token` (a get token sealed for that holder, naming this daemon
+/// as requester), check its hash, store it under `put.token` (a put token sealed for this
+/// daemon) and confirm `put.txid` like any stored chunk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairOrder {
+    /// The chunk.
+    pub chunk: ChunkId,
+    /// Its stored size.
+    pub size: u32,
+    /// A live holder and the get token for it.
+    pub source: Placement,
+    /// This daemon and the put token that lets it store the chunk.
+    pub put: Placement,
 }
 
 /// A chunk to store.
@@ -317,6 +340,16 @@ pub struct StatusResponse {
     pub lend_bytes: u64,
     /// Bytes of others' chunks it holds.
     pub holding_bytes: u64,
+    /// Distinct chunks it stores.
+    #[serde(default)]
+    pub chunks: u64,
+    /// Of those, chunks with fewer online holders than its replica target (repair brings
+    /// them back once a lost holder stays away past the server's grace period).
+    #[serde(default)]
+    pub chunks_below_target: u64,
+    /// Its replica target (the replicas its last put asked for).
+    #[serde(default)]
+    pub replicas: u8,
 }
 
 /// Store a new sealed root record (the encrypted pointer to the drive's latest snapshot).

@@ -671,6 +671,18 @@ async fn status(home: &Home) -> Result<()> {
         format_size(s.holding_bytes)
     );
     println!("replicas: {}", cfg.replicas);
+    if s.chunks_below_target == 0 {
+        println!(
+            "safety:   all {} chunks on at least {} online peers",
+            s.chunks, s.replicas
+        );
+    } else {
+        println!(
+            "safety:   {} of {} chunks on fewer than {} online peers (repaired once a lost \
+             peer stays away past the server's grace period)",
+            s.chunks_below_target, s.chunks, s.replicas
+        );
+    }
     print_drive_summary(home)
 }
 

@@ -23,10 +23,7 @@ fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
     let mnt = net.dir.path().join("mnt");
 
     let m = Mount::start(&user, &mnt);
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(&mnt));
+    copy_in(&src, &mnt);
     // `status --wait` returns once every closed file is confirmed on peers.
     let waited = run(Command::new(bin("peerstash"))
         .arg("--home")
@@ -320,10 +317,7 @@ fn wipe_and_restore(passphrase: bool) -> (Net, PathBuf) {
     make_tree(&src, 2);
     let mnt = net.dir.path().join("mnt");
     let m = Mount::start_with(&user, &mnt, Some("snapshot_interval=1"));
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(&mnt));
+    copy_in(&src, &mnt);
     fsync_all(&mnt);
     // Snapshots are taken while mounted, once uploads settle (and at a clean unmount).
     wait_for("a snapshot", Duration::from_secs(60), || {
@@ -365,10 +359,7 @@ fn snapshots_are_continuous_a_killed_mount_then_a_wiped_home_loses_nothing_twice
     make_tree(&src, 1);
     let mnt = net.dir.path().join("mnt");
     let m = Mount::start_with(&first, &mnt, Some("snapshot_interval=1"));
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(&mnt));
+    copy_in(&src, &mnt);
     fsync_all(&mnt);
     crash_and_wipe(m, &first);
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{wait_for, Proc};
-use peerstash::api::ReportRequest;
+use peerstash::api::{Placement, RepairOrder, ReportRequest};
 use peerstash::control::{now_ms, now_secs, ControlSigner, Direction, MessageKind};
 use peerstash::keys::{random_bytes, random_u64};
 use peerstash::peer::wire::{self, Op};
@@ -1093,4 +1093,139 @@ async fn a_full_disk_fails_only_that_chunk() {
         .await;
     assert_eq!(&got.unwrap(), b);
     d.shutdown().await;
+}
+
+/// A repair order as the server would send it to `to`: fetch `chunk` from `from`.
+fn repair_order(
+    from: (&TestPeer, &RunningDaemon),
+    to: (&TestPeer, &RunningDaemon),
+    chunk: (ChunkId, u32),
+    put_key: &TransactionKey,
+    put_chunk: ChunkId,
+    put_txid: u64,
+) -> RepairOrder {
+    let place = |p: &TestPeer, d: &RunningDaemon, token: Token, txid: u64, c: ChunkId| Placement {
+        target: p.id,
+        addr: d.local_addr().to_string(),
+        fingerprint: d.fingerprint(),
+        txid: TransactionId(txid),
+        expires_at: now_secs() + 300,
+        token,
+        chunks: vec![c],
+    };
+    let put_token = TokenClaims {
+        requester: to.0.id,
+        target: to.0.id,
+        kind: TxKind::Put,
+        txid: TransactionId(put_txid),
+        issued_at: now_secs() - 5,
+        expires_at: now_secs() + 300,
+        grants: vec![Grant::whole(put_chunk, chunk.1)],
+    }
+    .seal(&put_key.token_keys())
+    .unwrap();
+    RepairOrder {
+        chunk: chunk.0,
+        size: chunk.1,
+        source: place(
+            from.0,
+            from.1,
+            from.0.token(TxKind::Get, &[chunk]),
+            1,
+            chunk.0,
+        ),
+        put: place(to.0, to.1, put_token, put_txid, chunk.0),
+    }
+}
+
+/// A repair order is checked like anything from the network: only a put token sealed
+/// under the daemon's own key, covering that very chunk, lets it store; bytes from the
+/// holder must hash to the chunk id; each order is carried out once; a good order is
+/// stored and confirmed under its put token's transaction id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_orders_copy_from_a_holder_and_forged_ones_store_nothing() {
+    let (h, t) = (TestPeer::new(), TestPeer::new());
+    let holder = h.start(1 << 24, Arc::new(RecordingLink::new())).await;
+    let link = Arc::new(RecordingLink::new());
+    let mut cfg = t.config(1 << 24);
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    let target = Daemon::run(cfg, link.clone()).await.unwrap();
+
+    // The holder keeps four chunks; one of them rots on its disk.
+    let client = PeerClient::new().unwrap();
+    let chunks: Vec<_> = (0..4).map(|_| random_chunk(5000)).collect();
+    let r = client
+        .put(
+            &h.addr(&holder),
+            &h.token(TxKind::Put, &refs(&chunks)),
+            &chunks,
+        )
+        .await
+        .unwrap();
+    assert!(r.iter().all(|r| r.is_ok()));
+    let rotten = holder.store().path_of(&chunks[3].0);
+    let mut bytes = std::fs::read(&rotten).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&rotten, bytes).unwrap();
+    let sized = |i: usize| (chunks[i].0, 5000u32);
+    let (hp, tp) = ((&h, &holder), (&t, &target));
+
+    let good = repair_order(hp, tp, sized(0), &t.key, chunks[0].0, 1001);
+    // Sealed under another key: a forged put token.
+    let forged = repair_order(hp, tp, sized(1), &h.key, chunks[1].0, 1002);
+    // A genuine put token, but for another chunk than the one to copy.
+    let retargeted = repair_order(hp, tp, sized(2), &t.key, chunks[0].0, 1003);
+    // The holder sends bytes that do not hash to the id.
+    let corrupt = repair_order(hp, tp, sized(3), &t.key, chunks[3].0, 1004);
+    // Addressed to someone else.
+    let mut elsewhere = repair_order(hp, tp, sized(2), &t.key, chunks[2].0, 1005);
+    elsewhere.put.target = PeerId(12345);
+    link.repair_next(vec![good.clone(), forged, retargeted, corrupt, elsewhere]);
+    wait_for("the good repair confirmed", Duration::from_secs(20), || {
+        link.confirms()
+            .iter()
+            .any(|c| c.txid == TransactionId(1001))
+            .then_some(())
+    });
+    // The same order again (a replay), then a last good one: once that is confirmed,
+    // the worker has been through everything before it.
+    link.repair_next(vec![good]);
+    wait_for(
+        "the replayed order handled",
+        Duration::from_secs(20),
+        || (link.heartbeats().len() > 3).then_some(()),
+    );
+    let last = repair_order(hp, tp, sized(2), &t.key, chunks[2].0, 1006);
+    link.repair_next(vec![last]);
+    wait_for("the last repair confirmed", Duration::from_secs(20), || {
+        link.confirms()
+            .iter()
+            .any(|c| c.txid == TransactionId(1006))
+            .then_some(())
+    });
+
+    let confirmed: Vec<(TransactionId, Vec<ChunkId>)> = link
+        .confirms()
+        .into_iter()
+        .map(|c| (c.txid, c.chunks))
+        .collect();
+    assert_eq!(
+        confirmed,
+        vec![
+            (TransactionId(1001), vec![chunks[0].0]),
+            (TransactionId(1006), vec![chunks[2].0])
+        ],
+        "only the genuine orders are confirmed, each once"
+    );
+    let store = target.store();
+    assert!(store.contains(&chunks[0].0) && store.contains(&chunks[2].0));
+    assert!(!store.contains(&chunks[1].0), "stored under a forged token");
+    assert!(!store.contains(&chunks[3].0), "stored corrupt bytes");
+    assert_eq!(t.files().len(), 2, "nothing else on disk: {:?}", t.files());
+    assert_eq!(
+        std::fs::read(store.path_of(&chunks[0].0)).unwrap(),
+        chunks[0].1
+    );
+    target.shutdown().await;
+    holder.shutdown().await;
 }

@@ -9,7 +9,7 @@ use argon2::Argon2;
 use peerstash::api::{
     self, ConfirmRequest, ConfirmResponse, GetRequest, GetResponse, HeartbeatRequest,
     HeartbeatResponse, KeyMode, LoginRequest, LoginResponse, Placement, PutRequest, PutResponse,
-    RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, ReportRequest,
+    RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, RepairOrder, ReportRequest,
     StatusResponse,
 };
 use peerstash::api::{
@@ -27,7 +27,8 @@ const MIN_PASSWORD: usize = 8;
 const MAX_PASSWORD: usize = 1024;
 const MAX_ADDR: usize = 255;
 
-fn policy(st: &State) -> Policy {
+/// The rules in force now.
+pub(crate) fn policy(st: &State) -> Policy {
     let now = now_ms();
     Policy {
         quota_ratio: st.cfg.quota_ratio,
@@ -207,14 +208,37 @@ pub(crate) fn heartbeat(
             "too many dropped chunks in one heartbeat",
         ));
     }
-    let drop = st
-        .store
-        .lock()
-        .expect("not poisoned")
-        .heartbeat(peer, &req, now_ms())?;
+    let pol = policy(st);
+    let (drop, planned) = {
+        let mut store = st.store.lock().expect("not poisoned");
+        let drop = store.heartbeat(peer, &req, pol.now_ms)?;
+        let planned = store.take_repairs(peer, &pol, api::MAX_REPAIRS_PER_HEARTBEAT)?;
+        (drop, planned)
+    };
+    let mut repairs = Vec::with_capacity(planned.len());
+    for p in planned {
+        let mut source = seal_all(st, peer, TxKind::Get, vec![p.source], pol.expires_s)?;
+        let mut put = seal_all(st, peer, TxKind::Put, vec![p.put], pol.expires_s)?;
+        match (source.pop(), put.pop()) {
+            (Some(source), Some(put)) => repairs.push(RepairOrder {
+                chunk: p.chunk,
+                size: p.size,
+                source,
+                put,
+            }),
+            _ => return Err(Refusal::internal("a repair order lost its tokens")),
+        }
+    }
+    if !repairs.is_empty() {
+        tracing::info!(peer = %peer, orders = repairs.len(), "repair orders sent");
+        st.metrics
+            .repair_orders
+            .fetch_add(repairs.len() as u64, Ordering::Relaxed);
+    }
     Ok(HeartbeatResponse {
         drop,
         interval_secs: st.cfg.heartbeat_interval_secs,
+        repairs,
     })
 }
 
@@ -388,12 +412,15 @@ pub(crate) fn report(st: &State, peer: PeerId, req: ReportRequest) -> Result<(),
 /// `POST /v1/status`.
 pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal> {
     let pol = policy(st);
-    let (rec, pending, online, total) = st
-        .store
-        .lock()
-        .expect("not poisoned")
-        .status(peer, pol.online_cutoff_ms, pol.now_ms / 1000)?
-        .ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
+    let (found, (chunks, below, replicas)) = {
+        let store = st.store.lock().expect("not poisoned");
+        (
+            store.status(peer, pol.online_cutoff_ms, pol.now_ms / 1000)?,
+            store.durability(peer, pol.online_cutoff_ms)?,
+        )
+    };
+    let (rec, pending, online, total) =
+        found.ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
     Ok(StatusResponse {
         peer_id: rec.id,
         name: rec.name,
@@ -403,6 +430,9 @@ pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal
         used_bytes: rec.stored_bytes + pending,
         lend_bytes: rec.lend_bytes,
         holding_bytes: rec.held_bytes,
+        chunks,
+        chunks_below_target: below,
+        replicas,
     })
 }
 

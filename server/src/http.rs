@@ -42,6 +42,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     spawn_sweeper(state.clone());
     crate::probe::spawn_prober(state.clone());
+    crate::repair::spawn_repairer(state.clone());
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,

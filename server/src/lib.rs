@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod probe;
 pub mod ratelimit;
+pub mod repair;
 pub mod secrets;
 pub mod store;
 
@@ -75,6 +76,11 @@ pub struct Config {
     pub peak_load: bool,
     /// Sealed root records kept per peer (the latest and earlier ones).
     pub keep_snapshots: usize,
+    /// A holder silent for this long is lost: its chunks are copied to other peers,
+    /// seconds.
+    pub repair_grace_secs: u64,
+    /// Time between two scans for chunks to repair, seconds.
+    pub repair_interval_secs: u64,
 }
 
 impl Config {
@@ -94,6 +100,8 @@ impl Config {
             auth_burst: 20.0,
             peak_load: false,
             keep_snapshots: 10,
+            repair_grace_secs: 3600,
+            repair_interval_secs: 60,
         }
     }
 }

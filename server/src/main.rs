@@ -56,6 +56,13 @@ struct Cli {
     /// Sealed snapshot roots kept per peer (the latest and earlier ones).
     #[arg(long, default_value_t = 10)]
     keep_snapshots: usize,
+    /// A storage daemon silent for this many seconds is lost: the chunks it held are
+    /// copied from their other holders to new peers.
+    #[arg(long, default_value_t = 3600)]
+    repair_grace: u64,
+    /// Seconds between two scans for chunks to repair.
+    #[arg(long, default_value_t = 60)]
+    repair_interval: u64,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -202,6 +209,8 @@ fn main() -> anyhow::Result<()> {
         auth_burst: cli.auth_burst,
         peak_load: cli.peak_load,
         keep_snapshots: cli.keep_snapshots.max(1),
+        repair_grace_secs: cli.repair_grace.max(1),
+        repair_interval_secs: cli.repair_interval.max(1),
     };
     let state = init(cfg).with_context(|| {
         format!(

@@ -36,6 +36,13 @@ pub struct Metrics {
     pub probes_ok: AtomicU64,
     /// The server's own status checks that got no valid answer.
     pub probes_failed: AtomicU64,
+    /// Repair orders handed to peers.
+    pub repair_orders: AtomicU64,
+    /// From the last repair scan: repairs waiting for a peer to take them.
+    pub repairs_waiting: AtomicU64,
+    /// From the last repair scan: chunks on a lost holder with fewer online holders than
+    /// their target.
+    pub chunks_below_target: AtomicU64,
     rejections: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<BTreeMap<(&'static str, u16), Histogram>>,
 }
@@ -162,6 +169,23 @@ impl Metrics {
                 "peerstash_status_checks_total{{outcome=\"{outcome}\"}} {}",
                 c.load(std::sync::atomic::Ordering::Relaxed)
             );
+        }
+        gauge(
+            &mut o,
+            "peerstash_repairs_waiting",
+            "Repairs queued by the last scan and not yet handed to a peer.",
+            self.repairs_waiting.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut o,
+            "peerstash_chunks_below_target",
+            "Chunks on a lost holder with fewer online holders than their target (last scan).",
+            self.chunks_below_target.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(o, "# HELP peerstash_repairs_total Repair copies, by stage.\n# TYPE peerstash_repairs_total counter");
+        let ordered = self.repair_orders.load(Ordering::Relaxed);
+        for (stage, n) in [("ordered", ordered), ("done", db.repairs_done)] {
+            let _ = writeln!(o, "peerstash_repairs_total{{stage=\"{stage}\"}} {n}");
         }
         let _ = writeln!(o, "# HELP peerstash_rejections_total Refused requests, by reason.\n# TYPE peerstash_rejections_total counter");
         for (reason, n) in self.rejections.lock().expect("not poisoned").iter() {

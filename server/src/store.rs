@@ -17,6 +17,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::error::Refusal;
 
+mod repair;
+pub use repair::{RepairPlan, RepairScan};
+
 /// Transaction ids are reserved in blocks of this size: the high-water mark on disk is
 /// always above every id handed out, so ids never repeat, even across a crash.
 const TXID_BLOCK: u64 = 1024;
@@ -42,7 +45,8 @@ CREATE TABLE IF NOT EXISTS peers (
     last_seen_ms INTEGER NOT NULL DEFAULT 0,
     stored_bytes INTEGER NOT NULL DEFAULT 0,
     held_bytes INTEGER NOT NULL DEFAULT 0,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    replicas INTEGER NOT NULL DEFAULT 2
 );
 CREATE TABLE IF NOT EXISTS locations (
     owner INTEGER NOT NULL,
@@ -59,6 +63,7 @@ CREATE TABLE IF NOT EXISTS pending (
     owner INTEGER NOT NULL,
     size INTEGER NOT NULL,
     expires_s INTEGER NOT NULL,
+    replaces INTEGER,
     PRIMARY KEY (txid, chunk)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_by_holder ON pending (holder);
@@ -74,6 +79,14 @@ CREATE TABLE IF NOT EXISTS roots (
     created_ms INTEGER NOT NULL,
     sealed BLOB NOT NULL,
     PRIMARY KEY (peer, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS repairs (
+    owner INTEGER NOT NULL,
+    chunk BLOB NOT NULL,
+    replaces INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    queued_ms INTEGER NOT NULL,
+    PRIMARY KEY (owner, chunk, replaces)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reports (
     subject INTEGER NOT NULL,
@@ -113,6 +126,27 @@ fn reserve_txids(
         next: next + n,
         hwm: new_hwm,
     })
+}
+
+/// Columns added since the first schema, for databases created before them.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |table: &str, col: &str| -> rusqlite::Result<bool> {
+        let mut st = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = st.query_map([], |r| r.get::<_, String>(1))?;
+        for n in names {
+            if n? == col {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if !has("peers", "replicas")? {
+        conn.execute_batch("ALTER TABLE peers ADD COLUMN replicas INTEGER NOT NULL DEFAULT 2")?;
+    }
+    if !has("pending", "replaces")? {
+        conn.execute_batch("ALTER TABLE pending ADD COLUMN replaces INTEGER")?;
+    }
+    Ok(())
 }
 
 fn pid(p: PeerId) -> i64 {
@@ -263,6 +297,8 @@ pub struct DbFigures {
     pub invites: u64,
     /// Drop orders not yet acknowledged.
     pub drops: u64,
+    /// Repair copies confirmed since the server started.
+    pub repairs_done: u64,
     /// Failure reports: (subject peer, kind, reason, count).
     pub reports: Vec<(PeerId, String, String, u64)>,
 }
@@ -272,6 +308,7 @@ pub struct Store {
     conn: Connection,
     next_txid: u64,
     txid_hwm: u64,
+    repairs_done: u64,
 }
 
 impl Store {
@@ -295,6 +332,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let hwm: i64 = conn
             .query_row("SELECT value FROM meta WHERE key = 'txid_hwm'", [], |r| {
                 r.get(0)
@@ -307,6 +345,7 @@ impl Store {
             conn,
             next_txid: hwm as u64,
             txid_hwm: hwm as u64,
+            repairs_done: 0,
         })
     }
 
@@ -537,6 +576,11 @@ impl Store {
             .optional()?
             .ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
 
+        // The owner's replica target is what repair restores.
+        tx.execute(
+            "UPDATE peers SET replicas = ?2 WHERE id = ?1 AND replicas != ?2",
+            params![pid(owner), i64::from(replicas)],
+        )?;
         // Which holders each chunk already has (committed), and what is still missing.
         let mut plan = PutPlan::default();
         let mut wanted: Vec<(ChunkRef, usize, HashSet<PeerId>)> = Vec::new();
@@ -563,7 +607,8 @@ impl Store {
 
         // Quota: committed plus still-pending bytes, every replica counted.
         let pending_owned: i64 = tx.query_row(
-            "SELECT COALESCE(SUM(size), 0) FROM pending WHERE owner = ?1 AND expires_s > ?2",
+            "SELECT COALESCE(SUM(size), 0) FROM pending
+             WHERE owner = ?1 AND expires_s > ?2 AND replaces IS NULL",
             params![pid(owner), now_s as i64],
             |r| r.get(0),
         )?;
@@ -713,9 +758,11 @@ impl Store {
     ) -> rusqlite::Result<Vec<usize>> {
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(batch.len());
+        let mut repaired = 0;
         {
             let mut find = tx.prepare_cached(
-                "SELECT owner, size FROM pending WHERE txid = ?1 AND chunk = ?2 AND holder = ?3",
+                "SELECT owner, size, replaces FROM pending
+                 WHERE txid = ?1 AND chunk = ?2 AND holder = ?3",
             )?;
             let mut del =
                 tx.prepare_cached("DELETE FROM pending WHERE txid = ?1 AND chunk = ?2")?;
@@ -739,18 +786,24 @@ impl Store {
                 let mut committed = 0;
                 for c in chunks.iter() {
                     let cb = c.0.to_vec();
-                    let row: Option<(i64, i64)> = find
+                    let row: Option<(i64, i64, Option<i64>)> = find
                         .query_row(params![txid.0 as i64, cb, pid(holder)], |r| {
-                            Ok((r.get(0)?, r.get(1)?))
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                         })
                         .optional()?;
                     match row {
-                        Some((owner, size)) => {
+                        Some((owner, size, replaces)) => {
                             del.execute(params![txid.0 as i64, cb])?;
                             if ins.execute(params![owner, cb, pid(holder), size])? == 1 {
                                 add.execute(params![owner, size])?;
                                 add_held.execute(params![pid(holder), size])?;
                                 committed += 1;
+                                // A repair copy takes the lost holder's place: that
+                                // holder drops its copy if it ever comes back.
+                                if let Some(lost) = replaces {
+                                    remove_location(&tx, owner, &cb, lost)?;
+                                    repaired += 1;
+                                }
                             }
                             undrop.execute(params![pid(holder), cb])?;
                         }
@@ -765,6 +818,7 @@ impl Store {
             }
         }
         tx.commit()?;
+        self.repairs_done += repaired;
         Ok(out)
     }
 
@@ -932,40 +986,23 @@ impl Store {
         let tx = self.conn.transaction()?;
         let mut released = 0;
         {
-            let mut locs = tx.prepare_cached(
-                "SELECT holder, size FROM locations WHERE owner = ?1 AND chunk = ?2",
-            )?;
-            let mut del = tx.prepare_cached(
-                "DELETE FROM locations WHERE owner = ?1 AND chunk = ?2 AND holder = ?3",
-            )?;
-            let mut sub = tx.prepare_cached(
-                "UPDATE peers SET stored_bytes = MAX(stored_bytes - ?2, 0) WHERE id = ?1",
-            )?;
-            let mut sub_held = tx.prepare_cached(
-                "UPDATE peers SET held_bytes = MAX(held_bytes - ?2, 0) WHERE id = ?1",
-            )?;
-            let mut held = tx.prepare_cached(
-                "SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2 LIMIT 1",
-            )?;
-            let mut drop =
-                tx.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?;
+            let mut locs =
+                tx.prepare_cached("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2")?;
             let mut del_pending =
                 tx.prepare_cached("DELETE FROM pending WHERE owner = ?1 AND chunk = ?2")?;
+            let mut del_repairs =
+                tx.prepare_cached("DELETE FROM repairs WHERE owner = ?1 AND chunk = ?2")?;
             for c in chunks {
                 let cb = c.0.to_vec();
-                let rows: Vec<(i64, i64)> = locs
-                    .query_map(params![pid(owner), cb], |r| Ok((r.get(0)?, r.get(1)?)))?
+                let holders: Vec<i64> = locs
+                    .query_map(params![pid(owner), cb], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
                 let pend = del_pending.execute(params![pid(owner), cb])?;
-                for (holder, size) in &rows {
-                    del.execute(params![pid(owner), cb, holder])?;
-                    sub.execute(params![pid(owner), size])?;
-                    sub_held.execute(params![holder, size])?;
-                    if !held.exists(params![holder, cb])? {
-                        drop.execute(params![holder, cb])?;
-                    }
+                del_repairs.execute(params![pid(owner), cb])?;
+                for holder in &holders {
+                    remove_location(&tx, pid(owner), &cb, *holder)?;
                 }
-                if !rows.is_empty() || pend > 0 {
+                if !holders.is_empty() || pend > 0 {
                     released += 1;
                 }
             }
@@ -1025,7 +1062,8 @@ impl Store {
             return Ok(None);
         };
         let pending: i64 = self.conn.query_row(
-            "SELECT COALESCE(SUM(size), 0) FROM pending WHERE owner = ?1 AND expires_s > ?2",
+            "SELECT COALESCE(SUM(size), 0) FROM pending
+             WHERE owner = ?1 AND expires_s > ?2 AND replaces IS NULL",
             params![pid(id), now_s as i64],
             |r| r.get(0),
         )?;
@@ -1095,6 +1133,7 @@ impl Store {
             pending: one("SELECT COUNT(*) FROM pending")?,
             invites: one("SELECT COUNT(*) FROM invites")?,
             drops: one("SELECT COUNT(*) FROM drops")?,
+            repairs_done: self.repairs_done,
             reports: Vec::new(),
         };
         let mut st = self
@@ -1113,6 +1152,38 @@ impl Store {
         }
         Ok(f)
     }
+}
+
+/// Delete one location: the owner stops paying for it, the holder stops counting it, and
+/// the holder is told to drop its copy unless it keeps that chunk for another owner.
+/// Returns whether the location existed.
+fn remove_location(
+    c: &Connection,
+    owner: i64,
+    chunk: &[u8],
+    holder: i64,
+) -> rusqlite::Result<bool> {
+    let size: Option<i64> = c
+        .prepare_cached(
+            "DELETE FROM locations WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 RETURNING size",
+        )?
+        .query_row(params![owner, chunk, holder], |r| r.get(0))
+        .optional()?;
+    let Some(size) = size else {
+        return Ok(false);
+    };
+    c.prepare_cached("UPDATE peers SET stored_bytes = MAX(stored_bytes - ?2, 0) WHERE id = ?1")?
+        .execute(params![owner, size])?;
+    c.prepare_cached("UPDATE peers SET held_bytes = MAX(held_bytes - ?2, 0) WHERE id = ?1")?
+        .execute(params![holder, size])?;
+    let still_held = c
+        .prepare_cached("SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2 LIMIT 1")?
+        .exists(params![holder, chunk])?;
+    if !still_held {
+        c.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?
+            .execute(params![holder, chunk])?;
+    }
+    Ok(true)
 }
 
 fn key_mode_str(m: KeyMode) -> &'static str {

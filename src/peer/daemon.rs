@@ -25,6 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+mod repair;
+
 use super::link::ServerLink;
 use super::store::{ChunkStore, StoreError};
 use super::wire::{self, Op, Refusal};
@@ -339,6 +341,7 @@ impl Daemon {
 
         let (reports_tx, reports_rx) = mpsc::channel(REPORT_QUEUE);
         let (confirms_tx, confirms_rx) = mpsc::channel(CONFIRM_QUEUE);
+        let (repairs_tx, repairs_rx) = mpsc::channel(repair::QUEUE);
         let shared = Arc::new(Shared {
             me: config.peer_id,
             verifier: TokenVerifier::new(config.peer_id, &config.key),
@@ -367,9 +370,11 @@ impl Daemon {
             )),
             tokio::spawn(confirm_loop(link.clone(), confirms_rx, stop_rx.clone())),
             tokio::spawn(report_loop(link.clone(), reports_rx, stop_rx.clone())),
+            tokio::spawn(repair::worker(shared.clone(), repairs_rx, stop_rx.clone())),
             tokio::spawn(heartbeat_loop(
                 link,
                 shared.clone(),
+                repairs_tx,
                 advertise,
                 fingerprint,
                 config.heartbeat_interval,
@@ -955,6 +960,7 @@ async fn report_loop<L: ServerLink>(
 async fn heartbeat_loop<L: ServerLink>(
     link: Arc<L>,
     shared: Arc<Shared>,
+    repairs: mpsc::Sender<Vec<crate::api::RepairOrder>>,
     advertise: String,
     fingerprint: Fingerprint,
     default_interval: Duration,
@@ -983,6 +989,13 @@ async fn heartbeat_loop<L: ServerLink>(
                         Err(e) => {
                             tracing::warn!(?chunk, error = %e, "could not drop a released chunk")
                         }
+                    }
+                }
+                if !resp.repairs.is_empty() {
+                    let mut orders = resp.repairs;
+                    orders.truncate(crate::api::MAX_REPAIRS_PER_HEARTBEAT);
+                    if repairs.try_send(orders).is_err() {
+                        tracing::info!("repair queue full; the server will hand these out again");
                     }
                 }
                 interval = if resp.interval_secs > 0 {

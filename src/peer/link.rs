@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Mutex;
 
-use crate::api::{ConfirmRequest, HeartbeatRequest, HeartbeatResponse, ReportRequest};
+use crate::api::{ConfirmRequest, HeartbeatRequest, HeartbeatResponse, RepairOrder, ReportRequest};
 use crate::ids::ChunkId;
 
 /// A call to the server failed (unreachable, refused, bad reply).
@@ -59,6 +59,7 @@ struct Recorded {
     reports: Vec<ReportRequest>,
     heartbeats: Vec<HeartbeatRequest>,
     next_drop: Vec<ChunkId>,
+    next_repairs: Vec<RepairOrder>,
 }
 
 impl RecordingLink {
@@ -90,6 +91,11 @@ impl RecordingLink {
     pub fn drop_next(&self, chunks: Vec<ChunkId>) {
         self.lock().next_drop = chunks;
     }
+
+    /// Answer the next heartbeat with these repair orders.
+    pub fn repair_next(&self, orders: Vec<RepairOrder>) {
+        self.lock().next_repairs = orders;
+    }
 }
 
 impl ServerLink for RecordingLink {
@@ -107,6 +113,7 @@ impl ServerLink for RecordingLink {
         Ok(HeartbeatResponse {
             drop: std::mem::take(&mut r.next_drop),
             interval_secs: 0,
+            repairs: std::mem::take(&mut r.next_repairs),
         })
     }
 }

@@ -306,3 +306,11 @@ pub fn found_in(dirs: &[PathBuf], needle: &str) -> bool {
         .unwrap()
         .success()
 }
+
+/// `cp -a SRC/. DST`: the way a user copies a tree into the mount.
+pub fn copy_in(src: &Path, dst: &Path) {
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(dst));
+}

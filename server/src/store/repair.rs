@@ -1,0 +1,438 @@
+//! Repair bookkeeping: which chunks lost a holder for good, and which live peer copies
+//! them back from which live holder.
+//!
+//! A holder silent for longer than the repair grace is *lost*. For each location it had,
+//! if the chunk's online holders, plus copies already under way, fall short of the owner's
+//! replica target, a repair is queued (`repairs`: owner, chunk, the lost holder). Queued
+//! repairs are handed out in heartbeat responses to peers that can take them: online, not
+//! the owner, not holding the chunk, with room. Handing one out records a pending
+//! placement that *replaces* the lost holder; when the new holder confirms, the lost
+//! holder's location goes, and it is told to drop its copy if it ever comes back. An order
+//! that fails simply expires with its token, and the next scan queues the repair again.
+
+use std::collections::HashMap;
+
+use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
+use rusqlite::{params, OptionalExtension};
+
+use super::{blob32, peer_row, pid, reserve_txids, to_pid, Planned, Policy, Store, PEER_COLS};
+
+/// A live holder: id, address, certificate fingerprint.
+type Source = (i64, String, Vec<u8>);
+
+/// One repair handed to a peer: fetch `chunk` from `source`, store it under `put`.
+#[derive(Debug, Clone)]
+pub struct RepairPlan {
+    /// The chunk.
+    pub chunk: ChunkId,
+    /// Its stored size.
+    pub size: u32,
+    /// A live holder; its token is a get token.
+    pub source: Planned,
+    /// The peer receiving the order; its token is a put token.
+    pub put: Planned,
+}
+
+/// What one scan found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RepairScan {
+    /// Repairs queued by this scan.
+    pub queued: usize,
+    /// Repairs waiting for a peer to take them (after this scan).
+    pub waiting: usize,
+    /// Distinct chunks with fewer online holders than their owner's target.
+    pub below_target: usize,
+}
+
+impl Store {
+    /// Queue a repair for every location on a lost holder (silent since before
+    /// `lost_before_ms`) whose chunk has fewer online holders (seen since
+    /// `policy.online_cutoff_ms`) plus copies under way than its owner's target; forget
+    /// queued repairs that are moot (the holder came back, or the chunk was released).
+    pub fn scan_repairs(
+        &mut self,
+        lost_before_ms: u64,
+        policy: &Policy,
+    ) -> rusqlite::Result<RepairScan> {
+        let now_s = (policy.now_ms / 1000) as i64;
+        let online = policy.online_cutoff_ms as i64;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "DELETE FROM repairs WHERE
+               replaces IN (SELECT id FROM peers WHERE last_seen_ms >= ?1)
+               OR NOT EXISTS (SELECT 1 FROM locations l WHERE l.owner = repairs.owner
+                              AND l.chunk = repairs.chunk AND l.holder = repairs.replaces)",
+            [lost_before_ms as i64],
+        )?;
+        let lost: Vec<(i64, Vec<u8>, i64, i64, i64)> = {
+            let mut st = tx.prepare(
+                "SELECT l.owner, l.chunk, l.holder, l.size, o.replicas
+                 FROM peers p JOIN locations l ON l.holder = p.id
+                 JOIN peers o ON o.id = l.owner
+                 WHERE p.last_seen_ms < ?1",
+            )?;
+            let rows = st.query_map([lost_before_ms as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut scan = RepairScan::default();
+        {
+            let mut live = tx.prepare_cached(
+                "SELECT COUNT(*) FROM locations l JOIN peers p ON p.id = l.holder
+                 WHERE l.owner = ?1 AND l.chunk = ?2 AND p.last_seen_ms >= ?3",
+            )?;
+            let mut under_way = tx.prepare_cached(
+                "SELECT COUNT(*) FROM pending
+                 WHERE owner = ?1 AND chunk = ?2 AND expires_s > ?3 AND replaces IS NOT NULL",
+            )?;
+            let mut queued = tx.prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(replaces = ?3), 0) FROM repairs
+                 WHERE owner = ?1 AND chunk = ?2",
+            )?;
+            let mut queue = tx.prepare_cached(
+                "INSERT INTO repairs (owner, chunk, replaces, size, queued_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut below: HashMap<(i64, Vec<u8>), ()> = HashMap::new();
+            for (owner, chunk, holder, size, want) in lost {
+                let l: i64 = live.query_row(params![owner, chunk, online], |r| r.get(0))?;
+                if l >= want {
+                    continue;
+                }
+                below.insert((owner, chunk.clone()), ());
+                let u: i64 = under_way.query_row(params![owner, chunk, now_s], |r| r.get(0))?;
+                let (q, mine): (i64, i64) = queued
+                    .query_row(params![owner, chunk, holder], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
+                if mine == 0 && l + u + q < want {
+                    queue.execute(params![owner, chunk, holder, size, policy.now_ms as i64])?;
+                    scan.queued += 1;
+                }
+            }
+            scan.below_target = below.len();
+        }
+        scan.waiting =
+            tx.query_row("SELECT COUNT(*) FROM repairs", [], |r| r.get::<_, i64>(0))? as usize;
+        tx.commit()?;
+        Ok(scan)
+    }
+
+    /// Hand up to `max` queued repairs to `target` (which just sent a heartbeat): each
+    /// gets a live source and a pending placement on `target` that replaces the lost
+    /// holder. Tokens are sealed by the caller.
+    pub fn take_repairs(
+        &mut self,
+        target: PeerId,
+        policy: &Policy,
+        max: usize,
+    ) -> rusqlite::Result<Vec<RepairPlan>> {
+        let now_s = (policy.now_ms / 1000) as i64;
+        let tx = self.conn.transaction()?;
+        let me = tx
+            .query_row(
+                &format!(
+                    "SELECT {PEER_COLS}, (SELECT COALESCE(SUM(size), 0) FROM pending q
+                                          WHERE q.holder = peers.id AND q.expires_s > ?2)
+                     FROM peers WHERE id = ?1 AND last_seen_ms >= ?3"
+                ),
+                params![pid(target), now_s, policy.online_cutoff_ms as i64],
+                |r| Ok((peer_row(r)?, r.get::<_, i64>(10)? as u64)),
+            )
+            .optional()?;
+        let Some((me, pending_held)) = me else {
+            return Ok(Vec::new());
+        };
+        let mut room = me
+            .free_bytes
+            .min(me.lend_bytes.saturating_sub(me.held_bytes))
+            .saturating_sub(pending_held);
+        let candidates: Vec<(i64, Vec<u8>, i64, i64)> = {
+            let mut st = tx.prepare_cached(
+                "SELECT r.owner, r.chunk, r.replaces, r.size FROM repairs r
+                 WHERE r.owner != ?1
+                   AND NOT EXISTS (SELECT 1 FROM locations l WHERE l.owner = r.owner
+                                   AND l.chunk = r.chunk AND l.holder = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM pending q WHERE q.owner = r.owner
+                                   AND q.chunk = r.chunk AND q.holder = ?1)
+                 ORDER BY r.queued_ms LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![pid(target), (max * 4) as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut chosen: Vec<(i64, Vec<u8>, i64, i64, Source)> = Vec::new();
+        {
+            let mut source = tx.prepare_cached(
+                "SELECT l.holder, p.quic_addr, p.fingerprint FROM locations l
+                 JOIN peers p ON p.id = l.holder
+                 WHERE l.owner = ?1 AND l.chunk = ?2 AND l.holder != ?3 AND p.last_seen_ms >= ?4
+                 ORDER BY p.last_seen_ms DESC LIMIT 1",
+            )?;
+            for (owner, chunk, replaces, size) in candidates {
+                if chosen.len() == max {
+                    break;
+                }
+                // Two orders for one chunk in one response would be one copy too many.
+                if chosen.iter().any(|(o, c, ..)| *o == owner && *c == chunk) {
+                    continue;
+                }
+                if (size as u64) > room {
+                    continue;
+                }
+                let src: Option<Source> = source
+                    .query_row(
+                        params![owner, chunk, pid(target), policy.online_cutoff_ms as i64],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let Some(src) = src else { continue };
+                room -= size as u64;
+                chosen.push((owner, chunk, replaces, size, src));
+            }
+        }
+        if chosen.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Two transaction ids per repair: the get on the source, the put on the target.
+        let r = reserve_txids(&tx, self.next_txid, self.txid_hwm, 2 * chosen.len() as u64)?;
+        let mut out = Vec::with_capacity(chosen.len());
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO pending (txid, chunk, holder, owner, size, expires_s, replaces)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut dequeue = tx.prepare_cached(
+                "DELETE FROM repairs WHERE owner = ?1 AND chunk = ?2 AND replaces = ?3",
+            )?;
+            for (k, (owner, chunk, replaces, size, (src, addr, fp))) in
+                chosen.into_iter().enumerate()
+            {
+                let (get_txid, put_txid) = (r.first + 2 * k as u64, r.first + 2 * k as u64 + 1);
+                ins.execute(params![
+                    put_txid as i64,
+                    chunk,
+                    pid(target),
+                    owner,
+                    size,
+                    policy.expires_s as i64,
+                    replaces
+                ])?;
+                dequeue.execute(params![owner, chunk, replaces])?;
+                let id = ChunkId(blob32(chunk));
+                let grants = vec![(id, size as u32)];
+                out.push(RepairPlan {
+                    chunk: id,
+                    size: size as u32,
+                    source: Planned {
+                        target: to_pid(src),
+                        addr,
+                        fingerprint: Fingerprint(blob32(fp)),
+                        txid: TransactionId(get_txid),
+                        grants: grants.clone(),
+                        online: true,
+                    },
+                    put: Planned {
+                        target,
+                        addr: me.quic_addr.clone(),
+                        fingerprint: me.fingerprint,
+                        txid: TransactionId(put_txid),
+                        grants,
+                        online: true,
+                    },
+                });
+            }
+        }
+        tx.commit()?;
+        self.next_txid = r.next;
+        self.txid_hwm = r.hwm;
+        Ok(out)
+    }
+
+    /// An owner's durability: (distinct chunks stored, chunks with fewer online holders
+    /// than its target, its target).
+    pub fn durability(
+        &self,
+        owner: PeerId,
+        online_cutoff_ms: u64,
+    ) -> rusqlite::Result<(u64, u64, u8)> {
+        let want: i64 = self
+            .conn
+            .query_row(
+                "SELECT replicas FROM peers WHERE id = ?1",
+                [pid(owner)],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let (total, below): (i64, i64) = self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(live < ?3), 0) FROM
+               (SELECT l.chunk, SUM(p.last_seen_ms >= ?2) AS live
+                FROM locations l JOIN peers p ON p.id = l.holder
+                WHERE l.owner = ?1 GROUP BY l.chunk)",
+            params![pid(owner), online_cutoff_ms as i64, want],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((total as u64, below as u64, want.clamp(0, 255) as u8))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use peerstash::api::{ChunkRef, HeartbeatRequest, KeyMode};
+
+    use super::super::NewPeer;
+    use super::*;
+
+    const GB: u64 = 1 << 30;
+
+    fn policy(now_ms: u64) -> Policy {
+        Policy {
+            quota_ratio: 1.5,
+            now_ms,
+            online_cutoff_ms: now_ms.saturating_sub(90_000),
+            expires_s: now_ms / 1000 + 600,
+        }
+    }
+
+    fn beat(s: &mut Store, p: PeerId, now: u64) -> Vec<ChunkId> {
+        let req = HeartbeatRequest {
+            quic_addr: "127.0.0.1:1".into(),
+            cert_fingerprint: Fingerprint([1; 32]),
+            free_bytes: GB,
+            used_bytes: 0,
+            dropped: Vec::new(),
+        };
+        s.heartbeat(p, &req, now).unwrap()
+    }
+
+    fn peer(s: &mut Store, name: &str, now: u64) -> PeerId {
+        let new = NewPeer {
+            name,
+            password_hash: "x",
+            key_mode: KeyMode::Escrow,
+            lend_bytes: GB,
+            quic_addr: "127.0.0.1:1",
+            fingerprint: Fingerprint([1; 32]),
+        };
+        s.insert_peer(&new, None, false, now, |_| Ok(vec![0]))
+            .unwrap()
+    }
+
+    fn holders(s: &Store, owner: PeerId, c: ChunkId) -> Vec<PeerId> {
+        let mut st = s
+            .conn
+            .prepare("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2 ")
+            .unwrap();
+        let mut v: Vec<PeerId> = st
+            .query_map(params![pid(owner), c.0.to_vec()], |r| Ok(to_pid(r.get(0)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        v.sort_by_key(|p| p.0);
+        v
+    }
+
+    /// The whole life of a repair in the database: a holder is lost, the chunk is queued
+    /// once, handed to one suitable peer with a live source, the confirm replaces the lost
+    /// location (the owner pays for two copies, not three), the lost holder learns to drop
+    /// its copy when it returns, and a release cancels what is still queued.
+    #[test]
+    fn a_lost_holder_is_replaced_once_and_told_to_drop_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("db")).unwrap();
+        let t0 = 1_000_000_000u64;
+        let owner = peer(&mut s, "owner", t0);
+        let ps: Vec<PeerId> = (0..4).map(|i| peer(&mut s, &format!("p{i}"), t0)).collect();
+        for p in &ps {
+            beat(&mut s, *p, t0);
+        }
+        let chunk = ChunkRef {
+            id: ChunkId([7; 32]),
+            size: 1000,
+        };
+        let other = ChunkRef {
+            id: ChunkId([8; 32]),
+            size: 1000,
+        };
+        let plan = s.put(owner, &[chunk, other], 2, &[], &policy(t0)).unwrap();
+        for p in &plan.placements {
+            let ids: Vec<ChunkId> = p.grants.iter().map(|g| g.0).collect();
+            s.confirm(p.target, p.txid, &ids).unwrap();
+        }
+        let before = holders(&s, owner, chunk.id);
+        assert_eq!(before.len(), 2);
+        let stored = s.peer(owner).unwrap().unwrap().stored_bytes;
+        assert_eq!(stored, 4000);
+
+        // Everyone but the lost holder keeps beating; an hour later it is lost.
+        let lost = before[0];
+        let t1 = t0 + 3_600_000;
+        for p in ps.iter().filter(|p| **p != lost) {
+            beat(&mut s, *p, t1);
+        }
+        let pol = policy(t1);
+        let scan = s.scan_repairs(t1 - 600_000, &pol).unwrap();
+        assert!(scan.queued >= 1 && scan.below_target >= 1, "{scan:?}");
+        assert_eq!(
+            s.durability(owner, pol.online_cutoff_ms).unwrap().1,
+            scan.below_target as u64
+        );
+        // A second scan queues nothing more.
+        assert_eq!(s.scan_repairs(t1 - 600_000, &pol).unwrap().queued, 0);
+        // The surviving holder cannot take its own chunk; the lost one is offline.
+        let survivor = before[1];
+        let none = s.take_repairs(survivor, &pol, 64).unwrap();
+        assert!(none.iter().all(|r| r.chunk != chunk.id));
+        assert!(s.take_repairs(lost, &pol, 64).unwrap().is_empty());
+        let fresh = *ps
+            .iter()
+            .find(|p| !before.contains(p) && **p != owner)
+            .unwrap();
+        let orders = s.take_repairs(fresh, &pol, 64).unwrap();
+        let order = orders
+            .iter()
+            .find(|r| r.chunk == chunk.id)
+            .expect("an order");
+        assert_eq!(
+            order.source.target, survivor,
+            "the source is the live holder"
+        );
+        assert_eq!(order.put.target, fresh);
+        // Handed out once: nobody else gets it, and the scan counts it under way.
+        for p in &ps {
+            let again = s.take_repairs(*p, &pol, 64).unwrap();
+            assert!(again.iter().all(|r| r.chunk != chunk.id));
+        }
+        assert_eq!(s.scan_repairs(t1 - 600_000, &pol).unwrap().queued, 0);
+
+        s.confirm(fresh, order.put.txid, &[chunk.id]).unwrap();
+        assert_eq!(holders(&s, owner, chunk.id), {
+            let mut v = vec![survivor, fresh];
+            v.sort_by_key(|p| p.0);
+            v
+        });
+        // Repair does not make the owner pay for a third copy.
+        let after = s.peer(owner).unwrap().unwrap().stored_bytes;
+        assert_eq!(after, stored);
+        // The lost holder comes back and is told to drop the replaced copy.
+        let drops = beat(&mut s, lost, t1 + 1000);
+        assert!(drops.contains(&chunk.id), "{drops:?}");
+
+        // A queued repair goes when its chunk is released.
+        let t2 = t1 + 3_600_000;
+        for p in ps.iter().filter(|p| **p != fresh) {
+            beat(&mut s, *p, t2);
+        }
+        let pol = policy(t2);
+        s.scan_repairs(t2 - 600_000, &pol).unwrap();
+        s.release(owner, &[chunk.id, other.id]).unwrap();
+        let left: i64 = s
+            .conn
+            .query_row("SELECT COUNT(*) FROM repairs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+}
