@@ -256,6 +256,7 @@ async fn main() {
                         chunks: chunks.clone(),
                         replicas: 2,
                         exclude: vec![],
+                        stripes: vec![],
                     })
                     .await
                     .unwrap();

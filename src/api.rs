@@ -176,23 +176,60 @@ pub struct HeartbeatResponse {
     pub repairs: Vec<RepairOrder>,
 }
 
+/// Most shards (data + parity) in one erasure-coded stripe.
+pub const MAX_STRIPE_SHARDS: usize = 32;
+
 /// Most repair orders one heartbeat response carries.
 pub const MAX_REPAIRS_PER_HEARTBEAT: usize = 64;
 
-/// Copy one chunk from a live holder to the daemon that receives this order: fetch it from
-/// `source` under `source.token` (a get token sealed for that holder, naming this daemon
-/// as requester), check its hash, store it under `put.token` (a put token sealed for this
-/// daemon) and confirm `put.txid` like any stored chunk.
+/// Make one chunk on the daemon that receives this order, then store it under
+/// `put.token` (a put token sealed for this daemon) and confirm `put.txid` like any
+/// stored chunk. Exactly one of `source` and `rebuild` is set:
+/// - `source`: copy the chunk from a live holder, under a get token sealed for that
+///   holder (naming this daemon as requester), checking its hash;
+/// - `rebuild`: the chunk is a shard of an erasure-coded stripe whose holder was lost:
+///   fetch `k` other shards of the stripe and recompute it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RepairOrder {
-    /// The chunk.
+    /// The chunk (or shard).
     pub chunk: ChunkId,
     /// Its stored size.
     pub size: u32,
     /// A live holder and the get token for it.
-    pub source: Placement,
+    #[serde(default)]
+    pub source: Option<Placement>,
+    /// How to recompute a lost shard.
+    #[serde(default)]
+    pub rebuild: Option<Rebuild>,
     /// This daemon and the put token that lets it store the chunk.
     pub put: Placement,
+}
+
+/// Recompute shard `index` of `stripe` from other shards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rebuild {
+    /// The stripe: geometry and every shard's id.
+    pub stripe: StripeRef,
+    /// Which shard to recompute (0-based, data shards first).
+    pub index: u8,
+    /// Live holders of other shards, each with a get token for the shards it lists.
+    pub sources: Vec<Placement>,
+}
+
+/// A chunk stored as an erasure-coded stripe (see `peerstash::erasure`): `data` + `parity`
+/// shards, each stored as a chunk of its own on a distinct peer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StripeRef {
+    /// The chunk's id (BLAKE3 of its stored bytes).
+    pub chunk: ChunkId,
+    /// The chunk's stored size.
+    pub chunk_size: u32,
+    /// Data shards (`k`).
+    pub data: u8,
+    /// Parity shards (`m`).
+    pub parity: u8,
+    /// The shards, data first, each with its own id and size.
+    pub shards: Vec<ChunkRef>,
 }
 
 /// A chunk to store.
@@ -214,6 +251,10 @@ pub struct PutRequest {
     /// Peers to avoid (e.g. ones that just failed).
     #[serde(default)]
     pub exclude: Vec<PeerId>,
+    /// Chunks to store erasure-coded instead: each stripe's shards go to distinct peers,
+    /// one copy each (`replicas` does not apply to them). Placements name shards.
+    #[serde(default)]
+    pub stripes: Vec<StripeRef>,
 }
 
 /// One target peer and the batch token that lets the requester use it.
@@ -274,6 +315,9 @@ pub struct GetResponse {
     pub placements: Vec<Placement>,
     /// Chunks with no committed holder (or not owned by the requester).
     pub missing: Vec<ChunkId>,
+    /// Chunks stored as stripes: fetch `k` of their shards (the placements name shards).
+    #[serde(default)]
+    pub stripes: Vec<StripeRef>,
 }
 
 /// Release chunks no longer referenced.

@@ -15,6 +15,8 @@ pub mod cluster;
 pub mod control;
 #[cfg(feature = "client")]
 pub mod drive;
+#[cfg(feature = "peer")]
+pub mod erasure;
 pub mod ids;
 pub mod keys;
 #[cfg(feature = "peer")]

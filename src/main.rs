@@ -99,6 +99,10 @@ struct RegisterArgs {
     /// Distinct peers each chunk is stored on.
     #[arg(long, default_value_t = DEFAULT_REPLICAS)]
     replicas: u8,
+    /// Store chunks erasure-coded instead of replicated: K data + M parity shards on
+    /// K+M distinct peers (e.g. `4+2`: survives 2 lost peers at 1.5× the size).
+    #[arg(long, value_name = "K+M")]
+    erasure: Option<peerstash::client::home::ErasureSpec>,
 }
 
 #[derive(Args, Debug)]
@@ -302,9 +306,12 @@ fn mount(home: &Home, a: MountArgs) -> Result<()> {
     peerstash::drive::fuse::block_stop_signals().context("blocking signals")?;
     let rt = std::sync::Arc::new(runtime()?);
     let server = home.server_client()?;
-    let backend = std::sync::Arc::new(
-        RemoteBackend::new(rt.clone(), server, cfg.replicas).context("starting the QUIC client")?,
-    );
+    let mut backend =
+        RemoteBackend::new(rt.clone(), server, cfg.replicas).context("starting the QUIC client")?;
+    if let Some(e) = cfg.erasure {
+        backend = backend.with_erasure(e.data, e.parity);
+    }
+    let backend = std::sync::Arc::new(backend);
     let state_dir = home.path("drive");
     // An empty drive state (a reinstall): rebuild the index from the latest snapshot.
     let restore_progress = Progress::spinner("peerstash");
@@ -551,6 +558,7 @@ async fn register(home: &Home, a: RegisterArgs) -> Result<()> {
         listen_addr: a.listen.clone(),
         key_mode,
         replicas: a.replicas,
+        erasure: a.erasure,
     })?;
     println!("registered {} as peer {}", a.server.name, resp.peer_id);
     println!("peer_id: {}", resp.peer_id);
@@ -634,6 +642,7 @@ async fn login(home: &Home, a: LoginArgs) -> Result<()> {
             .unwrap_or(resp.quic_addr),
         key_mode: resp.key_mode,
         replicas: old.as_ref().map(|c| c.replicas).unwrap_or(DEFAULT_REPLICAS),
+        erasure: old.as_ref().and_then(|c| c.erasure),
     })?;
     println!("logged in as {} (peer {})", a.server.name, resp.peer_id);
     println!("peer_id: {}", resp.peer_id);
@@ -670,17 +679,25 @@ async fn status(home: &Home) -> Result<()> {
         format_size(s.lend_bytes),
         format_size(s.holding_bytes)
     );
-    println!("replicas: {}", cfg.replicas);
-    if s.chunks_below_target == 0 {
-        println!(
-            "safety:   all {} chunks on at least {} online peers",
-            s.chunks, s.replicas
-        );
+    let target = match cfg.erasure {
+        Some(e) => {
+            println!("storage:  erasure-coded, {e} shards per chunk on distinct peers");
+            format!("with all {} shards online", e.data + e.parity)
+        }
+        None => {
+            println!("replicas: {}", cfg.replicas);
+            format!("on at least {} online peers", s.replicas)
+        }
+    };
+    if s.chunks == 0 {
+        println!("safety:   nothing stored yet");
+    } else if s.chunks_below_target == 0 {
+        println!("safety:   all {} chunks {target}", s.chunks);
     } else {
         println!(
-            "safety:   {} of {} chunks on fewer than {} online peers (repaired once a lost \
-             peer stays away past the server's grace period)",
-            s.chunks_below_target, s.chunks, s.replicas
+            "safety:   {} of {} chunks below target, waiting for repair (a lost peer's \
+             chunks are copied once it stays away past the server's grace period)",
+            s.chunks_below_target, s.chunks
         );
     }
     print_drive_summary(home)

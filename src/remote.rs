@@ -7,16 +7,18 @@
 //! for holders (one batch get token each) and tries them in turn, online first; a chunk
 //! whose hash is wrong is reported and the next holder is asked.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{
     ChunkRef, ConfirmRequest, GetRequest, HeartbeatRequest, HeartbeatResponse, Placement,
-    PutRequest, ReleaseRequest, ReportRequest, MAX_CHUNKS_PER_REQUEST,
+    PutRequest, ReleaseRequest, ReportRequest, StripeRef, MAX_CHUNKS_PER_REQUEST,
 };
 use crate::client::{ClientError, ServerClient};
 use crate::drive::backend::{BackendError, ChunkBackend, Quota};
+use crate::erasure::{self, Geometry};
 use crate::ids::{ChunkId, PeerId};
 use crate::peer::client::{PeerAddr, PeerClient, PeerError};
 use crate::peer::link::{LinkError, ServerLink};
@@ -27,21 +29,49 @@ const PUT_ATTEMPTS: usize = 3;
 /// Chunks per put request: bounded so a huge file does not make one huge token.
 const PUT_BATCH: usize = 256;
 
+/// How a drive's chunks are kept on peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redundancy {
+    /// Whole copies on this many distinct peers.
+    Replicas(u8),
+    /// Reed-Solomon erasure coding: `data` + `parity` shards on distinct peers; any
+    /// `data` of them rebuild the chunk.
+    Erasure {
+        /// Data shards (`k`).
+        data: u8,
+        /// Parity shards (`m`).
+        parity: u8,
+    },
+}
+
+impl Redundancy {
+    /// Stored bytes per chunk byte, as a fraction (numerator, denominator).
+    fn overhead(&self) -> (u64, u64) {
+        match *self {
+            Redundancy::Replicas(r) => (u64::from(r.max(1)), 1),
+            Redundancy::Erasure { data, parity } => {
+                (u64::from(data) + u64::from(parity), u64::from(data.max(1)))
+            }
+        }
+    }
+}
+
 /// The drive's chunk storage on other peers.
 pub struct RemoteBackend {
     rt: Arc<tokio::runtime::Runtime>,
     server: ServerClient,
     peers: PeerClient,
     replicas: u8,
+    redundancy: Redundancy,
 }
 
 impl std::fmt::Debug for RemoteBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "RemoteBackend({}, {} replicas)",
+            "RemoteBackend({}, {:?})",
             self.server.base_url(),
-            self.replicas
+            self.redundancy
         )
     }
 }
@@ -67,19 +97,53 @@ impl RemoteBackend {
             server,
             peers,
             replicas: replicas.max(1),
+            redundancy: Redundancy::Replicas(replicas.max(1)),
         })
     }
 
+    /// Store new chunks erasure-coded, `data` + `parity` shards each, instead of as
+    /// replicas (chunks stored before keep their form; reads handle both).
+    pub fn with_erasure(mut self, data: u8, parity: u8) -> RemoteBackend {
+        self.redundancy = Redundancy::Erasure { data, parity };
+        self
+    }
+
     async fn put_batch(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<(), BackendError> {
-        let bytes: HashMap<ChunkId, &[u8]> =
-            chunks.iter().map(|(id, b)| (*id, b.as_slice())).collect();
-        let mut todo: Vec<ChunkRef> = chunks
-            .iter()
-            .map(|(id, b)| ChunkRef {
-                id: *id,
-                size: b.len() as u32,
-            })
-            .collect();
+        // What goes over the wire: whole chunks, or each chunk's shards.
+        let mut owned: HashMap<ChunkId, Cow<'_, [u8]>> = HashMap::new();
+        let mut todo: Vec<ChunkRef> = Vec::new();
+        let mut stripes: Vec<StripeRef> = Vec::new();
+        for (id, b) in chunks {
+            match self.redundancy {
+                Redundancy::Replicas(_) => {
+                    todo.push(ChunkRef {
+                        id: *id,
+                        size: b.len() as u32,
+                    });
+                    owned.insert(*id, Cow::Borrowed(b.as_slice()));
+                }
+                Redundancy::Erasure { data, parity } => {
+                    let (g, shards) = erasure::encode(b, data, parity).map_err(unavailable)?;
+                    let mut refs = Vec::with_capacity(shards.len());
+                    for s in shards {
+                        let sid = ChunkId::of(&s);
+                        refs.push(ChunkRef {
+                            id: sid,
+                            size: g.stored_len(),
+                        });
+                        owned.insert(sid, Cow::Owned(s));
+                    }
+                    stripes.push(StripeRef {
+                        chunk: *id,
+                        chunk_size: b.len() as u32,
+                        data,
+                        parity,
+                        shards: refs,
+                    });
+                }
+            }
+        }
+        let bytes: HashMap<ChunkId, &[u8]> = owned.iter().map(|(k, v)| (*k, &**v)).collect();
         let mut exclude: Vec<PeerId> = Vec::new();
         let mut last_error = String::from("no placement");
         for _ in 0..PUT_ATTEMPTS {
@@ -89,13 +153,15 @@ impl RemoteBackend {
                     chunks: todo.clone(),
                     replicas: self.replicas,
                     exclude: exclude.clone(),
+                    stripes: stripes.clone(),
                 })
                 .await;
             let resp = match resp {
                 Ok(r) => r,
                 Err(e) if e.reason() == Some("over_quota") => {
                     // The drive turns this into ENOSPC; the numbers are for its logs.
-                    let needed = todo.iter().map(|c| u64::from(c.size)).sum();
+                    let needed = todo.iter().map(|c| u64::from(c.size)).sum::<u64>()
+                        + stripes.iter().map(|s| u64::from(s.chunk_size)).sum::<u64>();
                     let available = self
                         .quota_async()
                         .await
@@ -130,10 +196,12 @@ impl RemoteBackend {
                 return Ok(());
             }
             todo.retain(|c| failed.contains(&c.id));
+            // The server places again only the shards that still lack a holder.
+            stripes.retain(|s| s.shards.iter().any(|sh| failed.contains(&sh.id)));
         }
         Err(BackendError::Unavailable(format!(
             "{} chunks could not be stored: {last_error}",
-            todo.len()
+            todo.len() + stripes.len()
         )))
     }
 
@@ -172,13 +240,14 @@ impl RemoteBackend {
         }
     }
 
-    /// The quota as the drive counts it: each chunk once (the server counts every replica).
+    /// The quota as the drive counts it: each chunk once (the server counts every replica
+    /// or shard).
     async fn quota_async(&self) -> Result<Quota, BackendError> {
         let st = self.server.status().await.map_err(unavailable)?;
-        let r = u64::from(self.replicas);
+        let (num, den) = self.redundancy.overhead();
         Ok(Quota {
-            total_bytes: st.quota_bytes / r,
-            used_bytes: st.used_bytes / r,
+            total_bytes: st.quota_bytes / num * den,
+            used_bytes: st.used_bytes / num * den,
         })
     }
 
@@ -188,8 +257,67 @@ impl RemoteBackend {
             .get(&GetRequest { chunks: vec![id] })
             .await
             .map_err(unavailable)?;
+        if let Some(st) = resp.stripes.iter().find(|s| s.chunk == id) {
+            return self.get_striped(st, size, &resp.placements).await;
+        }
+        self.fetch_from_holders(&resp.placements, id, size).await
+    }
+
+    /// Rebuild a striped chunk from its shards: the data shards at once, then parity
+    /// shards one by one for any that failed.
+    async fn get_striped(
+        &self,
+        st: &StripeRef,
+        size: u32,
+        placements: &[Placement],
+    ) -> Result<Vec<u8>, BackendError> {
+        let stored_len = st.shards.first().map_or(0, |s| s.size);
+        if st.chunk_size != size {
+            return Err(BackendError::Corrupt(st.chunk));
+        }
+        let g = Geometry::from_stored(st.data, st.parity, st.chunk_size, stored_len)
+            .map_err(|_| BackendError::Corrupt(st.chunk))?;
+        let k = st.data as usize;
+        let fetch = |i: usize| {
+            let sh = st.shards[i];
+            async move { (i, self.fetch_from_holders(placements, sh.id, sh.size).await) }
+        };
+        let mut got = Vec::with_capacity(k);
         let mut last = None;
-        for p in resp.placements.iter().filter(|p| p.chunks.contains(&id)) {
+        for (i, r) in futures_util::future::join_all((0..k.min(st.shards.len())).map(fetch)).await {
+            match r {
+                Ok(b) => got.push((i, b)),
+                Err(e) => last = Some(e),
+            }
+        }
+        for i in k..st.shards.len() {
+            if got.len() >= k {
+                break;
+            }
+            match fetch(i).await {
+                (i, Ok(b)) => got.push((i, b)),
+                (_, Err(e)) => last = Some(e),
+            }
+        }
+        if got.len() < k {
+            return Err(last.unwrap_or(BackendError::NotFound(st.chunk)));
+        }
+        erasure::rebuild(&g, &got, &st.chunk).map_err(|e| {
+            tracing::warn!(chunk = ?st.chunk, error = %e, "rebuilding a striped chunk failed");
+            BackendError::Corrupt(st.chunk)
+        })
+    }
+
+    /// Fetch chunk (or shard) `id` from the first holder among `placements` that has it
+    /// and serves bytes with the right hash, reporting the ones that serve wrong bytes.
+    async fn fetch_from_holders(
+        &self,
+        placements: &[Placement],
+        id: ChunkId,
+        size: u32,
+    ) -> Result<Vec<u8>, BackendError> {
+        let mut last = None;
+        for p in placements.iter().filter(|p| p.chunks.contains(&id)) {
             let addr = match PeerAddr::of_placement(p).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -257,11 +385,11 @@ impl ChunkBackend for RemoteBackend {
             .rt
             .block_on(self.server.status())
             .map_err(unavailable)?;
-        // The server counts every replica; the drive counts each chunk once.
-        let r = u64::from(self.replicas);
+        // The server counts every replica or shard; the drive counts each chunk once.
+        let (num, den) = self.redundancy.overhead();
         Ok(Quota {
-            total_bytes: st.quota_bytes / r,
-            used_bytes: st.used_bytes / r,
+            total_bytes: st.quota_bytes / num * den,
+            used_bytes: st.used_bytes / num * den,
         })
     }
 }

@@ -1095,6 +1095,24 @@ async fn a_full_disk_fails_only_that_chunk() {
     d.shutdown().await;
 }
 
+/// A holder daemon, and a target daemon whose heartbeats (every 100 ms) go to a recording
+/// link, so a test can hand it repair orders.
+async fn holder_and_repairing_target() -> (
+    TestPeer,
+    RunningDaemon,
+    TestPeer,
+    RunningDaemon,
+    Arc<RecordingLink>,
+) {
+    let (h, t) = (TestPeer::new(), TestPeer::new());
+    let holder = h.start(1 << 24, Arc::new(RecordingLink::new())).await;
+    let link = Arc::new(RecordingLink::new());
+    let mut cfg = t.config(1 << 24);
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    let target = Daemon::run(cfg, link.clone()).await.unwrap();
+    (h, holder, t, target, link)
+}
+
 /// A repair order as the server would send it to `to`: fetch `chunk` from `from`.
 fn repair_order(
     from: (&TestPeer, &RunningDaemon),
@@ -1127,13 +1145,14 @@ fn repair_order(
     RepairOrder {
         chunk: chunk.0,
         size: chunk.1,
-        source: place(
+        source: Some(place(
             from.0,
             from.1,
             from.0.token(TxKind::Get, &[chunk]),
             1,
             chunk.0,
-        ),
+        )),
+        rebuild: None,
         put: place(to.0, to.1, put_token, put_txid, chunk.0),
     }
 }
@@ -1144,12 +1163,7 @@ fn repair_order(
 /// stored and confirmed under its put token's transaction id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repair_orders_copy_from_a_holder_and_forged_ones_store_nothing() {
-    let (h, t) = (TestPeer::new(), TestPeer::new());
-    let holder = h.start(1 << 24, Arc::new(RecordingLink::new())).await;
-    let link = Arc::new(RecordingLink::new());
-    let mut cfg = t.config(1 << 24);
-    cfg.heartbeat_interval = Duration::from_millis(100);
-    let target = Daemon::run(cfg, link.clone()).await.unwrap();
+    let (h, holder, t, target, link) = holder_and_repairing_target().await;
 
     // The holder keeps four chunks; one of them rots on its disk.
     let client = PeerClient::new().unwrap();
@@ -1226,6 +1240,108 @@ async fn repair_orders_copy_from_a_holder_and_forged_ones_store_nothing() {
         std::fs::read(store.path_of(&chunks[0].0)).unwrap(),
         chunks[0].1
     );
+    target.shutdown().await;
+    holder.shutdown().await;
+}
+
+/// A rebuild order recomputes a lost shard of an erasure-coded stripe from `k` others,
+/// each fetched under its holder's get token. A shard that rots on its holder is caught
+/// by its hash, and with fewer than `k` good shards nothing is stored; an order whose
+/// stripe does not name the shard is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_orders_recompute_a_lost_shard_and_never_store_a_wrong_one() {
+    use peerstash::api::{ChunkRef, Rebuild, StripeRef};
+    let (h, holder, t, target, link) = holder_and_repairing_target().await;
+    let client = PeerClient::new().unwrap();
+
+    // Two stripes of 2+1; the holder keeps shards 1 and 2 of each.
+    let mut stripes = Vec::new();
+    for seed in [1u8, 2] {
+        let (_, chunk) = random_chunk(9000 + seed as usize);
+        let (g, shards) = peerstash::erasure::encode(&chunk, 2, 1).unwrap();
+        let shard_refs: Vec<ChunkRef> = shards
+            .iter()
+            .map(|s| ChunkRef {
+                id: ChunkId::of(s),
+                size: g.stored_len(),
+            })
+            .collect();
+        let kept: Vec<(ChunkId, Vec<u8>)> = shards[1..]
+            .iter()
+            .map(|s| (ChunkId::of(s), s.clone()))
+            .collect();
+        let r = client
+            .put(&h.addr(&holder), &h.token(TxKind::Put, &refs(&kept)), &kept)
+            .await
+            .unwrap();
+        assert!(r.iter().all(|r| r.is_ok()));
+        let stripe = StripeRef {
+            chunk: ChunkId::of(&chunk),
+            chunk_size: chunk.len() as u32,
+            data: 2,
+            parity: 1,
+            shards: shard_refs,
+        };
+        stripes.push((stripe, shards));
+    }
+    // The second stripe's parity shard rots on the holder's disk.
+    let rotten = holder.store().path_of(&stripes[1].0.shards[2].id);
+    let mut b = std::fs::read(&rotten).unwrap();
+    b[40] ^= 1;
+    std::fs::write(&rotten, b).unwrap();
+
+    let order = |i: usize, txid: u64, index: u8| {
+        let (stripe, _) = &stripes[i];
+        let wanted = stripe.shards[0];
+        let others: Vec<(ChunkId, u32)> =
+            stripe.shards[1..].iter().map(|s| (s.id, s.size)).collect();
+        let mut o = repair_order(
+            (&h, &holder),
+            (&t, &target),
+            (wanted.id, wanted.size),
+            &t.key,
+            wanted.id,
+            txid,
+        );
+        let mut source = o.source.take().unwrap();
+        source.token = h.token(TxKind::Get, &others);
+        source.chunks = others.iter().map(|(c, _)| *c).collect();
+        o.rebuild = Some(Rebuild {
+            stripe: stripe.clone(),
+            index,
+            sources: vec![source],
+        });
+        o
+    };
+    // Good; rotten source; a stripe that names another shard at that index.
+    link.repair_next(vec![order(1, 2002, 0), order(0, 2003, 1)]);
+    wait_for("two heartbeats", Duration::from_secs(20), || {
+        (link.heartbeats().len() > 2).then_some(())
+    });
+    link.repair_next(vec![order(0, 2001, 0)]);
+    wait_for(
+        "the rebuilt shard confirmed",
+        Duration::from_secs(20),
+        || {
+            link.confirms()
+                .iter()
+                .any(|c| c.txid == TransactionId(2001))
+                .then_some(())
+        },
+    );
+    let confirmed: Vec<TransactionId> = link.confirms().iter().map(|c| c.txid).collect();
+    assert_eq!(confirmed, vec![TransactionId(2001)]);
+    let store = target.store();
+    let rebuilt = std::fs::read(store.path_of(&stripes[0].0.shards[0].id)).unwrap();
+    assert_eq!(
+        rebuilt, stripes[0].1[0],
+        "the rebuilt shard is the lost one, byte for byte"
+    );
+    assert!(
+        !store.contains(&stripes[1].0.shards[0].id),
+        "built from a rotten shard"
+    );
+    assert_eq!(t.files().len(), 1, "{:?}", t.files());
     target.shutdown().await;
     holder.shutdown().await;
 }

@@ -171,6 +171,7 @@ fn put_req(c: &[ChunkRef], replicas: u8) -> PutRequest {
         chunks: c.to_vec(),
         replicas,
         exclude: vec![],
+        stripes: vec![],
     }
 }
 

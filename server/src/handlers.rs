@@ -9,8 +9,8 @@ use argon2::Argon2;
 use peerstash::api::{
     self, ConfirmRequest, ConfirmResponse, GetRequest, GetResponse, HeartbeatRequest,
     HeartbeatResponse, KeyMode, LoginRequest, LoginResponse, Placement, PutRequest, PutResponse,
-    RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, RepairOrder, ReportRequest,
-    StatusResponse,
+    Rebuild, RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, RepairOrder,
+    ReportRequest, StatusResponse,
 };
 use peerstash::api::{
     GetRootRequest, GetRootResponse, PutRootRequest, PutRootResponse, RootRecord,
@@ -216,18 +216,28 @@ pub(crate) fn heartbeat(
         (drop, planned)
     };
     let mut repairs = Vec::with_capacity(planned.len());
+    let one = |p: Planned, kind| -> Result<Placement, Refusal> {
+        seal_all(st, peer, kind, vec![p], pol.expires_s)?
+            .pop()
+            .ok_or_else(|| Refusal::internal("a repair order lost its token"))
+    };
     for p in planned {
-        let mut source = seal_all(st, peer, TxKind::Get, vec![p.source], pol.expires_s)?;
-        let mut put = seal_all(st, peer, TxKind::Put, vec![p.put], pol.expires_s)?;
-        match (source.pop(), put.pop()) {
-            (Some(source), Some(put)) => repairs.push(RepairOrder {
-                chunk: p.chunk,
-                size: p.size,
-                source,
-                put,
+        let source = p.source.map(|s| one(s, TxKind::Get)).transpose()?;
+        let rebuild = match p.rebuild {
+            Some((stripe, index, sources)) => Some(Rebuild {
+                stripe,
+                index,
+                sources: seal_all(st, peer, TxKind::Get, sources, pol.expires_s)?,
             }),
-            _ => return Err(Refusal::internal("a repair order lost its tokens")),
-        }
+            None => None,
+        };
+        repairs.push(RepairOrder {
+            chunk: p.chunk,
+            size: p.size,
+            source,
+            rebuild,
+            put: one(p.put, TxKind::Put)?,
+        });
     }
     if !repairs.is_empty() {
         tracing::info!(peer = %peer, orders = repairs.len(), "repair orders sent");
@@ -288,9 +298,10 @@ fn seal_all(
 /// `POST /v1/put`.
 pub(crate) fn put(st: &State, peer: PeerId, req: PutRequest) -> Result<PutResponse, Refusal> {
     let pol = policy(st);
-    let plan = st.store.lock().expect("not poisoned").put(
+    let plan = st.store.lock().expect("not poisoned").put_with_stripes(
         peer,
         &req.chunks,
+        &req.stripes,
         req.replicas,
         &req.exclude,
         &pol,
@@ -368,7 +379,7 @@ pub(crate) fn confirm(
 /// `POST /v1/get`.
 pub(crate) fn get(st: &State, peer: PeerId, req: GetRequest) -> Result<GetResponse, Refusal> {
     let pol = policy(st);
-    let (planned, missing) =
+    let (planned, missing, stripes) =
         st.store
             .lock()
             .expect("not poisoned")
@@ -380,6 +391,7 @@ pub(crate) fn get(st: &State, peer: PeerId, req: GetRequest) -> Result<GetRespon
     Ok(GetResponse {
         placements,
         missing,
+        stripes,
     })
 }
 

@@ -80,6 +80,23 @@ CREATE TABLE IF NOT EXISTS roots (
     sealed BLOB NOT NULL,
     PRIMARY KEY (peer, version)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stripes (
+    owner INTEGER NOT NULL,
+    chunk BLOB NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    data INTEGER NOT NULL,
+    parity INTEGER NOT NULL,
+    PRIMARY KEY (owner, chunk)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stripe_shards (
+    owner INTEGER NOT NULL,
+    chunk BLOB NOT NULL,
+    idx INTEGER NOT NULL,
+    shard BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (owner, chunk, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS stripe_shards_by_shard ON stripe_shards (owner, shard);
 CREATE TABLE IF NOT EXISTS repairs (
     owner INTEGER NOT NULL,
     chunk BLOB NOT NULL,
@@ -538,20 +555,42 @@ impl Store {
         exclude: &[PeerId],
         policy: &Policy,
     ) -> Result<PutPlan, Refusal> {
-        if chunks.is_empty() || chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
+        self.put_with_stripes(owner, chunks, &[], replicas, exclude, policy)
+    }
+
+    /// [`Store::put`] with erasure-coded stripes too: each stripe's shards without a
+    /// location go to distinct peers (one copy each), avoiding peers holding the
+    /// stripe's other shards.
+    pub fn put_with_stripes(
+        &mut self,
+        owner: PeerId,
+        chunks: &[ChunkRef],
+        stripes: &[api::StripeRef],
+        replicas: u8,
+        exclude: &[PeerId],
+        policy: &Policy,
+    ) -> Result<PutPlan, Refusal> {
+        let shard_count: usize = stripes.iter().map(|s| s.shards.len()).sum();
+        let named = chunks.len() + shard_count;
+        if named == 0 || named > api::MAX_CHUNKS_PER_REQUEST {
             return Err(Refusal::bad_request(format!(
-                "a put names 1 to {} chunks, not {}",
+                "a put names 1 to {} chunks and shards, not {named}",
                 api::MAX_CHUNKS_PER_REQUEST,
-                chunks.len()
             )));
+        }
+        for st in stripes {
+            check_stripe(st)?;
         }
         if replicas == 0 || replicas > MAX_REPLICAS {
             return Err(Refusal::bad_request(format!(
                 "replicas must be 1 to {MAX_REPLICAS}, not {replicas}"
             )));
         }
-        let mut seen = HashSet::with_capacity(chunks.len());
-        for c in chunks {
+        let mut seen = HashSet::with_capacity(named);
+        for c in chunks
+            .iter()
+            .chain(stripes.iter().flat_map(|s| s.shards.iter()))
+        {
             if c.size > MAX_CHUNK_SIZE {
                 return Err(Refusal::bad_request(format!(
                     "chunk {} is {} bytes; the limit is {MAX_CHUNK_SIZE}",
@@ -577,13 +616,16 @@ impl Store {
             .ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
 
         // The owner's replica target is what repair restores.
-        tx.execute(
-            "UPDATE peers SET replicas = ?2 WHERE id = ?1 AND replicas != ?2",
-            params![pid(owner), i64::from(replicas)],
-        )?;
+        if !chunks.is_empty() {
+            tx.execute(
+                "UPDATE peers SET replicas = ?2 WHERE id = ?1 AND replicas != ?2",
+                params![pid(owner), i64::from(replicas)],
+            )?;
+        }
         // Which holders each chunk already has (committed), and what is still missing.
+        // The last field groups a stripe's shards: they must land on distinct peers.
         let mut plan = PutPlan::default();
-        let mut wanted: Vec<(ChunkRef, usize, HashSet<PeerId>)> = Vec::new();
+        let mut wanted: Vec<(ChunkRef, usize, HashSet<PeerId>, Option<usize>)> = Vec::new();
         {
             let mut st =
                 tx.prepare_cached("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2")?;
@@ -597,7 +639,30 @@ impl Store {
                     plan.already_stored.push(c.id);
                 } else {
                     let need = replicas as usize - holders.len();
-                    wanted.push((*c, need, holders));
+                    wanted.push((*c, need, holders, None));
+                }
+            }
+            for (g, stripe) in stripes.iter().enumerate() {
+                let mut per_shard = Vec::with_capacity(stripe.shards.len());
+                let mut stripe_holders = HashSet::new();
+                for sh in &stripe.shards {
+                    let holders: HashSet<PeerId> = st
+                        .query_map(params![pid(owner), sh.id.0.to_vec()], |r| {
+                            Ok(to_pid(r.get(0)?))
+                        })?
+                        .collect::<rusqlite::Result<_>>()?;
+                    stripe_holders.extend(holders.iter().copied());
+                    per_shard.push(holders.is_empty());
+                }
+                record_stripe(&tx, pid(owner), stripe)?;
+                if per_shard.iter().all(|missing| !missing) {
+                    plan.already_stored.push(stripe.chunk);
+                    continue;
+                }
+                for (sh, missing) in stripe.shards.iter().zip(per_shard) {
+                    if missing {
+                        wanted.push((*sh, 1, stripe_holders.clone(), Some(g)));
+                    }
                 }
             }
         }
@@ -615,7 +680,7 @@ impl Store {
         let used = me.stored_bytes + pending_owned as u64;
         let needed: u64 = wanted
             .iter()
-            .map(|(c, need, _)| u64::from(c.size) * *need as u64)
+            .map(|(c, need, _, _)| u64::from(c.size) * *need as u64)
             .sum();
         let quota = policy.quota(me.lend_bytes);
         if used + needed > quota {
@@ -662,7 +727,8 @@ impl Store {
         // left, which spreads load and fills nobody past their free space.
         let mut assign: HashMap<usize, Vec<(ChunkId, u32)>> = HashMap::new();
         let mut order: Vec<usize> = (0..cands.len()).collect();
-        for (c, need, holders) in &wanted {
+        let mut group_used: HashMap<usize, HashSet<PeerId>> = HashMap::new();
+        for (c, need, holders, group) in &wanted {
             order.sort_by(|a, b| cands[*b].1.cmp(&cands[*a].1));
             let mut got = 0;
             for &i in &order {
@@ -670,11 +736,16 @@ impl Store {
                     break;
                 }
                 let (p, room) = &mut cands[i];
-                if *room < u64::from(c.size) || holders.contains(&p.id) {
+                let taken =
+                    group.is_some_and(|g| group_used.get(&g).is_some_and(|u| u.contains(&p.id)));
+                if *room < u64::from(c.size) || holders.contains(&p.id) || taken {
                     continue;
                 }
                 *room -= u64::from(c.size);
                 assign.entry(i).or_default().push((c.id, c.size));
+                if let Some(g) = group {
+                    group_used.entry(*g).or_default().insert(p.id);
+                }
                 got += 1;
             }
             if got < *need {
@@ -682,6 +753,17 @@ impl Store {
                     .iter()
                     .filter(|(p, _)| !holders.contains(&p.id))
                     .count();
+                if group.is_some() {
+                    return Err(Refusal::new(
+                        503,
+                        "not_enough_peers",
+                        format!(
+                            "an erasure-coded stripe needs each shard on its own peer, but \
+                             only {fitting} other peer(s) online have room; use fewer shards \
+                             or try again when more peers are online"
+                        ),
+                    ));
+                }
                 return Err(Refusal::new(
                     503,
                     "not_enough_peers",
@@ -823,13 +905,16 @@ impl Store {
     }
 
     /// Plan get tokens: for each chunk `owner` owns, its committed holders, grouped by
-    /// holder, online holders first. Chunks with no holder (or not owned) are missing.
+    /// holder, online holders first; for a chunk stored as a stripe, its shards' holders
+    /// (and the stripe, so the client knows what to fetch). Chunks with no holder (or not
+    /// owned) are missing.
+    #[allow(clippy::type_complexity)]
     pub fn get(
         &mut self,
         owner: PeerId,
         chunks: &[ChunkId],
         online_cutoff_ms: u64,
-    ) -> Result<(Vec<Planned>, Vec<ChunkId>), Refusal> {
+    ) -> Result<(Vec<Planned>, Vec<ChunkId>, Vec<api::StripeRef>), Refusal> {
         if chunks.is_empty() || chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
             return Err(Refusal::bad_request(format!(
                 "a get names 1 to {} chunks, not {}",
@@ -840,6 +925,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         let mut by_holder: HashMap<PeerId, Planned> = HashMap::new();
         let mut missing = Vec::new();
+        let mut stripes = Vec::new();
         let mut seen = HashSet::new();
         {
             let mut st = tx.prepare_cached(
@@ -847,23 +933,39 @@ impl Store {
                  FROM locations l JOIN peers p ON p.id = l.holder
                  WHERE l.owner = ?1 AND l.chunk = ?2",
             )?;
-            for c in chunks {
-                if !seen.insert(*c) {
-                    continue;
-                }
-                let rows = st.query_map(params![pid(owner), c.0.to_vec()], |r| {
+            let mut holders_of = |id: &ChunkId| -> rusqlite::Result<Vec<_>> {
+                st.query_map(params![pid(owner), id.0.to_vec()], |r| {
                     Ok((
+                        *id,
                         to_pid(r.get(0)?),
                         r.get::<_, i64>(1)? as u32,
                         r.get::<_, String>(2)?,
                         Fingerprint(blob32(r.get(3)?)),
                         r.get::<_, i64>(4)? as u64,
                     ))
-                })?;
-                let mut any = false;
-                for row in rows {
-                    let (holder, size, addr, fingerprint, seen_ms) = row?;
-                    any = true;
+                })?
+                .collect()
+            };
+            for c in chunks {
+                if !seen.insert(*c) {
+                    continue;
+                }
+                let mut found = holders_of(c)?;
+                if found.is_empty() {
+                    // A striped chunk: its shards' holders instead.
+                    if let Some(stripe) = stripe_of(&tx, pid(owner), &c.0)? {
+                        for sh in &stripe.shards {
+                            found.extend(holders_of(&sh.id)?);
+                        }
+                        if !found.is_empty() {
+                            stripes.push(stripe);
+                        }
+                    }
+                }
+                if found.is_empty() {
+                    missing.push(*c);
+                }
+                for (id, holder, size, addr, fingerprint, seen_ms) in found {
                     by_holder
                         .entry(holder)
                         .or_insert_with(|| Planned {
@@ -875,10 +977,7 @@ impl Store {
                             online: seen_ms >= online_cutoff_ms,
                         })
                         .grants
-                        .push((*c, size));
-                }
-                if !any {
-                    missing.push(*c);
+                        .push((id, size));
                 }
             }
         }
@@ -897,7 +996,7 @@ impl Store {
         tx.commit()?;
         self.next_txid = r.next;
         self.txid_hwm = r.hwm;
-        Ok((out, missing))
+        Ok((out, missing, stripes))
     }
 
     /// Keep a new sealed root for `peer`: refused (409) unless `version` is greater than
@@ -993,16 +1092,32 @@ impl Store {
             let mut del_repairs =
                 tx.prepare_cached("DELETE FROM repairs WHERE owner = ?1 AND chunk = ?2")?;
             for c in chunks {
-                let cb = c.0.to_vec();
-                let holders: Vec<i64> = locs
-                    .query_map(params![pid(owner), cb], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
-                let pend = del_pending.execute(params![pid(owner), cb])?;
-                del_repairs.execute(params![pid(owner), cb])?;
-                for holder in &holders {
-                    remove_location(&tx, pid(owner), &cb, *holder)?;
+                // A striped chunk goes with all its shards.
+                let mut ids = vec![c.0.to_vec()];
+                if let Some(stripe) = stripe_of(&tx, pid(owner), &c.0)? {
+                    ids.extend(stripe.shards.iter().map(|s| s.id.0.to_vec()));
+                    tx.execute(
+                        "DELETE FROM stripes WHERE owner = ?1 AND chunk = ?2",
+                        params![pid(owner), c.0.to_vec()],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM stripe_shards WHERE owner = ?1 AND chunk = ?2",
+                        params![pid(owner), c.0.to_vec()],
+                    )?;
                 }
-                if !holders.is_empty() || pend > 0 {
+                let mut any = false;
+                for cb in &ids {
+                    let holders: Vec<i64> = locs
+                        .query_map(params![pid(owner), cb], |r| r.get(0))?
+                        .collect::<rusqlite::Result<_>>()?;
+                    let pend = del_pending.execute(params![pid(owner), cb])?;
+                    del_repairs.execute(params![pid(owner), cb])?;
+                    for holder in &holders {
+                        remove_location(&tx, pid(owner), cb, *holder)?;
+                    }
+                    any |= !holders.is_empty() || pend > 0;
+                }
+                if any {
                     released += 1;
                 }
             }
@@ -1184,6 +1299,85 @@ fn remove_location(
             .execute(params![holder, chunk])?;
     }
     Ok(true)
+}
+
+/// Bounds on a stripe from the network: the geometry `peerstash::erasure` would give.
+fn check_stripe(st: &api::StripeRef) -> Result<(), Refusal> {
+    let bad = |why: &str| Refusal::bad_request(format!("stripe {}: {why}", st.chunk));
+    let total = st.data as usize + st.parity as usize;
+    if st.data == 0 || st.parity == 0 || total > api::MAX_STRIPE_SHARDS {
+        return Err(bad("bad shard counts"));
+    }
+    if st.shards.len() != total {
+        return Err(bad("wrong number of shards"));
+    }
+    if st.chunk_size == 0 || st.chunk_size > MAX_CHUNK_SIZE {
+        return Err(bad("chunk size out of range"));
+    }
+    let len = st.shards[0].size;
+    if st.shards.iter().any(|s| s.size != len)
+        || u64::from(len) * u64::from(st.data) < u64::from(st.chunk_size)
+        || len > MAX_CHUNK_SIZE
+    {
+        return Err(bad("shard sizes do not fit the chunk"));
+    }
+    Ok(())
+}
+
+/// Remember which shards make up a striped chunk (the latest put wins).
+fn record_stripe(c: &Connection, owner: i64, st: &api::StripeRef) -> rusqlite::Result<()> {
+    let cb = st.chunk.0.to_vec();
+    c.prepare_cached(
+        "INSERT OR REPLACE INTO stripes (owner, chunk, chunk_size, data, parity)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![owner, cb, st.chunk_size, st.data, st.parity])?;
+    c.prepare_cached("DELETE FROM stripe_shards WHERE owner = ?1 AND chunk = ?2")?
+        .execute(params![owner, cb])?;
+    let mut ins = c.prepare_cached(
+        "INSERT INTO stripe_shards (owner, chunk, idx, shard, size) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for (i, sh) in st.shards.iter().enumerate() {
+        ins.execute(params![owner, cb, i as i64, sh.id.0.to_vec(), sh.size])?;
+    }
+    Ok(())
+}
+
+/// The stripe a chunk is stored as, if any.
+pub(crate) fn stripe_of(
+    c: &Connection,
+    owner: i64,
+    chunk: &[u8],
+) -> rusqlite::Result<Option<api::StripeRef>> {
+    let head: Option<(u32, u8, u8)> = c
+        .prepare_cached(
+            "SELECT chunk_size, data, parity FROM stripes WHERE owner = ?1 AND chunk = ?2",
+        )?
+        .query_row(params![owner, chunk], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    let Some((chunk_size, data, parity)) = head else {
+        return Ok(None);
+    };
+    let mut st = c.prepare_cached(
+        "SELECT shard, size FROM stripe_shards WHERE owner = ?1 AND chunk = ?2 ORDER BY idx",
+    )?;
+    let shards = st
+        .query_map(params![owner, chunk], |r| {
+            Ok(ChunkRef {
+                id: ChunkId(blob32(r.get(0)?)),
+                size: r.get(1)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(api::StripeRef {
+        chunk: ChunkId(blob32(chunk.to_vec())),
+        chunk_size,
+        data,
+        parity,
+        shards,
+    }))
 }
 
 fn key_mode_str(m: KeyMode) -> &'static str {

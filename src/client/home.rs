@@ -93,6 +93,55 @@ pub struct HomeConfig {
     /// Distinct peers each chunk is stored on.
     #[serde(default = "default_replicas")]
     pub replicas: u8,
+    /// Erasure coding instead of replicas for new chunks, e.g. `"4+2"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure: Option<ErasureSpec>,
+}
+
+/// Reed-Solomon erasure coding: `data` + `parity` shards per chunk, written `K+M`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ErasureSpec {
+    /// Data shards (`k`): any `k` shards rebuild a chunk.
+    pub data: u8,
+    /// Parity shards (`m`): how many lost peers a chunk survives.
+    pub parity: u8,
+}
+
+impl std::str::FromStr for ErasureSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ErasureSpec, String> {
+        let bad = || format!("erasure coding is written K+M (e.g. 4+2), not {s:?}");
+        let (k, m) = s.trim().split_once('+').ok_or_else(bad)?;
+        let data: u8 = k.trim().parse().map_err(|_| bad())?;
+        let parity: u8 = m.trim().parse().map_err(|_| bad())?;
+        let max = crate::api::MAX_STRIPE_SHARDS;
+        if data == 0 || parity == 0 || data as usize + parity as usize > max {
+            return Err(format!(
+                "erasure coding needs K ≥ 1, M ≥ 1 and K+M ≤ {max}, not {data}+{parity}"
+            ));
+        }
+        Ok(ErasureSpec { data, parity })
+    }
+}
+
+impl std::fmt::Display for ErasureSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}+{}", self.data, self.parity)
+    }
+}
+
+impl TryFrom<String> for ErasureSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<ErasureSpec, String> {
+        s.parse()
+    }
+}
+
+impl From<ErasureSpec> for String {
+    fn from(e: ErasureSpec) -> String {
+        e.to_string()
+    }
 }
 
 fn default_replicas() -> u8 {
@@ -464,6 +513,7 @@ mod tests {
             storage_dir: "/tmp/x".into(),
             listen_addr: "127.0.0.1:2".into(),
             key_mode: KeyMode::Passphrase,
+            erasure: Some("4+2".parse().unwrap()),
             replicas: 3,
         };
         h.save_config(&cfg).unwrap();

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use peerstash::api::StripeRef;
 use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
 use rusqlite::{params, OptionalExtension};
 
@@ -20,7 +21,16 @@ use super::{blob32, peer_row, pid, reserve_txids, to_pid, Planned, Policy, Store
 /// A live holder: id, address, certificate fingerprint.
 type Source = (i64, String, Vec<u8>);
 
-/// One repair handed to a peer: fetch `chunk` from `source`, store it under `put`.
+/// How a repair gets its bytes.
+enum Sourcing {
+    /// Copied from a live holder.
+    Copy(Source),
+    /// Recomputed (shard `index` of the stripe) from shards on these live holders.
+    Rebuild(StripeRef, u8, Vec<(Source, Vec<(ChunkId, u32)>)>),
+}
+
+/// One repair handed to a peer: get the bytes of `chunk` (from `source`, or by
+/// rebuilding a shard), store them under `put`.
 #[derive(Debug, Clone)]
 pub struct RepairPlan {
     /// The chunk.
@@ -28,7 +38,10 @@ pub struct RepairPlan {
     /// Its stored size.
     pub size: u32,
     /// A live holder; its token is a get token.
-    pub source: Planned,
+    pub source: Option<Planned>,
+    /// A shard to recompute: the stripe, the shard's index, and live holders of other
+    /// shards (get tokens).
+    pub rebuild: Option<(StripeRef, u8, Vec<Planned>)>,
     /// The peer receiving the order; its token is a put token.
     pub put: Planned,
 }
@@ -66,7 +79,10 @@ impl Store {
         )?;
         let lost: Vec<(i64, Vec<u8>, i64, i64, i64)> = {
             let mut st = tx.prepare(
-                "SELECT l.owner, l.chunk, l.holder, l.size, o.replicas
+                "SELECT l.owner, l.chunk, l.holder, l.size,
+                        CASE WHEN EXISTS (SELECT 1 FROM stripe_shards s
+                                          WHERE s.owner = l.owner AND s.shard = l.chunk)
+                             THEN 1 ELSE o.replicas END
                  FROM peers p JOIN locations l ON l.holder = p.id
                  JOIN peers o ON o.id = l.owner
                  WHERE p.last_seen_ms < ?1",
@@ -120,8 +136,9 @@ impl Store {
     }
 
     /// Hand up to `max` queued repairs to `target` (which just sent a heartbeat): each
-    /// gets a live source and a pending placement on `target` that replaces the lost
-    /// holder. Tokens are sealed by the caller.
+    /// gets a live source (or, for a shard of a stripe, live holders of `k` other shards)
+    /// and a pending placement on `target` that replaces the lost holder. Tokens are
+    /// sealed by the caller.
     pub fn take_repairs(
         &mut self,
         target: PeerId,
@@ -129,6 +146,7 @@ impl Store {
         max: usize,
     ) -> rusqlite::Result<Vec<RepairPlan>> {
         let now_s = (policy.now_ms / 1000) as i64;
+        let online = policy.online_cutoff_ms as i64;
         let tx = self.conn.transaction()?;
         let me = tx
             .query_row(
@@ -137,7 +155,7 @@ impl Store {
                                           WHERE q.holder = peers.id AND q.expires_s > ?2)
                      FROM peers WHERE id = ?1 AND last_seen_ms >= ?3"
                 ),
-                params![pid(target), now_s, policy.online_cutoff_ms as i64],
+                params![pid(target), now_s, online],
                 |r| Ok((peer_row(r)?, r.get::<_, i64>(10)? as u64)),
             )
             .optional()?;
@@ -163,13 +181,19 @@ impl Store {
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        let mut chosen: Vec<(i64, Vec<u8>, i64, i64, Source)> = Vec::new();
+        let mut chosen: Vec<(i64, Vec<u8>, i64, i64, Sourcing)> = Vec::new();
         {
-            let mut source = tx.prepare_cached(
+            let mut live = tx.prepare_cached(
                 "SELECT l.holder, p.quic_addr, p.fingerprint FROM locations l
                  JOIN peers p ON p.id = l.holder
                  WHERE l.owner = ?1 AND l.chunk = ?2 AND l.holder != ?3 AND p.last_seen_ms >= ?4
-                 ORDER BY p.last_seen_ms DESC LIMIT 1",
+                 ORDER BY p.last_seen_ms DESC",
+            )?;
+            let mut shard_of = tx.prepare_cached(
+                "SELECT chunk, idx FROM stripe_shards WHERE owner = ?1 AND shard = ?2",
+            )?;
+            let mut holds = tx.prepare_cached(
+                "SELECT 1 FROM locations WHERE owner = ?1 AND chunk = ?2 AND holder = ?3",
             )?;
             for (owner, chunk, replaces, size) in candidates {
                 if chosen.len() == max {
@@ -182,22 +206,88 @@ impl Store {
                 if (size as u64) > room {
                     continue;
                 }
-                let src: Option<Source> = source
-                    .query_row(
-                        params![owner, chunk, pid(target), policy.online_cutoff_ms as i64],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                    )
+                let stripe: Option<(Vec<u8>, i64)> = shard_of
+                    .query_row(params![owner, chunk], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()?;
-                let Some(src) = src else { continue };
+                let sourcing = match stripe {
+                    None => {
+                        let src: Option<Source> = live
+                            .query_row(params![owner, chunk, pid(target), online], |r| {
+                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                            })
+                            .optional()?;
+                        match src {
+                            Some(src) => Sourcing::Copy(src),
+                            None => continue,
+                        }
+                    }
+                    Some((stripe_chunk, index)) => {
+                        let Some(stripe) = super::stripe_of(&tx, owner, &stripe_chunk)? else {
+                            continue;
+                        };
+                        // The new shard must not land beside another shard of its stripe.
+                        let mut beside = false;
+                        for sh in &stripe.shards {
+                            beside |=
+                                holds.exists(params![owner, sh.id.0.to_vec(), pid(target)])?;
+                        }
+                        if beside {
+                            continue;
+                        }
+                        // One live holder for each other shard that has one.
+                        let mut sources: Vec<(Source, Vec<(ChunkId, u32)>)> = Vec::new();
+                        for (j, sh) in stripe.shards.iter().enumerate() {
+                            if j as i64 == index {
+                                continue;
+                            }
+                            let src: Option<Source> = live
+                                .query_row(
+                                    params![owner, sh.id.0.to_vec(), pid(target), online],
+                                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                                )
+                                .optional()?;
+                            let Some(src) = src else { continue };
+                            match sources.iter_mut().find(|(s, _)| s.0 == src.0) {
+                                Some((_, grants)) => grants.push((sh.id, sh.size)),
+                                None => sources.push((src, vec![(sh.id, sh.size)])),
+                            }
+                        }
+                        let shards: usize = sources.iter().map(|(_, g)| g.len()).sum();
+                        if shards < stripe.data as usize {
+                            continue;
+                        }
+                        Sourcing::Rebuild(stripe, index as u8, sources)
+                    }
+                };
                 room -= size as u64;
-                chosen.push((owner, chunk, replaces, size, src));
+                chosen.push((owner, chunk, replaces, size, sourcing));
             }
         }
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
-        // Two transaction ids per repair: the get on the source, the put on the target.
-        let r = reserve_txids(&tx, self.next_txid, self.txid_hwm, 2 * chosen.len() as u64)?;
+        // One transaction id per get token (one per source holder) and one for the put.
+        let ids: u64 = chosen
+            .iter()
+            .map(|(.., s)| match s {
+                Sourcing::Copy(_) => 2,
+                Sourcing::Rebuild(_, _, sources) => 1 + sources.len() as u64,
+            })
+            .sum();
+        let r = reserve_txids(&tx, self.next_txid, self.txid_hwm, ids)?;
+        let mut next = r.first;
+        let mut txid = || {
+            next += 1;
+            TransactionId(next - 1)
+        };
+        let planned = |(holder, addr, fp): Source, grants: Vec<(ChunkId, u32)>, txid| Planned {
+            target: to_pid(holder),
+            addr,
+            fingerprint: Fingerprint(blob32(fp)),
+            txid,
+            grants,
+            online: true,
+        };
         let mut out = Vec::with_capacity(chosen.len());
         {
             let mut ins = tx.prepare_cached(
@@ -207,12 +297,10 @@ impl Store {
             let mut dequeue = tx.prepare_cached(
                 "DELETE FROM repairs WHERE owner = ?1 AND chunk = ?2 AND replaces = ?3",
             )?;
-            for (k, (owner, chunk, replaces, size, (src, addr, fp))) in
-                chosen.into_iter().enumerate()
-            {
-                let (get_txid, put_txid) = (r.first + 2 * k as u64, r.first + 2 * k as u64 + 1);
+            for (owner, chunk, replaces, size, sourcing) in chosen {
+                let put_txid = txid();
                 ins.execute(params![
-                    put_txid as i64,
+                    put_txid.0 as i64,
                     chunk,
                     pid(target),
                     owner,
@@ -223,22 +311,26 @@ impl Store {
                 dequeue.execute(params![owner, chunk, replaces])?;
                 let id = ChunkId(blob32(chunk));
                 let grants = vec![(id, size as u32)];
+                let (source, rebuild) = match sourcing {
+                    Sourcing::Copy(src) => (Some(planned(src, grants.clone(), txid())), None),
+                    Sourcing::Rebuild(stripe, index, sources) => {
+                        let sources = sources
+                            .into_iter()
+                            .map(|(src, g)| planned(src, g, txid()))
+                            .collect();
+                        (None, Some((stripe, index, sources)))
+                    }
+                };
                 out.push(RepairPlan {
                     chunk: id,
                     size: size as u32,
-                    source: Planned {
-                        target: to_pid(src),
-                        addr,
-                        fingerprint: Fingerprint(blob32(fp)),
-                        txid: TransactionId(get_txid),
-                        grants: grants.clone(),
-                        online: true,
-                    },
+                    source,
+                    rebuild,
                     put: Planned {
                         target,
                         addr: me.quic_addr.clone(),
                         fingerprint: me.fingerprint,
-                        txid: TransactionId(put_txid),
+                        txid: put_txid,
                         grants,
                         online: true,
                     },
@@ -251,8 +343,9 @@ impl Store {
         Ok(out)
     }
 
-    /// An owner's durability: (distinct chunks stored, chunks with fewer online holders
-    /// than its target, its target).
+    /// An owner's durability: (chunks stored, chunks below target, its replica target).
+    /// A replicated chunk is below target with fewer online holders than the target; a
+    /// striped chunk, with any of its shards lacking an online holder.
     pub fn durability(
         &self,
         owner: PeerId,
@@ -267,28 +360,46 @@ impl Store {
             )
             .optional()?
             .unwrap_or(0);
-        let (total, below): (i64, i64) = self.conn.query_row(
+        let (plain, plain_below): (i64, i64) = self.conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(live < ?3), 0) FROM
                (SELECT l.chunk, SUM(p.last_seen_ms >= ?2) AS live
                 FROM locations l JOIN peers p ON p.id = l.holder
-                WHERE l.owner = ?1 GROUP BY l.chunk)",
+                WHERE l.owner = ?1 AND NOT EXISTS
+                  (SELECT 1 FROM stripe_shards s WHERE s.owner = l.owner AND s.shard = l.chunk)
+                GROUP BY l.chunk)",
             params![pid(owner), online_cutoff_ms as i64, want],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        Ok((total as u64, below as u64, want.clamp(0, 255) as u8))
+        let (striped, striped_below): (i64, i64) = self.conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(ok < data + parity), 0) FROM
+               (SELECT st.data, st.parity,
+                  (SELECT COUNT(*) FROM stripe_shards s
+                   WHERE s.owner = st.owner AND s.chunk = st.chunk AND EXISTS
+                     (SELECT 1 FROM locations l JOIN peers p ON p.id = l.holder
+                      WHERE l.owner = s.owner AND l.chunk = s.shard
+                        AND p.last_seen_ms >= ?2)) AS ok
+                FROM stripes st WHERE st.owner = ?1)",
+            params![pid(owner), online_cutoff_ms as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((
+            (plain + striped) as u64,
+            (plain_below + striped_below) as u64,
+            want.clamp(0, 255) as u8,
+        ))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use peerstash::api::{ChunkRef, HeartbeatRequest, KeyMode};
+mod tests_support {
+    use peerstash::api::{HeartbeatRequest, KeyMode};
 
     use super::super::NewPeer;
     use super::*;
 
-    const GB: u64 = 1 << 30;
+    pub const GB: u64 = 1 << 30;
 
-    fn policy(now_ms: u64) -> Policy {
+    pub fn policy(now_ms: u64) -> Policy {
         Policy {
             quota_ratio: 1.5,
             now_ms,
@@ -297,7 +408,7 @@ mod tests {
         }
     }
 
-    fn beat(s: &mut Store, p: PeerId, now: u64) -> Vec<ChunkId> {
+    pub fn beat(s: &mut Store, p: PeerId, now: u64) -> Vec<ChunkId> {
         let req = HeartbeatRequest {
             quic_addr: "127.0.0.1:1".into(),
             cert_fingerprint: Fingerprint([1; 32]),
@@ -308,7 +419,7 @@ mod tests {
         s.heartbeat(p, &req, now).unwrap()
     }
 
-    fn peer(s: &mut Store, name: &str, now: u64) -> PeerId {
+    pub fn peer(s: &mut Store, name: &str, now: u64) -> PeerId {
         let new = NewPeer {
             name,
             password_hash: "x",
@@ -321,7 +432,20 @@ mod tests {
             .unwrap()
     }
 
-    fn holders(s: &Store, owner: PeerId, c: ChunkId) -> Vec<PeerId> {
+    /// A fresh store with an owner and four peers that just sent a heartbeat at `t0`.
+    pub fn four_peers_and_an_owner() -> (tempfile::TempDir, Store, PeerId, Vec<PeerId>, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("db")).unwrap();
+        let t0 = 1_000_000_000u64;
+        let owner = peer(&mut s, "owner", t0);
+        let ps: Vec<PeerId> = (0..4).map(|i| peer(&mut s, &format!("p{i}"), t0)).collect();
+        for p in &ps {
+            beat(&mut s, *p, t0);
+        }
+        (dir, s, owner, ps, t0)
+    }
+
+    pub fn holders(s: &Store, owner: PeerId, c: ChunkId) -> Vec<PeerId> {
         let mut st = s
             .conn
             .prepare("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2 ")
@@ -334,6 +458,14 @@ mod tests {
         v.sort_by_key(|p| p.0);
         v
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use peerstash::api::ChunkRef;
+
+    use super::tests_support::*;
+    use super::*;
 
     /// The whole life of a repair in the database: a holder is lost, the chunk is queued
     /// once, handed to one suitable peer with a live source, the confirm replaces the lost
@@ -341,14 +473,7 @@ mod tests {
     /// its copy when it returns, and a release cancels what is still queued.
     #[test]
     fn a_lost_holder_is_replaced_once_and_told_to_drop_when_it_returns() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("db")).unwrap();
-        let t0 = 1_000_000_000u64;
-        let owner = peer(&mut s, "owner", t0);
-        let ps: Vec<PeerId> = (0..4).map(|i| peer(&mut s, &format!("p{i}"), t0)).collect();
-        for p in &ps {
-            beat(&mut s, *p, t0);
-        }
+        let (_dir, mut s, owner, ps, t0) = four_peers_and_an_owner();
         let chunk = ChunkRef {
             id: ChunkId([7; 32]),
             size: 1000,
@@ -397,7 +522,8 @@ mod tests {
             .find(|r| r.chunk == chunk.id)
             .expect("an order");
         assert_eq!(
-            order.source.target, survivor,
+            order.source.as_ref().map(|p| p.target),
+            Some(survivor),
             "the source is the live holder"
         );
         assert_eq!(order.put.target, fresh);
@@ -434,5 +560,111 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM repairs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0);
+    }
+}
+
+#[cfg(test)]
+mod stripe_tests {
+    use peerstash::api::{ChunkRef, StripeRef};
+
+    use super::tests_support::*;
+    use super::*;
+
+    fn stripe(tag: u8, data: u8, parity: u8) -> StripeRef {
+        StripeRef {
+            chunk: ChunkId([tag; 32]),
+            chunk_size: 2000,
+            data,
+            parity,
+            shards: (0..data + parity)
+                .map(|i| ChunkRef {
+                    id: ChunkId([tag.wrapping_add(100).wrapping_add(i); 32]),
+                    size: 1016,
+                })
+                .collect(),
+        }
+    }
+
+    /// Shards of a stripe land on distinct peers; a stripe wider than the online peers is
+    /// refused whole; a get names the stripe; a lost shard is rebuilt by a peer holding
+    /// none of its stripe, from `k` live shards; a release takes every shard.
+    #[test]
+    fn stripes_are_spread_rebuilt_and_released_whole() {
+        let (_dir, mut s, owner, ps, t0) = four_peers_and_an_owner();
+        let wide = stripe(1, 3, 2);
+        let e = s
+            .put_with_stripes(owner, &[], &[wide], 1, &[], &policy(t0))
+            .unwrap_err();
+        assert_eq!(e.reason, "not_enough_peers");
+        let st = stripe(2, 2, 1);
+        let plan = s
+            .put_with_stripes(owner, &[], std::slice::from_ref(&st), 1, &[], &policy(t0))
+            .unwrap();
+        let targets: Vec<PeerId> = plan.placements.iter().map(|p| p.target).collect();
+        assert_eq!(plan.placements.len(), 3, "one shard per peer");
+        for p in &plan.placements {
+            assert_eq!(p.grants.len(), 1);
+            let ids: Vec<ChunkId> = p.grants.iter().map(|g| g.0).collect();
+            s.confirm(p.target, p.txid, &ids).unwrap();
+        }
+        // Stored again: nothing to send.
+        let again = s
+            .put_with_stripes(owner, &[], std::slice::from_ref(&st), 1, &[], &policy(t0))
+            .unwrap();
+        assert_eq!(again.already_stored, vec![st.chunk]);
+        let (planned, missing, stripes) = s.get(owner, &[st.chunk], 0).unwrap();
+        assert!(missing.is_empty());
+        assert_eq!(stripes, vec![st.clone()]);
+        assert_eq!(planned.len(), 3);
+        assert_eq!(
+            s.durability(owner, 0).unwrap().0,
+            1,
+            "one stripe, one chunk"
+        );
+
+        // The holder of shard 0 is lost.
+        let lost = plan
+            .placements
+            .iter()
+            .find(|p| p.grants[0].0 == st.shards[0].id)
+            .unwrap()
+            .target;
+        let t1 = t0 + 3_600_000;
+        for p in ps.iter().filter(|p| **p != lost) {
+            beat(&mut s, *p, t1);
+        }
+        let pol = policy(t1);
+        assert_eq!(s.scan_repairs(t1 - 600_000, &pol).unwrap().queued, 1);
+        assert_eq!(s.durability(owner, pol.online_cutoff_ms).unwrap().1, 1);
+        for p in targets.iter().filter(|p| **p != lost) {
+            assert!(
+                s.take_repairs(*p, &pol, 8).unwrap().is_empty(),
+                "a peer holding a shard of the stripe must not get another"
+            );
+        }
+        let fresh = *ps.iter().find(|p| !targets.contains(p)).unwrap();
+        let orders = s.take_repairs(fresh, &pol, 8).unwrap();
+        assert_eq!(orders.len(), 1);
+        let o = &orders[0];
+        assert_eq!(o.chunk, st.shards[0].id);
+        assert!(o.source.is_none());
+        let (stripe, index, sources) = o.rebuild.clone().unwrap();
+        assert_eq!((stripe, index), (st.clone(), 0));
+        let shards: usize = sources.iter().map(|p| p.grants.len()).sum();
+        assert_eq!(shards, 2, "k live shards to rebuild from");
+        assert!(sources
+            .iter()
+            .all(|p| p.target != lost && p.target != fresh));
+        s.confirm(fresh, o.put.txid, &[o.chunk]).unwrap();
+        assert_eq!(s.durability(owner, pol.online_cutoff_ms).unwrap().1, 0);
+
+        s.release(owner, &[st.chunk]).unwrap();
+        let left: i64 = s
+            .conn
+            .query_row("SELECT COUNT(*) FROM locations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+        let (_, missing, _) = s.get(owner, &[st.chunk], 0).unwrap();
+        assert_eq!(missing, vec![st.chunk]);
     }
 }

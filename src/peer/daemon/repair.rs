@@ -1,10 +1,13 @@
-//! Repair orders: copy a chunk here from a live holder, because another holder was lost.
+//! Repair orders: make a chunk here because one of its holders was lost — copy it from a
+//! live holder, or, for a shard of an erasure-coded stripe, recompute it from `k` other
+//! shards.
 //!
 //! The server's heartbeat response carries the orders (see [`RepairOrder`]). Each is
 //! checked like anything from the network: the put token must open under this daemon's
-//! own key and cover exactly the chunk; the fetched bytes must hash to the chunk id; the
-//! chunk is stored through the same crash-safe writer as a PUT and confirmed through the
-//! same queue, so the server commits the new location only once the bytes are on disk.
+//! own key and cover exactly the chunk; every fetched chunk or shard must hash to its id,
+//! and a recomputed shard too; the chunk is stored through the same crash-safe writer as
+//! a PUT and confirmed through the same queue, so the server commits the new location
+//! only once the bytes are on disk.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +16,10 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Shared;
-use crate::api::{ConfirmRequest, RepairOrder};
+use crate::api::{ConfirmRequest, Rebuild, RepairOrder, MAX_STRIPE_SHARDS};
 use crate::control::now_secs;
+use crate::erasure::{self, ErasureError, Geometry};
+use crate::ids::PeerId;
 use crate::peer::{PeerAddr, PeerClient, PeerError, StoreError};
 use crate::token::{TokenError, TxKind, MAX_CHUNK_SIZE};
 
@@ -37,6 +42,8 @@ enum RepairError {
     Store(#[from] StoreError),
     #[error("fetching from the holder: {0}")]
     Fetch(#[from] PeerError),
+    #[error("rebuilding the shard: {0}")]
+    Rebuild(#[from] ErasureError),
     #[error("the server did not commit the copy")]
     NotConfirmed,
 }
@@ -83,11 +90,11 @@ pub(super) async fn worker(
                 match r {
                     Ok(()) => {
                         done += 1;
-                        tracing::debug!(chunk = ?o.chunk, from = %o.source.target, "repaired a chunk");
+                        tracing::debug!(chunk = ?o.chunk, from = ?from(&o), "repaired a chunk");
                     }
                     Err(e) => {
                         failed += 1;
-                        tracing::warn!(chunk = ?o.chunk, from = %o.source.target, error = %e, "repair failed");
+                        tracing::warn!(chunk = ?o.chunk, from = ?from(&o), error = %e, "repair failed");
                     }
                 }
             }
@@ -100,19 +107,28 @@ pub(super) async fn worker(
     }
 }
 
+/// Where an order's bytes come from (for logs).
+fn from(o: &RepairOrder) -> Vec<PeerId> {
+    match (&o.source, &o.rebuild) {
+        (Some(p), _) => vec![p.target],
+        (None, Some(r)) => r.sources.iter().map(|p| p.target).collect(),
+        (None, None) => Vec::new(),
+    }
+}
+
 async fn repair_one(
     shared: &Shared,
     client: &PeerClient,
     o: &RepairOrder,
 ) -> Result<(), RepairError> {
-    if o.put.target != shared.me || o.source.target == shared.me {
+    if o.put.target != shared.me {
         return Err(RepairError::BadOrder("addressed to another peer"));
     }
     if o.size == 0 || o.size > MAX_CHUNK_SIZE {
         return Err(RepairError::BadOrder("chunk size out of range"));
     }
-    if o.put.chunks != [o.chunk] || !o.source.chunks.contains(&o.chunk) {
-        return Err(RepairError::BadOrder("the tokens are for other chunks"));
+    if o.put.chunks != [o.chunk] {
+        return Err(RepairError::BadOrder("the put token is for other chunks"));
     }
     // Only what a put token sealed under our own key covers gets stored, and each such
     // grant is used once, as for a PUT from a client.
@@ -125,11 +141,22 @@ async fn repair_one(
     };
     let reservation = shared.store.reserve(need)?;
     auth.permit(TxKind::Put, &o.chunk, u64::from(o.size), &shared.replay)?;
-    let holder = PeerAddr::of_placement(&o.source).await?;
-    // `get` checks the bytes hash to the chunk id: a lying holder is caught here.
-    let bytes = client
-        .get(&holder, &o.source.token, &o.chunk, o.size)
-        .await?;
+    let bytes = match (&o.source, &o.rebuild) {
+        (Some(src), None) => {
+            if src.target == shared.me || !src.chunks.contains(&o.chunk) {
+                return Err(RepairError::BadOrder("the source does not hold the chunk"));
+            }
+            let holder = PeerAddr::of_placement(src).await?;
+            // `get` checks the bytes hash to the chunk id: a lying holder is caught here.
+            client.get(&holder, &src.token, &o.chunk, o.size).await?
+        }
+        (None, Some(rb)) => rebuild(shared.me, client, o, rb).await?,
+        _ => {
+            return Err(RepairError::BadOrder(
+                "needs exactly one way to get the bytes",
+            ))
+        }
+    };
     let mut writer = shared.store.writer(o.chunk, o.size, reservation).await?;
     writer.write(&bytes).await?;
     writer.commit().await?;
@@ -143,4 +170,54 @@ async fn repair_one(
     } else {
         Err(RepairError::NotConfirmed)
     }
+}
+
+/// Recompute shard `rb.index` of a stripe from `k` other shards, each fetched under its
+/// holder's get token and hash-checked; the result must hash to the order's chunk id.
+async fn rebuild(
+    me: PeerId,
+    client: &PeerClient,
+    o: &RepairOrder,
+    rb: &Rebuild,
+) -> Result<Vec<u8>, RepairError> {
+    let st = &rb.stripe;
+    let index = rb.index as usize;
+    let g = Geometry::from_stored(st.data, st.parity, st.chunk_size, o.size)
+        .map_err(|_| RepairError::BadOrder("impossible stripe geometry"))?;
+    if st.shards.len() != g.total()
+        || st.shards.get(index).map(|s| (s.id, s.size)) != Some((o.chunk, o.size))
+        || rb.sources.len() > MAX_STRIPE_SHARDS
+    {
+        return Err(RepairError::BadOrder("the stripe does not name this shard"));
+    }
+    let mut got: Vec<(usize, Vec<u8>)> = Vec::with_capacity(g.data as usize);
+    let mut last = None;
+    'sources: for p in rb.sources.iter().filter(|p| p.target != me) {
+        let Ok(holder) = PeerAddr::of_placement(p).await else {
+            continue;
+        };
+        for id in &p.chunks {
+            if got.len() == g.data as usize {
+                break 'sources;
+            }
+            let Some(j) = st.shards.iter().position(|s| s.id == *id) else {
+                continue;
+            };
+            if j == index || got.iter().any(|(i, _)| *i == j) {
+                continue;
+            }
+            match client.get(&holder, &p.token, id, o.size).await {
+                Ok(bytes) => got.push((j, bytes)),
+                Err(e) => last = Some(e),
+            }
+        }
+    }
+    if got.len() < g.data as usize {
+        if let Some(e) = last {
+            return Err(e.into());
+        }
+    }
+    Ok(erasure::rebuild_shard(
+        &g, &got, &st.chunk, index, &o.chunk,
+    )?)
 }
