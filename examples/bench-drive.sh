@@ -6,6 +6,7 @@
 #   3. 10,000 files of 4 KiB copied in: until cp returns, and until durable
 #   4. rsync of the 1 GiB file after changing 1% of it: time and bytes uploaded
 # Usage: examples/bench-drive.sh [SIZE_MIB (default 1024)] [FILES (default 10000)]
+# BENCH_ERASURE=2+1 stores the drive erasure-coded instead of as 2 replicas.
 # Needs root (drop_caches) and fuse3. Cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,8 @@ mbps() { echo "$1 / 1048576 / ($3 - $2)" | bc -l | xargs printf '%.0f'; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "(cannot drop caches: not root)" >&2; }
 mounted() { grep -q " $MNT fuse" /proc/mounts; }
 start_cluster() {
-  "$BIN" local-cluster --peers 3 --lend 16G --state "$W/state" --mount "$MNT" >"$W/cluster.log" 2>&1 &
+  "$BIN" local-cluster --peers 3 --lend 16G --state "$W/state" --mount "$MNT" \
+    ${BENCH_ERASURE:+--erasure "$BENCH_ERASURE"} >"$W/cluster.log" 2>&1 &
   CLUSTER_PID=$!
   for _ in $(seq 600); do mounted && return 0; sleep 0.1; done
   echo "cluster did not come up:"; cat "$W/cluster.log"; exit 1
@@ -62,6 +64,8 @@ t0=$(now); cp "$SRC/big.bin" "$PLAIN/"; t1=$(now); sync "$PLAIN/big.bin"; t2=$(n
 d0=$(now); cp "$SRC/big.bin" "$MNT/"; d1=$(now); wait_durable; d2=$(now)
 printf '%-44s %11s MB/s %11s MB/s\n' "write ${SIZE_MIB} MiB (until cp returns)" "$(mbps $BYTES $t0 $t1)" "$(mbps $BYTES $d0 $d1)"
 printf '%-44s %11s MB/s %11s MB/s\n' "write ${SIZE_MIB} MiB (until durable)" "$(mbps $BYTES $t0 $t2)" "$(mbps $BYTES $d0 $d2)"
+lent=$(chunk_files | awk '{s+=$1} END {print s+0}')
+printf '%-44s %9s MiB %10s MiB\n' "  bytes on peers (${BENCH_ERASURE:-2 replicas})" "$SIZE_MIB" "$(echo "$lent / 1048576" | bc -l | xargs printf '%.0f')"
 
 # 2. cold read: remount so the drive's own cache is empty too
 stop_cluster; drop_caches; start_cluster

@@ -29,6 +29,9 @@ pub struct ClusterOptions {
     pub state: PathBuf,
     /// Space each peer lends, in bytes.
     pub lend_bytes: u64,
+    /// Erasure coding for the user's drive (`K+M`) instead of replicas, at its first
+    /// registration.
+    pub erasure: Option<String>,
 }
 
 /// Addresses fixed at the first run, so peers keep the addresses they registered.
@@ -172,6 +175,7 @@ fn ensure_peer(
     password_file: &Path,
     lend_bytes: u64,
     listen_port: u16,
+    extra: &[String],
 ) -> Result<()> {
     if home.join("config.toml").exists() {
         return Ok(());
@@ -188,7 +192,8 @@ fn ensure_peer(
         .args(["--lend", &lend_bytes.to_string()])
         .arg("--storage-dir")
         .arg(home.join("storage"))
-        .args(["--listen", &format!("127.0.0.1:{listen_port}")]);
+        .args(["--listen", &format!("127.0.0.1:{listen_port}")])
+        .args(extra);
     run_ok(cmd, &format!("registering {name}"))
 }
 
@@ -267,6 +272,7 @@ pub fn run(opts: ClusterOptions) -> Result<()> {
             &password_file,
             opts.lend_bytes,
             st.peer_ports[i],
+            &[],
         )?;
         let child = Command::new(&me)
             .arg("--home")
@@ -290,6 +296,11 @@ pub fn run(opts: ClusterOptions) -> Result<()> {
         &password_file,
         opts.lend_bytes,
         user_port,
+        &opts
+            .erasure
+            .iter()
+            .flat_map(|e| ["--erasure".to_string(), e.clone()])
+            .collect::<Vec<_>>(),
     )?;
     let mut mount = Command::new(&me)
         .arg("--home")

@@ -154,6 +154,10 @@ struct LocalClusterArgs {
     /// Space each peer lends.
     #[arg(long, default_value = "2G", value_parser = parse_size_arg)]
     lend: u64,
+    /// Store the drive erasure-coded, K data + M parity shards (needs K+M peers), when the
+    /// cluster's state is created.
+    #[arg(long, value_name = "K+M")]
+    erasure: Option<peerstash::client::home::ErasureSpec>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -416,6 +420,7 @@ fn local_cluster(a: LocalClusterArgs) -> Result<()> {
         mount,
         state,
         lend_bytes: a.lend,
+        erasure: a.erasure.map(|e| e.to_string()),
     })
 }
 

@@ -28,6 +28,9 @@ use crate::peer::link::{LinkError, ServerLink};
 const PUT_ATTEMPTS: usize = 3;
 /// Chunks per put request: bounded so a huge file does not make one huge token.
 const PUT_BATCH: usize = 256;
+/// A holder that could not be reached is asked last for this long, so a peer that just
+/// died costs one connect timeout, not one per chunk read.
+const SUSPECT_FOR: Duration = Duration::from_secs(60);
 
 /// How a drive's chunks are kept on peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,8 @@ pub struct RemoteBackend {
     peers: PeerClient,
     replicas: u8,
     redundancy: Redundancy,
+    /// Holders that failed to answer lately, and when.
+    suspects: std::sync::Mutex<HashMap<PeerId, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for RemoteBackend {
@@ -98,6 +103,7 @@ impl RemoteBackend {
             peers,
             replicas: replicas.max(1),
             redundancy: Redundancy::Replicas(replicas.max(1)),
+            suspects: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -282,15 +288,31 @@ impl RemoteBackend {
             let sh = st.shards[i];
             async move { (i, self.fetch_from_holders(placements, sh.id, sh.size).await) }
         };
+        // First the k shards most likely to come back (a holder that just failed us, or
+        // none at all, last; data shards before parity: no decoding), all at once; then
+        // the others one by one while some are missing.
+        let order: Vec<usize> = {
+            let sus = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+            let doubtful = |i: usize| {
+                placements
+                    .iter()
+                    .find(|p| p.chunks.contains(&st.shards[i].id))
+                    .is_none_or(|p| sus.contains_key(&p.target))
+            };
+            let mut o: Vec<usize> = (0..st.shards.len()).collect();
+            o.sort_by_key(|&i| (doubtful(i), i >= k));
+            o
+        };
         let mut got = Vec::with_capacity(k);
         let mut last = None;
-        for (i, r) in futures_util::future::join_all((0..k.min(st.shards.len())).map(fetch)).await {
+        let first = order.iter().take(k).map(|&i| fetch(i));
+        for (i, r) in futures_util::future::join_all(first).await {
             match r {
                 Ok(b) => got.push((i, b)),
                 Err(e) => last = Some(e),
             }
         }
-        for i in k..st.shards.len() {
+        for &i in order.iter().skip(k) {
             if got.len() >= k {
                 break;
             }
@@ -317,7 +339,18 @@ impl RemoteBackend {
         size: u32,
     ) -> Result<Vec<u8>, BackendError> {
         let mut last = None;
-        for p in placements.iter().filter(|p| p.chunks.contains(&id)) {
+        let mut holders: Vec<&Placement> = placements
+            .iter()
+            .filter(|p| p.chunks.contains(&id))
+            .collect();
+        // The server lists online holders first; among those, ones that just failed us
+        // go last (a stable sort keeps the server's order otherwise).
+        {
+            let mut sus = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+            sus.retain(|_, t| t.elapsed() < SUSPECT_FOR);
+            holders.sort_by_key(|p| sus.contains_key(&p.target));
+        }
+        for p in holders {
             let addr = match PeerAddr::of_placement(p).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -326,8 +359,23 @@ impl RemoteBackend {
                 }
             };
             match self.peers.get(&addr, &p.token, &id, size).await {
-                Ok(bytes) => return Ok(bytes),
+                Ok(bytes) => {
+                    self.suspects
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&p.target);
+                    return Ok(bytes);
+                }
                 Err(e) => {
+                    if matches!(
+                        e,
+                        PeerError::Connect { .. } | PeerError::Connection(_) | PeerError::Timeout
+                    ) {
+                        self.suspects
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(p.target, std::time::Instant::now());
+                    }
                     if matches!(e, PeerError::CorruptChunk { .. } | PeerError::HashMismatch) {
                         let _ = self
                             .server
