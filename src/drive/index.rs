@@ -533,7 +533,8 @@ pub fn forget_chunks(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
 /// Files with closed content waiting for upload: `(ino, stage, size)`, oldest first.
 pub fn pending(c: &Connection, limit: usize) -> rusqlite::Result<Vec<(u64, u64, u64)>> {
     let mut st = c.prepare_cached(
-        "SELECT ino, stage, size FROM inodes WHERE stage IS NOT NULL ORDER BY stage LIMIT ?1",
+        "SELECT ino, stage, size FROM inodes WHERE stage IS NOT NULL AND nlink > 0
+         ORDER BY stage LIMIT ?1",
     )?;
     let rows = st.query_map([limit as i64], |r| {
         Ok((
