@@ -130,6 +130,9 @@ pub(crate) fn run(sh: Arc<Shared>) {
                     if let Err(e) = super::snapshot::take(&sh, &mut snap) {
                         tracing::warn!("snapshot postponed: {e}");
                     }
+                    if let Err(e) = super::snapshot::expire(&sh, &mut snap) {
+                        tracing::warn!("expiring earlier snapshots postponed: {e}");
+                    }
                 }
                 // The latest stored snapshot must never name a released chunk: release
                 // only once it covers every commit (it then names no unreferenced chunk).
@@ -234,7 +237,7 @@ fn delete_doomed(sh: &Shared) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Release chunks no committed file version references.
+/// Release chunks no committed file version and no retained snapshot references.
 fn release_free(sh: &Shared) -> Result<(), BackendError> {
     let mut synced = false;
     loop {
