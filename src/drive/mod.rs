@@ -10,7 +10,8 @@
 //! - [`staging`]: local files holding content not yet uploaded;
 //! - [`model`]: the POSIX operations, without FUSE — tests drive it directly;
 //! - [`snapshot`]: encrypted snapshots of the index on peers, their root on the server,
-//!   and the restore of an empty drive from them;
+//!   and the restore of an empty drive from them; their retention;
+//! - [`restore`]: writing a snapshot (or a path in it) into a local directory;
 //! - `uploader`: the background thread that stores chunks and commits chunk lists;
 //! - [`fuse`]: the fuser adapter, [`mount`], [`run_foreground`], [`run_foreground_until`].
 //!
@@ -41,7 +42,10 @@
 //! dentries(parent, name BLOB, ino, PK(parent, name))
 //! xattrs(ino, name BLOB, value BLOB, PK(ino, name))          -- user.* only
 //! file_chunks(ino, offset, chunk BLOB, len, stored, PK(ino, offset))
-//! chunks(id BLOB PK, stored, refcount)    -- refcount 0: release (or being stored)
+//! chunks(id BLOB PK, stored, refcount, confirmed,
+//!        first_snap, last_snap)       -- versions of the snapshots naming it
+//!                                     -- release: refcount 0, no retained snapshot in range
+//! snapshots(version PK, created)      -- snapshots retained (their roots on the server)
 //! meta(key PK, value)
 //! ```
 //!
@@ -64,6 +68,7 @@ pub mod crypto;
 pub mod fuse;
 pub mod index;
 pub mod model;
+pub mod restore;
 pub mod snapshot;
 pub mod staging;
 mod uploader;
