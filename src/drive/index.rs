@@ -771,13 +771,15 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
     )?;
     // An index not yet opened by this version (read-only here) has no snapshot columns.
     let retention = get_meta(c, "schema")?.unwrap_or(0) >= 2;
+    // Not named by the latest snapshot: kept only for earlier ones.
+    const EARLIER: &str = "chunks.last_snap < (SELECT MAX(version) FROM snapshots)";
     let (held_chunks, held_bytes, releasable_chunks) = if !retention {
         (0, 0, 0)
     } else {
         c.query_row(
             &format!(
-                "SELECT COALESCE(SUM(NOT ({UNRETAINED})), 0),
-                    COALESCE(SUM(CASE WHEN {UNRETAINED} THEN 0 ELSE stored END), 0),
+                "SELECT COALESCE(SUM(NOT ({UNRETAINED}) AND {EARLIER}), 0),
+                    COALESCE(SUM(CASE WHEN NOT ({UNRETAINED}) AND {EARLIER} THEN stored ELSE 0 END), 0),
                     COALESCE(SUM({UNRETAINED}), 0)
              FROM chunks WHERE refcount <= 0"
             ),
