@@ -498,18 +498,19 @@ fn list_snapshots(home: &Home) -> Result<()> {
     );
     for (i, v) in kept.iter().enumerate() {
         let latest = if i == 0 { "  (latest)" } else { "" };
-        match fetch_root(&rt, &client, Some(*v))? {
-            (Some(rec), _) => match open_root(&sealer, &rec) {
-                Ok(root) => println!(
-                    "{:<16}  {:<19}  {:>10}  {:>6}{latest}",
-                    v,
-                    local_time(root.created),
-                    format_size(root.total_len),
-                    root.chunks.len()
-                ),
-                Err(e) => println!("{v:<16}  (cannot open: {e:#}){latest}"),
-            },
-            (None, _) => {} // dropped meanwhile
+        // A version dropped meanwhile (expired) is skipped.
+        let Some(rec) = fetch_root(&rt, &client, Some(*v))?.0 else {
+            continue;
+        };
+        match open_root(&sealer, &rec) {
+            Ok(root) => println!(
+                "{:<16}  {:<19}  {:>10}  {:>6}{latest}",
+                v,
+                local_time(root.created),
+                format_size(root.total_len),
+                root.chunks.len()
+            ),
+            Err(e) => println!("{v:<16}  (cannot open: {e:#}){latest}"),
         }
     }
     Ok(())

@@ -26,7 +26,8 @@
 //! 3. The uploader chunks and seals the stage, stores the chunks no committed version
 //!    already references, and in one transaction replaces the file's chunk list, adjusts
 //!    refcounts, sets `committed_stage` and clears `stage`. Uploading never touches mtime.
-//! 4. Chunks whose refcount reaches zero are released from the backend between batches.
+//! 4. Chunks whose refcount reaches zero are released from the backend between batches,
+//!    unless a retained snapshot names them (see [`snapshot`]: retention).
 //!
 //! Reads come from the working file, else the pending stage, else chunks (LRU cache of
 //! decrypted chunks, single-flight fetches, read-ahead of the next chunk on sequential

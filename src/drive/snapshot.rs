@@ -112,7 +112,7 @@ const DAY: i64 = 86_400;
 /// (UTC) day. At most `3600 / interval + 26 + keep_days` snapshots remain.
 pub fn expired(snaps: &[(u64, i64)], now: i64, keep_secs: i64) -> Vec<u64> {
     let mut newest_first: Vec<(u64, i64)> = snaps.to_vec();
-    newest_first.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    newest_first.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for (i, &(version, created)) in newest_first.iter().enumerate() {
@@ -829,7 +829,7 @@ mod tests {
     fn at(ages: &[i64]) -> Vec<(u64, i64)> {
         // Version = position (older ages first get lower versions).
         let mut v: Vec<i64> = ages.to_vec();
-        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.sort_unstable_by_key(|a| std::cmp::Reverse(*a));
         v.iter()
             .enumerate()
             .map(|(i, age)| (i as u64 + 1, NOW - age))
