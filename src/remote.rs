@@ -337,6 +337,23 @@ impl crate::drive::RootStore for RemoteBackend {
         Ok(kept)
     }
 
+    fn kept_roots(&self) -> Result<Vec<(u64, i64)>, crate::drive::RootError> {
+        self.rt.block_on(async {
+            let unavailable = |e: ClientError| crate::drive::RootError::Unavailable(e.to_string());
+            let req = crate::api::GetRootRequest::default();
+            let kept = self.server.get_root(&req).await.map_err(unavailable)?.kept;
+            let mut out = Vec::with_capacity(kept.len());
+            for v in kept {
+                let req = crate::api::GetRootRequest { version: Some(v) };
+                // A version dropped meanwhile is left out.
+                if let Some(r) = self.server.get_root(&req).await.map_err(unavailable)?.root {
+                    out.push((v, (r.created_ms / 1000) as i64));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn get_root(&self) -> Result<Option<(u64, Vec<u8>)>, crate::drive::RootError> {
         let resp = self
             .rt

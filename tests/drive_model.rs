@@ -763,6 +763,9 @@ impl peerstash::drive::RootStore for MemRoots {
         let r = self.roots.lock().unwrap();
         Ok(r.iter().next_back().map(|(v, s)| (*v, s.clone())))
     }
+    fn kept_roots(&self) -> Result<Vec<(u64, i64)>, RootError> {
+        Ok(self.versions().into_iter().map(|v| (v, 0)).collect())
+    }
     fn drop_roots(&self, versions: &[u64]) -> Result<Vec<u64>, RootError> {
         let mut r = self.roots.lock().unwrap();
         let latest = r.keys().next_back().copied();

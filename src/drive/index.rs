@@ -541,9 +541,12 @@ pub fn note_intent(c: &Connection, chunks: &[(ChunkId, u32)]) -> rusqlite::Resul
 }
 
 /// `WHERE` condition on `chunks`: no retained snapshot lies in the range of versions that
-/// named the chunk (none when it was never named).
+/// named the chunk (none when it was never named), and no retained snapshot predates the
+/// one this index was restored from (`meta.snapshot_base`: those snapshots' chunks are
+/// unknown here, so while one is retained nothing is released).
 const UNRETAINED: &str = "NOT EXISTS (SELECT 1 FROM snapshots s
-     WHERE s.version BETWEEN chunks.first_snap AND chunks.last_snap)";
+     WHERE s.version BETWEEN chunks.first_snap AND chunks.last_snap
+        OR s.version < COALESCE((SELECT value FROM meta WHERE key = 'snapshot_base'), 0))";
 
 /// Chunks to release: no file references them and no retained snapshot names them.
 pub fn free_chunks(c: &Connection, limit: usize) -> rusqlite::Result<Vec<ChunkId>> {
@@ -772,7 +775,7 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
     // An index not yet opened by this version (read-only here) has no snapshot columns.
     let retention = get_meta(c, "schema")?.unwrap_or(0) >= 2;
     // Not named by the latest snapshot: kept only for earlier ones.
-    const EARLIER: &str = "chunks.last_snap < (SELECT MAX(version) FROM snapshots)";
+    const EARLIER: &str = "COALESCE(chunks.last_snap < (SELECT MAX(version) FROM snapshots), 1)";
     let (held_chunks, held_bytes, releasable_chunks) = if !retention {
         (0, 0, 0)
     } else {

@@ -39,13 +39,13 @@ pub enum RestoreError {
     #[error("snapshot data is damaged: {0}")]
     Damaged(String),
     /// Fetching a chunk failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Backend(#[from] BackendError),
     /// Reading the snapshot's index failed.
-    #[error("snapshot index: {0}")]
+    #[error("reading the snapshot's index")]
     Index(#[from] rusqlite::Error),
     /// Writing the destination failed.
-    #[error("{path}: {source}")]
+    #[error("writing {path}")]
     Io {
         /// The path being written.
         path: PathBuf,

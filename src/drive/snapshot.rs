@@ -53,7 +53,9 @@
 //! there too, with refcount 0). A chunk is released only when no file references it and
 //! no retained snapshot lies in its range. An expired snapshot is first dropped on the
 //! server (its root goes), then locally, so its chunks become releasable; a snapshot the
-//! server stopped keeping (its `keep_snapshots` cap) is dropped locally too.
+//! server stopped keeping (its `keep_snapshots` cap) is dropped locally too. An index
+//! rebuilt after a reinstall retains the server's earlier snapshots too, but does not know
+//! their chunks: it releases nothing until they have expired (`meta.snapshot_base`).
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -96,6 +98,8 @@ pub trait RootStore: Send + Sync + std::fmt::Debug {
     fn get_root(&self) -> Result<Option<(u64, Vec<u8>)>, RootError>;
     /// Forget earlier roots (never the latest); returns the versions kept, newest first.
     fn drop_roots(&self, versions: &[u64]) -> Result<Vec<u64>, RootError>;
+    /// Every kept version with when it was stored (seconds since the epoch), newest first.
+    fn kept_roots(&self) -> Result<Vec<(u64, i64)>, RootError>;
 }
 
 // ---- retention -----------------------------------------------------------------------
@@ -809,6 +813,19 @@ pub fn restore_if_empty(
         named.extend(root.chunks.iter().map(|ch| (ch.id, ch.stored)));
         index::mark_named(&c, version, &named)?;
         index::retain_snapshot(&c, version, root.created)?;
+        // Earlier snapshots stay restorable under the same policy; this index does not know
+        // their chunks, so none is released until they have expired.
+        let earlier: Vec<(u64, i64)> = roots
+            .kept_roots()?
+            .into_iter()
+            .filter(|(v, _)| *v < version)
+            .collect();
+        if !earlier.is_empty() {
+            for (v, created) in &earlier {
+                index::retain_snapshot(&c, *v, *created)?;
+            }
+            index::set_meta(&c, "snapshot_base", version as i64)?;
+        }
         index::set_meta(&c, "snapshot_version", version as i64)?;
         index::set_meta(&c, "snapshot_digest", short_digest(&data))?;
         c.pragma_update(None, "journal_mode", "DELETE")?;
@@ -946,7 +963,17 @@ mod tests {
         assert_eq!(free(&c), vec![id(1), id(3)]);
         index::forget_snapshots(&c, &[30]).unwrap();
         assert_eq!(free(&c), vec![id(1), id(2), id(3)]);
+        // Restored from 30 while 25 (unknown chunks) is retained: nothing is released.
+        index::set_meta(&c, "snapshot_base", 30).unwrap();
+        index::retain_snapshot(&c, 25, 25).unwrap();
+        assert!(free(&c).is_empty());
+        index::retain_snapshot(&c, 30, 30).unwrap();
+        index::forget_snapshots(&c, &[25]).unwrap();
+        assert_eq!(free(&c), vec![id(1), id(3)], "2 is named by 30 again");
         index::forget_chunks(&c, &[id(1), id(2), id(3), id(4)]).unwrap();
+        assert_eq!(free(&c), vec![], "only unretained chunks are forgotten");
+        index::forget_snapshots(&c, &[30]).unwrap();
+        index::forget_chunks(&c, &[id(2)]).unwrap();
         assert!(free(&c).is_empty());
         assert!(
             index::chunk_stored(&c, &id(4)).unwrap(),
