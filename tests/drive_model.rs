@@ -688,6 +688,17 @@ fn mount_options_parse() {
     assert!(!cfg.options.sync_on_close);
     assert!(cfg.apply_options("max_write=lots").is_err());
     assert!(cfg.apply_options("bogus").unwrap_err().contains("bogus"));
+    assert_eq!(
+        cfg.options.snapshot_keep,
+        Duration::from_secs(30 * 86_400),
+        "earlier snapshots are kept 30 days by default"
+    );
+    cfg.apply_options("snapshot_interval=10,snapshot_keep=12h")
+        .unwrap();
+    assert_eq!(cfg.options.snapshot_keep, Duration::from_secs(12 * 3600));
+    assert_eq!(cfg.options.snapshot_interval, Duration::from_secs(10));
+    let err = cfg.apply_options("snapshot_keep=forever").unwrap_err();
+    assert!(err.contains("snapshot_keep"), "{err}");
 }
 
 #[test]

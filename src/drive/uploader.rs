@@ -56,6 +56,10 @@ pub(crate) fn run(sh: Arc<Shared>) {
     let mut backoff = Duration::ZERO;
     let mut retry_at: HashMap<u64, Instant> = HashMap::new();
     let mut last_quota = Instant::now();
+    // The index's change count after the last complete release pass: the next pass can
+    // find nothing new until the index changes (a scan of the chunks held for earlier
+    // snapshots is not free, and the idle loop runs every second).
+    let mut released_at: Option<u64> = None;
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return;
@@ -141,12 +145,13 @@ pub(crate) fn run(sh: Arc<Shared>) {
             // Idle: release what no file references. Done only when nothing waits for
             // upload, so a file replaced by a new version (rsync's temp file + rename)
             // keeps its chunks for the new version to reuse instead of re-uploading them.
-            if snapshot_current {
+            if snapshot_current && released_at != Some(sh.lock().db.total_changes()) {
                 if let Err(e) = release_free(&sh) {
                     tracing::warn!("releasing chunks: {e}");
                     backoff = next_backoff(backoff);
                     continue;
                 }
+                released_at = Some(sh.lock().db.total_changes());
             }
             backoff = Duration::ZERO;
             continue;
