@@ -671,84 +671,6 @@ fn posix_errors_and_metadata() {
     assert_eq!(m.getattr(g.ino).unwrap().nlink, 2);
 }
 
-#[test]
-fn mount_options_parse() {
-    let env = Env::new(1 << 30);
-    let mut cfg = peerstash::drive::DriveConfig::new(
-        "/mnt",
-        &env.state,
-        env.key.clone(),
-        env.backend.clone(),
-    );
-    cfg.apply_options("allow_other,max_write=1048576,fsync_timeout=5,nosync_on_close,rw")
-        .unwrap();
-    assert!(cfg.allow_other);
-    assert_eq!(cfg.max_write, Some(1 << 20));
-    assert_eq!(cfg.options.fsync_timeout, Duration::from_secs(5));
-    assert!(!cfg.options.sync_on_close);
-    assert!(cfg.apply_options("max_write=lots").is_err());
-    assert!(cfg.apply_options("bogus").unwrap_err().contains("bogus"));
-    assert_eq!(
-        cfg.options.snapshot_keep,
-        Duration::from_secs(30 * 86_400),
-        "earlier snapshots are kept 30 days by default"
-    );
-    cfg.apply_options("snapshot_interval=10,snapshot_keep=12h")
-        .unwrap();
-    assert_eq!(cfg.options.snapshot_keep, Duration::from_secs(12 * 3600));
-    assert_eq!(cfg.options.snapshot_interval, Duration::from_secs(10));
-    let err = cfg.apply_options("snapshot_keep=forever").unwrap_err();
-    assert!(err.contains("snapshot_keep"), "{err}");
-}
-
-#[test]
-fn another_data_key_is_refused() {
-    let env = Env::new(1 << 30);
-    drop(env.open());
-    let other = DataKey::from_bytes([8; 32]);
-    let err = Model::new(
-        &env.state,
-        &other,
-        env.backend.clone(),
-        DriveOptions::default(),
-    )
-    .err();
-    assert_eq!(err, Some(FsError::WrongKey));
-}
-
-/// rsync-style update (a new temporary file renamed over the old one) of a file with a
-/// small change: only the chunks around the change are uploaded.
-#[test]
-fn small_change_uploads_only_changed_chunks() {
-    let env = Env::new(1 << 40);
-    let m = env.open();
-    let mut data = bytes(42, 16 << 20);
-    write_file(&m, "big", &data).unwrap();
-    assert!(m.wait_idle(Duration::from_secs(60)));
-    let first = env.backend.bytes_put();
-    assert!(first >= 16 << 20);
-    for b in &mut data[8 << 20..(8 << 20) + 1000] {
-        *b ^= 0x5a;
-    }
-    write_file(&m, ".big.tmp", &data).unwrap();
-    m.rename(
-        ROOT_INO,
-        OsStr::new(".big.tmp"),
-        ROOT_INO,
-        OsStr::new("big"),
-        0,
-    )
-    .unwrap();
-    assert!(m.wait_idle(Duration::from_secs(60)));
-    let second = env.backend.bytes_put() - first;
-    eprintln!("16 MiB file, 1000 bytes changed: {second} bytes uploaded");
-    assert!(
-        second < 6 << 20,
-        "uploaded {second} bytes for a 1000-byte change"
-    );
-    assert_eq!(read_file(&m, "big").unwrap(), data);
-}
-
 /// The server's root store, in memory: the latest root can never be dropped.
 #[derive(Debug, Default)]
 struct MemRoots {
@@ -890,4 +812,82 @@ fn common_wait(what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn mount_options_parse() {
+    let env = Env::new(1 << 30);
+    let mut cfg = peerstash::drive::DriveConfig::new(
+        "/mnt",
+        &env.state,
+        env.key.clone(),
+        env.backend.clone(),
+    );
+    cfg.apply_options("allow_other,max_write=1048576,fsync_timeout=5,nosync_on_close,rw")
+        .unwrap();
+    assert!(cfg.allow_other);
+    assert_eq!(cfg.max_write, Some(1 << 20));
+    assert_eq!(cfg.options.fsync_timeout, Duration::from_secs(5));
+    assert!(!cfg.options.sync_on_close);
+    assert!(cfg.apply_options("max_write=lots").is_err());
+    assert!(cfg.apply_options("bogus").unwrap_err().contains("bogus"));
+    assert_eq!(
+        cfg.options.snapshot_keep,
+        Duration::from_secs(30 * 86_400),
+        "earlier snapshots are kept 30 days by default"
+    );
+    cfg.apply_options("snapshot_interval=10,snapshot_keep=12h")
+        .unwrap();
+    assert_eq!(cfg.options.snapshot_keep, Duration::from_secs(12 * 3600));
+    assert_eq!(cfg.options.snapshot_interval, Duration::from_secs(10));
+    let err = cfg.apply_options("snapshot_keep=forever").unwrap_err();
+    assert!(err.contains("snapshot_keep"), "{err}");
+}
+
+#[test]
+fn another_data_key_is_refused() {
+    let env = Env::new(1 << 30);
+    drop(env.open());
+    let other = DataKey::from_bytes([8; 32]);
+    let err = Model::new(
+        &env.state,
+        &other,
+        env.backend.clone(),
+        DriveOptions::default(),
+    )
+    .err();
+    assert_eq!(err, Some(FsError::WrongKey));
+}
+
+/// rsync-style update (a new temporary file renamed over the old one) of a file with a
+/// small change: only the chunks around the change are uploaded.
+#[test]
+fn small_change_uploads_only_changed_chunks() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    let mut data = bytes(42, 16 << 20);
+    write_file(&m, "big", &data).unwrap();
+    assert!(m.wait_idle(Duration::from_secs(60)));
+    let first = env.backend.bytes_put();
+    assert!(first >= 16 << 20);
+    for b in &mut data[8 << 20..(8 << 20) + 1000] {
+        *b ^= 0x5a;
+    }
+    write_file(&m, ".big.tmp", &data).unwrap();
+    m.rename(
+        ROOT_INO,
+        OsStr::new(".big.tmp"),
+        ROOT_INO,
+        OsStr::new("big"),
+        0,
+    )
+    .unwrap();
+    assert!(m.wait_idle(Duration::from_secs(60)));
+    let second = env.backend.bytes_put() - first;
+    eprintln!("16 MiB file, 1000 bytes changed: {second} bytes uploaded");
+    assert!(
+        second < 6 << 20,
+        "uploaded {second} bytes for a 1000-byte change"
+    );
+    assert_eq!(read_file(&m, "big").unwrap(), data);
 }
