@@ -82,7 +82,8 @@ pub struct RestoreStats {
 /// Refuse a destination that exists and is not an empty directory (call before fetching
 /// anything, so nothing is written on refusal).
 pub fn check_destination(to: &Path) -> Result<(), RestoreError> {
-    match std::fs::symlink_metadata(to) {
+    // A symlink to a directory is a directory to write into.
+    match std::fs::metadata(to) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(to)(e)),
         Ok(m) if !m.is_dir() => Err(RestoreError::NotADirectory(to.to_path_buf())),
