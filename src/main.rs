@@ -1,6 +1,7 @@
 //! `peerstash`: the command line of a peer — register or log in with a coordination
 //! server, lend disk (`serve`), mount the drive (`mount`), check the account (`status`),
-//! or run everything on loopback (`local-cluster`).
+//! list and restore earlier snapshots (`snapshots`, `restore`), or run everything on
+//! loopback (`local-cluster`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
