@@ -15,6 +15,8 @@ use crate::token::Token;
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 /// Largest sealed root record the server keeps.
 pub const MAX_ROOT_BYTES: usize = 64 << 10;
+/// Most versions one root drop request may name.
+pub const MAX_ROOT_DROP: usize = 1024;
 /// Most chunks one put, get or release request may name.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 4096;
 /// Longest user name.
@@ -45,6 +47,9 @@ pub mod path {
     pub const ROOT: &str = "/v1/root";
     /// `POST` [`super::GetRootRequest`] → [`super::GetRootResponse`].
     pub const ROOT_GET: &str = "/v1/root/get";
+    /// `POST` [`super::DropRootsRequest`] → [`super::DropRootsResponse`] (409
+    /// `latest_root` when it names the latest kept version).
+    pub const ROOT_DROP: &str = "/v1/root/drop";
     /// `GET`: `ok`.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: Prometheus text format.
@@ -61,7 +66,7 @@ pub fn kind_for_path(p: &str) -> Option<MessageKind> {
         path::RELEASE => MessageKind::Release,
         path::REPORT => MessageKind::Report,
         path::STATUS => MessageKind::Status,
-        path::ROOT | path::ROOT_GET => MessageKind::Root,
+        path::ROOT | path::ROOT_GET | path::ROOT_DROP => MessageKind::Root,
         _ => return None,
     })
 }
@@ -439,4 +444,19 @@ pub struct RootRecord {
     pub created_ms: u64,
     /// The sealed record, hex.
     pub sealed: String,
+}
+
+/// Forget earlier sealed root records (expired snapshots). Versions the server does not
+/// keep are ignored; the latest kept version cannot be dropped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DropRootsRequest {
+    /// Versions to forget (at most [`MAX_ROOT_DROP`]).
+    pub versions: Vec<u64>,
+}
+
+/// What the server keeps after a drop.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DropRootsResponse {
+    /// Versions kept, newest first.
+    pub kept: Vec<u64>,
 }

@@ -1,6 +1,7 @@
 //! `peerstash`: the command line of a peer — register or log in with a coordination
 //! server, lend disk (`serve`), mount the drive (`mount`), check the account (`status`),
-//! or run everything on loopback (`local-cluster`).
+//! list and restore earlier snapshots (`snapshots`, `restore`), or run everything on
+//! loopback (`local-cluster`).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use peerstash::api::{KeyMode, LoginRequest, RegisterRequest};
 use peerstash::client::home::{derive_passphrase_key, format_size, HomeConfig, DEFAULT_REPLICAS};
 use peerstash::client::{parse_size, ClientError, Home, ServerClient};
+use peerstash::drive::crypto::ChunkSealer;
+use peerstash::drive::snapshot::{self, Root};
 use peerstash::drive::DriveConfig;
 use peerstash::peer::{Daemon, DaemonConfig};
 use peerstash::remote::{HttpLink, RemoteBackend};
@@ -42,6 +45,10 @@ enum Command {
     Mount(MountArgs),
     /// Show this peer's account: quota, usage, peers online.
     Status(StatusArgs),
+    /// List the drive's snapshots (the latest and the earlier ones kept), newest first.
+    Snapshots,
+    /// Restore a snapshot (or a path inside it) into a local directory.
+    Restore(RestoreArgs),
     /// Run a server, several peers and a mounted drive on loopback.
     LocalCluster(LocalClusterArgs),
     /// Write man pages into DIR (for packaging).
@@ -135,9 +142,25 @@ struct MountArgs {
     /// (read cache, e.g. 512M), default_permissions (always on), auto_unmount (default) or
     /// noauto_unmount, writeback_cache, max_write=BYTES, fsync_timeout=SECS,
     /// nosync_on_close, threads=N, fsname=NAME. fstab's generic options (rw, _netdev,
-    /// nofail, noauto, x-systemd.*...) are ignored.
+    /// nofail, noauto, x-systemd.*...) are ignored. Snapshots: snapshot_interval=SECS
+    /// (default 30), snapshot_keep=TIME (how long earlier snapshots stay restorable, e.g.
+    /// 30d (default), 12h; thinned to hourly after an hour and daily after a day).
     #[arg(short = 'o')]
     options: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// Snapshot ID as `peerstash snapshots` lists it, or `latest`.
+    #[arg(long)]
+    snapshot: String,
+    /// Directory to restore into: made if missing; an existing one must be empty.
+    #[arg(long)]
+    to: PathBuf,
+    /// Restore only this path inside the drive, e.g. `docs/a` (a directory's content
+    /// goes into --to; a file or link goes into --to under its name).
+    #[arg(long)]
+    path: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -231,6 +254,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve => serve(&home),
+        Command::Snapshots => list_snapshots(&home),
+        Command::Restore(a) => restore(&home, a),
         Command::Mount(a) => mount(&home, a),
         Command::LocalCluster(a) => local_cluster(a),
         Command::Man { .. } => unreachable!("handled above"),
@@ -422,6 +447,167 @@ fn local_cluster(a: LocalClusterArgs) -> Result<()> {
         lend_bytes: a.lend,
         erasure: a.erasure.map(|e| e.to_string()),
     })
+}
+
+/// A sealed root record fetched from the server: `None` when that version is not kept.
+fn fetch_root(
+    rt: &tokio::runtime::Runtime,
+    client: &ServerClient,
+    version: Option<u64>,
+) -> Result<(Option<peerstash::api::RootRecord>, Vec<u64>)> {
+    let r = rt
+        .block_on(client.get_root(&peerstash::api::GetRootRequest { version }))
+        .map_err(|e| explain(e, "asking the server for the drive's snapshots"))?;
+    Ok((r.root, r.kept))
+}
+
+fn open_root(sealer: &ChunkSealer, rec: &peerstash::api::RootRecord) -> Result<Root> {
+    let sealed = hex::decode(&rec.sealed).context("the server sent a root that is not hex")?;
+    let root =
+        Root::open(sealer, &sealed).with_context(|| format!("opening snapshot {}", rec.version))?;
+    if root.version != rec.version {
+        bail!(
+            "snapshot {}'s record says version {}: refused",
+            rec.version,
+            root.version
+        );
+    }
+    Ok(root)
+}
+
+/// Seconds since the epoch as local time, `YYYY-MM-DD HH:MM:SS`.
+fn local_time(secs: i64) -> String {
+    let t = secs as libc::time_t;
+    // SAFETY: localtime_r writes into the tm we own.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return format!("@{secs}");
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// `peerstash snapshots`: what the server keeps, opened with the data key.
+fn list_snapshots(home: &Home) -> Result<()> {
+    registered(home)?;
+    let sealer = ChunkSealer::new(&home.load_data_key()?);
+    let client = home.server_client()?;
+    let rt = runtime()?;
+    let (_, kept) = fetch_root(&rt, &client, None)?;
+    if kept.is_empty() {
+        println!("no snapshots yet: a mounted drive stores one once its uploads settle");
+        return Ok(());
+    }
+    println!(
+        "{:<16}  {:<19}  {:>10}  {:>6}",
+        "ID", "CREATED", "INDEX", "CHUNKS"
+    );
+    for (i, v) in kept.iter().enumerate() {
+        let latest = if i == 0 { "  (latest)" } else { "" };
+        // A version dropped meanwhile (expired) is skipped.
+        let Some(rec) = fetch_root(&rt, &client, Some(*v))?.0 else {
+            continue;
+        };
+        match open_root(&sealer, &rec) {
+            Ok(root) => println!(
+                "{:<16}  {:<19}  {:>10}  {:>6}{latest}",
+                v,
+                local_time(root.created),
+                format_size(root.total_len),
+                root.chunks.len()
+            ),
+            Err(e) => println!("{v:<16}  (cannot open: {e:#}){latest}"),
+        }
+    }
+    Ok(())
+}
+
+/// `peerstash restore`: fetch a snapshot, load it into an index in memory, and write the
+/// tree (or a path in it) into a local directory.
+fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
+    let cfg = registered(home)?;
+    // Refused before anything is fetched or written.
+    peerstash::drive::restore::check_destination(&a.to)?;
+    let version = match a.snapshot.as_str() {
+        "latest" => None,
+        s => Some(s.parse::<u64>().map_err(|_| {
+            anyhow::anyhow!(
+                "--snapshot {s:?}: give an ID as `peerstash snapshots` lists it, or `latest`"
+            )
+        })?),
+    };
+    let sealer = ChunkSealer::new(&home.load_data_key()?);
+    let client = home.server_client()?;
+    let rt = std::sync::Arc::new(runtime()?);
+    let (rec, kept) = fetch_root(&rt, &client, version)?;
+    let Some(rec) = rec else {
+        match version {
+            Some(v) => bail!(
+                "no snapshot {v}: the server keeps {} snapshots of this drive;                  `peerstash snapshots` lists their IDs",
+                kept.len()
+            ),
+            None => bail!("no snapshots yet: a mounted drive stores one once its uploads settle"),
+        }
+    };
+    let root = open_root(&sealer, &rec)?;
+    let backend =
+        RemoteBackend::new(rt.clone(), client, cfg.replicas).context("starting the QUIC client")?;
+    let progress = Progress::spinner("peerstash restore");
+    progress.set_message(format!(
+        "fetching snapshot {} ({} in {} chunks)",
+        root.version,
+        format_size(root.total_len),
+        root.chunks.len()
+    ));
+    let data = snapshot::fetch_snapshot(&sealer, &backend, &root)
+        .with_context(|| format!("fetching snapshot {}", root.version))?;
+    let db = peerstash::drive::index::open(Path::new(":memory:"), 0, 0)
+        .context("opening an index in memory")?;
+    snapshot::load(&db, &data, |_| {})
+        .with_context(|| format!("reading snapshot {}", root.version))?;
+    let path = a.path.as_deref().unwrap_or("");
+    let mut last = std::time::Instant::now();
+    let stats = peerstash::drive::restore::restore_tree(&db, &backend, &sealer, path, &a.to, |s| {
+        if last.elapsed() >= std::time::Duration::from_millis(500) {
+            last = std::time::Instant::now();
+            progress.set_message(format!("{} files, {}", s.files, format_size(s.bytes)));
+        }
+    })
+    .with_context(|| {
+        format!(
+            "restoring snapshot {}{} into {}",
+            root.version,
+            a.path
+                .as_deref()
+                .map(|p| format!(" path {p:?}"))
+                .unwrap_or_default(),
+            a.to.display()
+        )
+    })?;
+    progress.set_message(format!(
+        "restored {} files ({}), {} directories, {} symlinks, {} hard links from snapshot {} into {}{}",
+        stats.files,
+        format_size(stats.bytes),
+        stats.dirs,
+        stats.symlinks,
+        stats.hard_links,
+        root.version,
+        a.to.display(),
+        if stats.skipped > 0 {
+            format!(" ({} entries or xattrs skipped)", stats.skipped)
+        } else {
+            String::new()
+        }
+    ));
+    progress.finish();
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -819,6 +1005,15 @@ fn print_drive_summary(home: &Home) -> Result<()> {
         );
     } else {
         println!("snapshot: none yet");
+    }
+    if d.snapshots_kept > 0 {
+        println!(
+            "kept:     {} snapshots (`peerstash snapshots`); {} chunks ({}) held only for earlier ones; {} to release",
+            d.snapshots_kept,
+            d.held_chunks,
+            format_size(d.held_bytes),
+            d.releasable_chunks
+        );
     }
     Ok(())
 }

@@ -483,13 +483,13 @@ impl ServerLink for HttpLink {
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 impl crate::drive::RootStore for RemoteBackend {
-    fn put_root(&self, version: u64, sealed: &[u8]) -> Result<(), crate::drive::RootError> {
+    fn put_root(&self, version: u64, sealed: &[u8]) -> Result<Vec<u64>, crate::drive::RootError> {
         self.rt
             .block_on(self.server.put_root(&crate::api::PutRootRequest {
                 version,
                 sealed: hex::encode(sealed),
             }))
-            .map(|_| ())
+            .map(|r| r.kept)
             .map_err(|e| {
                 if e.reason() == Some("stale_root") {
                     crate::drive::RootError::Stale
@@ -497,6 +497,37 @@ impl crate::drive::RootStore for RemoteBackend {
                     crate::drive::RootError::Unavailable(e.to_string())
                 }
             })
+    }
+
+    fn drop_roots(&self, versions: &[u64]) -> Result<Vec<u64>, crate::drive::RootError> {
+        let mut kept = Vec::new();
+        for batch in versions.chunks(crate::api::MAX_ROOT_DROP) {
+            kept = self
+                .rt
+                .block_on(self.server.drop_roots(&crate::api::DropRootsRequest {
+                    versions: batch.to_vec(),
+                }))
+                .map_err(|e| crate::drive::RootError::Unavailable(e.to_string()))?
+                .kept;
+        }
+        Ok(kept)
+    }
+
+    fn kept_roots(&self) -> Result<Vec<(u64, i64)>, crate::drive::RootError> {
+        self.rt.block_on(async {
+            let unavailable = |e: ClientError| crate::drive::RootError::Unavailable(e.to_string());
+            let req = crate::api::GetRootRequest::default();
+            let kept = self.server.get_root(&req).await.map_err(unavailable)?.kept;
+            let mut out = Vec::with_capacity(kept.len());
+            for v in kept {
+                let req = crate::api::GetRootRequest { version: Some(v) };
+                // A version dropped meanwhile is left out.
+                if let Some(r) = self.server.get_root(&req).await.map_err(unavailable)?.root {
+                    out.push((v, (r.created_ms / 1000) as i64));
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn get_root(&self) -> Result<Option<(u64, Vec<u8>)>, crate::drive::RootError> {

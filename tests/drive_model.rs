@@ -674,6 +674,149 @@ fn posix_errors_and_metadata() {
     assert_eq!(m.getattr(g.ino).unwrap().nlink, 2);
 }
 
+/// The server's root store, in memory: the latest root can never be dropped.
+#[derive(Debug, Default)]
+struct MemRoots {
+    roots: std::sync::Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
+}
+
+impl MemRoots {
+    fn versions(&self) -> Vec<u64> {
+        self.roots.lock().unwrap().keys().rev().copied().collect()
+    }
+}
+
+impl peerstash::drive::RootStore for MemRoots {
+    fn put_root(&self, version: u64, sealed: &[u8]) -> Result<Vec<u64>, RootError> {
+        let mut r = self.roots.lock().unwrap();
+        if r.keys().next_back().is_some_and(|l| *l >= version) {
+            return Err(RootError::Stale);
+        }
+        r.insert(version, sealed.to_vec());
+        Ok(r.keys().rev().copied().collect())
+    }
+    fn get_root(&self) -> Result<Option<(u64, Vec<u8>)>, RootError> {
+        let r = self.roots.lock().unwrap();
+        Ok(r.iter().next_back().map(|(v, s)| (*v, s.clone())))
+    }
+    fn kept_roots(&self) -> Result<Vec<(u64, i64)>, RootError> {
+        Ok(self.versions().into_iter().map(|v| (v, 0)).collect())
+    }
+    fn drop_roots(&self, versions: &[u64]) -> Result<Vec<u64>, RootError> {
+        let mut r = self.roots.lock().unwrap();
+        let latest = r.keys().next_back().copied();
+        assert!(
+            !versions.iter().any(|v| Some(*v) == latest),
+            "the drive never drops its latest snapshot"
+        );
+        for v in versions {
+            r.remove(v);
+        }
+        Ok(r.keys().rev().copied().collect())
+    }
+}
+
+use peerstash::drive::{ChunkBackend, RootError};
+
+/// A deleted file's chunks stay stored while a retained snapshot names them, and are
+/// released once that snapshot expires (its root dropped first).
+#[test]
+fn chunks_of_a_retained_snapshot_stay_and_of_an_expired_one_are_released() {
+    let env = Env::new(1 << 30);
+    let roots = Arc::new(MemRoots::default());
+    let open = |keep: Duration| {
+        let opts = DriveOptions {
+            fsync_timeout: Duration::from_secs(10),
+            sync_on_close: false,
+            roots: Some(roots.clone()),
+            snapshot_interval: Duration::ZERO,
+            snapshot_keep: keep,
+            ..DriveOptions::default()
+        };
+        Model::new(&env.state, &env.key, env.backend.clone(), opts).unwrap()
+    };
+    let summary = || peerstash::drive::summary_of(&env.state).unwrap();
+    let m = open(Duration::from_secs(30 * 86_400));
+    let data = bytes(42, 3 << 20);
+    write_file(&m, "doomed", &data).unwrap();
+    assert!(m.wait_idle(Duration::from_secs(60)));
+    let ino = m.resolve(Path::new("doomed")).unwrap().ino;
+    let db = rusqlite::Connection::open_with_flags(
+        env.state.join("index.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let chunks: Vec<(peerstash::ChunkId, u32)> = db
+        .prepare("SELECT chunk, stored FROM file_chunks WHERE ino = ?1")
+        .unwrap()
+        .query_map([ino as i64], |r| {
+            let v: Vec<u8> = r.get(0)?;
+            Ok((peerstash::ChunkId(v.try_into().unwrap()), r.get(1)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(db);
+    assert!(chunks.len() >= 2, "a few chunks: {}", chunks.len());
+    common_wait("a snapshot naming the file", || {
+        let s = summary();
+        s.snapshot_current && s.snapshot_version > 0
+    });
+    let first = roots.versions()[0];
+
+    // Deleted: the next snapshot no longer names it, but the first one is retained.
+    let (parent, name) = split(&m, "doomed").unwrap();
+    m.unlink(parent, OsStr::new(&name)).unwrap();
+    common_wait("a snapshot without the file, and the release pass", || {
+        let s = summary();
+        s.snapshot_current
+            && s.snapshot_version > first
+            && s.held_chunks >= chunks.len() as u64
+            && s.releasable_chunks == 0
+    });
+    for (id, stored) in &chunks {
+        assert!(
+            env.backend.get(*id, *stored).is_ok(),
+            "a chunk the retained snapshot {first} names was released"
+        );
+    }
+    assert!(roots.versions().contains(&first));
+    m.shutdown();
+
+    // snapshot_keep=0: every earlier snapshot expires; their chunks go.
+    let m = open(Duration::ZERO);
+    common_wait(
+        "the earlier snapshot dropped and its chunks released",
+        || {
+            let s = summary();
+            roots.versions().len() == 1 && s.held_chunks == 0 && s.releasable_chunks == 0
+        },
+    );
+    assert!(!roots.versions().contains(&first), "its root is dropped");
+    for (id, stored) in &chunks {
+        assert!(
+            matches!(
+                env.backend.get(*id, *stored),
+                Err(peerstash::drive::BackendError::NotFound(_))
+            ),
+            "a chunk only an expired snapshot named is still stored"
+        );
+    }
+    m.shutdown();
+    assert_eq!(summary().snapshots_kept, 1, "the latest stays");
+}
+
+fn common_wait(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn mount_options_parse() {
     let env = Env::new(1 << 30);
@@ -691,6 +834,17 @@ fn mount_options_parse() {
     assert!(!cfg.options.sync_on_close);
     assert!(cfg.apply_options("max_write=lots").is_err());
     assert!(cfg.apply_options("bogus").unwrap_err().contains("bogus"));
+    assert_eq!(
+        cfg.options.snapshot_keep,
+        Duration::from_secs(30 * 86_400),
+        "earlier snapshots are kept 30 days by default"
+    );
+    cfg.apply_options("snapshot_interval=10,snapshot_keep=12h")
+        .unwrap();
+    assert_eq!(cfg.options.snapshot_keep, Duration::from_secs(12 * 3600));
+    assert_eq!(cfg.options.snapshot_interval, Duration::from_secs(10));
+    let err = cfg.apply_options("snapshot_keep=forever").unwrap_err();
+    assert!(err.contains("snapshot_keep"), "{err}");
 }
 
 #[test]

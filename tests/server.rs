@@ -1156,3 +1156,58 @@ async fn sealed_roots_only_move_forward_and_the_newest_are_kept() {
     let err = a.client.put_root(&big).await.unwrap_err();
     assert_eq!(err.status(), Some(413), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earlier_roots_can_be_dropped_but_never_the_latest() {
+    use peerstash::api::{DropRootsRequest, GetRootRequest, PutRootRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s, "alice", 1 << 30).await;
+    let b = register(&s, "bob", 1 << 30).await;
+    for v in 1..=5u64 {
+        let kept = a
+            .client
+            .put_root(&PutRootRequest {
+                version: v,
+                sealed: hex::encode(format!("root {v}")),
+            })
+            .await
+            .unwrap()
+            .kept;
+        assert_eq!(kept.len(), v as usize, "the default cap keeps them all");
+    }
+    let drop = |versions: Vec<u64>| DropRootsRequest { versions };
+    // Unknown versions are ignored; known earlier ones go.
+    let kept = a
+        .client
+        .drop_roots(&drop(vec![2, 4, 99]))
+        .await
+        .unwrap()
+        .kept;
+    assert_eq!(kept, vec![5, 3, 1]);
+    let gone = a
+        .client
+        .get_root(&GetRootRequest { version: Some(2) })
+        .await
+        .unwrap();
+    assert!(gone.root.is_none() && gone.kept == vec![5, 3, 1]);
+    // The latest never: refused, and nothing is dropped.
+    let err = a.client.drop_roots(&drop(vec![1, 5])).await.unwrap_err();
+    assert_eq!(
+        (err.status(), err.reason()),
+        (Some(409), Some("latest_root")),
+        "{err}"
+    );
+    // Another peer's versions are not touched by bob's drop.
+    let kept = b.client.drop_roots(&drop(vec![1, 3])).await.unwrap().kept;
+    assert!(kept.is_empty());
+    let still = a.client.get_root(&GetRootRequest::default()).await.unwrap();
+    assert_eq!(still.kept, vec![5, 3, 1]);
+    // Bounded.
+    let err = a
+        .client
+        .drop_roots(&drop((0..=peerstash::api::MAX_ROOT_DROP as u64).collect()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+}

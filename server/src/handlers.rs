@@ -13,7 +13,8 @@ use peerstash::api::{
     ReportRequest, StatusResponse,
 };
 use peerstash::api::{
-    GetRootRequest, GetRootResponse, PutRootRequest, PutRootResponse, RootRecord,
+    DropRootsRequest, DropRootsResponse, GetRootRequest, GetRootResponse, PutRootRequest,
+    PutRootResponse, RootRecord,
 };
 use peerstash::control::now_ms;
 use peerstash::token::{Grant, TokenClaims};
@@ -498,4 +499,24 @@ pub(crate) fn get_root(
         }),
         kept,
     })
+}
+
+/// `POST /v1/root/drop`: forget earlier sealed root records.
+pub(crate) fn drop_roots(
+    st: &State,
+    peer: PeerId,
+    req: DropRootsRequest,
+) -> Result<DropRootsResponse, Refusal> {
+    if req.versions.len() > api::MAX_ROOT_DROP {
+        return Err(Refusal::bad_request(format!(
+            "at most {} versions per drop",
+            api::MAX_ROOT_DROP
+        )));
+    }
+    let kept = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .drop_roots(peer, &req.versions)?;
+    Ok(DropRootsResponse { kept })
 }

@@ -382,6 +382,13 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
                         &blocking(move || handlers::put_root(&s, peer, r)).await?,
                     ))
                 }
+                MessageKind::Root if p == path::ROOT_DROP => {
+                    let r = parse(&body)?;
+                    Ok(json(
+                        200,
+                        &blocking(move || handlers::drop_roots(&s, peer, r)).await?,
+                    ))
+                }
                 MessageKind::Root => {
                     let r = parse(&body)?;
                     Ok(json(

@@ -74,7 +74,8 @@ pub struct Config {
     pub auth_burst: f64,
     /// Peak-load mode: issue universal tokens instead of put/get tokens.
     pub peak_load: bool,
-    /// Sealed root records kept per peer (the latest and earlier ones).
+    /// Most sealed root records kept per peer (the latest and earlier ones): a cap; the
+    /// drive's retention policy decides which earlier ones it keeps, and stays under it.
     pub keep_snapshots: usize,
     /// A holder silent for this long is lost: its chunks are copied to other peers,
     /// seconds.
@@ -99,7 +100,7 @@ impl Config {
             auth_per_minute: 30.0,
             auth_burst: 20.0,
             peak_load: false,
-            keep_snapshots: 10,
+            keep_snapshots: 256,
             repair_grace_secs: 3600,
             repair_interval_secs: 60,
         }

@@ -53,8 +53,9 @@ struct Cli {
     /// Peak-load mode: issue universal tokens (any operation on the listed chunks).
     #[arg(long)]
     peak_load: bool,
-    /// Sealed snapshot roots kept per peer (the latest and earlier ones).
-    #[arg(long, default_value_t = 10)]
+    /// Most sealed snapshot roots kept per peer (the latest and earlier ones); a cap above
+    /// the drives' own retention (at most 3600/interval + 26 + days: 176 by default).
+    #[arg(long, default_value_t = 256)]
     keep_snapshots: usize,
     /// A storage daemon silent for this many seconds is lost: the chunks it held are
     /// copied from their other holders to new peers.

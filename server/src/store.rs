@@ -1039,6 +1039,30 @@ impl Store {
         Ok(kept)
     }
 
+    /// Forget earlier roots of `peer` (versions it does not keep are ignored); refused
+    /// (409) when `versions` names the latest kept one. Returns the kept versions, newest
+    /// first.
+    pub fn drop_roots(&mut self, peer: PeerId, versions: &[u64]) -> Result<Vec<u64>, Refusal> {
+        let tx = self.conn.transaction()?;
+        let latest = Self::root_versions(&tx, peer)?.first().copied();
+        if let Some(l) = latest.filter(|l| versions.contains(l)) {
+            return Err(Refusal::new(
+                409,
+                "latest_root",
+                format!("root version {l} is the latest: it cannot be dropped"),
+            ));
+        }
+        {
+            let mut st = tx.prepare_cached("DELETE FROM roots WHERE peer = ?1 AND version = ?2")?;
+            for v in versions.iter().filter(|v| **v <= i64::MAX as u64) {
+                st.execute(rusqlite::params![pid(peer), *v as i64])?;
+            }
+        }
+        let kept = Self::root_versions(&tx, peer)?;
+        tx.commit()?;
+        Ok(kept)
+    }
+
     fn root_versions(c: &Connection, peer: PeerId) -> rusqlite::Result<Vec<u64>> {
         let mut st =
             c.prepare_cached("SELECT version FROM roots WHERE peer = ?1 ORDER BY version DESC")?;

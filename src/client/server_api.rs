@@ -327,4 +327,12 @@ impl ServerClient {
     ) -> Result<api::GetRootResponse, ClientError> {
         self.call(api::path::ROOT_GET, req).await
     }
+
+    /// Forget earlier sealed root records (409 `latest_root` for the latest kept one).
+    pub async fn drop_roots(
+        &self,
+        req: &api::DropRootsRequest,
+    ) -> Result<api::DropRootsResponse, ClientError> {
+        self.call(api::path::ROOT_DROP, req).await
+    }
 }

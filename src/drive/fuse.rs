@@ -138,6 +138,11 @@ impl DriveConfig {
                 "snapshot_interval" => {
                     self.options.snapshot_interval = Duration::from_secs(num(k, v)?)
                 }
+                "snapshot_keep" => {
+                    self.options.snapshot_keep = v
+                        .and_then(super::snapshot::parse_duration)
+                        .ok_or("mount option snapshot_keep needs a time (seconds, or e.g. 30d, 12h)")?
+                }
                 // Accepted for fstab/systemd mount units, which pass them along.
                 "rw" | "defaults" | "nofail" | "_netdev" | "noauto" | "auto" | "user" | "users"
                 | "nouser" | "owner" | "group" | "dev" | "nodev" | "suid" | "nosuid" | "exec"
@@ -148,7 +153,7 @@ impl DriveConfig {
                     return Err(format!(
                         "unknown mount option {other:?} (known: allow_other, auto_unmount, noauto_unmount, \
                          max_write=N, writeback_cache, cache_size=SIZE, fsync_timeout=S, nosync_on_close, threads=N, \
-                         ro, uid=N, gid=N, fsname=NAME, default_permissions, snapshot_interval=S)"
+                         ro, uid=N, gid=N, fsname=NAME, default_permissions, snapshot_interval=S, snapshot_keep=TIME)"
                     ))
                 }
             }

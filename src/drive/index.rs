@@ -61,10 +61,16 @@ CREATE TABLE IF NOT EXISTS chunks (
     id BLOB PRIMARY KEY,
     stored INTEGER NOT NULL,
     refcount INTEGER NOT NULL,  -- 0: referenced by no file: release when idle
-    confirmed INTEGER NOT NULL DEFAULT 0  -- 1: the backend confirmed it stored
+    confirmed INTEGER NOT NULL DEFAULT 0,  -- 1: the backend confirmed it stored
+    first_snap INTEGER,         -- oldest snapshot version naming it (NULL: none)
+    last_snap INTEGER           -- newest snapshot version naming it (NULL: none)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_free ON chunks(refcount) WHERE refcount = 0;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots (
+    version INTEGER PRIMARY KEY,  -- a snapshot the drive retains (its root is on the server)
+    created INTEGER NOT NULL      -- seconds since the epoch
+);
 ";
 
 /// What an inode is.
@@ -228,9 +234,10 @@ pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Conn
     // NORMAL: each commit is atomic and survives a process crash; fsync/fsyncdir force a
     // checkpoint for power-loss durability.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    migrate(&conn)?;
     conn.execute_batch(SCHEMA)?;
     conn.execute(
-        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1)",
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 2)",
         [],
     )?;
     let now = Ts::now();
@@ -240,6 +247,33 @@ pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Conn
         params![ROOT_INO as i64, Kind::Dir as i64, 0o755, uid, gid, now.sec, now.nsec],
     )?;
     Ok(conn)
+}
+
+/// Bring an index written by an earlier version up to the current schema (schema 1 had
+/// no snapshot columns on `chunks`; its chunks are named by no retained snapshot).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_chunks: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_chunks {
+        return Ok(());
+    }
+    let cols: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('chunks')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for col in ["first_snap", "last_snap"] {
+        if !cols.iter().any(|c| c == col) {
+            conn.execute_batch(&format!("ALTER TABLE chunks ADD COLUMN {col} INTEGER"))?;
+        }
+    }
+    conn.execute(
+        "UPDATE meta SET value = 2 WHERE key = 'schema' AND value < 2",
+        [],
+    )?;
+    Ok(())
 }
 
 const ATTR_COLS: &str = "ino, kind, perm, uid, gid, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, rdev, parent, stage, committed_stage";
@@ -506,9 +540,19 @@ pub fn note_intent(c: &Connection, chunks: &[(ChunkId, u32)]) -> rusqlite::Resul
     tx.commit()
 }
 
-/// Chunks no file references.
+/// `WHERE` condition on `chunks`: no retained snapshot lies in the range of versions that
+/// named the chunk (none when it was never named), and no retained snapshot predates the
+/// one this index was restored from (`meta.snapshot_base`: those snapshots' chunks are
+/// unknown here, so while one is retained nothing is released).
+const UNRETAINED: &str = "NOT EXISTS (SELECT 1 FROM snapshots s
+     WHERE s.version BETWEEN chunks.first_snap AND chunks.last_snap
+        OR s.version < COALESCE((SELECT value FROM meta WHERE key = 'snapshot_base'), 0))";
+
+/// Chunks to release: no file references them and no retained snapshot names them.
 pub fn free_chunks(c: &Connection, limit: usize) -> rusqlite::Result<Vec<ChunkId>> {
-    let mut st = c.prepare_cached("SELECT id FROM chunks WHERE refcount <= 0 LIMIT ?1")?;
+    let mut st = c.prepare_cached(&format!(
+        "SELECT id FROM chunks WHERE refcount <= 0 AND {UNRETAINED} LIMIT ?1"
+    ))?;
     let rows = st.query_map([limit as i64], |r| {
         let v: Vec<u8> = r.get(0)?;
         let mut b = [0u8; 32];
@@ -522,9 +566,75 @@ pub fn free_chunks(c: &Connection, limit: usize) -> rusqlite::Result<Vec<ChunkId
 pub fn forget_chunks(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
     let tx = c.unchecked_transaction()?;
     {
-        let mut st = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1 AND refcount <= 0")?;
+        let mut st = tx.prepare_cached(&format!(
+            "DELETE FROM chunks WHERE id = ?1 AND refcount <= 0 AND {UNRETAINED}"
+        ))?;
         for id in ids {
             st.execute([&id.0[..]])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Record that snapshot `version` names these chunks (`(id, stored size)`): widen each
+/// chunk's range of naming versions, adding a row (refcount 0) for a chunk the index does
+/// not track yet (the snapshot's own chunks).
+pub fn mark_named(c: &Connection, version: u64, chunks: &[(ChunkId, u32)]) -> rusqlite::Result<()> {
+    let tx = c.unchecked_transaction()?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO chunks (id, stored, refcount, confirmed, first_snap, last_snap)
+             VALUES (?1, ?2, 0, 1, ?3, ?3)
+             ON CONFLICT(id) DO UPDATE SET confirmed = 1,
+                first_snap = MIN(COALESCE(first_snap, excluded.first_snap), excluded.first_snap),
+                last_snap = MAX(COALESCE(last_snap, 0), excluded.last_snap)",
+        )?;
+        for (id, stored) in chunks {
+            st.execute(params![&id.0[..], stored, version as i64])?;
+        }
+    }
+    tx.commit()
+}
+
+/// The chunks the durable part of the index names now (what a snapshot taken now names),
+/// with their stored sizes.
+pub fn named_chunks(c: &Connection) -> rusqlite::Result<Vec<(ChunkId, u32)>> {
+    let mut st = c.prepare(
+        "SELECT DISTINCT chunk, stored FROM file_chunks WHERE ino IN
+            (SELECT ino FROM inodes WHERE nlink > 0 AND (kind <> 1 OR committed_stage > 0 OR stage IS NULL))",
+    )?;
+    let rows = st.query_map([], |r| {
+        let v: Vec<u8> = r.get(0)?;
+        let mut b = [0u8; 32];
+        b.copy_from_slice(&v[..32.min(v.len())]);
+        Ok((ChunkId(b), r.get::<_, i64>(1)? as u32))
+    })?;
+    rows.collect()
+}
+
+/// Start retaining snapshot `version`.
+pub fn retain_snapshot(c: &Connection, version: u64, created: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT OR REPLACE INTO snapshots (version, created) VALUES (?1, ?2)",
+        params![version as i64, created],
+    )?;
+    Ok(())
+}
+
+/// The retained snapshots `(version, created)`, oldest first.
+pub fn retained_snapshots(c: &Connection) -> rusqlite::Result<Vec<(u64, i64)>> {
+    let mut st = c.prepare_cached("SELECT version, created FROM snapshots ORDER BY version")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Stop retaining snapshots: chunks only they named become releasable.
+pub fn forget_snapshots(c: &Connection, versions: &[u64]) -> rusqlite::Result<()> {
+    let tx = c.unchecked_transaction()?;
+    {
+        let mut st = tx.prepare_cached("DELETE FROM snapshots WHERE version = ?1")?;
+        for v in versions {
+            st.execute([*v as i64])?;
         }
     }
     tx.commit()
@@ -641,6 +751,14 @@ pub struct Summary {
     pub snapshot_version: u64,
     /// Whether that snapshot holds the index as it is now (every uploaded change).
     pub snapshot_current: bool,
+    /// Snapshots the drive retains (the latest and earlier ones).
+    pub snapshots_kept: u64,
+    /// Chunks no file references any more, kept because a retained snapshot names them.
+    pub held_chunks: u64,
+    /// Their stored bytes.
+    pub held_bytes: u64,
+    /// Chunks no file and no retained snapshot needs: released when the drive is idle.
+    pub releasable_chunks: u64,
 }
 
 /// Counts for `peerstash status`.
@@ -655,7 +773,40 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
         [],
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )?;
+    // An index not yet opened by this version (read-only here) has no snapshot columns.
+    let retention = get_meta(c, "schema")?.unwrap_or(0) >= 2;
+    // Not named by the latest snapshot: kept only for earlier ones.
+    const EARLIER: &str = "COALESCE(chunks.last_snap < (SELECT MAX(version) FROM snapshots), 1)";
+    let (held_chunks, held_bytes, releasable_chunks) = if !retention {
+        (0, 0, 0)
+    } else {
+        c.query_row(
+            &format!(
+                "SELECT COALESCE(SUM(NOT ({UNRETAINED}) AND {EARLIER}), 0),
+                    COALESCE(SUM(CASE WHEN NOT ({UNRETAINED}) AND {EARLIER} THEN stored ELSE 0 END), 0),
+                    COALESCE(SUM({UNRETAINED}), 0)
+             FROM chunks WHERE refcount <= 0"
+            ),
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            },
+        )?
+    };
+    let snapshots_kept = if retention {
+        c.query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))? as u64
+    } else {
+        0
+    };
     Ok(Summary {
+        snapshots_kept,
+        held_chunks,
+        held_bytes,
+        releasable_chunks,
         inodes: inode_count(c)?,
         pending_files,
         pending_bytes,

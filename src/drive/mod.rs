@@ -10,7 +10,8 @@
 //! - [`staging`]: local files holding content not yet uploaded;
 //! - [`model`]: the POSIX operations, without FUSE — tests drive it directly;
 //! - [`snapshot`]: encrypted snapshots of the index on peers, their root on the server,
-//!   and the restore of an empty drive from them;
+//!   and the restore of an empty drive from them; their retention;
+//! - [`restore`]: writing a snapshot (or a path in it) into a local directory;
 //! - `uploader`: the background thread that stores chunks and commits chunk lists;
 //! - [`fuse`]: the fuser adapter, [`mount`], [`run_foreground`], [`run_foreground_until`].
 //!
@@ -25,7 +26,8 @@
 //! 3. The uploader chunks and seals the stage, stores the chunks no committed version
 //!    already references, and in one transaction replaces the file's chunk list, adjusts
 //!    refcounts, sets `committed_stage` and clears `stage`. Uploading never touches mtime.
-//! 4. Chunks whose refcount reaches zero are released from the backend between batches.
+//! 4. Chunks whose refcount reaches zero are released from the backend between batches,
+//!    unless a retained snapshot names them (see [`snapshot`]: retention).
 //!
 //! Reads come from the working file, else the pending stage, else chunks (LRU cache of
 //! decrypted chunks, single-flight fetches, read-ahead of the next chunk on sequential
@@ -41,7 +43,10 @@
 //! dentries(parent, name BLOB, ino, PK(parent, name))
 //! xattrs(ino, name BLOB, value BLOB, PK(ino, name))          -- user.* only
 //! file_chunks(ino, offset, chunk BLOB, len, stored, PK(ino, offset))
-//! chunks(id BLOB PK, stored, refcount)    -- refcount 0: release (or being stored)
+//! chunks(id BLOB PK, stored, refcount, confirmed,
+//!        first_snap, last_snap)       -- versions of the snapshots naming it
+//!                                     -- release: refcount 0, no retained snapshot in range
+//! snapshots(version PK, created)      -- snapshots retained (their roots on the server)
 //! meta(key PK, value)
 //! ```
 //!
@@ -64,6 +69,7 @@ pub mod crypto;
 pub mod fuse;
 pub mod index;
 pub mod model;
+pub mod restore;
 pub mod snapshot;
 pub mod staging;
 mod uploader;

@@ -152,6 +152,9 @@ pub struct DriveOptions {
     /// Least time between two snapshots (one is taken once uploads settle and the index
     /// changed, and at unmount).
     pub snapshot_interval: Duration,
+    /// How long earlier snapshots stay restorable (thinned: see
+    /// [`super::snapshot::expired`]).
+    pub snapshot_keep: Duration,
 }
 
 impl Default for DriveOptions {
@@ -165,6 +168,7 @@ impl Default for DriveOptions {
             put_batch_bytes: 16 << 20,
             roots: None,
             snapshot_interval: Duration::from_secs(30),
+            snapshot_keep: super::snapshot::DEFAULT_KEEP,
         }
     }
 }

@@ -43,8 +43,19 @@
 //! Sealed like a chunk: `nonce(12) || AES-256-GCM-SIV ciphertext + tag(16)`. A root that
 //! does not decrypt means the data key is not the one that wrote it.
 //!
-//! Snapshot chunks are not tracked in the index's `chunks` table, so the drive never
-//! releases them (first version: they stay on peers for good).
+//! # Retention
+//!
+//! Earlier snapshots stay restorable for `snapshot_keep` (a drive option, 30 days by
+//! default), thinned by [`expired`]: the latest always, every snapshot of the last hour,
+//! one per hour for the last day, one per day after that. The drive lists the snapshots it
+//! retains in the index's `snapshots` table, and for every chunk the range of snapshot
+//! versions that named it (`chunks.first_snap..=last_snap`; snapshot chunks are tracked
+//! there too, with refcount 0). A chunk is released only when no file references it and
+//! no retained snapshot lies in its range. An expired snapshot is first dropped on the
+//! server (its root goes), then locally, so its chunks become releasable; a snapshot the
+//! server stopped keeping (its `keep_snapshots` cap) is dropped locally too. An index
+//! rebuilt after a reinstall retains the server's earlier snapshots too, but does not know
+//! their chunks: it releases nothing until they have expired (`meta.snapshot_base`).
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -81,9 +92,67 @@ pub enum RootError {
 /// Where the sealed root record lives (the coordination server).
 pub trait RootStore: Send + Sync + std::fmt::Debug {
     /// Keep `sealed` as root `version` (refused with [`RootError::Stale`] unless newer).
-    fn put_root(&self, version: u64, sealed: &[u8]) -> Result<(), RootError>;
+    /// Returns the versions the store keeps now, newest first.
+    fn put_root(&self, version: u64, sealed: &[u8]) -> Result<Vec<u64>, RootError>;
     /// The latest root: `(version, sealed)`, `None` if none was ever stored.
     fn get_root(&self) -> Result<Option<(u64, Vec<u8>)>, RootError>;
+    /// Forget earlier roots (never the latest); returns the versions kept, newest first.
+    fn drop_roots(&self, versions: &[u64]) -> Result<Vec<u64>, RootError>;
+    /// Every kept version with when it was stored (seconds since the epoch), newest first.
+    fn kept_roots(&self) -> Result<Vec<(u64, i64)>, RootError>;
+}
+
+// ---- retention -----------------------------------------------------------------------
+
+/// Default time earlier snapshots are kept (`snapshot_keep`).
+pub const DEFAULT_KEEP: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
+
+/// The retention policy: which of the retained snapshots `(version, created seconds)`
+/// to drop at `now`, when earlier snapshots are kept for `keep_secs`. The latest is always
+/// kept; of the others, those older than `keep_secs` go; all of the last hour stay; older
+/// than an hour, the newest of each clock hour stays; older than a day, the newest of each
+/// (UTC) day. At most `3600 / interval + 26 + keep_days` snapshots remain.
+pub fn expired(snaps: &[(u64, i64)], now: i64, keep_secs: i64) -> Vec<u64> {
+    let mut newest_first: Vec<(u64, i64)> = snaps.to_vec();
+    newest_first.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, &(version, created)) in newest_first.iter().enumerate() {
+        let age = now.saturating_sub(created).max(0);
+        let bucket = if age < DAY {
+            (HOUR, created.div_euclid(HOUR))
+        } else {
+            (DAY, created.div_euclid(DAY))
+        };
+        let first_of_bucket = seen.insert(bucket);
+        let keep = i == 0 || (age < keep_secs && (age < HOUR || first_of_bucket));
+        if !keep {
+            out.push(version);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Parse a retention time: a number of seconds, or with a suffix `s`, `m`, `h` or `d`
+/// (e.g. `30d`, `12h`).
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_lowercase()),
+        _ => (s, 's'),
+    };
+    let n: u64 = num.trim().parse().ok()?;
+    let mult = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(n.checked_mul(mult)?))
 }
 
 /// Why a snapshot could not be taken or restored.
@@ -580,16 +649,18 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
         return Ok(None);
     };
     snap.last = Some(std::time::Instant::now());
-    let (data, changes, last_version, last_digest) = {
+    let (data, mut named, changes, last_version, last_digest) = {
         let st = sh.lock();
         let changes = st.db.total_changes();
         if snap.changes == Some(changes) {
             return Ok(None);
         }
+        // Under one lock: the chunks marked below are exactly those the data names.
         let data = serialize(&st.db)?;
+        let named = index::named_chunks(&st.db)?;
         let v = index::get_meta(&st.db, "snapshot_version")?.unwrap_or(0);
         let d = index::get_meta(&st.db, "snapshot_digest")?;
-        (data, changes, v as u64, d)
+        (data, named, changes, v as u64, d)
     };
     let digest = short_digest(&data);
     if last_digest == Some(digest) {
@@ -600,20 +671,38 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
     if list.len() > MAX_ROOT_CHUNKS {
         return Err(bad("the index is too large for one root record"));
     }
-    for batch in chunks.chunks(16) {
+    // Pieces an earlier snapshot stored are still there (only this thread releases);
+    // new ones are noted first, so a crash before the root is stored leaves them to be
+    // released rather than leaked.
+    let fresh: Vec<(ChunkId, Vec<u8>)> = {
+        let st = sh.lock();
+        let mut fresh = Vec::new();
+        for (id, b) in chunks {
+            if !index::chunk_stored(&st.db, &id)? {
+                fresh.push((id, b));
+            }
+        }
+        let intent: Vec<(ChunkId, u32)> =
+            fresh.iter().map(|(id, b)| (*id, b.len() as u32)).collect();
+        index::note_intent(&st.db, &intent)?;
+        fresh
+    };
+    for batch in fresh.chunks(16) {
         sh.backend.put(batch)?;
     }
+    named.extend(list.iter().map(|c| (c.id, c.stored)));
     let mut version = last_version.max(now_secs().max(0) as u64 * 1000) + 1;
     let mut stale = 0;
-    loop {
+    let created = now_secs();
+    let kept = loop {
         let root = Root {
             version,
-            created: now_secs(),
+            created,
             total_len: data.len() as u64,
             chunks: list.clone(),
         };
         match roots.put_root(version, &root.seal(&sh.sealer)) {
-            Ok(()) => break,
+            Ok(kept) => break kept,
             Err(RootError::Stale) if stale < 3 => {
                 stale += 1;
                 let latest = roots.get_root()?.map_or(0, |(v, _)| v);
@@ -621,10 +710,22 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
             }
             Err(e) => return Err(e.into()),
         }
-    }
+    };
     {
         let st = sh.lock();
         let before = st.db.total_changes();
+        index::mark_named(&st.db, version, &named)?;
+        index::retain_snapshot(&st.db, version, created)?;
+        // Snapshots the server no longer keeps (its cap) cannot be restored: let them go.
+        let pruned: Vec<u64> = index::retained_snapshots(&st.db)?
+            .into_iter()
+            .map(|(v, _)| v)
+            .filter(|v| *v != version && !kept.contains(v))
+            .collect();
+        if !pruned.is_empty() {
+            tracing::info!("the server no longer keeps snapshots {pruned:?}: dropped");
+            index::forget_snapshots(&st.db, &pruned)?;
+        }
         index::set_meta(&st.db, "snapshot_version", version as i64)?;
         index::set_meta(&st.db, "snapshot_digest", digest)?;
         // Our own writes are not changes worth a snapshot; others since the read are.
@@ -640,6 +741,35 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
         list.len()
     );
     Ok(Some(version))
+}
+
+/// Drop the retained snapshots the policy expires (on the server first, then locally, so
+/// their chunks become releasable). Returns the versions dropped.
+pub(crate) fn expire(sh: &Shared, snap: &mut SnapState) -> Result<Vec<u64>, SnapshotError> {
+    let Some(roots) = sh.opts.roots.clone() else {
+        return Ok(Vec::new());
+    };
+    let retained = index::retained_snapshots(&sh.lock().db)?;
+    let keep = sh.opts.snapshot_keep.as_secs().min(i64::MAX as u64) as i64;
+    let gone = expired(&retained, now_secs(), keep);
+    if gone.is_empty() {
+        return Ok(gone);
+    }
+    let kept = roots.drop_roots(&gone)?;
+    if let Some(v) = gone.iter().find(|v| kept.contains(v)) {
+        return Err(RootError::Unavailable(format!("the server still keeps snapshot {v}")).into());
+    }
+    {
+        let st = sh.lock();
+        let before = st.db.total_changes();
+        index::forget_snapshots(&st.db, &gone)?;
+        // Not a change of the drive's content: the latest snapshot stays current.
+        if snap.changes == Some(before) {
+            snap.changes = Some(st.db.total_changes());
+        }
+    }
+    tracing::info!("expired snapshots {gone:?}");
+    Ok(gone)
 }
 
 /// Rebuild a drive's index from the latest snapshot, when `state_dir` has no index yet.
@@ -678,6 +808,24 @@ pub fn restore_if_empty(
     let n = {
         let c = index::open(&tmp, 0, 0)?;
         let n = load(&c, &data, |n| progress(&format!("restored {n} entries")))?;
+        // The restored snapshot is the one retained: it names its chunks and its pieces.
+        let mut named = index::named_chunks(&c)?;
+        named.extend(root.chunks.iter().map(|ch| (ch.id, ch.stored)));
+        index::mark_named(&c, version, &named)?;
+        index::retain_snapshot(&c, version, root.created)?;
+        // Earlier snapshots stay restorable under the same policy; this index does not know
+        // their chunks, so none is released until they have expired.
+        let earlier: Vec<(u64, i64)> = roots
+            .kept_roots()?
+            .into_iter()
+            .filter(|(v, _)| *v < version)
+            .collect();
+        if !earlier.is_empty() {
+            for (v, created) in &earlier {
+                index::retain_snapshot(&c, *v, *created)?;
+            }
+            index::set_meta(&c, "snapshot_base", version as i64)?;
+        }
         index::set_meta(&c, "snapshot_version", version as i64)?;
         index::set_meta(&c, "snapshot_digest", short_digest(&data))?;
         c.pragma_update(None, "journal_mode", "DELETE")?;
@@ -692,6 +840,176 @@ pub fn restore_if_empty(
 mod tests {
     use super::*;
     use crate::keys::DataKey;
+
+    const NOW: i64 = 1_700_000_000 - 1_700_000_000 % DAY + 12 * HOUR; // noon UTC
+
+    fn at(ages: &[i64]) -> Vec<(u64, i64)> {
+        // Version = position (older ages first get lower versions).
+        let mut v: Vec<i64> = ages.to_vec();
+        v.sort_unstable_by_key(|a| std::cmp::Reverse(*a));
+        v.iter()
+            .enumerate()
+            .map(|(i, age)| (i as u64 + 1, NOW - age))
+            .collect()
+    }
+
+    fn kept(snaps: &[(u64, i64)], keep: i64) -> Vec<i64> {
+        let gone = expired(snaps, NOW, keep);
+        snaps
+            .iter()
+            .filter(|(v, _)| !gone.contains(v))
+            .map(|(_, c)| NOW - c)
+            .collect()
+    }
+
+    #[test]
+    fn policy_keeps_the_last_hour_then_hourly_then_daily() {
+        let keep = 30 * DAY;
+        // Every 30 s over the last hour: all stay.
+        let recent: Vec<i64> = (0..120).map(|i| i * 30).collect();
+        assert!(expired(&at(&recent), NOW, keep).is_empty());
+        // Every 10 minutes over 2 hours: the first hour all, then one per clock hour
+        // (the newest of each).
+        let two_hours: Vec<i64> = (0..12).map(|i| i * 600).collect();
+        let k = kept(&at(&two_hours), keep);
+        assert_eq!(k.len(), 6 + 1, "{k:?}");
+        // Every 30 minutes over 3 days: hours within the day, days beyond.
+        let days: Vec<i64> = (0..144).map(|i| i * 1800).collect();
+        let k = kept(&at(&days), keep);
+        let (hour_tier, day_tier): (Vec<i64>, Vec<i64>) =
+            k.iter().filter(|a| **a >= HOUR).partition(|a| **a < DAY);
+        assert!(hour_tier.len() <= 24, "{hour_tier:?}");
+        assert!(day_tier.len() <= 3, "{day_tier:?}");
+        let mut hours: Vec<i64> = hour_tier
+            .iter()
+            .map(|a| (NOW - a).div_euclid(HOUR))
+            .collect();
+        hours.dedup();
+        assert_eq!(hours.len(), hour_tier.len(), "one per clock hour");
+        // Older than snapshot_keep: gone.
+        let old: Vec<i64> = vec![0, 40 * DAY, 31 * DAY, 29 * DAY];
+        assert_eq!(kept(&at(&old), keep), vec![29 * DAY, 0]);
+    }
+
+    #[test]
+    fn policy_never_drops_the_latest_and_is_stable() {
+        // A drive idle for longer than snapshot_keep keeps its one latest snapshot.
+        let lone = at(&[90 * DAY]);
+        assert!(expired(&lone, NOW, 30 * DAY).is_empty());
+        let two = at(&[90 * DAY, 91 * DAY]);
+        assert_eq!(expired(&two, NOW, 30 * DAY), vec![1]);
+        // keep 0: only the latest stays.
+        let some = at(&[0, 10, 20]);
+        assert_eq!(expired(&some, NOW, 0), vec![1, 2]);
+        // Applying the policy to what it kept drops nothing more.
+        let many: Vec<i64> = (0..500).map(|i| i * 997).collect();
+        let snaps = at(&many);
+        let gone = expired(&snaps, NOW, 30 * DAY);
+        let rest: Vec<(u64, i64)> = snaps
+            .into_iter()
+            .filter(|(v, _)| !gone.contains(v))
+            .collect();
+        assert!(expired(&rest, NOW, 30 * DAY).is_empty());
+        // The bound documented for the server's cap: 3600/30 + 26 + 30 for the defaults.
+        let every_30s: Vec<i64> = (0..(40 * DAY / 30)).map(|i| i * 30).collect();
+        let k = kept(&at(&every_30s), 30 * DAY);
+        assert!(k.len() <= 120 + 26 + 30, "{}", k.len());
+    }
+
+    #[test]
+    fn durations_parse() {
+        use std::time::Duration;
+        assert_eq!(
+            parse_duration("30d"),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(parse_duration("12h"), Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+        for bad in ["", "d", "3w", "-1d", "1.5d", "x"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn chunks_of_retained_snapshots_stay_and_of_dropped_ones_go() {
+        let c = index::open(Path::new(":memory:"), 0, 0).unwrap();
+        let id = |b: u8| ChunkId([b; 32]);
+        // Chunk 1 named by snapshots 10 and 20, chunk 2 by 20 and 30, chunk 3 by none
+        // (refcount 0), chunk 4 referenced by a file (refcount 1).
+        index::note_intent(&c, &[(id(3), 9)]).unwrap();
+        index::mark_named(&c, 10, &[(id(1), 9)]).unwrap();
+        index::mark_named(&c, 20, &[(id(1), 9), (id(2), 9)]).unwrap();
+        index::mark_named(&c, 30, &[(id(2), 9)]).unwrap();
+        c.execute(
+            "INSERT INTO chunks (id, stored, refcount, confirmed) VALUES (?1, 9, 1, 1)",
+            [&id(4).0[..]],
+        )
+        .unwrap();
+        for v in [10, 20, 30] {
+            index::retain_snapshot(&c, v, v as i64).unwrap();
+        }
+        let free = |c: &Connection| {
+            let mut f = index::free_chunks(c, 100).unwrap();
+            f.sort();
+            f
+        };
+        assert_eq!(free(&c), vec![id(3)]);
+        index::forget_snapshots(&c, &[20]).unwrap();
+        // 1's range 10..=20 still holds retained 10; 2's range 20..=30 holds 30.
+        assert_eq!(free(&c), vec![id(3)]);
+        index::forget_snapshots(&c, &[10]).unwrap();
+        assert_eq!(free(&c), vec![id(1), id(3)]);
+        index::forget_snapshots(&c, &[30]).unwrap();
+        assert_eq!(free(&c), vec![id(1), id(2), id(3)]);
+        // Restored from 30 while 25 (unknown chunks) is retained: nothing is released.
+        index::set_meta(&c, "snapshot_base", 30).unwrap();
+        index::retain_snapshot(&c, 25, 25).unwrap();
+        assert!(free(&c).is_empty());
+        index::retain_snapshot(&c, 30, 30).unwrap();
+        index::forget_snapshots(&c, &[25]).unwrap();
+        assert_eq!(free(&c), vec![id(1), id(3)], "2 is named by 30 again");
+        index::forget_chunks(&c, &[id(1), id(2), id(3), id(4)]).unwrap();
+        assert_eq!(free(&c), vec![], "only unretained chunks are forgotten");
+        index::forget_snapshots(&c, &[30]).unwrap();
+        index::forget_chunks(&c, &[id(2)]).unwrap();
+        assert!(free(&c).is_empty());
+        assert!(
+            index::chunk_stored(&c, &id(4)).unwrap(),
+            "a referenced chunk stays"
+        );
+    }
+
+    #[test]
+    fn an_old_index_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE chunks (id BLOB PRIMARY KEY, stored INTEGER NOT NULL,
+                    refcount INTEGER NOT NULL, confirmed INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+                 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO meta VALUES ('schema', 1);
+                 INSERT INTO chunks VALUES (zeroblob(32), 5, 0, 1);",
+            )
+            .unwrap();
+        }
+        let c = index::open(&p, 0, 0).unwrap();
+        assert_eq!(index::get_meta(&c, "schema").unwrap(), Some(2));
+        assert_eq!(index::free_chunks(&c, 10).unwrap(), vec![ChunkId([0; 32])]);
+        index::mark_named(&c, 5, &[(ChunkId([0; 32]), 5)]).unwrap();
+        index::retain_snapshot(&c, 5, 1).unwrap();
+        assert!(index::free_chunks(&c, 10).unwrap().is_empty());
+        drop(c);
+        let c = index::open(&p, 0, 0).unwrap(); // idempotent
+        let s = index::summary(&c).unwrap();
+        assert_eq!(
+            (s.snapshots_kept, s.held_chunks, s.releasable_chunks),
+            (1, 0, 0)
+        );
+    }
 
     #[test]
     fn root_round_trip_and_wrong_key() {
@@ -732,7 +1050,7 @@ mod tests {
              INSERT INTO dentries VALUES (1, X'61', 2), (1, X'62', 2), (1, X'63', 3), (1, X'64', 4);
              INSERT INTO xattrs VALUES (2, X'757365722E78', X'01');
              INSERT INTO file_chunks VALUES (2, 0, zeroblob(32), 5, 33);
-             INSERT INTO chunks VALUES (zeroblob(32), 33, 1, 1);",
+             INSERT INTO chunks (id, stored, refcount, confirmed) VALUES (zeroblob(32), 33, 1, 1);",
         )
         .unwrap();
         let data = serialize(&a).unwrap();

@@ -56,6 +56,10 @@ pub(crate) fn run(sh: Arc<Shared>) {
     let mut backoff = Duration::ZERO;
     let mut retry_at: HashMap<u64, Instant> = HashMap::new();
     let mut last_quota = Instant::now();
+    // The index's change count after the last complete release pass: the next pass can
+    // find nothing new until the index changes (a scan of the chunks held for earlier
+    // snapshots is not free, and the idle loop runs every second).
+    let mut released_at: Option<u64> = None;
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return;
@@ -130,6 +134,9 @@ pub(crate) fn run(sh: Arc<Shared>) {
                     if let Err(e) = super::snapshot::take(&sh, &mut snap) {
                         tracing::warn!("snapshot postponed: {e}");
                     }
+                    if let Err(e) = super::snapshot::expire(&sh, &mut snap) {
+                        tracing::warn!("expiring earlier snapshots postponed: {e}");
+                    }
                 }
                 // The latest stored snapshot must never name a released chunk: release
                 // only once it covers every commit (it then names no unreferenced chunk).
@@ -138,12 +145,13 @@ pub(crate) fn run(sh: Arc<Shared>) {
             // Idle: release what no file references. Done only when nothing waits for
             // upload, so a file replaced by a new version (rsync's temp file + rename)
             // keeps its chunks for the new version to reuse instead of re-uploading them.
-            if snapshot_current {
+            if snapshot_current && released_at != Some(sh.lock().db.total_changes()) {
                 if let Err(e) = release_free(&sh) {
                     tracing::warn!("releasing chunks: {e}");
                     backoff = next_backoff(backoff);
                     continue;
                 }
+                released_at = Some(sh.lock().db.total_changes());
             }
             backoff = Duration::ZERO;
             continue;
@@ -234,7 +242,7 @@ fn delete_doomed(sh: &Shared) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Release chunks no committed file version references.
+/// Release chunks no committed file version and no retained snapshot references.
 fn release_free(sh: &Shared) -> Result<(), BackendError> {
     let mut synced = false;
     loop {
