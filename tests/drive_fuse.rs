@@ -5,14 +5,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, FileTimes};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use common::Proc;
@@ -455,20 +455,38 @@ fn kill9_while_writing_leaves_old_or_new() {
     }
     // Writers rewrite the files over and over while the mount is killed.
     let stop = Arc::new(AtomicBool::new(false));
+    // A write refused while the mount was alive (not cut off by the kill): the writer then
+    // closes a file holding what it wrote so far, which the drive must keep as written.
+    let refused: Arc<Mutex<HashMap<usize, (usize, String)>>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..2 {
-        let (stop, mnt, v2) = (stop.clone(), m.mnt.clone(), v2.clone());
+        let (stop, mnt, v2, refused) = (stop.clone(), m.mnt.clone(), v2.clone(), refused.clone());
         writers.push(std::thread::spawn(move || {
             let mut k = w;
             while !stop.load(Ordering::SeqCst) {
                 let i = k % n as usize;
                 // Small pieces with pauses, so the kill lands in the middle of files.
                 if let Ok(mut f) = File::create(mnt.join(format!("f{i}"))) {
+                    let mut written = 0;
+                    let mut failed = None;
                     for piece in v2[i].chunks(64 * 1024) {
-                        if f.write_all(piece).is_err() {
+                        if let Err(e) = f.write_all(piece) {
+                            failed = Some(e);
                             break;
                         }
+                        written += piece.len();
                         std::thread::sleep(Duration::from_millis(2));
+                    }
+                    let mut r = refused.lock().unwrap();
+                    match failed {
+                        // ENOTCONN, ECONNABORTED: the mount is gone (the kill).
+                        Some(e) if !matches!(e.raw_os_error(), Some(107) | Some(103)) => {
+                            r.insert(i, (written, e.to_string()));
+                        }
+                        Some(_) => {}
+                        None => {
+                            r.remove(&i);
+                        }
                     }
                 }
                 k += 2;
@@ -498,11 +516,18 @@ fn kill9_while_writing_leaves_old_or_new() {
         .count();
     assert_eq!(mounts, 1, "exactly one mount at the mountpoint");
     let mut new = 0;
+    let refused = refused.lock().unwrap().clone();
+    if !refused.is_empty() {
+        eprintln!("writes refused before the kill: {refused:?}");
+    }
     for i in 0..n as usize {
         let got = fs::read(m.mnt.join(format!("f{i}"))).unwrap();
+        let as_closed = refused
+            .get(&i)
+            .is_some_and(|(len, _)| got.len() == *len && got[..] == v2[i][..*len]);
         assert!(
-            got == v1[i] || got == v2[i],
-            "f{i} is neither old nor new ({} bytes)",
+            got == v1[i] || got == v2[i] || as_closed,
+            "f{i} is neither old nor new nor what was closed ({} bytes; refused writes: {refused:?})",
             got.len()
         );
         new += (got == v2[i]) as usize;
