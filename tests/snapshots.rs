@@ -94,6 +94,19 @@ fn settled(home: &Path) -> Settled {
     r
 }
 
+/// Mount with snapshots every second, copy `src` in, and wait until a snapshot holds it;
+/// returns the mount and that snapshot's version.
+fn copy_in_and_snapshot(user: &Path, src: &Path, mnt: &Path) -> (Mount, u64) {
+    let m = Mount::start_with(user, mnt, Some("snapshot_interval=1"));
+    copy_in(src, mnt);
+    fsync_all(mnt);
+    let version = wait_for("a snapshot of the tree", Duration::from_secs(90), || {
+        let s = settled(user);
+        (s.version > 0 && s.up_to_date).then_some(s.version)
+    });
+    (m, version)
+}
+
 fn files_under(dirs: &[PathBuf]) -> usize {
     let out = run(Command::new("find").args(dirs).args(["-type", "f"]));
     out.lines().count()
@@ -135,16 +148,7 @@ fn rm_rf_in_the_mount_is_undone_by_restoring_the_earlier_snapshot() {
     make_tree(&src, 2);
     let xattr = set_xattr(&src.join("deep/a/small-5.txt"), "user.color", "blue");
     let mnt = net.dir.path().join("mnt");
-    let m = Mount::start_with(&user, &mnt, Some("snapshot_interval=1"));
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(&mnt));
-    fsync_all(&mnt);
-    let before = wait_for("a snapshot of the tree", Duration::from_secs(90), || {
-        let s = settled(&user);
-        (s.version > 0 && s.up_to_date).then_some(s.version)
-    });
+    let (m, before) = copy_in_and_snapshot(&user, &src, &mnt);
     let (ids, latest) = snapshot_ids(&user);
     assert_eq!(
         latest,
@@ -339,16 +343,7 @@ fn after_a_reinstall_the_earlier_snapshots_stay_restorable() {
     let src = net.dir.path().join("src");
     make_tree(&src, 1);
     let mnt = net.dir.path().join("mnt");
-    let m = Mount::start_with(&user, &mnt, Some("snapshot_interval=1"));
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(&mnt));
-    fsync_all(&mnt);
-    let before = wait_for("a snapshot of the tree", Duration::from_secs(90), || {
-        let s = settled(&user);
-        (s.version > 0 && s.up_to_date).then_some(s.version)
-    });
+    let (m, before) = copy_in_and_snapshot(&user, &src, &mnt);
     run(Command::new("find")
         .arg(&mnt)
         .args(["-mindepth", "1", "-delete"]));
