@@ -350,6 +350,33 @@ proptest! {
     }
 }
 
+/// FUSE sends a close's RELEASE asynchronously, after its FLUSH. A late release must not
+/// seal what another handle is still writing: a crash then would keep a half-written
+/// file (seen once in `drive_fuse::kill9_while_writing_leaves_old_or_new` under load).
+#[test]
+fn a_late_release_does_not_seal_another_handles_unfinished_writes() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    let (v1, v2, v3) = (bytes(1, 300_000), bytes(2, 900_000), bytes(3, 900_000));
+    write_file(&m, "f", &v1).unwrap();
+    // One writer rewrites the file and closes it; its release is still on the way.
+    let one = open_path(&m, "f", false).unwrap();
+    m.write(one, 0, &v2).unwrap();
+    m.flush(one).unwrap();
+    // Another is half-way through the next version when that release arrives.
+    let two = open_path(&m, "f", false).unwrap();
+    m.write(two, 0, &v3[..131_072]).unwrap();
+    m.release(one).unwrap();
+    drop(m); // crash: the second writer never closes
+    let m = env.open();
+    let got = read_file(&m, "f").unwrap();
+    assert!(
+        got == v2,
+        "after the crash f must be the last closed version ({} bytes read)",
+        got.len()
+    );
+}
+
 #[test]
 fn crash_leaves_old_or_new_content() {
     let env = Env::new(1 << 40);

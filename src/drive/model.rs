@@ -254,6 +254,10 @@ pub(crate) struct Working {
 struct Handle {
     ino: u64,
     write: bool,
+    /// Written through since its last flush: its release must seal. (A release that
+    /// arrives late — FUSE sends it asynchronously — must not seal what *another* handle
+    /// is still writing.)
+    unflushed: bool,
     next_read: u64,
     dir: Option<Vec<DirEntry>>,
 }
@@ -1137,6 +1141,7 @@ impl Model {
         Ok(st.alloc_fh(Handle {
             ino,
             write: false,
+            unflushed: false,
             next_read: 0,
             dir: Some(entries),
         }))
@@ -1176,6 +1181,7 @@ impl Model {
         let fh = self.lock().alloc_fh(Handle {
             ino,
             write,
+            unflushed: write && flags & libc::O_TRUNC != 0,
             next_read: 0,
             dir: None,
         });
@@ -1288,15 +1294,25 @@ impl Model {
         if end > i64::MAX as u64 {
             return Err(FsError::Os(libc::EFBIG));
         }
-        let file = self.working_file(ino, false)?;
-        let mut st = self.lock();
-        let w = st
-            .working
-            .get(&ino)
-            .ok_or(FsError::Io("file sealed during write".into()))?;
-        if !Arc::ptr_eq(&w.file, &file) {
-            return Err(FsError::Io("file sealed during write".into()));
-        }
+        // Another handle's close may seal the working file between getting it and taking
+        // the lock: then write into the next one (it starts from what was sealed).
+        let mut attempts = 0;
+        let (file, mut st) = loop {
+            let file = self.working_file(ino, false)?;
+            let st = self.lock();
+            if st
+                .working
+                .get(&ino)
+                .is_some_and(|w| Arc::ptr_eq(&w.file, &file))
+            {
+                break (file, st);
+            }
+            attempts += 1;
+            if attempts >= 20 {
+                return Err(FsError::Io("file sealed during write".into()));
+            }
+        };
+        let w = st.working.get(&ino).expect("checked above");
         if end > w.size {
             self.check_quota(&st, end - w.size)?;
         }
@@ -1309,6 +1325,9 @@ impl Model {
         w.ctime = now;
         w.dirty = true;
         w.gen += 1;
+        if let Some(h) = st.handles.get_mut(&fh) {
+            h.unflushed = true;
+        }
         Ok(data.len() as u32)
     }
 
@@ -1455,7 +1474,11 @@ impl Model {
             return Ok(());
         }
         let ino = h.ino;
-        self.seal(&mut st, ino)
+        self.seal(&mut st, ino)?;
+        if let Some(h) = st.handles.get_mut(&fh) {
+            h.unflushed = false;
+        }
+        Ok(())
     }
 
     /// Last close of a handle.
@@ -1469,7 +1492,7 @@ impl Model {
             *n = n.saturating_sub(1);
             *n
         };
-        let res = if h.write || left == 0 {
+        let res = if (h.write && h.unflushed) || left == 0 {
             self.seal(&mut st, ino)
         } else {
             Ok(())
@@ -1501,6 +1524,9 @@ impl Model {
         let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
         let ino = h.ino;
         self.seal(&mut st, ino)?;
+        if let Some(h) = st.handles.get_mut(&fh) {
+            h.unflushed = false;
+        }
         let Some(stage) = st.attr(ino)?.stage else {
             return self.checkpoint(&st);
         };
