@@ -32,10 +32,7 @@ fn chunks_on(storage: &Path) -> BTreeSet<String> {
 }
 
 fn status(home: &Path) -> String {
-    run(Command::new(bin("peerstash"))
-        .arg("--home")
-        .arg(home)
-        .arg("status"))
+    peerstash_ok(home, &["status"])
 }
 
 /// Four daemons; heartbeats every second, offline after 3 s, lost (repaired) after 4 s.

@@ -25,14 +25,17 @@ fn peerstash(home: &Path, args: &[&str]) -> Output {
 }
 
 fn ok(home: &Path, args: &[&str]) -> String {
-    let out = peerstash(home, args);
-    assert!(
-        out.status.success(),
-        "peerstash {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    peerstash_ok(home, args)
+}
+
+/// `peerstash restore --snapshot ID --to TO [--path PATH]`, which must succeed.
+fn restore_to(home: &Path, id: &str, to: &Path, path: Option<&str>) {
+    let to = to.to_string_lossy().to_string();
+    let mut args = vec!["restore", "--snapshot", id, "--to", &to];
+    if let Some(p) = path {
+        args.extend(["--path", p]);
+    }
+    ok(home, &args);
 }
 
 /// `peerstash restore` that must fail: its stderr.
@@ -234,42 +237,17 @@ fn rm_rf_in_the_mount_is_undone_by_restoring_the_earlier_snapshot() {
 
     // A directory inside the snapshot, and a single file.
     let part = net.dir.path().join("part");
-    let part_s = part.to_string_lossy().to_string();
-    ok(
-        &user,
-        &[
-            "restore",
-            "--snapshot",
-            &id,
-            "--to",
-            &part_s,
-            "--path",
-            "deep/a/b",
-        ],
-    );
+    restore_to(&user, &id, &part, Some("deep/a/b"));
     diff(&src.join("deep/a/b"), &part);
     let one = net.dir.path().join("one");
-    let one_s = one.to_string_lossy().to_string();
-    ok(
-        &user,
-        &[
-            "restore",
-            "--snapshot",
-            &id,
-            "--to",
-            &one_s,
-            "--path",
-            "/deep/a/small-3.txt",
-        ],
-    );
+    restore_to(&user, &id, &one, Some("/deep/a/small-3.txt"));
     assert_eq!(
         fs::read(one.join("small-3.txt")).unwrap(),
         fs::read(src.join("deep/a/small-3.txt")).unwrap()
     );
     // `latest` is the empty tree.
     let now = net.dir.path().join("now");
-    let now_s = now.to_string_lossy().to_string();
-    ok(&user, &["restore", "--snapshot", "latest", "--to", &now_s]);
+    restore_to(&user, "latest", &now, None);
     assert_eq!(fs::read_dir(&now).unwrap().count(), 0);
 
     // Refusals, each with nothing written.
@@ -383,11 +361,7 @@ fn after_a_reinstall_the_earlier_snapshots_stay_restorable() {
         (s.up_to_date && s.held_chunks > 0 && s.to_release == 0).then_some(())
     });
     let restored = net.dir.path().join("out");
-    let to = restored.to_string_lossy().to_string();
-    ok(
-        &home,
-        &["restore", "--snapshot", &before.to_string(), "--to", &to],
-    );
+    restore_to(&home, &before.to_string(), &restored, None);
     diff(&src, &restored);
     m.stop();
 }

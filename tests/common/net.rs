@@ -24,6 +24,14 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `peerstash --home HOME ARGS...`, which must succeed: its stdout.
+pub fn peerstash_ok(home: &Path, args: &[&str]) -> String {
+    run(Command::new(bin("peerstash"))
+        .arg("--home")
+        .arg(home)
+        .args(args))
+}
+
 pub fn is_mounted(p: &Path) -> bool {
     let p = p.to_string_lossy().to_string();
     fs::read_to_string("/proc/self/mounts")
