@@ -752,6 +752,66 @@ fn pjdfstest_against_the_mount() {
     );
 }
 
+/// The original C pjdfstest (pjd/pjdfstest, 8,798 subtests, from `../shared/tools/pjdfstest`
+/// beside the repository; built here with gcc) run by `prove` as root in a directory of the
+/// mount, with allow_other for its dummy users. Skips where the sources, gcc, prove or root
+/// are missing.
+#[test]
+fn c_pjdfstest_against_the_mount() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/pjdfstest");
+    if !src.join("build.sh").exists() {
+        eprintln!("SKIPPED: no C pjdfstest sources at {}", src.display());
+        return;
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: pjdfstest needs root");
+        return;
+    }
+    for tool in ["gcc", "prove"] {
+        if !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+        {
+            eprintln!("SKIPPED: {tool} not installed");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    fs::set_permissions(base, fs::Permissions::from_mode(0o755)).unwrap();
+    let suite = base.join("suite");
+    let built = Command::new("bash")
+        .arg(src.join("build.sh"))
+        .arg(&suite)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "build.sh: {built:?}");
+    let m = Mount::start_with(base, &[("PEERSTASH_TEST_OPTIONS", "allow_other")]);
+    let dir = m.mnt.join("cpjd");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new("timeout")
+        .arg("600")
+        // The suite mostly sleeps (timestamp checks): run its files in parallel.
+        .args(["prove", "-rQ", "-j", "8"])
+        .arg(suite.join("tests"))
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    m.stop();
+    let result = text
+        .lines()
+        .find(|l| l.starts_with("Result:"))
+        .unwrap_or("no result");
+    eprintln!("C pjdfstest: {result}");
+    assert!(out.status.success() && result == "Result: PASS", "{text}");
+}
+
 /// Over quota through the kernel: ENOSPC for the write that does not fit, and the rest of
 /// the drive keeps working.
 #[test]

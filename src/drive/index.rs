@@ -10,9 +10,21 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::ids::ChunkId;
+
+/// How long a writer waits for another connection's lock (a `status` reader can hold the
+/// write lock for a moment while it recovers the WAL index) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Begin a transaction that will write: it takes the write lock at once, waiting for it
+/// (up to the busy timeout) if another connection holds it. A deferred transaction that
+/// reads first would have to upgrade later, and SQLite fails such an upgrade with
+/// SQLITE_BUSY immediately, without waiting — so every writer in the drive starts here.
+pub fn write_tx(c: &Connection) -> rusqlite::Result<Transaction<'_>> {
+    Transaction::new_unchecked(c, TransactionBehavior::Immediate)
+}
 
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;
@@ -229,23 +241,26 @@ pub struct ChunkRef {
 /// Open the index at `path`, creating the schema and the root directory.
 pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // NORMAL: each commit is atomic and survives a process crash; fsync/fsyncdir force a
     // checkpoint for power-loss durability.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
-    migrate(&conn)?;
-    conn.execute_batch(SCHEMA)?;
-    conn.execute(
+    // One transaction: a `status` reader sees no tables or all of them.
+    let tx = write_tx(&conn)?;
+    migrate(&tx)?;
+    tx.execute_batch(SCHEMA)?;
+    tx.execute(
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 2)",
         [],
     )?;
     let now = Ts::now();
-    conn.execute(
+    tx.execute(
         "INSERT OR IGNORE INTO inodes (ino, kind, perm, uid, gid, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, parent)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6, ?7, ?6, ?7, 2, ?1)",
         params![ROOT_INO as i64, Kind::Dir as i64, 0o755, uid, gid, now.sec, now.nsec],
     )?;
+    tx.commit()?;
     Ok(conn)
 }
 
@@ -515,7 +530,7 @@ pub fn chunk_stored(c: &Connection, id: &ChunkId) -> rusqlite::Result<bool> {
 
 /// Record that the backend confirmed storing these chunks.
 pub fn mark_confirmed(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
-    let tx = c.unchecked_transaction()?;
+    let tx = write_tx(c)?;
     {
         let mut st = tx.prepare_cached("UPDATE chunks SET confirmed = 1 WHERE id = ?1")?;
         for id in ids {
@@ -528,7 +543,7 @@ pub fn mark_confirmed(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
 /// Record that chunks are about to be stored, so that a crash before they are committed
 /// still lets them be released later.
 pub fn note_intent(c: &Connection, chunks: &[(ChunkId, u32)]) -> rusqlite::Result<()> {
-    let tx = c.unchecked_transaction()?;
+    let tx = write_tx(c)?;
     {
         let mut st = tx.prepare_cached(
             "INSERT OR IGNORE INTO chunks (id, stored, refcount) VALUES (?1, ?2, 0)",
@@ -562,9 +577,22 @@ pub fn free_chunks(c: &Connection, limit: usize) -> rusqlite::Result<Vec<ChunkId
     rows.collect()
 }
 
+/// Stored bytes of chunks no file references (held for retained snapshots, or waiting
+/// for release): what deletes can give back once a snapshot covers them and, under quota
+/// pressure, earlier snapshots are thinned. A slight overestimate: the latest snapshot's
+/// own pieces count too (a few KiB per thousand files).
+pub fn unreferenced_bytes(c: &Connection) -> rusqlite::Result<u64> {
+    c.query_row(
+        "SELECT COALESCE(SUM(stored), 0) FROM chunks WHERE refcount <= 0 AND confirmed = 1",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|b| b.max(0) as u64)
+}
+
 /// Forget released chunks (unless a commit referenced them meanwhile).
 pub fn forget_chunks(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
-    let tx = c.unchecked_transaction()?;
+    let tx = write_tx(c)?;
     {
         let mut st = tx.prepare_cached(&format!(
             "DELETE FROM chunks WHERE id = ?1 AND refcount <= 0 AND {UNRETAINED}"
@@ -580,7 +608,7 @@ pub fn forget_chunks(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
 /// chunk's range of naming versions, adding a row (refcount 0) for a chunk the index does
 /// not track yet (the snapshot's own chunks).
 pub fn mark_named(c: &Connection, version: u64, chunks: &[(ChunkId, u32)]) -> rusqlite::Result<()> {
-    let tx = c.unchecked_transaction()?;
+    let tx = write_tx(c)?;
     {
         let mut st = tx.prepare_cached(
             "INSERT INTO chunks (id, stored, refcount, confirmed, first_snap, last_snap)
@@ -630,7 +658,7 @@ pub fn retained_snapshots(c: &Connection) -> rusqlite::Result<Vec<(u64, i64)>> {
 
 /// Stop retaining snapshots: chunks only they named become releasable.
 pub fn forget_snapshots(c: &Connection, versions: &[u64]) -> rusqlite::Result<()> {
-    let tx = c.unchecked_transaction()?;
+    let tx = write_tx(c)?;
     {
         let mut st = tx.prepare_cached("DELETE FROM snapshots WHERE version = ?1")?;
         for v in versions {
@@ -829,6 +857,15 @@ pub fn summary_of(state_dir: &std::path::Path) -> rusqlite::Result<Summary> {
     }
     let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     c.busy_timeout(Duration::from_secs(5))?;
+    // A drive mounting for the first time may not have created its tables yet.
+    let created: bool = c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !created {
+        return Ok(Summary::default());
+    }
     summary(&c)
 }
 

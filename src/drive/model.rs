@@ -31,6 +31,10 @@ use crate::keys::DataKey;
 /// Longest file name accepted.
 pub const NAME_MAX: usize = 255;
 
+/// Largest file size (16 TiB, ext4's with 4 KiB blocks): a write or truncate past it is
+/// EFBIG, as on a local filesystem, rather than an ENOSPC for an impossible size.
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+
 /// Why an operation was refused; [`FsError::errno`] gives the errno the kernel sees.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FsError {
@@ -278,6 +282,13 @@ pub(crate) struct State {
     /// Staging files a commit stopped referencing; deleted only once the index is durable,
     /// so a power cut cannot leave the index pointing at a deleted stage.
     pub(crate) doomed: Vec<u64>,
+    /// Quota kept free for the next snapshot (set by the uploader from the last one).
+    pub(crate) reserve: u64,
+    /// Space is short: the uploader should give back what deletes freed now, not when idle.
+    pub(crate) pressure: bool,
+    /// Bytes deletes can give back, and when that was counted (a scan of the chunk table,
+    /// done at most once a second while writes press against the quota).
+    pub(crate) reclaimable: Option<(Instant, u64)>,
 }
 
 /// Decrypted chunks, bounded by bytes.
@@ -440,7 +451,7 @@ impl State {
     }
 
     /// Bytes staged but not yet stored (pending stages plus working files).
-    fn staged_bytes(&self) -> FsResult<u64> {
+    pub(crate) fn staged_bytes(&self) -> FsResult<u64> {
         let pending: i64 = self.db.query_row(
             "SELECT COALESCE(SUM(size), 0) FROM inodes WHERE stage IS NOT NULL",
             [],
@@ -476,7 +487,7 @@ impl Model {
         let staging = Staging::open(&state_dir.join("staging"), index::max_stage(&db)?)?;
         // Inodes unlinked while open when we stopped: nobody can reach them any more.
         for (ino, stage) in index::orphans(&db)? {
-            let tx = db.unchecked_transaction()?;
+            let tx = index::write_tx(&db)?;
             index::delete_inode(&tx, ino)?;
             tx.commit()?;
             if let Some(s) = stage {
@@ -500,6 +511,14 @@ impl Model {
                 quota: backend.quota().ok(),
                 kick: true,
                 doomed: Vec::new(),
+                // Without snapshots there is nothing to keep room for.
+                reserve: if opts.roots.is_some() {
+                    super::snapshot::reserve(&Default::default())
+                } else {
+                    0
+                },
+                pressure: false,
+                reclaimable: None,
             }),
             committed: Condvar::new(),
             work: Condvar::new(),
@@ -627,6 +646,9 @@ impl Model {
             if kind != Kind::File {
                 return Err(FsError::Invalid);
             }
+            if size > MAX_FILE_SIZE {
+                return Err(FsError::Os(libc::EFBIG));
+            }
             self.truncate(ino, size)?;
         }
         let mut st = self.lock();
@@ -679,7 +701,7 @@ impl Model {
         let mut st = self.lock();
         let cur = st.working.get(&ino).map(|w| w.size).unwrap_or(0);
         if size > cur {
-            self.check_quota(&st, size - cur)?;
+            self.check_quota(&mut st, size - cur)?;
         }
         file.set_len(size)?;
         if let Some(w) = st.working.get_mut(&ino) {
@@ -700,14 +722,34 @@ impl Model {
         Ok(())
     }
 
-    fn check_quota(&self, st: &State, growth: u64) -> FsResult<()> {
-        if let Some(q) = st.quota {
-            let staged = st.staged_bytes()?;
-            if q.used_bytes + staged + growth > q.total_bytes {
-                return Err(FsError::NoSpace);
-            }
+    /// Refuse growth the quota cannot take (ENOSPC). Chunks of deleted files still count
+    /// on the server until a snapshot covers the delete and they are released: they count
+    /// as free here, and the uploader is told to give them back now.
+    fn check_quota(&self, st: &mut State, growth: u64) -> FsResult<()> {
+        let Some(q) = st.quota else {
+            return Ok(());
+        };
+        let limit = q.total_bytes.saturating_sub(st.reserve);
+        let need = q.used_bytes + st.staged_bytes()? + growth;
+        if need <= limit {
+            return Ok(());
         }
-        Ok(())
+        let reclaimable = match st.reclaimable {
+            Some((at, b)) if at.elapsed() < Duration::from_secs(1) => b,
+            _ => {
+                let b = index::unreferenced_bytes(&st.db)?;
+                st.reclaimable = Some((Instant::now(), b));
+                b
+            }
+        };
+        if need.saturating_sub(reclaimable) <= limit {
+            if !st.pressure {
+                st.pressure = true;
+                self.kick(st);
+            }
+            return Ok(());
+        }
+        Err(FsError::NoSpace)
     }
 
     /// Resolve a path relative to the root (for tests and tools).
@@ -772,7 +814,7 @@ impl Model {
             stage: None,
             committed_stage: 0,
         };
-        let tx = st.db.unchecked_transaction()?;
+        let tx = index::write_tx(&st.db)?;
         a.ino = index::insert_inode(&tx, &a, target)?;
         index::insert_dentry(&tx, parent, name, a.ino)?;
         if kind == Kind::Dir {
@@ -879,7 +921,7 @@ impl Model {
             return Err(FsError::Exists);
         }
         let now = Ts::now();
-        let tx = st.db.unchecked_transaction()?;
+        let tx = index::write_tx(&st.db)?;
         index::insert_dentry(&tx, newparent, name, ino)?;
         tx.execute(
             "UPDATE inodes SET nlink = nlink + 1, ctime_s = ?2, ctime_ns = ?3 WHERE ino = ?1",
@@ -939,7 +981,7 @@ impl Model {
             return Err(FsError::IsDir);
         }
         let now = Ts::now();
-        let tx = st.db.unchecked_transaction()?;
+        let tx = index::write_tx(&st.db)?;
         index::remove_dentry(&tx, parent, name.as_bytes())?;
         let purge = Self::drop_link(&st, &tx, &a, now)?;
         st.touch_dir(parent, now)?;
@@ -969,7 +1011,7 @@ impl Model {
             return Err(FsError::NotEmpty);
         }
         let now = Ts::now();
-        let tx = st.db.unchecked_transaction()?;
+        let tx = index::write_tx(&st.db)?;
         index::remove_dentry(&tx, parent, name.as_bytes())?;
         let purge = Self::drop_link(&st, &tx, &a, now)?;
         st.touch_dir(parent, now)?;
@@ -1024,7 +1066,7 @@ impl Model {
             {
                 return Err(FsError::Invalid);
             }
-            let tx = st.db.unchecked_transaction()?;
+            let tx = index::write_tx(&st.db)?;
             index::repoint_dentry(&tx, parent, name_b, dst)?;
             index::repoint_dentry(&tx, newparent, newname_b, src)?;
             for (a, p) in [(&sa, newparent), (&da, parent)] {
@@ -1060,7 +1102,7 @@ impl Model {
             return Err(FsError::Invalid);
         }
         let mut purge = None;
-        let tx = st.db.unchecked_transaction()?;
+        let tx = index::write_tx(&st.db)?;
         if let Some(d) = dst {
             if flags & RENAME_NOREPLACE != 0 {
                 return Err(FsError::Exists);
@@ -1291,7 +1333,7 @@ impl Model {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(FsError::Invalid)?;
-        if end > i64::MAX as u64 {
+        if end > MAX_FILE_SIZE {
             return Err(FsError::Os(libc::EFBIG));
         }
         // Another handle's close may seal the working file between getting it and taking
@@ -1314,7 +1356,8 @@ impl Model {
         };
         let w = st.working.get(&ino).expect("checked above");
         if end > w.size {
-            self.check_quota(&st, end - w.size)?;
+            let grow = end - w.size;
+            self.check_quota(&mut st, grow)?;
         }
         // Written under the lock: a close that seals this file cannot interleave.
         file.write_all_at(data, offset)?;
@@ -1423,7 +1466,7 @@ impl Model {
             w.file.sync_data()?;
         }
         let (stage, size, mtime, ctime) = (w.stage, w.size, w.mtime, w.ctime);
-        let tx = st.db.unchecked_transaction()?;
+        let tx = index::write_tx(&st.db)?;
         tx.execute(
             "UPDATE inodes SET stage=?2, size=?3, mtime_s=?4, mtime_ns=?5, ctime_s=?6, ctime_ns=?7 WHERE ino=?1",
             rusqlite::params![ino as i64, stage as i64, size as i64, mtime.sec, mtime.nsec, ctime.sec, ctime.nsec],
@@ -1505,7 +1548,7 @@ impl Model {
             }
             if let Some(a) = index::get_attr(&st.db, ino)? {
                 if a.nlink == 0 {
-                    let tx = st.db.unchecked_transaction()?;
+                    let tx = index::write_tx(&st.db)?;
                     index::delete_inode(&tx, ino)?;
                     tx.commit()?;
                     self.purge_files(&mut st, ino, a.stage);

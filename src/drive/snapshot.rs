@@ -343,7 +343,7 @@ pub fn load(
     if r.take(8)? != SNAP_MAGIC {
         return Err(bad("not a snapshot (bad magic)"));
     }
-    let tx = c.unchecked_transaction()?;
+    let tx = index::write_tx(c)?;
     for t in ["inodes", "dentries", "xattrs", "file_chunks", "chunks"] {
         tx.execute(&format!("DELETE FROM {t}"), [])?;
     }
@@ -640,6 +640,14 @@ pub(crate) struct SnapState {
     pub(crate) changes: Option<u64>,
     /// When the last attempt was made.
     pub(crate) last: Option<std::time::Instant>,
+    /// Sealed bytes of the last snapshot stored: the room kept free for the next one.
+    pub(crate) stored_bytes: u64,
+}
+
+/// Quota kept free so that the snapshot recording a delete can always be stored (twice
+/// the last snapshot, at least 256 KiB): file uploads and writes stop short of it.
+pub(crate) fn reserve(snap: &SnapState) -> u64 {
+    (2 * snap.stored_bytes).max(256 << 10)
 }
 
 /// Take a snapshot if the index changed since the last one. Returns the version stored,
@@ -690,6 +698,7 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
     for batch in fresh.chunks(16) {
         sh.backend.put(batch)?;
     }
+    snap.stored_bytes = list.iter().map(|c| c.stored as u64).sum();
     named.extend(list.iter().map(|c| (c.id, c.stored)));
     let mut version = last_version.max(now_secs().max(0) as u64 * 1000) + 1;
     let mut stale = 0;
@@ -770,6 +779,42 @@ pub(crate) fn expire(sh: &Shared, snap: &mut SnapState) -> Result<Vec<u64>, Snap
     }
     tracing::info!("expired snapshots {gone:?}");
     Ok(gone)
+}
+
+/// Under quota pressure: drop the oldest retained snapshot other than the latest (on the
+/// server first), so the chunks only it names become releasable. Logged as a warning and
+/// counted in `meta.snapshots_thinned` for `peerstash status`. Returns the version dropped.
+pub(crate) fn thin_oldest(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, SnapshotError> {
+    let Some(roots) = sh.opts.roots.clone() else {
+        return Ok(None);
+    };
+    let retained = index::retained_snapshots(&sh.lock().db)?;
+    if retained.len() < 2 {
+        return Ok(None);
+    }
+    let (oldest, created) = retained[0];
+    let kept = roots.drop_roots(&[oldest])?;
+    if kept.contains(&oldest) {
+        return Err(
+            RootError::Unavailable(format!("the server still keeps snapshot {oldest}")).into(),
+        );
+    }
+    {
+        let st = sh.lock();
+        let before = st.db.total_changes();
+        index::forget_snapshots(&st.db, &[oldest])?;
+        let n = index::get_meta(&st.db, "snapshots_thinned")?.unwrap_or(0);
+        index::set_meta(&st.db, "snapshots_thinned", n + 1)?;
+        index::set_meta(&st.db, "snapshot_thinned_at", now_secs())?;
+        if snap.changes == Some(before) {
+            snap.changes = Some(st.db.total_changes());
+        }
+    }
+    tracing::warn!(
+        "quota nearly full: dropped snapshot {oldest} (taken {}s ago) early to give its space back",
+        now_secs() - created
+    );
+    Ok(Some(oldest))
 }
 
 /// Rebuild a drive's index from the latest snapshot, when `state_dir` has no index yet.

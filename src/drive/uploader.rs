@@ -27,6 +27,8 @@ use crate::ids::ChunkId;
 const BATCH_FILES: usize = 256;
 /// Most staged bytes in one batch (bigger files make a batch of their own).
 const BATCH_BYTES: u64 = 32 << 20;
+/// Least time between snapshot-and-release passes while uploads never settle.
+const BUSY_HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 enum UploadError {
@@ -60,6 +62,9 @@ pub(crate) fn run(sh: Arc<Shared>) {
     // find nothing new until the index changes (a scan of the chunks held for earlier
     // snapshots is not free, and the idle loop runs every second).
     let mut released_at: Option<u64> = None;
+    let mut last_housekeeping = Instant::now();
+    // The last reclaim under quota pressure: whether it left the drive short, and when.
+    let mut last_reclaim: Option<(bool, Instant)> = None;
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return;
@@ -100,6 +105,19 @@ pub(crate) fn run(sh: Arc<Shared>) {
         if let Err(e) = delete_doomed(&sh) {
             tracing::error!("syncing the index: {e}");
         }
+        if sh.lock().pressure {
+            let (freed, stuck) = reclaim(&sh);
+            if freed {
+                // Space came back: files refused over quota are retried at once.
+                retry_at.clear();
+            }
+            last_reclaim = Some((stuck, Instant::now()));
+        }
+        // A reclaim that left the drive short is retried only after a while (deletes since
+        // may help).
+        if last_reclaim.is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(30)) {
+            last_reclaim = None;
+        }
         let pending = match index::pending(&sh.lock().db, 100_000) {
             Ok(p) => p,
             Err(e) => {
@@ -123,38 +141,26 @@ pub(crate) fn run(sh: Arc<Shared>) {
             batch.push((ino, stage));
         }
         if batch.is_empty() {
-            // Settled: snapshot the index if it changed, at most once per interval.
-            let mut snapshot_current = true;
-            if sh.opts.roots.is_some() {
-                let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
-                let due = snap
-                    .last
-                    .is_none_or(|t| t.elapsed() >= sh.opts.snapshot_interval);
-                if due {
-                    if let Err(e) = super::snapshot::take(&sh, &mut snap) {
-                        tracing::warn!("snapshot postponed: {e}");
-                    }
-                    if let Err(e) = super::snapshot::expire(&sh, &mut snap) {
-                        tracing::warn!("expiring earlier snapshots postponed: {e}");
-                    }
-                }
-                // The latest stored snapshot must never name a released chunk: release
-                // only once it covers every commit (it then names no unreferenced chunk).
-                snapshot_current = snap.changes == Some(sh.lock().db.total_changes());
-            }
-            // Idle: release what no file references. Done only when nothing waits for
-            // upload, so a file replaced by a new version (rsync's temp file + rename)
-            // keeps its chunks for the new version to reuse instead of re-uploading them.
-            if snapshot_current && released_at != Some(sh.lock().db.total_changes()) {
-                if let Err(e) = release_free(&sh) {
+            // Settled: snapshot if due, and release what no file references. Releases
+            // wait for idle so that a file replaced by a new version (rsync's temp file +
+            // rename) keeps its chunks for the new version to reuse.
+            match housekeeping(&sh, &mut released_at) {
+                Ok(()) => backoff = Duration::ZERO,
+                Err(e) => {
                     tracing::warn!("releasing chunks: {e}");
                     backoff = next_backoff(backoff);
-                    continue;
                 }
-                released_at = Some(sh.lock().db.total_changes());
             }
-            backoff = Duration::ZERO;
+            last_housekeeping = Instant::now();
             continue;
+        }
+        // Under a steady stream of closes the drive is never idle: snapshot and release
+        // anyway now and then, so deleted and rewritten files give their space back.
+        if last_housekeeping.elapsed() >= BUSY_HOUSEKEEPING.max(sh.opts.snapshot_interval) {
+            if let Err(e) = housekeeping(&sh, &mut released_at) {
+                tracing::warn!("releasing chunks: {e}");
+            }
+            last_housekeeping = Instant::now();
         }
         match upload(&sh, &batch) {
             Ok(()) => {
@@ -187,8 +193,22 @@ pub(crate) fn run(sh: Arc<Shared>) {
                     }
                 }
                 let mut st = sh.lock();
+                // Over quota while deletes left chunks to give back: reclaim first, and
+                // report ENOSPC only if a reclaim since then did not help.
+                let reclaim_may_help = last_reclaim.is_none_or(|(stuck, _)| !stuck)
+                    && index::unreferenced_bytes(&st.db).unwrap_or(0) > 0;
                 for (ino, e) in failures {
                     let err = match e {
+                        UploadError::Backend(BackendError::OverQuota { .. })
+                            if reclaim_may_help =>
+                        {
+                            st.pressure = true;
+                            st.kick = true;
+                            tracing::info!(
+                                "upload of inode {ino} waits for space to be given back"
+                            );
+                            continue;
+                        }
                         UploadError::Backend(BackendError::OverQuota { .. }) => FsError::NoSpace,
                         UploadError::Backend(b) => FsError::Io(b.to_string()),
                         UploadError::Local(l) => l,
@@ -206,12 +226,114 @@ pub(crate) fn run(sh: Arc<Shared>) {
     }
 }
 
+/// Snapshot the index if it changed and a snapshot is due (then apply retention), and
+/// release the chunks nothing references once the latest snapshot covers every commit.
+/// `released_at` is the index's change count after the last complete release pass.
+fn housekeeping(sh: &Shared, released_at: &mut Option<u64>) -> Result<(), BackendError> {
+    let mut snapshot_current = true;
+    if sh.opts.roots.is_some() {
+        let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
+        let due = snap
+            .last
+            .is_none_or(|t| t.elapsed() >= sh.opts.snapshot_interval);
+        if due {
+            if let Err(e) = super::snapshot::take(sh, &mut snap) {
+                tracing::warn!("snapshot postponed: {e}");
+            }
+            if let Err(e) = super::snapshot::expire(sh, &mut snap) {
+                tracing::warn!("expiring earlier snapshots postponed: {e}");
+            }
+            sh.lock().reserve = super::snapshot::reserve(&snap);
+        }
+        // The latest stored snapshot must never name a released chunk: release only once
+        // it covers every commit (it then names no unreferenced chunk).
+        snapshot_current = snap.changes == Some(sh.lock().db.total_changes());
+    }
+    if snapshot_current && *released_at != Some(sh.lock().db.total_changes()) {
+        release_free(sh)?;
+        *released_at = Some(sh.lock().db.total_changes());
+    }
+    Ok(())
+}
+
 fn next_backoff(b: Duration) -> Duration {
     if b.is_zero() {
         Duration::from_secs(1)
     } else {
         (b * 2).min(Duration::from_secs(30))
     }
+}
+
+/// Quota pressure (a write or an upload found the quota full while deletes left chunks
+/// unreferenced): give that space back now rather than when idle. Store a snapshot (so
+/// the latest no longer names deleted files; the reserve keeps room for it), release what
+/// nothing retains, and while still short thin the oldest retained snapshots. Returns
+/// whether the quota's used bytes went down, and whether the drive is still short of
+/// space with nothing more to give back.
+fn reclaim(sh: &Shared) -> (bool, bool) {
+    refresh_quota(sh);
+    let before = sh.lock().quota.map(|q| q.used_bytes);
+    let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
+    let mut stuck = false;
+    if sh.opts.roots.is_some() {
+        if let Err(e) = super::snapshot::take(sh, &mut snap) {
+            tracing::warn!("snapshot to give space back failed: {e}");
+        }
+        sh.lock().reserve = super::snapshot::reserve(&snap);
+    }
+    let mut attempts = 0;
+    loop {
+        let current = sh.opts.roots.is_none() || snap.changes == Some(sh.lock().db.total_changes());
+        if !current {
+            // The index changed while the snapshot was read: take another (a few times).
+            attempts += 1;
+            if attempts > 3 {
+                break;
+            }
+            if let Err(e) = super::snapshot::take(sh, &mut snap) {
+                tracing::warn!("snapshot to give space back failed: {e}");
+                break;
+            }
+            continue;
+        }
+        if let Err(e) = release_free(sh) {
+            tracing::warn!("releasing chunks: {e}");
+            break;
+        }
+        refresh_quota(sh);
+        let short = {
+            let st = sh.lock();
+            match (st.quota, st.staged_bytes()) {
+                (Some(q), Ok(staged)) => {
+                    q.used_bytes + staged > q.total_bytes.saturating_sub(st.reserve)
+                        && index::unreferenced_bytes(&st.db).unwrap_or(0) > 0
+                }
+                _ => false,
+            }
+        };
+        stuck = short;
+        if !short {
+            break;
+        }
+        match super::snapshot::thin_oldest(sh, &mut snap) {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!("dropping an earlier snapshot to give space back failed: {e}");
+                break;
+            }
+        }
+    }
+    drop(snap);
+    let mut st = sh.lock();
+    st.pressure = false;
+    st.reclaimable = None;
+    let after = st.quota.map(|q| q.used_bytes);
+    sh.committed.notify_all();
+    (
+        matches!((before, after), (Some(b), Some(a)) if a < b),
+        stuck,
+    )
 }
 
 fn refresh_quota(sh: &Shared) {
@@ -284,8 +406,25 @@ impl PutBuffer {
             .iter()
             .map(|(id, b)| (*id, b.len() as u32))
             .collect();
-        index::note_intent(&sh.lock().db, &intent)?;
+        {
+            let st = sh.lock();
+            // File chunks stop short of the reserve: the snapshot recording a delete must
+            // always fit, or a full drive could never give space back.
+            if let Some(q) = st.quota {
+                let limit = q.total_bytes.saturating_sub(st.reserve);
+                if q.used_bytes + self.bytes as u64 > limit {
+                    return Err(UploadError::Backend(BackendError::OverQuota {
+                        needed: self.bytes as u64,
+                        available: limit.saturating_sub(q.used_bytes),
+                    }));
+                }
+            }
+            index::note_intent(&st.db, &intent)?;
+        }
         sh.backend.put(&self.chunks)?;
+        if let Some(q) = sh.lock().quota.as_mut() {
+            q.used_bytes += self.bytes as u64; // until the next refresh says exactly
+        }
         let ids: Vec<ChunkId> = self.chunks.iter().map(|(id, _)| *id).collect();
         index::mark_confirmed(&sh.lock().db, &ids)?;
         self.chunks.clear();
@@ -338,7 +477,7 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
     }
     let mut st = sh.lock();
     let mut finished = Vec::new();
-    let tx = st.db.unchecked_transaction()?;
+    let tx = index::write_tx(&st.db)?;
     for (ino, stage, list) in &done {
         let Some(a) = index::get_attr(&tx, *ino)? else {
             continue;
