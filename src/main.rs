@@ -126,9 +126,14 @@ struct LoginArgs {
 
 #[derive(Args, Debug)]
 struct StatusArgs {
-    /// Then wait until every upload is confirmed on peers (progress on a terminal).
+    /// Then wait until every upload is confirmed on peers (progress on a terminal); exit 1
+    /// with the reason when no progress is possible (over quota, drive not mounted,
+    /// storage unreachable past --wait-limit).
     #[arg(long)]
     wait: bool,
+    /// With --wait: how long an unreachable server or peers are waited out, in seconds.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    wait_limit: u64,
 }
 
 #[derive(Args, Debug)]
@@ -249,9 +254,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Register(a) => runtime()?.block_on(register(&home, a)),
         Command::Login(a) => runtime()?.block_on(login(&home, a)),
         Command::Status(a) => {
-            runtime()?.block_on(status(&home))?;
+            let limit = std::time::Duration::from_secs(a.wait_limit);
+            runtime()?.block_on(status(&home, a.wait.then_some(limit)))?;
             if a.wait {
-                wait_for_uploads(&home)?;
+                wait_for_uploads(&home, limit)?;
             }
             Ok(())
         }
@@ -673,6 +679,18 @@ fn fingerprint(home: &Home, a: &ServerArgs) -> Result<Fingerprint> {
 }
 
 /// Turn a client error into a message that says what to do next.
+/// An error and its causes on one line (a refused connection hides two levels down).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 fn explain(e: ClientError, action: &str) -> anyhow::Error {
     let hint = match e.reason() {
         Some("bad_invite") => " (ask the server's operator for an invite: peerstash-server invite)",
@@ -843,15 +861,33 @@ async fn login(home: &Home, a: LoginArgs) -> Result<()> {
     Ok(())
 }
 
-async fn status(home: &Home) -> Result<()> {
+/// `peerstash status`. With `ride_out` (from `--wait`), an unreachable server is retried
+/// with backoff for that long before giving up: a server restarting must not end a wait.
+async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()> {
     let cfg = home.load_config()?;
     let client = home.server_client()?;
-    let s = match client.status().await {
-        Ok(s) => s,
-        Err(e) => {
-            // What is local still tells the user whether their data is safe.
-            print_drive_summary(home)?;
-            return Err(explain(e, "asking the server for this peer's status"));
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_secs(1);
+    let s = loop {
+        match client.status().await {
+            Ok(s) => break s,
+            Err(e @ ClientError::Transport { .. })
+                if ride_out.is_some_and(|limit| start.elapsed() + pause <= limit) =>
+            {
+                eprintln!(
+                    "server unreachable ({}): retrying in {} s (gives up after {} s)",
+                    error_chain(&e),
+                    pause.as_secs(),
+                    ride_out.unwrap_or_default().as_secs()
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(15));
+            }
+            Err(e) => {
+                // What is local still tells the user whether their data is safe.
+                print_drive_summary(home)?;
+                return Err(explain(e, "asking the server for this peer's status"));
+            }
         }
     };
     println!("peer:     {} ({})", s.name, s.peer_id);
@@ -938,15 +974,18 @@ impl Progress {
 }
 
 /// `status --wait`: block until the drive has no upload pending, with a progress bar of
-/// the bytes still to confirm on a terminal.
-fn wait_for_uploads(home: &Home) -> Result<()> {
+/// the bytes still to confirm on a terminal. Ends with an error and the reason when no
+/// progress is possible: over quota, no drive mounted, or storage unreachable for longer
+/// than `limit` (the mounted drive publishes its uploader's health for this).
+fn wait_for_uploads(home: &Home, limit: std::time::Duration) -> Result<()> {
+    use peerstash::drive::health::{self, Verdict};
     let dir = home.path("drive");
     let first = peerstash::drive::index::summary_of(&dir).context("reading the drive's index")?;
     if first.pending_files > 0 {
-        // Uploads happen in the mount process: nothing moves while the drive is unmounted.
         eprintln!(
-            "waiting for the mounted drive to upload {} files (mount it if it is not)",
-            first.pending_files
+            "waiting for the mounted drive to upload {} files ({})",
+            first.pending_files,
+            format_size(first.pending_bytes)
         );
     }
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -959,6 +998,8 @@ fn wait_for_uploads(home: &Home) -> Result<()> {
         );
         b
     });
+    let started = health::now_secs();
+    let mut told = None;
     loop {
         let d = peerstash::drive::index::summary_of(&dir).context("reading the drive's index")?;
         if d.pending_files == 0 {
@@ -971,6 +1012,36 @@ fn wait_for_uploads(home: &Home) -> Result<()> {
             b.set_position(b.length().unwrap_or(0).saturating_sub(d.pending_bytes));
             b.set_message(d.pending_files.to_string());
         }
+        let now = health::now_secs();
+        let pending = format!(
+            "{} files ({})",
+            d.pending_files,
+            format_size(d.pending_bytes)
+        );
+        let limit_secs = limit.as_secs().min(i64::MAX as u64) as i64;
+        match health::verdict(health::read(&dir).as_ref(), now, started, limit_secs) {
+            Verdict::Wait => {}
+            Verdict::HeldUp(why) => {
+                if told.as_ref() != Some(&why) {
+                    eprintln!("uploads held up: {why}; still waiting");
+                    told = Some(why);
+                }
+            }
+            Verdict::NotMounted => bail!(
+                "{pending} wait for upload, but the drive is not mounted: uploads happen only \
+                 while it is (peerstash mount MOUNTPOINT)"
+            ),
+            Verdict::OverQuota(why) => bail!(
+                "{pending} cannot be uploaded: over quota ({why}). Delete files from the drive \
+                 (their space comes back once a snapshot covers the delete) or lend more disk \
+                 (a larger --lend) to store more"
+            ),
+            Verdict::Unreachable(secs, why) => bail!(
+                "{pending} wait for upload, but the storage has been unreachable for {secs} s \
+                 ({why}). Check that the server is running and peers are online (peerstash \
+                 status), then wait again"
+            ),
+        }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     if let Some(b) = bar {
@@ -980,7 +1051,6 @@ fn wait_for_uploads(home: &Home) -> Result<()> {
     Ok(())
 }
 
-/// What the local index says: files, stored chunks, uploads still pending.
 fn print_drive_summary(home: &Home) -> Result<()> {
     let d = peerstash::drive::index::summary_of(&home.path("drive"))
         .context("reading the drive's index")?;
@@ -1007,6 +1077,14 @@ fn print_drive_summary(home: &Home) -> Result<()> {
         );
     } else {
         println!("snapshot: none yet");
+    }
+    if d.snapshots_thinned > 0 {
+        println!(
+            "warning:  {} earlier snapshots were dropped before their time to give space \
+             back (quota nearly full; the last at {})",
+            d.snapshots_thinned,
+            local_time(d.snapshot_thinned_at)
+        );
     }
     if d.snapshots_kept > 0 {
         println!(

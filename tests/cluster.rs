@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::net::*;
-use common::{bin, wait_for, Proc};
+use common::{bin, bytes, wait_for, Proc};
 
 #[test]
 fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
@@ -448,4 +448,86 @@ fn a_wiped_home_gets_everything_back_passphrase_mode_and_a_wrong_passphrase_is_r
         !home.join("drive/index.sqlite").exists(),
         "no index may be built from a snapshot that did not open"
     );
+}
+
+/// `peerstash status --wait` as a script runs it: its exit status and what it printed.
+fn status_wait(home: &Path) -> (bool, String) {
+    let out = Command::new(bin("peerstash"))
+        .arg("--home")
+        .arg(home)
+        .args(["status", "--wait", "--wait-limit", "60"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Near the quota a delete gives its space back over real peers (before, the drive
+/// wedged: ENOSPC for good, the deleted file's chunks held for a snapshot that could not
+/// be stored); `status --wait` rides out a server restart; and with uploads pending and
+/// no drive mounted it ends with the reason instead of waiting for ever.
+#[test]
+fn near_the_quota_deletes_give_space_back_and_status_wait_always_ends() {
+    let mut net = Net::start(3);
+    // Lending 12M allows 8M on peers, every replica counted: 4 MB of data at 2 replicas.
+    let user = net.register("dana", "12M");
+    let mnt = net.dir.path().join("mnt");
+    // Snapshots every 2 s (default 30) only to keep the test short.
+    let m = Mount::start_with(&user, &mnt, Some("snapshot_interval=2"));
+    let (first, second) = (bytes(1, 2_600_000), bytes(2, 2_600_000));
+    fs::write(mnt.join("first.bin"), &first).unwrap();
+    let (ok, text) = status_wait(&user);
+    assert!(ok, "{text}");
+    wait_for(
+        "a snapshot naming the first file",
+        Duration::from_secs(60),
+        || snapshot_up_to_date(&user).then_some(()),
+    );
+    fs::remove_file(mnt.join("first.bin")).unwrap();
+    fs::write(mnt.join("second.bin"), &second).expect("the deleted file's space is writable");
+    let (ok, text) = status_wait(&user);
+    assert!(ok, "the second file reaches the peers: {text}");
+    let status = run(Command::new(bin("peerstash"))
+        .arg("--home")
+        .arg(&user)
+        .arg("status"));
+    assert!(status.contains("dropped before their time"), "{status}");
+
+    // The server restarts (kill -9, back 5 s later) while a file waits for upload.
+    net.kill_server();
+    fs::write(mnt.join("third.txt"), "written while the server was down").unwrap();
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(5));
+        net.restart_server();
+        net
+    });
+    let (ok, text) = status_wait(&user);
+    let mut net = restart.join().unwrap();
+    assert!(ok, "status --wait rides out a short outage: {text}");
+    assert!(text.contains("server unreachable"), "{text}");
+
+    // Uploads pending and the drive killed: no progress is possible, and it says so.
+    net.kill_server();
+    fs::write(mnt.join("fourth.txt"), "never uploaded in this test").unwrap();
+    let mut m = m;
+    m.proc.kill9();
+    drop(m);
+    net.restart_server();
+    let (ok, text) = status_wait(&user);
+    assert!(!ok, "{text}");
+    assert!(text.contains("the drive is not mounted"), "{text}");
+
+    // Mounted again, everything is there and the pending file goes up.
+    let m = Mount::start(&user, &mnt);
+    let (ok, text) = status_wait(&user);
+    assert!(ok, "{text}");
+    assert_eq!(fs::read(mnt.join("second.bin")).unwrap(), second);
+    assert!(!mnt.join("first.bin").exists());
+    assert_eq!(
+        fs::read_to_string(mnt.join("fourth.txt")).unwrap(),
+        "never uploaded in this test"
+    );
+    m.stop();
 }

@@ -1247,3 +1247,41 @@ fn sizes_past_the_largest_file_are_efbig() {
     m.release(fh).unwrap();
     assert_eq!(read_file(&m, "f").unwrap(), b"hello");
 }
+
+/// What `peerstash status --wait` reads to know why uploads are held up, so that it ends
+/// with the reason instead of waiting for ever: `unavailable` while the storage is down,
+/// `over_quota` once uploads are refused with nothing left to give back, `ok` when they
+/// go through, and nothing once the drive has stopped.
+#[test]
+fn the_uploader_publishes_why_uploads_are_held_up() {
+    use peerstash::drive::health::{self, UploadState};
+    let env = Env::new(1 << 30);
+    let m = env.open();
+    let state = |want: UploadState| {
+        common_wait(&format!("health {want:?}"), || {
+            health::read(&env.state).is_some_and(|h| h.state == want)
+        })
+    };
+    state(UploadState::Ok);
+    env.backend.set_unavailable(true);
+    write_file(&m, "a", &bytes(1, 50_000)).unwrap();
+    state(UploadState::Unavailable);
+    assert!(health::read(&env.state)
+        .unwrap()
+        .detail
+        .contains("unavailable"));
+    // The quota shrinks below what is staged (another device used it up).
+    env.backend.set_capacity(10_000);
+    env.backend.set_unavailable(false);
+    state(UploadState::OverQuota);
+    assert!(health::read(&env.state).unwrap().detail.contains("quota"));
+    env.backend.set_capacity(1 << 30);
+    state(UploadState::Ok);
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    m.shutdown();
+    assert_eq!(
+        health::read(&env.state),
+        None,
+        "a stopped drive publishes nothing"
+    );
+}

@@ -787,6 +787,10 @@ pub struct Summary {
     pub held_bytes: u64,
     /// Chunks no file and no retained snapshot needs: released when the drive is idle.
     pub releasable_chunks: u64,
+    /// Earlier snapshots dropped before their time to give space back (quota pressure).
+    pub snapshots_thinned: u64,
+    /// When the last of those was dropped (Unix seconds).
+    pub snapshot_thinned_at: i64,
 }
 
 /// Counts for `peerstash status`.
@@ -841,6 +845,8 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
         chunks,
         stored_bytes,
         snapshot_version: get_meta(c, "snapshot_version")?.unwrap_or(0) as u64,
+        snapshots_thinned: get_meta(c, "snapshots_thinned")?.unwrap_or(0) as u64,
+        snapshot_thinned_at: get_meta(c, "snapshot_thinned_at")?.unwrap_or(0),
         snapshot_current: match get_meta(c, "snapshot_digest")? {
             Some(d) => super::snapshot::short_digest(&super::snapshot::serialize(c)?) == d,
             None => false,

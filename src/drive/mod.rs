@@ -13,6 +13,7 @@
 //!   and the restore of an empty drive from them; their retention;
 //! - [`restore`]: writing a snapshot (or a path in it) into a local directory;
 //! - `uploader`: the background thread that stores chunks and commits chunk lists;
+//! - [`health`]: what the uploader publishes for `peerstash status --wait`;
 //! - [`fuse`]: the fuser adapter, [`mount`], [`run_foreground`], [`run_foreground_until`].
 //!
 //! # Life of a file
@@ -67,6 +68,7 @@ pub mod backend;
 pub mod chunker;
 pub mod crypto;
 pub mod fuse;
+pub mod health;
 pub mod index;
 pub mod model;
 pub mod restore;

@@ -334,6 +334,8 @@ pub(crate) struct Shared {
     pub(crate) opts: DriveOptions,
     /// Snapshot bookkeeping (the uploader's, and the final snapshot's at stop).
     pub(crate) snap: Mutex<super::snapshot::SnapState>,
+    /// The drive's state directory (the uploader publishes its health there).
+    pub(crate) state_dir: std::path::PathBuf,
 }
 
 impl Shared {
@@ -535,6 +537,7 @@ impl Model {
             stop: AtomicBool::new(false),
             opts,
             snap: Mutex::new(Default::default()),
+            state_dir: state_dir.to_path_buf(),
         });
         let s2 = shared.clone();
         let uploader = std::thread::Builder::new()

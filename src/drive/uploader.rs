@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::backend::BackendError;
 use super::chunker;
+use super::health::{Publisher, UploadState};
 use super::index::{self, ChunkRef};
 use super::model::{FsError, Shared};
 use crate::ids::ChunkId;
@@ -55,6 +56,14 @@ impl From<std::io::Error> for UploadError {
 
 /// The uploader thread's body; returns when `shared.stop` is set.
 pub(crate) fn run(sh: Arc<Shared>) {
+    let mut health = Publisher::new(&sh.state_dir);
+    run_until_stopped(&sh, &mut health);
+    // Unmounted: `status --wait` must not wait for this drive.
+    health.remove();
+}
+
+fn run_until_stopped(sh: &Arc<Shared>, health: &mut Publisher) {
+    let sh = sh.clone();
     let mut backoff = Duration::ZERO;
     let mut retry_at: HashMap<u64, Instant> = HashMap::new();
     let mut last_quota = Instant::now();
@@ -69,6 +78,7 @@ pub(crate) fn run(sh: Arc<Shared>) {
         if sh.stop.load(Ordering::SeqCst) {
             return;
         }
+        health.tick();
         {
             let mut st = sh.lock();
             let wait = if backoff > Duration::ZERO {
@@ -140,6 +150,9 @@ pub(crate) fn run(sh: Arc<Shared>) {
             bytes += size;
             batch.push((ino, stage));
         }
+        if batch.is_empty() && retry_at.is_empty() {
+            health.set(UploadState::Ok, "");
+        }
         if batch.is_empty() {
             // Settled: snapshot if due, and release what no file references. Releases
             // wait for idle so that a file replaced by a new version (rsync's temp file +
@@ -165,6 +178,7 @@ pub(crate) fn run(sh: Arc<Shared>) {
         match upload(&sh, &batch) {
             Ok(()) => {
                 backoff = Duration::ZERO;
+                health.set(UploadState::Ok, "");
                 sh.lock().kick = true; // maybe more pending
                 refresh_quota(&sh);
                 last_quota = Instant::now();
@@ -172,6 +186,10 @@ pub(crate) fn run(sh: Arc<Shared>) {
             Err(UploadError::Stopped) => return,
             Err(UploadError::Backend(BackendError::Unavailable(msg))) => {
                 tracing::warn!("upload postponed, storage unavailable: {msg}");
+                health.set(
+                    UploadState::Unavailable,
+                    &format!("storage unavailable: {msg}"),
+                );
                 backoff = next_backoff(backoff);
             }
             Err(first) => {
@@ -215,6 +233,11 @@ pub(crate) fn run(sh: Arc<Shared>) {
                         UploadError::Stopped => return,
                     };
                     tracing::warn!("upload of inode {ino} failed, kept staged: {err}");
+                    let state = match err {
+                        FsError::NoSpace => UploadState::OverQuota,
+                        _ => UploadState::Failing,
+                    };
+                    health.set(state, &err.to_string());
                     st.upload_error.insert(ino, err);
                     retry_at.insert(ino, Instant::now() + Duration::from_secs(5));
                 }

@@ -10,6 +10,20 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Deterministic pseudo-random bytes (incompressible, distinct per seed).
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
 /// Path of a workspace binary. `peerstash` comes from cargo; `peerstash-server` lives in
 /// the same target directory and is built on demand when `cargo test` did not build it.
 pub fn bin(name: &str) -> PathBuf {

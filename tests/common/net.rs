@@ -99,7 +99,18 @@ pub struct Net {
     pub fingerprint: String,
     pub password: PathBuf,
     pub _server: Proc,
+    server_args: Vec<String>,
     pub peers: Vec<Proc>,
+}
+
+fn spawn_server(dir: &Path, listen: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin("peerstash-server"));
+    cmd.arg("--data-dir")
+        .arg(dir.join("server"))
+        .args(["--listen", listen, "--open-registration"])
+        .args(args)
+        .stdout(Stdio::piped());
+    Proc::spawn("server", cmd)
 }
 
 impl Net {
@@ -109,13 +120,7 @@ impl Net {
 
     pub fn start_with(peers: usize, server_args: &[&str]) -> Net {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(bin("peerstash-server"));
-        cmd.arg("--data-dir")
-            .arg(dir.path().join("server"))
-            .args(["--listen", "127.0.0.1:0", "--open-registration"])
-            .args(server_args)
-            .stdout(Stdio::piped());
-        let mut server = Proc::spawn("server", cmd);
+        let mut server = spawn_server(dir.path(), "127.0.0.1:0", server_args);
         let out = server.child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -142,6 +147,7 @@ impl Net {
             fingerprint,
             password,
             _server: server,
+            server_args: server_args.iter().map(|a| a.to_string()).collect(),
             peers: Vec::new(),
         };
         for i in 0..peers {
@@ -160,6 +166,23 @@ impl Net {
             s.contains(&format!("{peers} online")).then_some(())
         });
         net
+    }
+
+    /// kill -9 the server now; `restart_server` brings it back on the same address.
+    pub fn kill_server(&mut self) {
+        self._server.kill9();
+    }
+
+    /// Start the server again (same data directory, address and options).
+    pub fn restart_server(&mut self) {
+        let addr = self
+            .url
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        let args: Vec<&str> = self.server_args.iter().map(String::as_str).collect();
+        self._server = spawn_server(self.dir.path(), addr, &args);
+        let out = self._server.child.stdout.take().unwrap();
+        std::thread::spawn(move || for _ in BufReader::new(out).lines().map_while(Result::ok) {});
     }
 
     pub fn home(&self, name: &str) -> PathBuf {
