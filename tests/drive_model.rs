@@ -567,7 +567,7 @@ fn unavailable_storage_fsync_eio_then_resumes() {
     m.write(fh, 0, b"precious").unwrap();
     let t = Instant::now();
     assert!(
-        matches!(m.fsync(fh), Err(FsError::Io(_))),
+        matches!(m.fsync(fh), Err(FsError::NotConfirmed)),
         "fsync fails with EIO"
     );
     assert!(t.elapsed() < Duration::from_secs(10));

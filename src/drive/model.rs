@@ -74,7 +74,18 @@ pub enum FsError {
     /// EBADF.
     #[error("bad file handle")]
     BadHandle,
-    /// EIO: index, staging or backend failure; the message says which.
+    /// EIO: the index (SQLite) failed; the message is SQLite's.
+    #[error("index: {0}")]
+    Index(String),
+    /// EIO: the storage network failed (over quota is [`FsError::NoSpace`] instead); the
+    /// cause stays typed so callers decide on it, never on its text.
+    #[error(transparent)]
+    Backend(BackendError),
+    /// EIO: `fsync` waited [`DriveOptions::fsync_timeout`] and the upload is not confirmed
+    /// yet (the data stays staged and is uploaded later).
+    #[error("upload not confirmed in time; data stays staged")]
+    NotConfirmed,
+    /// EIO: another local failure; the message says which.
     #[error("I/O error: {0}")]
     Io(String),
     /// The drive's index was created with another data key (EACCES at mount time).
@@ -101,7 +112,9 @@ impl FsError {
             FsError::NoData => libc::ENODATA,
             FsError::NotSupported => libc::EOPNOTSUPP,
             FsError::BadHandle => libc::EBADF,
-            FsError::Io(_) => libc::EIO,
+            FsError::Index(_) | FsError::Backend(_) | FsError::NotConfirmed | FsError::Io(_) => {
+                libc::EIO
+            }
             FsError::WrongKey => libc::EACCES,
             FsError::Os(e) => *e,
         }
@@ -111,7 +124,7 @@ impl FsError {
 impl From<rusqlite::Error> for FsError {
     fn from(e: rusqlite::Error) -> Self {
         tracing::error!("index: {e}");
-        FsError::Io(format!("index: {e}"))
+        FsError::Index(e.to_string())
     }
 }
 
@@ -128,7 +141,7 @@ impl From<BackendError> for FsError {
     fn from(e: BackendError) -> Self {
         match e {
             BackendError::OverQuota { .. } => FsError::NoSpace,
-            other => FsError::Io(other.to_string()),
+            other => FsError::Backend(other),
         }
     }
 }
@@ -373,12 +386,15 @@ impl Shared {
             return Ok(hit);
         }
         let stored = self.backend.get(c.id, c.stored)?;
+        // The backend checked the hash: a chunk that does not open, or opens to the wrong
+        // length, was sealed under another key or is not this file's.
         let plain = self.sealer.open(c.id, &stored).map_err(|e| {
             tracing::error!("chunk {}: {e}", c.id);
-            FsError::Io(e.to_string())
+            FsError::Backend(BackendError::Corrupt(c.id))
         })?;
         if plain.len() != c.len as usize {
-            return Err(FsError::Io(format!("chunk {} has the wrong length", c.id)));
+            tracing::error!("chunk {} has the wrong length", c.id);
+            return Err(FsError::Backend(BackendError::Corrupt(c.id)));
         }
         let plain = Arc::new(plain);
         self.cache.lock().unwrap().put(c.id, plain.clone());
@@ -1383,7 +1399,7 @@ impl Model {
             match self.read_once(fh, offset, size) {
                 // A newer version may have been committed and the old chunks released
                 // between listing and fetching them: look again.
-                Err(FsError::Io(msg)) if attempt < 2 && msg.contains("not found") => continue,
+                Err(FsError::Backend(BackendError::NotFound(_))) if attempt < 2 => continue,
                 other => return other,
             }
         }
@@ -1589,9 +1605,7 @@ impl Model {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(FsError::Io(
-                    "upload not confirmed in time; data stays staged".into(),
-                ));
+                return Err(FsError::NotConfirmed);
             }
             st = self
                 .shared

@@ -228,7 +228,7 @@ fn run_until_stopped(sh: &Arc<Shared>, health: &mut Publisher) {
                             continue;
                         }
                         UploadError::Backend(BackendError::OverQuota { .. }) => FsError::NoSpace,
-                        UploadError::Backend(b) => FsError::Io(b.to_string()),
+                        UploadError::Backend(b) => FsError::Backend(b),
                         UploadError::Local(l) => l,
                         UploadError::Stopped => return,
                     };
