@@ -277,8 +277,19 @@ async fn store_and_fetch_single_and_batch() {
     );
     let ut = p.token(TxKind::Universal, &[]);
     assert_eq!(client.get(&peer, &ut, &any.0, 3000).await.unwrap(), any.1);
+    // It never deletes: the server would go on listing a chunk that is gone.
     let ut = p.token(TxKind::Universal, &[]);
     let r = client.delete(&peer, &ut, &[(any.0, 3000)]).await.unwrap();
+    assert_eq!(r, vec![Err(PeerError::BadToken(TokenReason::WrongType))]);
+    assert!(d.store().contains(&any.0));
+    let r = client
+        .delete(
+            &peer,
+            &p.token(TxKind::Delete, &[(any.0, 3000)]),
+            &[(any.0, 3000)],
+        )
+        .await
+        .unwrap();
     assert_eq!(r, vec![Ok(())]);
 
     // Delete under a delete token; a second delete of the same chunk is a replay, and a

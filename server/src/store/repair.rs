@@ -174,9 +174,15 @@ impl Store {
                                    AND l.chunk = r.chunk AND l.holder = ?1)
                    AND NOT EXISTS (SELECT 1 FROM pending q WHERE q.owner = r.owner
                                    AND q.chunk = r.chunk AND q.holder = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM universal_grants g WHERE g.chunk = r.chunk
+                                   AND g.holder = ?1 AND g.requester != r.owner
+                                   AND g.expires_s >= ?3)
                  ORDER BY r.queued_ms LIMIT ?2",
             )?;
-            let rows = st.query_map(params![pid(target), (max * 4) as i64], |r| {
+            // Like a put's placements: not where another peer's universal grant could
+            // read the copy.
+            let live = now_s - super::TOKEN_SKEW_S as i64;
+            let rows = st.query_map(params![pid(target), (max * 4) as i64, live], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
@@ -309,6 +315,7 @@ impl Store {
                     replaces
                 ])?;
                 dequeue.execute(params![owner, chunk, replaces])?;
+                super::expect_on(&tx, pid(target), &chunk)?;
                 let id = ChunkId(blob32(chunk));
                 let grants = vec![(id, size as u32)];
                 let (source, rebuild) = match sourcing {
