@@ -1389,7 +1389,15 @@ async fn peak_load_tokens_never_let_one_user_read_or_delete_anothers_chunk() {
     for pl in &r.placements {
         let at = PeerAddr::of_placement(pl).await.unwrap();
         let read = pc.get(&at, &pl.token, &id, size).await;
+        assert!(
+            !matches!(&read, Ok(b) if *b == secret),
+            "the thief read the victim's ciphertext"
+        );
         let deleted = pc.delete(&at, &pl.token, &[(id, size)]).await.unwrap();
+        assert!(
+            holder.chunk_path(&id).exists(),
+            "the thief deleted the victim's chunk"
+        );
         if pl.target == holder.id {
             // Where the victim's copy is, a put token only: it stores, it does not read.
             assert_eq!(kind_of(pl), TxKind::Put);

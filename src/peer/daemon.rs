@@ -6,6 +6,9 @@
 //! claimed in the persistent replay store; the bytes then go to a temporary file while
 //! being hashed, and only a chunk whose BLAKE3 and size match becomes visible
 //! ([`super::store`]). Stored chunks are confirmed to the server; refusals are reported.
+//! Chunks are deleted only on the server's word: its drop orders, a delete token, or an
+//! inventory reconciliation (a chunk the server expects on nobody's behalf here, last
+//! stored longer ago than the grace period: one stored but never confirmed).
 //!
 //! Resource bounds, so a slow or hostile client cannot pin unbounded memory or slots:
 //! a maximum number of connections (in total and per source IP), of concurrent streams per
