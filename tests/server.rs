@@ -1743,7 +1743,7 @@ async fn a_chunk_stored_but_never_confirmed_is_reconciled_away_and_nothing_live_
     let mut holder = Lender::register(&s, tmp.path(), "holder");
     let owner = register(&s, "owner", 1 << 30).await;
     wait_online(&owner, 1).await;
-    let pc = std::sync::Arc::new(PeerClient::new().unwrap());
+    let pc = PeerClient::new().unwrap();
 
     // Confirmed: stored, and the server lists it.
     let confirmed = random_chunk(30_000);
@@ -1775,7 +1775,12 @@ async fn a_chunk_stored_but_never_confirmed_is_reconciled_away_and_nothing_live_
     let at = PeerAddr::of_placement(&pl).await.unwrap();
     s.proc.kill9();
     let upload = {
-        let (pc, token) = (pc.clone(), pl.token.clone());
+        // A killed daemon sends no close: give up on its answer after a few seconds
+        // rather than the connection's idle timeout.
+        let pc = PeerClient::new()
+            .unwrap()
+            .with_timeout(Duration::from_secs(5));
+        let token = pl.token.clone();
         let chunks = vec![given_up.clone(), pending.clone()];
         tokio::spawn(async move { pc.put(&at, &token, &chunks).await })
     };
