@@ -601,6 +601,54 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_stored_again_after_a_deletion_was_decided_is_kept() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let rt = rt();
+        let store = Arc::new(ChunkStore::open(dir.path(), 1000).unwrap());
+        let data = b"stored twice".to_vec();
+        let id = ChunkId::of(&data);
+        let put = |need: u64| {
+            let store = store.clone();
+            let data = data.clone();
+            async move {
+                let mut w = store
+                    .writer(id, data.len() as u32, store.reserve(need).unwrap())
+                    .await
+                    .unwrap();
+                w.write(&data).await.unwrap();
+                w.commit().await.unwrap()
+            }
+        };
+        rt.block_on(async {
+            assert!(put(12).await);
+            let decided = SystemTime::now();
+            // Another put of the same bytes (it writes nothing) after the decision.
+            assert!(!put(0).await);
+            assert_eq!(
+                store
+                    .delete_unless_stored_since(&id, decided)
+                    .await
+                    .unwrap(),
+                None
+            );
+            assert!(store.contains(&id));
+            assert_eq!(store.stored_before(id.0[0], decided).unwrap(), vec![]);
+            let later = SystemTime::now();
+            assert_eq!(store.stored_before(id.0[0], later).unwrap(), vec![id]);
+            assert_eq!(
+                store.delete_unless_stored_since(&id, later).await.unwrap(),
+                Some(12)
+            );
+            assert!(!store.contains(&id));
+            assert_eq!((store.used(), store.chunk_count()), (0, 0));
+            assert!(matches!(
+                store.delete_unless_stored_since(&id, later).await,
+                Err(StoreError::NotFound)
+            ));
+        });
+    }
+
+    #[test]
     fn reservations_bound_concurrent_uploads_and_refused_bytes_leave_nothing() {
         let dir = tempfile::TempDir::new().unwrap();
         let store = Arc::new(ChunkStore::open(dir.path(), 100).unwrap());
