@@ -50,6 +50,9 @@ pub mod path {
     /// `POST` [`super::DropRootsRequest`] → [`super::DropRootsResponse`] (409
     /// `latest_root` when it names the latest kept version).
     pub const ROOT_DROP: &str = "/v1/root/drop";
+    /// `POST` [`super::InventoryRequest`] (from a storage daemon) →
+    /// [`super::InventoryResponse`].
+    pub const INVENTORY: &str = "/v1/inventory";
     /// `GET`: `ok`.
     pub const HEALTHZ: &str = "/healthz";
     /// `GET`: Prometheus text format.
@@ -67,6 +70,7 @@ pub fn kind_for_path(p: &str) -> Option<MessageKind> {
         path::REPORT => MessageKind::Report,
         path::STATUS => MessageKind::Status,
         path::ROOT | path::ROOT_GET | path::ROOT_DROP => MessageKind::Root,
+        path::INVENTORY => MessageKind::Inventory,
         _ => return None,
     })
 }
@@ -179,6 +183,30 @@ pub struct HeartbeatResponse {
     /// target after a peer was lost (at most [`MAX_REPAIRS_PER_HEARTBEAT`]).
     #[serde(default)]
     pub repairs: Vec<RepairOrder>,
+    /// Seconds between two inventory reconciliations ([`InventoryRequest`]); 0 (and
+    /// absent, from older servers): do not reconcile.
+    #[serde(default)]
+    pub reconcile_secs: u64,
+    /// A chunk the server does not expect on this daemon is deleted once no put has
+    /// stored it for this many seconds.
+    #[serde(default)]
+    pub orphan_grace_secs: u64,
+}
+
+/// A storage daemon's inventory check: of these chunks on its disk, which does the server
+/// not expect it to hold? At most [`MAX_CHUNKS_PER_REQUEST`] chunks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InventoryRequest {
+    /// Chunks stored on the daemon's disk.
+    pub chunks: Vec<ChunkId>,
+}
+
+/// The server's answer to an [`InventoryRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InventoryResponse {
+    /// The named chunks the daemon holds for nobody: no owner has a location on it, and
+    /// no placement on it is pending (expired ones count until the server forgets them).
+    pub unknown: Vec<ChunkId>,
 }
 
 /// Most shards (data + parity) in one erasure-coded stripe.
@@ -338,6 +366,31 @@ pub struct ReleaseResponse {
     /// Chunks released.
     pub released: usize,
 }
+
+/// Every reason a storage daemon puts in a [`ReportRequest::Rejected`]: the names of
+/// `peer::wire::Refusal::reason` (token reasons included). The server counts any other
+/// string as `other`, so a peer cannot grow the server's metrics with made-up reasons.
+pub const REJECTED_REASONS: &[&str] = &[
+    "unknown",
+    "bad_mac",
+    "malformed",
+    "oversized",
+    "unsupported_version",
+    "wrong_target",
+    "expired",
+    "not_yet_valid",
+    "replayed",
+    "wrong_type",
+    "not_in_token",
+    "hash_mismatch",
+    "size_mismatch",
+    "no_space",
+    "not_found",
+    "too_large",
+    "malformed_request",
+    "bad_control",
+    "internal",
+];
 
 /// Something that went wrong between peers.
 #[derive(Debug, Clone, Serialize, Deserialize)]

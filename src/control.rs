@@ -68,6 +68,8 @@ pub enum MessageKind {
     Releases = 9,
     /// Peer reads or writes its encrypted root pointer (snapshots).
     Root = 10,
+    /// Storage daemon asks which of the chunks on its disk the server expects it to hold.
+    Inventory = 11,
 }
 
 impl MessageKind {
@@ -84,6 +86,7 @@ impl MessageKind {
             8 => StatusCheck,
             9 => Releases,
             10 => Root,
+            11 => Inventory,
             _ => return None,
         })
     }

@@ -20,6 +20,10 @@ pub enum IdParseError {
     /// A character that is not a hex digit.
     #[error("not a hex string")]
     NotHex,
+    /// Upper-case hex digits: identifiers have one spelling, lower-case, so that two
+    /// strings never name the same id.
+    #[error("hex digits must be lower-case")]
+    UpperCase,
 }
 
 fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], IdParseError> {
@@ -28,6 +32,9 @@ fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], IdParseError> {
             expected: 2 * N,
             got: s.len(),
         });
+    }
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(IdParseError::UpperCase);
     }
     let mut out = [0u8; N];
     hex::decode_to_slice(s, &mut out).map_err(|_| IdParseError::NotHex)?;
@@ -209,6 +216,9 @@ mod tests {
         let c = ChunkId::of(b"hello");
         assert_eq!(c.to_string().parse::<ChunkId>().unwrap(), c);
         assert!("zz".parse::<PeerId>().is_err());
+        let upper = c.to_string().to_uppercase();
+        assert_eq!(upper.parse::<ChunkId>(), Err(IdParseError::UpperCase));
+        assert!("0123456789ABCDEF".parse::<PeerId>().is_err());
     }
 
     #[test]

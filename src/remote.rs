@@ -477,6 +477,16 @@ impl ServerLink for HttpLink {
     async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse, LinkError> {
         self.server.heartbeat(&req).await.map_err(link_error)
     }
+
+    async fn inventory(
+        &self,
+        req: crate::api::InventoryRequest,
+    ) -> Result<crate::api::InventoryResponse, LinkError> {
+        self.server
+            .call(crate::api::path::INVENTORY, &req)
+            .await
+            .map_err(link_error)
+    }
 }
 
 /// Default time between heartbeats of a daemon started from the command line.

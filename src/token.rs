@@ -51,8 +51,11 @@ pub const MIN_TOKEN_LEN: usize = HEADER_LEN + BODY_FIXED_LEN + AEAD_TAG_LEN + MA
 /// Largest well-formed token: anything longer is refused before any work is done.
 pub const MAX_TOKEN_LEN: usize = MIN_TOKEN_LEN + MAX_ENTRIES * STREAM_ENTRY_LEN;
 
-/// What a token allows. `Universal` is the patent's peak-load type: any operation on the
-/// listed chunks (or, with no entries, on any chunk up to [`MAX_CHUNK_SIZE`]).
+/// What a token allows. `Universal` is the patent's peak-load type: put, get or stream of
+/// the listed chunks (or, with no entries, of any chunk up to [`MAX_CHUNK_SIZE`]) — but
+/// never delete: the server cannot know what a universal token was used for, so a delete
+/// under one would leave the server listing a location that no longer exists (and, for a
+/// chunk another owner stores too, destroy their copy). Deletes need a delete token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TxKind {
@@ -62,7 +65,7 @@ pub enum TxKind {
     Get = 2,
     /// Fetch a byte range of each listed chunk.
     Stream = 3,
-    /// Any operation (peak-load mode; off by default on the server).
+    /// Put, get or stream (peak-load mode; off by default on the server). Not delete.
     Universal = 4,
     /// Drop the listed chunks.
     Delete = 5,
@@ -82,7 +85,7 @@ impl TxKind {
 
     /// Whether a token of this kind permits `op`.
     pub fn allows(self, op: TxKind) -> bool {
-        self == op || self == TxKind::Universal
+        self == op || (self == TxKind::Universal && op != TxKind::Delete)
     }
 }
 

@@ -277,8 +277,19 @@ async fn store_and_fetch_single_and_batch() {
     );
     let ut = p.token(TxKind::Universal, &[]);
     assert_eq!(client.get(&peer, &ut, &any.0, 3000).await.unwrap(), any.1);
+    // It never deletes: the server would go on listing a chunk that is gone.
     let ut = p.token(TxKind::Universal, &[]);
     let r = client.delete(&peer, &ut, &[(any.0, 3000)]).await.unwrap();
+    assert_eq!(r, vec![Err(PeerError::BadToken(TokenReason::WrongType))]);
+    assert!(d.store().contains(&any.0));
+    let r = client
+        .delete(
+            &peer,
+            &p.token(TxKind::Delete, &[(any.0, 3000)]),
+            &[(any.0, 3000)],
+        )
+        .await
+        .unwrap();
     assert_eq!(r, vec![Ok(())]);
 
     // Delete under a delete token; a second delete of the same chunk is a replay, and a
@@ -689,33 +700,48 @@ async fn status_checks_are_authenticated() {
     d.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heartbeats_report_space_and_drop_released_chunks() {
-    let p = TestPeer::new();
-    let link = Arc::new(RecordingLink::new());
+/// A daemon heartbeating every 100 ms over `link`, lending 1 MiB, holding `chunks`.
+async fn beating_daemon_holding(
+    p: &TestPeer,
+    link: &Arc<RecordingLink>,
+    chunks: &[(ChunkId, Vec<u8>)],
+) -> (RunningDaemon, PeerAddr, PeerClient) {
     let mut cfg = p.config(1 << 20);
     cfg.heartbeat_interval = Duration::from_millis(100);
     let d = Daemon::run(cfg, link.clone()).await.unwrap();
     let peer = p.addr(&d);
     let client = PeerClient::new().unwrap();
-    let chunks: Vec<_> = (0..2).map(|_| random_chunk(4000)).collect();
     let r = client
-        .put(&peer, &p.token(TxKind::Put, &refs(&chunks)), &chunks)
+        .put(&peer, &p.token(TxKind::Put, &refs(chunks)), chunks)
         .await
         .unwrap();
     assert!(r.iter().all(|r| r.is_ok()));
+    (d, peer, client)
+}
 
-    link.drop_next(vec![chunks[0].0]);
+/// Wait until a heartbeat lists `chunk` as dropped.
+fn wait_reported_dropped(link: &RecordingLink, chunk: &ChunkId) {
     wait_for(
-        "the released chunk reported dropped",
+        "the chunk reported dropped",
         Duration::from_secs(10),
         || {
             link.heartbeats()
                 .iter()
-                .any(|h| h.dropped.contains(&chunks[0].0))
+                .any(|h| h.dropped.contains(chunk))
                 .then_some(())
         },
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_report_space_and_drop_released_chunks() {
+    let p = TestPeer::new();
+    let link = Arc::new(RecordingLink::new());
+    let chunks: Vec<_> = (0..2).map(|_| random_chunk(4000)).collect();
+    let (d, _, _) = beating_daemon_holding(&p, &link, &chunks).await;
+
+    link.drop_next(vec![chunks[0].0]);
+    wait_reported_dropped(&link, &chunks[0].0);
     assert!(!d.store().contains(&chunks[0].0));
     assert!(d.store().contains(&chunks[1].0));
     let last = link.heartbeats().last().cloned().unwrap();
@@ -723,6 +749,53 @@ async fn heartbeats_report_space_and_drop_released_chunks() {
     assert_eq!(last.free_bytes, (1 << 20) - 4000);
     assert_eq!(last.cert_fingerprint, d.fingerprint());
     assert_eq!(last.quic_addr, d.local_addr().to_string());
+    d.shutdown().await;
+}
+
+/// Reconciling with the server: a chunk the server does not expect here is deleted once no
+/// put has stored it for the grace period; one stored again meanwhile (a put of the same
+/// bytes), one stored recently, and one the server expects all stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciling_deletes_only_old_chunks_the_server_does_not_expect() {
+    let p = TestPeer::new();
+    let link = Arc::new(RecordingLink::new());
+    // orphan, stored again, expected, recent
+    let c: Vec<_> = (0..4).map(|_| random_chunk(3000)).collect();
+    let (d, peer, client) = beating_daemon_holding(&p, &link, &c).await;
+    // Three were last stored an hour ago; then one of them is stored again.
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for (id, _) in &c[..3] {
+        std::fs::File::options()
+            .write(true)
+            .open(d.store().path_of(id))
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+    }
+    let again = &c[1..2];
+    let r = client
+        .put(&peer, &p.token(TxKind::Put, &refs(again)), again)
+        .await
+        .unwrap();
+    assert_eq!(r, vec![Ok(())]);
+
+    // The server expects only the third.
+    link.reconcile(1, 60, vec![c[0].0, c[1].0, c[3].0]);
+    wait_for("the orphan deleted", Duration::from_secs(15), || {
+        (!d.store().contains(&c[0].0)).then_some(())
+    });
+    wait_reported_dropped(&link, &c[0].0);
+    for (id, bytes) in &c[1..] {
+        assert_eq!(&std::fs::read(d.store().path_of(id)).unwrap(), bytes);
+    }
+    // Only chunks last stored before the grace were asked about.
+    let asked: Vec<ChunkId> = link
+        .inventories()
+        .into_iter()
+        .flat_map(|i| i.chunks)
+        .collect();
+    assert!(asked.contains(&c[0].0) && asked.contains(&c[2].0));
+    assert!(!asked.contains(&c[1].0) && !asked.contains(&c[3].0));
     d.shutdown().await;
 }
 

@@ -293,6 +293,23 @@ fn wrong_type_unknown_chunk_and_wrong_size_are_refused() {
     // None of the refusals used up the grant.
     auth.permit(TxKind::Get, &g.chunk, g.size.into(), &b.replay)
         .unwrap();
+
+    // A universal token puts, gets and streams, but never deletes.
+    let mut u = claims(TxKind::Universal, 1);
+    u.txid = TransactionId(u.txid.0 + 1);
+    let auth = b.verifier.open(&seal(&b, &u), NOW).unwrap();
+    let g = u.grants[0];
+    assert_eq!(
+        auth.check(TxKind::Delete, &g.chunk, g.size.into())
+            .unwrap_err(),
+        TokenError::WrongType {
+            token: TxKind::Universal,
+            wanted: TxKind::Delete
+        }
+    );
+    for op in [TxKind::Put, TxKind::Get, TxKind::Stream] {
+        auth.check(op, &g.chunk, g.size.into()).unwrap();
+    }
 }
 
 #[test]

@@ -18,6 +18,7 @@ use peerstash::api::{
 };
 use peerstash::client::ServerClient;
 use peerstash::control::{now_ms, ControlSigner, Direction, MessageKind};
+use peerstash::peer::{PeerAddr, PeerClient, PeerError, TokenReason};
 use peerstash::token::TokenVerifier;
 use peerstash::{ChunkId, Fingerprint, PeerId, TransactionKey, TxKind};
 
@@ -35,10 +36,22 @@ struct Server {
 impl Server {
     /// Start on a free loopback port with `args`, and read the two lines it prints.
     fn start(data_dir: &Path, args: &[&str]) -> Server {
+        Server::start_on(data_dir, "127.0.0.1:0", args)
+    }
+
+    /// Kill it (-9) and start it again on the same address, data and `args`: clients and
+    /// daemons that know its URL carry on.
+    fn restart(&mut self, args: &[&str]) {
+        self.proc.kill9();
+        let listen = self.url.trim_start_matches("https://").to_string();
+        *self = Server::start_on(&self.data_dir, &listen, args);
+    }
+
+    fn start_on(data_dir: &Path, listen: &str, args: &[&str]) -> Server {
         let mut cmd = Command::new(bin("peerstash-server"));
         cmd.arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped());
@@ -173,6 +186,108 @@ fn put_req(c: &[ChunkRef], replicas: u8) -> PutRequest {
         exclude: vec![],
         stripes: vec![],
     }
+}
+
+/// A storage daemon, a real process: a home registered by the real CLI, lending disk with
+/// `peerstash serve` over real QUIC.
+struct Lender {
+    proc: Option<Proc>,
+    home: PathBuf,
+    id: PeerId,
+    storage: PathBuf,
+}
+
+impl Lender {
+    fn register(s: &Server, dir: &Path, name: &str) -> Lender {
+        let home = dir.join(name);
+        let storage = dir.join(format!("{name}-storage"));
+        let pw = dir.join(format!("{name}-pw"));
+        std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+        let o = run_cli(
+            &home,
+            &[
+                "register",
+                "--server",
+                &s.url,
+                "--server-fingerprint",
+                &s.fingerprint.to_string(),
+                "--name",
+                name,
+                "--password-file",
+                pw.to_str().unwrap(),
+                "--lend",
+                "1G",
+                "--storage-dir",
+                storage.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{}", common::free_udp_port()),
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let id = peerstash::client::Home::new(&home)
+            .load_config()
+            .unwrap()
+            .peer_id;
+        let mut l = Lender {
+            proc: None,
+            home,
+            id,
+            storage,
+        };
+        l.start();
+        l
+    }
+
+    fn start(&mut self) {
+        let mut cmd = Command::new(bin("peerstash"));
+        cmd.arg("--home").arg(&self.home).arg("serve");
+        self.proc = Some(Proc::spawn("peerstash serve", cmd));
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// Where the daemon keeps `c`.
+    fn chunk_path(&self, c: &ChunkId) -> PathBuf {
+        let hex = c.to_string();
+        self.storage.join("chunks").join(&hex[..2]).join(hex)
+    }
+}
+
+/// Wait (up to 30 s) until the server counts `n` peers online.
+async fn wait_online(p: &Peer, n: usize) {
+    for _ in 0..300 {
+        if p.client.status().await.unwrap().peers_online >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{n} peers did not come online");
+}
+
+/// A put of one chunk.
+fn put_one(id: ChunkId, size: u32, replicas: u8) -> PutRequest {
+    put_req(&[ChunkRef { id, size }], replicas)
+}
+
+/// Send `chunks` over QUIC to the target of `pl` under its token: one result per chunk.
+async fn upload<B: AsRef<[u8]> + Sync>(
+    pc: &PeerClient,
+    pl: &peerstash::api::Placement,
+    chunks: &[(ChunkId, B)],
+) -> Vec<Result<(), PeerError>> {
+    let at = PeerAddr::of_placement(pl).await.unwrap();
+    pc.put(&at, &pl.token, chunks).await.unwrap()
+}
+
+/// Random bytes of `n` and their chunk id.
+fn random_chunk(n: usize) -> (ChunkId, Vec<u8>) {
+    let mut b = vec![0u8; n];
+    peerstash::keys::random_bytes(&mut b).unwrap();
+    (ChunkId::of(&b), b)
 }
 
 fn run_cli(home: &Path, args: &[&str]) -> Output {
@@ -1210,4 +1325,530 @@ async fn earlier_roots_can_be_dropped_but_never_the_latest() {
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
+}
+
+/// Issue 12, item 4. In peak-load mode the server issues universal tokens; a user who
+/// knows another user's chunk id and size (any holder of a replica knows both) asks to
+/// store "it". The tokens it gets let it neither read nor delete the other user's copy,
+/// and a universal token it holds keeps the other user's chunk off that holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_load_tokens_never_let_one_user_read_or_delete_anothers_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--open-registration", "--heartbeat-interval", "1"];
+    let mut s = Server::start(&tmp.path().join("server"), &args);
+    let lenders = [
+        Lender::register(&s, tmp.path(), "holder-1"),
+        Lender::register(&s, tmp.path(), "holder-2"),
+    ];
+    let victim = register(&s, "victim", 1 << 30).await;
+    let thief = register(&s, "thief", 1 << 30).await;
+    wait_online(&victim, 2).await;
+    let pc = PeerClient::new().unwrap();
+    let key_of = |id: PeerId| {
+        let home = &lenders.iter().find(|l| l.id == id).unwrap().home;
+        peerstash::client::Home::new(home)
+            .load_transaction_key()
+            .unwrap()
+    };
+    let kind_of = |p: &peerstash::api::Placement| {
+        TokenVerifier::new(p.target, &key_of(p.target))
+            .open(p.token.as_bytes(), now_ms() / 1000)
+            .unwrap()
+            .claims()
+            .kind
+    };
+
+    // The victim stores a chunk on one holder; then the operator switches peak-load mode
+    // on (a restart, same data and address).
+    let (id, secret) = random_chunk(50_000);
+    let size = secret.len() as u32;
+    let r = victim.client.put(&put_one(id, size, 1)).await.unwrap();
+    let pl = &r.placements[0];
+    assert_eq!(upload(&pc, pl, &[(id, &secret)]).await, vec![Ok(())]);
+    let holder = lenders.iter().find(|l| l.id == pl.target).unwrap();
+    let other = lenders.iter().find(|l| l.id != pl.target).unwrap();
+    let peak = [
+        "--open-registration",
+        "--heartbeat-interval",
+        "1",
+        "--peak-load",
+    ];
+    s.restart(&peak);
+    let client = |p: &Peer| s.client().with_identity(p.id, p.key.clone());
+    let (victim, thief) = (client(&victim), client(&thief));
+    for _ in 0..300 {
+        if victim.status().await.unwrap().peers_online == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The thief asks to store the same id and size on two peers: the holder and the other.
+    let r = thief.put(&put_one(id, size, 2)).await.unwrap();
+    assert_eq!(r.placements.len(), 2);
+    for pl in &r.placements {
+        let at = PeerAddr::of_placement(pl).await.unwrap();
+        let read = pc.get(&at, &pl.token, &id, size).await;
+        assert!(
+            !matches!(&read, Ok(b) if *b == secret),
+            "the thief read the victim's ciphertext"
+        );
+        let deleted = pc.delete(&at, &pl.token, &[(id, size)]).await.unwrap();
+        assert!(
+            holder.chunk_path(&id).exists(),
+            "the thief deleted the victim's chunk"
+        );
+        if pl.target == holder.id {
+            // Where the victim's copy is, a put token only: it stores, it does not read.
+            assert_eq!(kind_of(pl), TxKind::Put);
+            assert_eq!(read, Err(PeerError::BadToken(TokenReason::WrongType)));
+        } else {
+            // Elsewhere universal (peak-load mode is on), which still never deletes.
+            assert_eq!(kind_of(pl), TxKind::Universal);
+            assert_eq!(read, Err(PeerError::NotFound));
+        }
+        assert_eq!(
+            deleted,
+            vec![Err(PeerError::BadToken(TokenReason::WrongType))]
+        );
+    }
+
+    // The victim's copy is untouched on the holder's disk and reads back through the
+    // server's listing.
+    assert_eq!(std::fs::read(holder.chunk_path(&id)).unwrap(), secret);
+    let g = victim.get(&GetRequest { chunks: vec![id] }).await.unwrap();
+    assert!(g.missing.is_empty());
+    assert_eq!(g.placements.len(), 1);
+    let at = PeerAddr::of_placement(&g.placements[0]).await.unwrap();
+    assert_eq!(
+        pc.get(&at, &g.placements[0].token, &id, size)
+            .await
+            .unwrap(),
+        secret
+    );
+
+    // While the thief's universal token for that id on the other peer lasts, the victim's
+    // chunk is not placed there (the token would read it): no peer can take a second copy.
+    let e = victim.put(&put_one(id, size, 2)).await.unwrap_err();
+    assert_eq!(
+        (e.status(), e.reason()),
+        (Some(503), Some("not_enough_peers"))
+    );
+    assert!(!other.chunk_path(&id).exists());
+
+    // The same holds the other way round: a new chunk of the victim's, universal for it,
+    // keeps the thief (who learns its id) off that holder.
+    let (id2, secret2) = random_chunk(1000);
+    let r = victim.put(&put_one(id2, 1000, 1)).await.unwrap();
+    assert_eq!(kind_of(&r.placements[0]), TxKind::Universal);
+    let kept_on = r.placements[0].target;
+    let stored = upload(&pc, &r.placements[0], &[(id2, &secret2)]).await;
+    assert_eq!(stored, vec![Ok(())]);
+    let r = thief.put(&put_one(id2, 1000, 1)).await.unwrap();
+    assert_ne!(r.placements[0].target, kept_on);
+    let at = PeerAddr::of_placement(&r.placements[0]).await.unwrap();
+    assert_eq!(
+        pc.get(&at, &r.placements[0].token, &id2, 1000).await,
+        Err(PeerError::NotFound)
+    );
+}
+
+/// Issue 12, item 5. Report reasons are a closed set and report subjects are registered
+/// peers: made-up reasons and ids, however many, add no series to `/metrics` and no row
+/// to the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_report_reasons_and_ids_do_not_grow_the_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s, "alice", 100 * MIB).await;
+    let b = register(&s, "bob", 100 * MIB).await;
+    let series = |text: &str| -> Vec<String> {
+        let mut v: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("peerstash_reports_total{"))
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    // Genuine reports about a registered peer.
+    a.client
+        .report(&ReportRequest::Rejected {
+            requester: Some(b.id),
+            txid: None,
+            reason: "bad_mac".into(),
+        })
+        .await
+        .unwrap();
+    a.client
+        .report(&ReportRequest::BadChunk {
+            holder: b.id,
+            chunk: ChunkId::of(b"bad"),
+        })
+        .await
+        .unwrap();
+    flood(&a, 0).await;
+    // A long reason about the reporter itself.
+    a.client
+        .report(&ReportRequest::Rejected {
+            requester: None,
+            txid: None,
+            reason: "x".repeat(100_000),
+        })
+        .await
+        .unwrap();
+    let text = s.client().metrics().await.unwrap();
+    let mut want = vec![
+        format!(
+            "peerstash_reports_total{{peer=\"{}\",kind=\"rejected\",reason=\"bad_mac\"}} 1",
+            b.id
+        ),
+        format!(
+            "peerstash_reports_total{{peer=\"{}\",kind=\"bad_chunk\",reason=\"bad_hash\"}} 1",
+            b.id
+        ),
+        "peerstash_reports_total{peer=\"unknown\",kind=\"rejected\",reason=\"other\"} 100"
+            .to_string(),
+        "peerstash_reports_total{peer=\"unknown\",kind=\"bad_chunk\",reason=\"bad_hash\"} 100"
+            .to_string(),
+        format!(
+            "peerstash_reports_total{{peer=\"{}\",kind=\"rejected\",reason=\"other\"}} 1",
+            a.id
+        ),
+    ];
+    want.sort();
+    assert_eq!(series(&text), want);
+    assert!(!text.contains("made_up") && !text.contains("xxxx"));
+    assert!(!text.contains(&PeerId(0x5eed_0000).to_string()));
+
+    // Another hundred new reasons and ids: the same five series, only the counts move.
+    flood(&a, 100).await;
+    let text = s.client().metrics().await.unwrap();
+    assert_eq!(series(&text).len(), 5);
+    assert_eq!(
+        s.metric("peerstash_reports_total", "peer=\"unknown\"")
+            .await,
+        400
+    );
+    let db = rusqlite::Connection::open(tmp.path().join("server.db")).unwrap();
+    let rows: i64 = db
+        .query_row("SELECT COUNT(*) FROM reports", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 5);
+}
+
+/// A hundred reports with made-up reasons and requesters, and a hundred about made-up
+/// holders, from `p`.
+async fn flood(p: &Peer, from: u64) {
+    for i in from..from + 100 {
+        p.client
+            .report(&ReportRequest::Rejected {
+                requester: Some(PeerId(0x5eed_0000 + i)),
+                txid: None,
+                reason: format!("made_up_reason_{i}"),
+            })
+            .await
+            .unwrap();
+        p.client
+            .report(&ReportRequest::BadChunk {
+                holder: PeerId(0xbad_0000 + i),
+                chunk: ChunkId::of(&i.to_be_bytes()),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Issue 12, item 6. Addresses, names, sizes and ids that make no sense are refused with
+/// a clear 400 and change nothing; their well-formed neighbours are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_addresses_names_sizes_and_ids_get_a_clear_400() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &["--open-registration", "--auth-burst", "100"]);
+    let a = register(&s, "alice", 100 * MIB).await;
+    let b = register(&s, "bob", 100 * MIB).await;
+    heartbeat(&b, 100 * MIB).await;
+    let good_hb = format!("127.0.0.1:{}", 30000 + (b.id.0 % 1000));
+    let reg = |name: &str, addr: &str| RegisterRequest {
+        name: name.into(),
+        password: PASSWORD.into(),
+        invite: None,
+        lend_bytes: MIB,
+        quic_addr: addr.into(),
+        cert_fingerprint: Fingerprint([7; 32]),
+        key_mode: KeyMode::Escrow,
+    };
+    let hb = |addr: &str| HeartbeatRequest {
+        quic_addr: addr.into(),
+        cert_fingerprint: Fingerprint([1; 32]),
+        free_bytes: 100 * MIB,
+        used_bytes: 0,
+        dropped: vec![],
+    };
+    let refused = |e: peerstash::client::ClientError| (e.status(), e.reason().map(str::to_string));
+    let bad_address = (Some(400), Some("bad_address".to_string()));
+    for addr in [
+        "127.0.0.1:0",
+        "127.0.0.1:99999",
+        ":1",
+        "[::1]:1:2",
+        "[::1]:0",
+        "::1:7420",
+        "127.0.0.1",
+        "127.0.0.1:",
+        "127.0.0.1:+80",
+        "",
+        "999.1.1.1:7420",
+        "-peer.example.org:7420",
+        "peer..example.org:7420",
+        "pe er.example.org:7420",
+    ] {
+        let e = s.client().register(&reg("carol", addr)).await.unwrap_err();
+        assert_eq!(refused(e), bad_address, "register with {addr:?}");
+        let e = b.client.heartbeat(&hb(addr)).await.unwrap_err();
+        assert_eq!(refused(e), bad_address, "heartbeat with {addr:?}");
+    }
+    for name in [".", "..", ".hidden", "-rf", "_x", ""] {
+        let e = s
+            .client()
+            .register(&reg(name, "127.0.0.1:7420"))
+            .await
+            .unwrap_err();
+        let want = (Some(400), Some("bad_name".to_string()));
+        assert_eq!(refused(e), want, "name {name:?}");
+    }
+    // Nothing was stored: the well-formed neighbours register, and bob's refused
+    // heartbeats left the address placements hand out.
+    for (i, addr) in [
+        "127.0.0.1:7420",
+        "[::1]:7420",
+        "peer-3.example.org:65535",
+        "localhost:1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        s.client()
+            .register(&reg(&format!("carol{i}.x"), addr))
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.client.status().await.unwrap().peers_total, 6);
+    let placed = a
+        .client
+        .put(&put_req(&chunks("addr", 1, 1000), 1))
+        .await
+        .unwrap();
+    assert_eq!(placed.placements[0].addr, good_hb);
+    let used = a.client.status().await.unwrap().used_bytes;
+
+    // A chunk of zero bytes.
+    let e = a
+        .client
+        .put(&put_req(&chunks("empty", 1, 0), 1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused(e), (Some(400), Some("bad_request".to_string())));
+    assert_eq!(a.client.status().await.unwrap().used_bytes, used);
+
+    // Upper-case hex ids (chunks and peers), in every request that names them; the same
+    // request in lower case goes through.
+    let id = ChunkId::of(b"case").to_string();
+    let raw = s.client();
+    let alice = ControlSigner::new(a.id, &a.key, Direction::PeerToServer);
+    let bob = ControlSigner::new(b.id, &b.key, Direction::PeerToServer);
+    let cases = [
+        (
+            "/v1/put",
+            MessageKind::Put,
+            &alice,
+            serde_json::json!({"chunks": [{"id": id, "size": 1000}], "replicas": 1}),
+        ),
+        (
+            "/v1/put",
+            MessageKind::Put,
+            &alice,
+            serde_json::json!({"chunks": [{"id": ChunkId::of(b"x").to_string(), "size": 1000}], "replicas": 1, "exclude": [a.id.to_string()]}),
+        ),
+        (
+            "/v1/get",
+            MessageKind::Get,
+            &alice,
+            serde_json::json!({"chunks": [id]}),
+        ),
+        (
+            "/v1/release",
+            MessageKind::Release,
+            &alice,
+            serde_json::json!({"chunks": [id]}),
+        ),
+        (
+            "/v1/report",
+            MessageKind::Report,
+            &alice,
+            serde_json::json!({"type": "bad_chunk", "holder": b.id.to_string(), "chunk": id}),
+        ),
+        (
+            "/v1/heartbeat",
+            MessageKind::Heartbeat,
+            &bob,
+            serde_json::json!({"quic_addr": good_hb, "cert_fingerprint": Fingerprint([1; 32]).to_string(), "free_bytes": 100 * MIB, "used_bytes": 0, "dropped": [id]}),
+        ),
+    ];
+    for (path, kind, signer, body) in cases {
+        let lower = serde_json::to_vec(&body).unwrap();
+        let text = String::from_utf8(lower.clone()).unwrap();
+        // Every hex id in the body, upper-cased.
+        let mut upper = text.replace(&id, &id.to_uppercase());
+        for p in [a.id, b.id] {
+            upper = upper.replace(&p.to_string(), &p.to_string().to_uppercase());
+        }
+        upper = upper.replace(
+            &ChunkId::of(b"x").to_string(),
+            &ChunkId::of(b"x").to_string().to_uppercase(),
+        );
+        assert_ne!(upper, text);
+        let auth = signer.sign(kind, upper.as_bytes(), now_ms()).to_header();
+        let (st, resp) = raw
+            .post_raw(path, upper.into_bytes(), Some(&auth))
+            .await
+            .unwrap();
+        let reason = serde_json::from_slice::<peerstash::api::ApiError>(&resp)
+            .unwrap()
+            .reason;
+        assert_eq!((st, reason.as_str()), (400, "bad_json"), "{path} {text}");
+        let auth = signer.sign(kind, &lower, now_ms()).to_header();
+        let (st, _) = raw.post_raw(path, lower, Some(&auth)).await.unwrap();
+        assert_eq!(st, 200, "{path} in lower case");
+    }
+}
+
+/// Issue 12, item 9. A daemon stores chunks it cannot confirm (the server is down) and is
+/// killed while it retries. Reconciling its inventory with the server afterwards deletes
+/// the chunk whose placement the owner gave up, after the grace period; the confirmed
+/// chunk and the one whose placement is still pending stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_stored_but_never_confirmed_is_reconciled_away_and_nothing_live_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--open-registration",
+        "--heartbeat-interval",
+        "1",
+        "--reconcile-interval",
+        "1",
+        "--orphan-grace",
+        "3",
+    ];
+    let mut s = Server::start(&tmp.path().join("server"), &args);
+    let mut holder = Lender::register(&s, tmp.path(), "holder");
+    let owner = register(&s, "owner", 1 << 30).await;
+    wait_online(&owner, 1).await;
+    let pc = PeerClient::new().unwrap();
+
+    // Confirmed: stored, and the server lists it.
+    let confirmed = random_chunk(30_000);
+    let r = owner
+        .client
+        .put(&put_one(confirmed.0, 30_000, 1))
+        .await
+        .unwrap();
+    let stored = upload(&pc, &r.placements[0], &[(confirmed.0, &confirmed.1)]).await;
+    assert_eq!(stored, vec![Ok(())]);
+
+    // Two more placed; then the server dies, and the holder stores both but cannot
+    // confirm them. It is killed while it retries.
+    let given_up = random_chunk(20_000);
+    let pending = random_chunk(10_000);
+    let refs = [
+        ChunkRef {
+            id: given_up.0,
+            size: 20_000,
+        },
+        ChunkRef {
+            id: pending.0,
+            size: 10_000,
+        },
+    ];
+    let r = owner.client.put(&put_req(&refs, 1)).await.unwrap();
+    let pl = r.placements[0].clone();
+    assert_eq!(pl.target, holder.id);
+    let at = PeerAddr::of_placement(&pl).await.unwrap();
+    s.proc.kill9();
+    let upload = {
+        // A killed daemon sends no close: give up on its answer after a few seconds
+        // rather than the connection's idle timeout.
+        let pc = PeerClient::new()
+            .unwrap()
+            .with_timeout(Duration::from_secs(5));
+        let token = pl.token.clone();
+        let chunks = vec![given_up.clone(), pending.clone()];
+        tokio::spawn(async move { pc.put(&at, &token, &chunks).await })
+    };
+    for _ in 0..300 {
+        if holder.chunk_path(&given_up.0).exists() && holder.chunk_path(&pending.0).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    holder.kill9();
+    let answer = upload.await.unwrap();
+    assert!(
+        !matches!(&answer, Ok(r) if r.iter().any(|r| r.is_ok())),
+        "an unconfirmed chunk is never acknowledged: {answer:?}"
+    );
+    assert!(
+        holder.chunk_path(&given_up.0).exists(),
+        "stored before the kill"
+    );
+    assert!(
+        holder.chunk_path(&pending.0).exists(),
+        "stored before the kill"
+    );
+
+    // Both come back. The owner gives up one chunk of the placement (what the drive
+    // reports when a transfer fails); the other's placement is still pending.
+    s.restart(&args);
+    holder.start();
+    let owner = Peer {
+        id: owner.id,
+        key: owner.key.clone(),
+        client: s.client().with_identity(owner.id, owner.key.clone()),
+    };
+    owner
+        .client
+        .report(&ReportRequest::TransferFailed {
+            target: pl.target,
+            txid: pl.txid,
+            chunks: vec![given_up.0],
+        })
+        .await
+        .unwrap();
+
+    // The given-up chunk goes once the grace has passed; the others stay, also through
+    // further rounds.
+    let gone = std::time::Instant::now();
+    while holder.chunk_path(&given_up.0).exists() {
+        assert!(
+            gone.elapsed() < Duration::from_secs(30),
+            "the orphaned chunk is still on the holder's disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        std::fs::read(holder.chunk_path(&confirmed.0)).unwrap(),
+        confirmed.1
+    );
+    assert_eq!(
+        std::fs::read(holder.chunk_path(&pending.0)).unwrap(),
+        pending.1
+    );
+    let g = owner
+        .client
+        .get(&GetRequest {
+            chunks: vec![confirmed.0],
+        })
+        .await
+        .unwrap();
+    assert_eq!(g.placements[0].target, holder.id);
 }

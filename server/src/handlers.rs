@@ -8,9 +8,9 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use peerstash::api::{
     self, ConfirmRequest, ConfirmResponse, GetRequest, GetResponse, HeartbeatRequest,
-    HeartbeatResponse, KeyMode, LoginRequest, LoginResponse, Placement, PutRequest, PutResponse,
-    Rebuild, RegisterRequest, RegisterResponse, ReleaseRequest, ReleaseResponse, RepairOrder,
-    ReportRequest, StatusResponse,
+    HeartbeatResponse, InventoryRequest, InventoryResponse, KeyMode, LoginRequest, LoginResponse,
+    Placement, PutRequest, PutResponse, Rebuild, RegisterRequest, RegisterResponse, ReleaseRequest,
+    ReleaseResponse, RepairOrder, ReportRequest, StatusResponse,
 };
 use peerstash::api::{
     DropRootsRequest, DropRootsResponse, GetRootRequest, GetRootResponse, PutRootRequest,
@@ -40,8 +40,10 @@ pub(crate) fn policy(st: &State) -> Policy {
 }
 
 fn valid_name(name: &str) -> Result<(), Refusal> {
-    let ok = !name.is_empty()
-        && name.len() <= api::MAX_NAME_LEN
+    // A leading letter or digit keeps `.`, `..`, hidden-file and option-like names out:
+    // names end up in paths and command lines.
+    let ok = name.len() <= api::MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -52,22 +54,57 @@ fn valid_name(name: &str) -> Result<(), Refusal> {
             400,
             "bad_name",
             format!(
-                "a name is 1 to {} characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+                "a name is 1 to {} characters of A-Z, a-z, 0-9, '.', '_' and '-', starting \
+                 with a letter or a digit",
                 api::MAX_NAME_LEN
             ),
         ))
     }
 }
 
+/// Whether `host` is a DNS name: dot-separated labels of 1 to 63 letters, digits and
+/// hyphens, not starting or ending with a hyphen, the last one not all digits (that would
+/// be a mistyped IPv4 address).
+fn dns_name(host: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.len() <= 253
+        && host.split('.').all(label_ok)
+        && !host
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A daemon address other peers can dial: `host:port`, the host an IPv4 address, an IPv6
+/// address in brackets or a DNS name, the port 1 to 65535.
 fn valid_addr(addr: &str) -> Result<(), Refusal> {
-    if addr.is_empty() || addr.len() > MAX_ADDR || !addr.contains(':') {
-        return Err(Refusal::new(
+    let ok = addr.len() <= MAX_ADDR
+        && match addr.parse::<std::net::SocketAddr>() {
+            Ok(sa) => sa.port() != 0,
+            Err(_) => addr.rsplit_once(':').is_some_and(|(host, port)| {
+                dns_name(host)
+                    && !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+            }),
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::new(
             400,
             "bad_address",
-            "the daemon address must be host:port",
-        ));
+            "the daemon address must be host:port, where host is an IPv4 address, an IPv6 \
+             address in brackets or a DNS name, and port is 1 to 65535 (e.g. \
+             203.0.113.5:7420 or [2001:db8::5]:7420)",
+        ))
     }
-    Ok(())
 }
 
 fn hash_password(password: &str) -> Result<String, Refusal> {
@@ -250,10 +287,12 @@ pub(crate) fn heartbeat(
         drop,
         interval_secs: st.cfg.heartbeat_interval_secs,
         repairs,
+        reconcile_secs: st.cfg.reconcile_interval_secs,
+        orphan_grace_secs: st.cfg.orphan_grace_secs,
     })
 }
 
-/// Seal one token per planned target, under that target's key.
+/// Seal one token of `kind` per planned target, under that target's key.
 fn seal_all(
     st: &State,
     requester: PeerId,
@@ -261,15 +300,47 @@ fn seal_all(
     planned: Vec<Planned>,
     expires_at: u64,
 ) -> Result<Vec<Placement>, Refusal> {
-    let issued_at = now_ms() / 1000;
-    let kind = if st.cfg.peak_load {
-        TxKind::Universal
+    let kinds = vec![kind; planned.len()];
+    seal_kinds(st, requester, &kinds, planned, expires_at)
+}
+
+/// Tokens for the owner of the chunks (put, get): of `kind`, or in peak-load mode
+/// universal wherever the store grants it ([`store::Store::grant_universal`]: never on a
+/// target that keeps one of the chunks for someone else). Repair orders never come here:
+/// their requester is not the owner.
+fn seal_for_owner(
+    st: &State,
+    owner: PeerId,
+    kind: TxKind,
+    planned: Vec<Planned>,
+    pol: &Policy,
+) -> Result<Vec<Placement>, Refusal> {
+    let kinds: Vec<TxKind> = if st.cfg.peak_load {
+        st.store
+            .lock()
+            .expect("not poisoned")
+            .grant_universal(owner, &planned, pol.expires_s, pol.now_ms / 1000)?
+            .into_iter()
+            .map(|u| if u { TxKind::Universal } else { kind })
+            .collect()
     } else {
-        kind
+        vec![kind; planned.len()]
     };
+    seal_kinds(st, owner, &kinds, planned, pol.expires_s)
+}
+
+fn seal_kinds(
+    st: &State,
+    requester: PeerId,
+    kinds: &[TxKind],
+    planned: Vec<Planned>,
+    expires_at: u64,
+) -> Result<Vec<Placement>, Refusal> {
+    let issued_at = now_ms() / 1000;
     planned
         .into_iter()
-        .map(|p| {
+        .zip(kinds)
+        .map(|(p, &kind)| {
             let key = st
                 .key_of(p.target)
                 .ok_or_else(|| Refusal::internal(format!("no key for peer {}", p.target)))?;
@@ -283,6 +354,7 @@ fn seal_all(
                 grants: p.grants.iter().map(|(c, s)| Grant::whole(*c, *s)).collect(),
             };
             let token = claims.seal(&key.token_keys()).map_err(Refusal::internal)?;
+            st.metrics.count_token(kind);
             Ok(Placement {
                 target: p.target,
                 addr: p.addr,
@@ -307,10 +379,7 @@ pub(crate) fn put(st: &State, peer: PeerId, req: PutRequest) -> Result<PutRespon
         &req.exclude,
         &pol,
     )?;
-    let placements = seal_all(st, peer, TxKind::Put, plan.placements, pol.expires_s)?;
-    st.metrics
-        .put_tokens
-        .fetch_add(placements.len() as u64, Ordering::Relaxed);
+    let placements = seal_for_owner(st, peer, TxKind::Put, plan.placements, &pol)?;
     Ok(PutResponse {
         placements,
         already_stored: plan.already_stored,
@@ -385,10 +454,7 @@ pub(crate) fn get(st: &State, peer: PeerId, req: GetRequest) -> Result<GetRespon
             .lock()
             .expect("not poisoned")
             .get(peer, &req.chunks, pol.online_cutoff_ms)?;
-    let placements = seal_all(st, peer, TxKind::Get, planned, pol.expires_s)?;
-    st.metrics
-        .get_tokens
-        .fetch_add(placements.len() as u64, Ordering::Relaxed);
+    let placements = seal_for_owner(st, peer, TxKind::Get, planned, &pol)?;
     Ok(GetResponse {
         placements,
         missing,
@@ -417,9 +483,31 @@ pub(crate) fn report(st: &State, peer: PeerId, req: ReportRequest) -> Result<(),
             return Err(Refusal::bad_request("too many chunks in one report"));
         }
     }
-    tracing::warn!(reporter = %peer, report = ?req, "failure report");
-    st.store.lock().expect("not poisoned").report(peer, &req)?;
+    // Logged as counted: the request's own strings may be anything, of any length.
+    let (subject, kind, reason) = st.store.lock().expect("not poisoned").report(peer, &req)?;
+    tracing::warn!(reporter = %peer, %subject, kind, reason, "failure report");
     Ok(())
+}
+
+/// `POST /v1/inventory` (from a storage daemon): which of the chunks on its disk it holds
+/// for nobody.
+pub(crate) fn inventory(
+    st: &State,
+    peer: PeerId,
+    req: InventoryRequest,
+) -> Result<InventoryResponse, Refusal> {
+    if req.chunks.is_empty() || req.chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
+        return Err(Refusal::bad_request(format!(
+            "an inventory names 1 to {} chunks",
+            api::MAX_CHUNKS_PER_REQUEST
+        )));
+    }
+    let unknown = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .unknown_on(peer, &req.chunks)?;
+    Ok(InventoryResponse { unknown })
 }
 
 /// `POST /v1/status`.
@@ -519,4 +607,71 @@ pub(crate) fn drop_roots(
         .expect("not poisoned")
         .drop_roots(peer, &req.versions)?;
     Ok(DropRootsResponse { kept })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{valid_addr, valid_name};
+
+    #[test]
+    fn addresses_are_host_and_a_real_port() {
+        for ok in [
+            "127.0.0.1:7420",
+            "203.0.113.5:1",
+            "[::1]:7420",
+            "[2001:db8::5]:65535",
+            "localhost:7420",
+            "peer-3.example.org:7420",
+            "example.org.:80",
+        ] {
+            assert!(valid_addr(ok).is_ok(), "{ok}");
+        }
+        let long = format!("{}.org:80", "a".repeat(300));
+        for bad in [
+            "127.0.0.1:0",
+            "127.0.0.1:99999",
+            ":1",
+            "[::1]:1:2",
+            "::1:7420",
+            "[::1]",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:+80",
+            "127.0.0.1:080x",
+            "999.1.1.1:80",
+            "-a.example:80",
+            "a-.example:80",
+            "a..example:80",
+            "a b:80",
+            "ü.example:80",
+            "",
+            long.as_str(),
+        ] {
+            assert_eq!(
+                valid_addr(bad).unwrap_err().reason,
+                "bad_address",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_start_with_a_letter_or_digit() {
+        for ok in ["alice", "7up", "a.b_c-d", "A"] {
+            assert!(valid_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".x",
+            "-rf",
+            "_x",
+            "a/b",
+            "a b",
+            &"a".repeat(65),
+        ] {
+            assert_eq!(valid_name(bad).unwrap_err().reason, "bad_name", "{bad:?}");
+        }
+    }
 }

@@ -119,6 +119,8 @@ fn route_name(p: &str) -> &'static str {
         path::STATUS => path::STATUS,
         path::ROOT => path::ROOT,
         path::ROOT_GET => path::ROOT_GET,
+        path::ROOT_DROP => path::ROOT_DROP,
+        path::INVENTORY => path::INVENTORY,
         path::HEALTHZ => path::HEALTHZ,
         path::METRICS => path::METRICS,
         _ => "other",
@@ -394,6 +396,13 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
                     Ok(json(
                         200,
                         &blocking(move || handlers::get_root(&s, peer, r)).await?,
+                    ))
+                }
+                MessageKind::Inventory => {
+                    let r = parse(&body)?;
+                    Ok(json(
+                        200,
+                        &blocking(move || handlers::inventory(&s, peer, r)).await?,
                     ))
                 }
                 MessageKind::Status => Ok(json(

@@ -82,6 +82,11 @@ pub struct Config {
     pub repair_grace_secs: u64,
     /// Time between two scans for chunks to repair, seconds.
     pub repair_interval_secs: u64,
+    /// Time between two inventory reconciliations asked of daemons, seconds (0: none).
+    pub reconcile_interval_secs: u64,
+    /// A chunk on a daemon's disk that the server does not expect there is deleted once no
+    /// put has stored it for this long, seconds.
+    pub orphan_grace_secs: u64,
 }
 
 impl Config {
@@ -103,6 +108,8 @@ impl Config {
             keep_snapshots: 256,
             repair_grace_secs: 3600,
             repair_interval_secs: 60,
+            reconcile_interval_secs: 3600,
+            orphan_grace_secs: 86400,
         }
     }
 }

@@ -64,6 +64,15 @@ struct Cli {
     /// Seconds between two scans for chunks to repair.
     #[arg(long, default_value_t = 60)]
     repair_interval: u64,
+    /// Seconds between two inventory reconciliations by each storage daemon (0: none):
+    /// chunks on its disk the server does not expect there are deleted after
+    /// --orphan-grace.
+    #[arg(long, default_value_t = 3600)]
+    reconcile_interval: u64,
+    /// Seconds a daemon keeps a chunk the server does not expect there (stored, but never
+    /// confirmed) after the last put that stored it.
+    #[arg(long, default_value_t = 86400)]
+    orphan_grace: u64,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -214,6 +223,8 @@ fn main() -> anyhow::Result<()> {
         keep_snapshots: cli.keep_snapshots.max(1),
         repair_grace_secs: cli.repair_grace.max(1),
         repair_interval_secs: cli.repair_interval.max(1),
+        reconcile_interval_secs: cli.reconcile_interval,
+        orphan_grace_secs: cli.orphan_grace.max(1),
     };
     let state = init(cfg).with_context(|| {
         format!(

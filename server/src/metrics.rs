@@ -26,6 +26,8 @@ pub struct Metrics {
     pub put_tokens: AtomicU64,
     /// Get tokens issued.
     pub get_tokens: AtomicU64,
+    /// Universal tokens issued (peak-load mode).
+    pub universal_tokens: AtomicU64,
     /// Locations committed by confirms.
     pub confirmed: AtomicU64,
     /// Registrations accepted.
@@ -48,6 +50,18 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Count one token sealed, by kind.
+    pub fn count_token(&self, kind: peerstash::TxKind) {
+        let c = match kind {
+            peerstash::TxKind::Put => &self.put_tokens,
+            peerstash::TxKind::Get | peerstash::TxKind::Stream => &self.get_tokens,
+            peerstash::TxKind::Universal => &self.universal_tokens,
+            // The server issues no delete tokens.
+            peerstash::TxKind::Delete => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Count a refused request by reason.
     pub fn reject(&self, reason: &str) {
         *self
@@ -158,6 +172,11 @@ impl Metrics {
             "peerstash_tokens_issued_total{{kind=\"get\"}} {}",
             self.get_tokens.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            o,
+            "peerstash_tokens_issued_total{{kind=\"universal\"}} {}",
+            self.universal_tokens.load(Ordering::Relaxed)
+        );
         let _ = writeln!(o, "# HELP peerstash_locations_confirmed_total Locations committed by confirms.\n# TYPE peerstash_locations_confirmed_total counter\npeerstash_locations_confirmed_total {}", self.confirmed.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP peerstash_registrations_total Registrations accepted.\n# TYPE peerstash_registrations_total counter\npeerstash_registrations_total {}", self.registrations.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP peerstash_logins_total Logins accepted.\n# TYPE peerstash_logins_total counter\npeerstash_logins_total {}", self.logins.load(Ordering::Relaxed));
@@ -192,8 +211,13 @@ impl Metrics {
             let _ = writeln!(o, "peerstash_rejections_total{{reason=\"{reason}\"}} {n}");
         }
 
-        let _ = writeln!(o, "# HELP peerstash_reports_total Failure reports, by the peer they are about.\n# TYPE peerstash_reports_total counter");
+        let _ = writeln!(o, "# HELP peerstash_reports_total Failure reports, by the registered peer they are about (unknown: an id nobody registered).\n# TYPE peerstash_reports_total counter");
         for (peer, kind, reason, n) in &db.reports {
+            let peer = if *peer == crate::store::NO_PEER {
+                "unknown".to_string()
+            } else {
+                peer.to_string()
+            };
             let _ = writeln!(
                 o,
                 "peerstash_reports_total{{peer=\"{peer}\",kind=\"{kind}\",reason=\"{reason}\"}} {n}"

@@ -25,6 +25,11 @@ pub use repair::{RepairPlan, RepairScan};
 const TXID_BLOCK: u64 = 1024;
 /// Most drop orders sent in one heartbeat response.
 const MAX_DROPS_PER_HEARTBEAT: usize = 1024;
+/// The subject of failure reports about a peer id that is not registered (ids are never
+/// 0, see [`Store::insert_peer`]).
+pub const NO_PEER: PeerId = PeerId(0);
+/// How long after its expiry a daemon may still accept a token (its clock-skew allowance).
+const TOKEN_SKEW_S: u64 = peerstash::token::DEFAULT_SKEW_SECS;
 /// Most replicas a put may ask for.
 pub const MAX_REPLICAS: u8 = 16;
 
@@ -66,7 +71,8 @@ CREATE TABLE IF NOT EXISTS pending (
     replaces INTEGER,
     PRIMARY KEY (txid, chunk)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS pending_by_holder ON pending (holder);
+DROP INDEX IF EXISTS pending_by_holder;
+CREATE INDEX IF NOT EXISTS pending_by_holder_chunk ON pending (holder, chunk);
 CREATE INDEX IF NOT EXISTS pending_by_owner ON pending (owner, chunk);
 CREATE TABLE IF NOT EXISTS drops (
     holder INTEGER NOT NULL,
@@ -104,6 +110,13 @@ CREATE TABLE IF NOT EXISTS repairs (
     size INTEGER NOT NULL,
     queued_ms INTEGER NOT NULL,
     PRIMARY KEY (owner, chunk, replaces)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS universal_grants (
+    chunk BLOB NOT NULL,
+    holder INTEGER NOT NULL,
+    requester INTEGER NOT NULL,
+    expires_s INTEGER NOT NULL,
+    PRIMARY KEY (chunk, holder, requester)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reports (
     subject INTEGER NOT NULL,
@@ -163,6 +176,19 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has("pending", "replaces")? {
         conn.execute_batch("ALTER TABLE pending ADD COLUMN replaces INTEGER")?;
     }
+    // Reports counted before reasons and subjects were bounded may name made-up ones.
+    let known: Vec<String> = api::REJECTED_REASONS
+        .iter()
+        .map(|r| format!("'{r}'"))
+        .collect();
+    conn.execute(
+        &format!(
+            "DELETE FROM reports WHERE (kind = 'rejected' AND reason NOT IN ({}, 'other'))
+                OR (subject != 0 AND subject NOT IN (SELECT id FROM peers))",
+            known.join(", ")
+        ),
+        [],
+    )?;
     Ok(())
 }
 
@@ -591,9 +617,10 @@ impl Store {
             .iter()
             .chain(stripes.iter().flat_map(|s| s.shards.iter()))
         {
-            if c.size > MAX_CHUNK_SIZE {
+            // A sealed chunk is never empty (nonce and tag alone are 28 bytes).
+            if c.size == 0 || c.size > MAX_CHUNK_SIZE {
                 return Err(Refusal::bad_request(format!(
-                    "chunk {} is {} bytes; the limit is {MAX_CHUNK_SIZE}",
+                    "chunk {} is {} bytes; chunks are 1 to {MAX_CHUNK_SIZE} bytes",
                     c.id, c.size
                 )));
             }
@@ -639,7 +666,9 @@ impl Store {
                     plan.already_stored.push(c.id);
                 } else {
                     let need = replicas as usize - holders.len();
-                    wanted.push((*c, need, holders, None));
+                    let mut avoid = holders;
+                    avoid.extend(granted_to_others(&tx, owner, &c.id, now_s)?);
+                    wanted.push((*c, need, avoid, None));
                 }
             }
             for (g, stripe) in stripes.iter().enumerate() {
@@ -661,7 +690,9 @@ impl Store {
                 }
                 for (sh, missing) in stripe.shards.iter().zip(per_shard) {
                     if missing {
-                        wanted.push((*sh, 1, stripe_holders.clone(), Some(g)));
+                        let mut avoid = stripe_holders.clone();
+                        avoid.extend(granted_to_others(&tx, owner, &sh.id, now_s)?);
+                        wanted.push((*sh, 1, avoid, Some(g)));
                     }
                 }
             }
@@ -801,6 +832,7 @@ impl Store {
                         i64::from(*size),
                         policy.expires_s as i64
                     ])?;
+                    expect_on(&tx, pid(p.id), &c.0)?;
                 }
                 plan.placements.push(Planned {
                     target: p.id,
@@ -858,9 +890,7 @@ impl Store {
                 tx.prepare_cached("UPDATE peers SET held_bytes = held_bytes + ?2 WHERE id = ?1")?;
             let mut undrop =
                 tx.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?;
-            let mut held = tx.prepare_cached(
-                "SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2 LIMIT 1",
-            )?;
+            let mut held = tx.prepare_cached(HELD_OR_COMING)?;
             let mut drop =
                 tx.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?;
             for (holder, txid, chunks) in batch {
@@ -1152,7 +1182,16 @@ impl Store {
 
     /// Count a failure report against the peer it is about; a failed transfer also frees
     /// the pending placements it names (they no longer count against the quota).
-    pub fn report(&mut self, reporter: PeerId, req: &ReportRequest) -> rusqlite::Result<()> {
+    ///
+    /// Everything counted is bounded: the reason is one of a closed set (anything else is
+    /// `other`), and a subject that is not a registered peer is counted as [`NO_PEER`], so
+    /// made-up reasons or ids cannot grow the table or `/metrics`. Returns what was
+    /// counted: (subject, kind, reason).
+    pub fn report(
+        &mut self,
+        reporter: PeerId,
+        req: &ReportRequest,
+    ) -> rusqlite::Result<(PeerId, &'static str, &'static str)> {
         let tx = self.conn.transaction()?;
         let (subject, kind, reason) = match req {
             ReportRequest::Rejected {
@@ -1160,9 +1199,9 @@ impl Store {
             } => (
                 requester.unwrap_or(reporter),
                 "rejected",
-                sanitize_reason(reason),
+                known_reason(reason),
             ),
-            ReportRequest::BadChunk { holder, .. } => (*holder, "bad_chunk", "bad_hash".into()),
+            ReportRequest::BadChunk { holder, .. } => (*holder, "bad_chunk", "bad_hash"),
             ReportRequest::TransferFailed {
                 target,
                 txid,
@@ -1179,15 +1218,33 @@ impl Store {
                         pid(reporter)
                     ])?;
                 }
-                (*target, "transfer_failed", "transfer_failed".into())
+                (*target, "transfer_failed", "transfer_failed")
             }
         };
+        let registered = tx
+            .prepare_cached("SELECT 1 FROM peers WHERE id = ?1")?
+            .exists([pid(subject)])?;
+        let subject = if registered { subject } else { NO_PEER };
         tx.execute(
             "INSERT INTO reports (subject, kind, reason, count) VALUES (?1, ?2, ?3, 1)
              ON CONFLICT(subject, kind, reason) DO UPDATE SET count = count + 1",
             params![pid(subject), kind, reason],
         )?;
-        tx.commit()
+        tx.commit()?;
+        Ok((subject, kind, reason))
+    }
+
+    /// Of `chunks` on `holder`'s disk, those it keeps for nobody: no location and no
+    /// pending placement on it ([`HELD_OR_COMING`]).
+    pub fn unknown_on(&self, holder: PeerId, chunks: &[ChunkId]) -> rusqlite::Result<Vec<ChunkId>> {
+        let mut held = self.conn.prepare_cached(HELD_OR_COMING)?;
+        let mut out = Vec::new();
+        for c in chunks {
+            if !held.exists(params![pid(holder), c.0.to_vec()])? {
+                out.push(*c);
+            }
+        }
+        Ok(out)
     }
 
     /// Figures for a peer's status: (record, pending bytes owned, peers online, total).
@@ -1244,12 +1301,76 @@ impl Store {
         Ok(())
     }
 
-    /// Forget pending placements that expired more than `grace_s` ago.
+    /// Forget pending placements that expired more than `grace_s` ago, and universal
+    /// grants no daemon accepts any more.
     pub fn sweep_pending(&mut self, now_s: u64, grace_s: u64) -> rusqlite::Result<usize> {
+        self.conn.execute(
+            "DELETE FROM universal_grants WHERE expires_s < ?1",
+            [now_s.saturating_sub(TOKEN_SKEW_S) as i64],
+        )?;
         self.conn.execute(
             "DELETE FROM pending WHERE expires_s < ?1",
             [now_s.saturating_sub(grace_s) as i64],
         )
+    }
+
+    /// Peak-load mode: which of the planned tokens `requester` may get as universal
+    /// tokens. A universal token allows every operation but delete on each chunk it names
+    /// (put, get, stream), so it is granted only where each of those chunks is the
+    /// requester's alone on that target: no other owner has a location or a pending
+    /// placement of it there, and no other requester a live universal grant for it there.
+    /// Grants are recorded, so that until they expire no other owner's copy of those
+    /// chunks is placed on those targets ([`granted_to_others`]). The others get the
+    /// token kind they asked for.
+    pub fn grant_universal(
+        &mut self,
+        requester: PeerId,
+        planned: &[Planned],
+        expires_s: u64,
+        now_s: u64,
+    ) -> rusqlite::Result<Vec<bool>> {
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(planned.len());
+        {
+            let mut shared = tx.prepare_cached(
+                "SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2 AND owner != ?3
+                 UNION ALL
+                 SELECT 1 FROM pending WHERE holder = ?1 AND chunk = ?2 AND owner != ?3
+                 UNION ALL
+                 SELECT 1 FROM universal_grants
+                 WHERE chunk = ?2 AND holder = ?1 AND requester != ?3 AND expires_s >= ?4
+                 LIMIT 1",
+            )?;
+            let mut grant = tx.prepare_cached(
+                "INSERT INTO universal_grants (chunk, holder, requester, expires_s)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (chunk, holder, requester)
+                 DO UPDATE SET expires_s = MAX(expires_s, excluded.expires_s)",
+            )?;
+            let live = now_s.saturating_sub(TOKEN_SKEW_S) as i64;
+            for p in planned {
+                let mut alone = true;
+                for (c, _) in &p.grants {
+                    if shared.exists(params![pid(p.target), c.0.to_vec(), pid(requester), live])? {
+                        alone = false;
+                        break;
+                    }
+                }
+                if alone {
+                    for (c, _) in &p.grants {
+                        grant.execute(params![
+                            c.0.to_vec(),
+                            pid(p.target),
+                            pid(requester),
+                            expires_s as i64
+                        ])?;
+                    }
+                }
+                out.push(alone);
+            }
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Figures for `/metrics`.
@@ -1293,6 +1414,46 @@ impl Store {
     }
 }
 
+/// Whether a holder keeps a chunk for some owner (a location), or is about to (a pending
+/// placement, expired or not, until swept: its confirm still commits). Parameters: holder,
+/// chunk. A holder is never told to drop, and never reconciles away, such a chunk.
+const HELD_OR_COMING: &str = "SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2
+                              UNION ALL
+                              SELECT 1 FROM pending WHERE holder = ?1 AND chunk = ?2
+                              LIMIT 1";
+
+/// A placement of `chunk` on `holder` was just recorded: a drop order for it, queued
+/// earlier, would now delete a chunk the server expects there.
+fn expect_on(c: &Connection, holder: i64, chunk: &[u8]) -> rusqlite::Result<()> {
+    c.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?
+        .execute(params![holder, chunk])?;
+    Ok(())
+}
+
+/// Holders on which a peer other than `owner` holds a live universal grant for `chunk`
+/// (peak-load mode). A copy of `owner`'s placed there could be read with that grant, so
+/// placements avoid them until the grant expires (with the daemons' clock skew).
+pub(crate) fn granted_to_others(
+    c: &Connection,
+    owner: PeerId,
+    chunk: &ChunkId,
+    now_s: u64,
+) -> rusqlite::Result<HashSet<PeerId>> {
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT holder FROM universal_grants
+         WHERE chunk = ?1 AND requester != ?2 AND expires_s >= ?3",
+    )?;
+    let rows = st.query_map(
+        params![
+            chunk.0.to_vec(),
+            pid(owner),
+            now_s.saturating_sub(TOKEN_SKEW_S) as i64
+        ],
+        |r| Ok(to_pid(r.get(0)?)),
+    )?;
+    rows.collect()
+}
+
 /// Delete one location: the owner stops paying for it, the holder stops counting it, and
 /// the holder is told to drop its copy unless it keeps that chunk for another owner.
 /// Returns whether the location existed.
@@ -1316,7 +1477,7 @@ fn remove_location(
     c.prepare_cached("UPDATE peers SET held_bytes = MAX(held_bytes - ?2, 0) WHERE id = ?1")?
         .execute(params![holder, size])?;
     let still_held = c
-        .prepare_cached("SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2 LIMIT 1")?
+        .prepare_cached(HELD_OR_COMING)?
         .exists(params![holder, chunk])?;
     if !still_held {
         c.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?
@@ -1411,18 +1572,13 @@ fn key_mode_str(m: KeyMode) -> &'static str {
     }
 }
 
-/// Reasons come from peers: keep them short and safe as metric label values.
-fn sanitize_reason(r: &str) -> String {
-    let s: String = r
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .take(32)
-        .collect();
-    if s.is_empty() {
-        "unknown".into()
-    } else {
-        s
-    }
+/// Reasons come from peers: one of the closed set daemons send, or `other`.
+fn known_reason(r: &str) -> &'static str {
+    api::REJECTED_REASONS
+        .iter()
+        .find(|k| **k == r)
+        .copied()
+        .unwrap_or("other")
 }
 
 /// The refusal for a duplicate name.

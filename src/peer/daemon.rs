@@ -6,6 +6,9 @@
 //! claimed in the persistent replay store; the bytes then go to a temporary file while
 //! being hashed, and only a chunk whose BLAKE3 and size match becomes visible
 //! ([`super::store`]). Stored chunks are confirmed to the server; refusals are reported.
+//! Chunks are deleted only on the server's word: its drop orders, a delete token, or an
+//! inventory reconciliation (a chunk the server expects on nobody's behalf here, last
+//! stored longer ago than the grace period: one stored but never confirmed).
 //!
 //! Resource bounds, so a slow or hostile client cannot pin unbounded memory or slots:
 //! a maximum number of connections (in total and per source IP), of concurrent streams per
@@ -13,11 +16,11 @@
 //! buffer per upload, an idle timeout per connection, and a read (and write) timeout and
 //! an overall timeout per request. See [`Limits::memory_bound`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, RecvStream, SendStream, TransportConfig, VarInt};
@@ -30,7 +33,9 @@ mod repair;
 use super::link::ServerLink;
 use super::store::{ChunkStore, StoreError};
 use super::wire::{self, Op, Refusal};
-use crate::api::{ConfirmRequest, HeartbeatRequest, ReportRequest, MAX_CHUNKS_PER_REQUEST};
+use crate::api::{
+    ConfirmRequest, HeartbeatRequest, InventoryRequest, ReportRequest, MAX_CHUNKS_PER_REQUEST,
+};
 use crate::control::{now_ms, now_secs, ControlAuth, ControlVerifier, Direction, MessageKind};
 use crate::ids::{ChunkId, Fingerprint, PeerId, TransactionId};
 use crate::keys::TransactionKey;
@@ -339,6 +344,7 @@ impl Daemon {
         let endpoint = quinn::Endpoint::server(server, config.listen)?;
         let local_addr = endpoint.local_addr()?;
 
+        let (schedule_tx, schedule_rx) = watch::channel(Reconcile::default());
         let (reports_tx, reports_rx) = mpsc::channel(REPORT_QUEUE);
         let (confirms_tx, confirms_rx) = mpsc::channel(CONFIRM_QUEUE);
         let (repairs_tx, repairs_rx) = mpsc::channel(repair::QUEUE);
@@ -371,12 +377,18 @@ impl Daemon {
             tokio::spawn(confirm_loop(link.clone(), confirms_rx, stop_rx.clone())),
             tokio::spawn(report_loop(link.clone(), reports_rx, stop_rx.clone())),
             tokio::spawn(repair::worker(shared.clone(), repairs_rx, stop_rx.clone())),
+            tokio::spawn(reconcile_loop(
+                link.clone(),
+                shared.clone(),
+                schedule_rx,
+                stop_rx.clone(),
+            )),
             tokio::spawn(heartbeat_loop(
                 link,
                 shared.clone(),
                 repairs_tx,
-                advertise,
-                fingerprint,
+                schedule_tx,
+                (advertise, fingerprint),
                 config.heartbeat_interval,
                 stop_rx.clone(),
             )),
@@ -961,8 +973,8 @@ async fn heartbeat_loop<L: ServerLink>(
     link: Arc<L>,
     shared: Arc<Shared>,
     repairs: mpsc::Sender<Vec<crate::api::RepairOrder>>,
-    advertise: String,
-    fingerprint: Fingerprint,
+    schedule: watch::Sender<Reconcile>,
+    (advertise, fingerprint): (String, Fingerprint),
     default_interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -981,16 +993,30 @@ async fn heartbeat_loop<L: ServerLink>(
             used_bytes: shared.store.used(),
             dropped: dropped.clone(),
         };
+        let sent = SystemTime::now();
         match link.heartbeat(req).await {
             Ok(resp) => {
                 for chunk in resp.drop.iter().take(MAX_CHUNKS_PER_REQUEST) {
-                    match shared.store.delete(chunk).await {
-                        Ok(_) | Err(StoreError::NotFound) => shared.note_dropped(*chunk),
+                    // A put that stored the chunk after this heartbeat left was placed
+                    // after the server decided the drop: keep it (the placement cancelled
+                    // the order; if its confirm fails, reconciling removes it).
+                    match shared.store.delete_unless_stored_since(chunk, sent).await {
+                        Ok(Some(_)) | Err(StoreError::NotFound) => shared.note_dropped(*chunk),
+                        Ok(None) => {
+                            tracing::debug!(?chunk, "not dropped: stored again since")
+                        }
                         Err(e) => {
                             tracing::warn!(?chunk, error = %e, "could not drop a released chunk")
                         }
                     }
                 }
+                schedule.send_if_modified(|s| {
+                    let new = Reconcile {
+                        every: Duration::from_secs(resp.reconcile_secs),
+                        grace: Duration::from_secs(resp.orphan_grace_secs),
+                    };
+                    std::mem::replace(s, new) != new
+                });
                 if !resp.repairs.is_empty() {
                     let mut orders = resp.repairs;
                     orders.truncate(crate::api::MAX_REPAIRS_PER_HEARTBEAT);
@@ -1016,6 +1042,106 @@ async fn heartbeat_loop<L: ServerLink>(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// When to reconcile the store with the server, as the server last said.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Reconcile {
+    /// Between two reconciliations; zero: never.
+    every: Duration,
+    /// How long after the last put that stored it a chunk nobody expects here stays.
+    grace: Duration,
+}
+
+/// Reconcile the chunk store with the server on the server's schedule: delete what the
+/// server does not expect here (a chunk stored but never confirmed, a drop order lost).
+async fn reconcile_loop<L: ServerLink>(
+    link: Arc<L>,
+    shared: Arc<Shared>,
+    mut schedule: watch::Receiver<Reconcile>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let every = schedule.borrow_and_update().every;
+        let wait = async {
+            if every.is_zero() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(every).await
+            }
+        };
+        tokio::select! {
+            _ = wait => {}
+            // A new schedule: start waiting again with it.
+            r = schedule.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = stop.changed() => return,
+        }
+        let grace = schedule.borrow().grace;
+        let deleted = tokio::select! {
+            d = reconcile(&*link, &shared, grace) => d,
+            _ = stop.changed() => return,
+        };
+        if deleted > 0 {
+            tracing::info!(deleted, "deleted chunks the server does not expect here");
+        }
+    }
+}
+
+/// One pass over the store, a directory (`chunks/xx`) at a time: ask the server about the
+/// chunks no put has stored for `grace`, and delete those it does not expect here unless
+/// a put stored them again since the question was asked. Returns how many were deleted.
+async fn reconcile<L: ServerLink>(link: &L, shared: &Arc<Shared>, grace: Duration) -> usize {
+    let mut deleted = 0;
+    for prefix in 0..=255u8 {
+        let Some(before) = SystemTime::now().checked_sub(grace) else {
+            return deleted;
+        };
+        let store = shared.store.clone();
+        let old =
+            match tokio::task::spawn_blocking(move || store.stored_before(prefix, before)).await {
+                Ok(Ok(old)) => old,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reconcile: listing the chunk store failed");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconcile: listing task failed");
+                    continue;
+                }
+            };
+        for batch in old.chunks(MAX_CHUNKS_PER_REQUEST) {
+            let req = InventoryRequest {
+                chunks: batch.to_vec(),
+            };
+            let unknown = match link.inventory(req).await {
+                Ok(r) => r.unknown,
+                Err(e) => {
+                    // Nothing is deleted without an answer; try again next round.
+                    tracing::warn!(error = %e, "reconcile: inventory check failed");
+                    return deleted;
+                }
+            };
+            // Only what was asked about, whatever the answer names.
+            let asked: HashSet<&ChunkId> = batch.iter().collect();
+            for chunk in unknown.iter().filter(|c| asked.contains(c)) {
+                match shared.store.delete_unless_stored_since(chunk, before).await {
+                    Ok(Some(_)) => {
+                        deleted += 1;
+                        // Clears a drop order for it, if the server has one.
+                        shared.note_dropped(*chunk);
+                    }
+                    Ok(None) | Err(StoreError::NotFound) => {}
+                    Err(e) => tracing::warn!(?chunk, error = %e, "reconcile: delete failed"),
+                }
+            }
+        }
+    }
+    deleted
 }
 
 async fn prune_loop(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bool>) {

@@ -4,7 +4,10 @@
 use std::future::Future;
 use std::sync::Mutex;
 
-use crate::api::{ConfirmRequest, HeartbeatRequest, HeartbeatResponse, RepairOrder, ReportRequest};
+use crate::api::{
+    ConfirmRequest, HeartbeatRequest, HeartbeatResponse, InventoryRequest, InventoryResponse,
+    RepairOrder, ReportRequest,
+};
 use crate::ids::ChunkId;
 
 /// A call to the server failed (unreachable, refused, bad reply).
@@ -28,6 +31,13 @@ pub trait ServerLink: Send + Sync + 'static {
         &self,
         req: HeartbeatRequest,
     ) -> impl Future<Output = Result<HeartbeatResponse, LinkError>> + Send;
+
+    /// Ask which of these chunks on the daemon's disk the server does not expect there
+    /// (stored but never confirmed, or released while the daemon was away).
+    fn inventory(
+        &self,
+        req: InventoryRequest,
+    ) -> impl Future<Output = Result<InventoryResponse, LinkError>> + Send;
 }
 
 /// A link that accepts everything and asks for nothing (a daemon without a server).
@@ -43,6 +53,11 @@ impl ServerLink for NullLink {
     }
     async fn heartbeat(&self, _req: HeartbeatRequest) -> Result<HeartbeatResponse, LinkError> {
         Ok(HeartbeatResponse::default())
+    }
+    async fn inventory(&self, _req: InventoryRequest) -> Result<InventoryResponse, LinkError> {
+        Ok(InventoryResponse {
+            unknown: Vec::new(),
+        })
     }
 }
 
@@ -60,6 +75,9 @@ struct Recorded {
     heartbeats: Vec<HeartbeatRequest>,
     next_drop: Vec<ChunkId>,
     next_repairs: Vec<RepairOrder>,
+    inventories: Vec<InventoryRequest>,
+    unknown: Vec<ChunkId>,
+    reconcile: (u64, u64),
 }
 
 impl RecordingLink {
@@ -96,6 +114,19 @@ impl RecordingLink {
     pub fn repair_next(&self, orders: Vec<RepairOrder>) {
         self.lock().next_repairs = orders;
     }
+
+    /// Inventory checks received so far.
+    pub fn inventories(&self) -> Vec<InventoryRequest> {
+        self.lock().inventories.clone()
+    }
+
+    /// Ask for an inventory reconciliation every `every_secs` with `grace_secs` of grace
+    /// (in every heartbeat response), and answer that `unknown` are not expected here.
+    pub fn reconcile(&self, every_secs: u64, grace_secs: u64, unknown: Vec<ChunkId>) {
+        let mut r = self.lock();
+        r.reconcile = (every_secs, grace_secs);
+        r.unknown = unknown;
+    }
 }
 
 impl ServerLink for RecordingLink {
@@ -114,7 +145,20 @@ impl ServerLink for RecordingLink {
             drop: std::mem::take(&mut r.next_drop),
             interval_secs: 0,
             repairs: std::mem::take(&mut r.next_repairs),
+            reconcile_secs: r.reconcile.0,
+            orphan_grace_secs: r.reconcile.1,
         })
+    }
+    async fn inventory(&self, req: InventoryRequest) -> Result<InventoryResponse, LinkError> {
+        let mut r = self.lock();
+        let unknown = req
+            .chunks
+            .iter()
+            .filter(|c| r.unknown.contains(c))
+            .copied()
+            .collect();
+        r.inventories.push(req);
+        Ok(InventoryResponse { unknown })
     }
 }
 
@@ -130,5 +174,11 @@ impl<L: ServerLink> ServerLink for std::sync::Arc<L> {
         req: HeartbeatRequest,
     ) -> impl Future<Output = Result<HeartbeatResponse, LinkError>> + Send {
         (**self).heartbeat(req)
+    }
+    fn inventory(
+        &self,
+        req: InventoryRequest,
+    ) -> impl Future<Output = Result<InventoryResponse, LinkError>> + Send {
+        (**self).inventory(req)
     }
 }

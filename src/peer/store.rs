@@ -15,12 +15,18 @@
 //! Capacity is the space the user lends. Used bytes are the sum of stored chunk sizes,
 //! rebuilt by scanning `chunks/` at start; an upload reserves its size before its first
 //! byte is written, so concurrent uploads cannot together overshoot the capacity.
+//!
+//! A chunk file's modification time is the last time a put stored it (a put of a chunk
+//! already here sets it too). Deletions the server asked for before that time
+//! ([`ChunkStore::delete_unless_stored_since`]) leave the chunk alone: it was stored again
+//! meanwhile, for someone the server may know about.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use crate::ids::ChunkId;
 
@@ -286,29 +292,90 @@ impl ChunkStore {
 
     /// Delete a stored chunk; returns its size.
     pub async fn delete(self: &Arc<Self>, chunk: &ChunkId) -> Result<u64, StoreError> {
+        // With no time bound the chunk is always deleted.
+        Ok(self.remove(chunk, None).await?.unwrap_or_default())
+    }
+
+    /// Delete a stored chunk unless a put stored it at `since` or later (the chunk file's
+    /// modification time; see the module documentation): `Some(size)` when deleted, `None`
+    /// when kept. The check and the unlink happen under the store's lock, which a put of
+    /// an already stored chunk also takes to set the time, so one never misses the other.
+    pub async fn delete_unless_stored_since(
+        self: &Arc<Self>,
+        chunk: &ChunkId,
+        since: SystemTime,
+    ) -> Result<Option<u64>, StoreError> {
+        self.remove(chunk, Some(since)).await
+    }
+
+    async fn remove(
+        self: &Arc<Self>,
+        chunk: &ChunkId,
+        since: Option<SystemTime>,
+    ) -> Result<Option<u64>, StoreError> {
         let this = self.clone();
         let path = self.path_of(chunk);
         blocking(move || {
             let size = {
                 let mut a = this.lock();
-                let size = match fs::metadata(&path) {
-                    Ok(m) => m.len(),
+                let meta = match fs::metadata(&path) {
+                    Ok(m) => m,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         return Err(StoreError::NotFound)
                     }
                     Err(e) => return Err(e.into()),
                 };
+                if let Some(since) = since {
+                    if meta.modified()? >= since {
+                        return Ok(None);
+                    }
+                }
                 fs::remove_file(&path)?;
-                a.used = a.used.saturating_sub(size);
+                a.used = a.used.saturating_sub(meta.len());
                 a.count = a.count.saturating_sub(1);
-                size
+                meta.len()
             };
             if let Some(dir) = path.parent() {
                 fsync_dir(dir)?;
             }
-            Ok(size)
+            Ok(Some(size))
         })
         .await
+    }
+
+    /// The chunks under `chunks/xx/` (`xx` the hex of `prefix`, the first byte of their
+    /// ids) that no put has stored since `before`. Blocking: one directory read.
+    pub fn stored_before(
+        &self,
+        prefix: u8,
+        before: SystemTime,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let dir = self.chunks.join(hex::encode([prefix]));
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e?;
+            let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<ChunkId>().ok())
+            else {
+                continue;
+            };
+            if id.0[0] != prefix {
+                continue;
+            }
+            // Gone meanwhile (dropped, deleted): nothing to reconcile.
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_file() && meta.modified()? < before {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// Open a stored chunk for reading; returns the file and its size.
@@ -408,12 +475,22 @@ impl ChunkWriter {
         }
         let final_path = self.store.path_of(&self.chunk);
         if self.file.is_none() {
-            return if final_path.is_file() {
-                Ok(false)
-            } else {
-                // Deleted while the duplicate was being verified: the client must retry.
-                Err(StoreError::NotFound)
-            };
+            let store = self.store.clone();
+            return blocking(move || {
+                let _a = store.lock();
+                // Stored again: stamp the time, so a deletion decided before this put
+                // leaves the chunk alone (see `delete_unless_stored_since`).
+                match fs::OpenOptions::new().write(true).open(&final_path) {
+                    Ok(f) => {
+                        f.set_modified(SystemTime::now())?;
+                        Ok(false)
+                    }
+                    // Deleted while the duplicate was being verified: the client must retry.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await;
         }
         self.flush().await?;
         let file = self.file.take().expect("flush puts the file back");
@@ -423,6 +500,8 @@ impl ChunkWriter {
         let size = self.size;
         let tmp_for_cleanup = tmp.clone();
         let res = blocking(move || {
+            // Explicitly, at full precision: the time a put stored the chunk.
+            file.set_modified(SystemTime::now())?;
             file.sync_all()?;
             drop(file);
             let dir = final_path
@@ -442,8 +521,13 @@ impl ChunkWriter {
                     r.bytes = 0;
                 }
                 if final_path.exists() {
-                    // Another upload of the same bytes won the race.
+                    // Another upload of the same bytes won the race; this one stored it
+                    // again all the same.
                     fs::remove_file(&tmp)?;
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(&final_path)?
+                        .set_modified(SystemTime::now())?;
                     false
                 } else {
                     fs::rename(&tmp, &final_path)?;
@@ -514,6 +598,54 @@ mod tests {
         );
         assert!(std::fs::read_dir(store.tmp_dir()).unwrap().next().is_none());
         assert!(store.contains(&id));
+    }
+
+    #[test]
+    fn a_chunk_stored_again_after_a_deletion_was_decided_is_kept() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let rt = rt();
+        let store = Arc::new(ChunkStore::open(dir.path(), 1000).unwrap());
+        let data = b"stored twice".to_vec();
+        let id = ChunkId::of(&data);
+        let put = |need: u64| {
+            let store = store.clone();
+            let data = data.clone();
+            async move {
+                let mut w = store
+                    .writer(id, data.len() as u32, store.reserve(need).unwrap())
+                    .await
+                    .unwrap();
+                w.write(&data).await.unwrap();
+                w.commit().await.unwrap()
+            }
+        };
+        rt.block_on(async {
+            assert!(put(12).await);
+            let decided = SystemTime::now();
+            // Another put of the same bytes (it writes nothing) after the decision.
+            assert!(!put(0).await);
+            assert_eq!(
+                store
+                    .delete_unless_stored_since(&id, decided)
+                    .await
+                    .unwrap(),
+                None
+            );
+            assert!(store.contains(&id));
+            assert_eq!(store.stored_before(id.0[0], decided).unwrap(), vec![]);
+            let later = SystemTime::now();
+            assert_eq!(store.stored_before(id.0[0], later).unwrap(), vec![id]);
+            assert_eq!(
+                store.delete_unless_stored_since(&id, later).await.unwrap(),
+                Some(12)
+            );
+            assert!(!store.contains(&id));
+            assert_eq!((store.used(), store.chunk_count()), (0, 0));
+            assert!(matches!(
+                store.delete_unless_stored_since(&id, later).await,
+                Err(StoreError::NotFound)
+            ));
+        });
     }
 
     #[test]

@@ -24,7 +24,8 @@
 //!         reply   record [| offset u32 | len u32 | bytes [len]   when status = Ok]
 //!                 (the range is the one the stream token grants)
 //!
-//! op 0x04 DELETE  token_len u32 | token | count u16 (1..=MAX_ENTRIES)
+//! op 0x04 DELETE  token_len u32 | token (a delete token; universal ones are refused
+//!                 wrong_type) | count u16 (1..=MAX_ENTRIES)
 //!                 | count × ( chunk_id [32] | size u32 )
 //!         reply   count × record
 //!
@@ -77,7 +78,8 @@
 //!
 //! **Replay.** Every chunk operation claims (token txid, chunk id) in the daemon's
 //! persistent replay store before acting, so a token is good for one operation on each
-//! chunk it names (a universal token too: one operation per chunk), even across daemon
+//! chunk it names (a universal token too: one operation per chunk; a universal token never
+//! deletes), even across daemon
 //! restarts, until it expires.
 //!
 //! **Limits.** A daemon refuses connections beyond its total and per-address caps (QUIC
@@ -462,6 +464,31 @@ mod tests {
             assert_eq!(decode_record(encode_record(r)).unwrap(), r);
         }
         assert_eq!(decode_record([200, 0]), Err(UnknownStatus(200)));
+    }
+
+    #[test]
+    fn every_report_reason_is_in_the_closed_set_the_server_counts() {
+        // Every detail byte, known or not, and every other refusal.
+        let mut all: Vec<Refusal> = (0..=255u8)
+            .map(|b| Refusal::BadToken(TokenReason::from_u8(b)))
+            .collect();
+        all.extend((0..=255u8).map(|b| Refusal::BadControl(ControlReason::from_u8(b))));
+        all.extend([
+            Refusal::HashMismatch,
+            Refusal::SizeMismatch,
+            Refusal::NoSpace,
+            Refusal::NotFound,
+            Refusal::TooLarge,
+            Refusal::Malformed,
+            Refusal::Internal,
+        ]);
+        for r in all {
+            assert!(
+                crate::api::REJECTED_REASONS.contains(&r.reason()),
+                "{r:?} reports {:?}, which the server would count as other",
+                r.reason()
+            );
+        }
     }
 
     #[test]

@@ -174,9 +174,15 @@ impl Store {
                                    AND l.chunk = r.chunk AND l.holder = ?1)
                    AND NOT EXISTS (SELECT 1 FROM pending q WHERE q.owner = r.owner
                                    AND q.chunk = r.chunk AND q.holder = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM universal_grants g WHERE g.chunk = r.chunk
+                                   AND g.holder = ?1 AND g.requester != r.owner
+                                   AND g.expires_s >= ?3)
                  ORDER BY r.queued_ms LIMIT ?2",
             )?;
-            let rows = st.query_map(params![pid(target), (max * 4) as i64], |r| {
+            // Like a put's placements: not where another peer's universal grant could
+            // read the copy.
+            let live = now_s - super::TOKEN_SKEW_S as i64;
+            let rows = st.query_map(params![pid(target), (max * 4) as i64, live], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
@@ -309,6 +315,7 @@ impl Store {
                     replaces
                 ])?;
                 dequeue.execute(params![owner, chunk, replaces])?;
+                super::expect_on(&tx, pid(target), &chunk)?;
                 let id = ChunkId(blob32(chunk));
                 let grants = vec![(id, size as u32)];
                 let (source, rebuild) = match sourcing {
@@ -466,6 +473,65 @@ mod tests {
 
     use super::tests_support::*;
     use super::*;
+
+    /// Two owners with the same chunk id on one holder (an attacker who learnt the id):
+    /// one releasing it never has the holder drop what the other's placement is about to
+    /// store; a new placement cancels a drop queued earlier; and once nobody expects the
+    /// chunk there, the inventory says so (the daemon then deletes it after the grace).
+    #[test]
+    fn drops_wait_for_pending_placements_and_the_inventory_lists_the_rest() {
+        let (_dir, mut s, owner, ps, t0) = four_peers_and_an_owner();
+        let other = peer(&mut s, "other", t0);
+        let pol = policy(t0);
+        let on = |s: &mut Store, who: PeerId, c: ChunkRef, h: PeerId| {
+            let avoid: Vec<PeerId> = ps.iter().copied().filter(|p| *p != h).collect();
+            let plan = s.put(who, &[c], 1, &avoid, &pol).unwrap();
+            assert_eq!(plan.placements[0].target, h);
+            plan.placements[0].txid
+        };
+        let h = ps[0];
+        let c = ChunkRef {
+            id: ChunkId([9; 32]),
+            size: 100,
+        };
+        let tx = on(&mut s, owner, c, h);
+        s.confirm(h, tx, &[c.id]).unwrap();
+        let theirs = on(&mut s, other, c, h);
+        s.release(owner, &[c.id]).unwrap();
+        assert!(!beat(&mut s, h, t0).contains(&c.id));
+        assert!(s.unknown_on(h, &[c.id]).unwrap().is_empty());
+        // The other owner gives up its placement: nobody expects the chunk on h now.
+        let failed = peerstash::api::ReportRequest::TransferFailed {
+            target: h,
+            txid: theirs,
+            chunks: vec![c.id],
+        };
+        s.report(other, &failed).unwrap();
+        assert_eq!(s.unknown_on(h, &[c.id]).unwrap(), vec![c.id]);
+
+        // Released with no one else around: a drop is queued; a placement cancels it.
+        let d = ChunkRef {
+            id: ChunkId([10; 32]),
+            size: 100,
+        };
+        let tx = on(&mut s, owner, d, h);
+        s.confirm(h, tx, &[d.id]).unwrap();
+        s.release(owner, &[d.id]).unwrap();
+        let queued = |s: &Store| -> i64 {
+            s.conn
+                .query_row(
+                    "SELECT COUNT(*) FROM drops WHERE holder = ?1 AND chunk = ?2",
+                    params![pid(h), d.id.0.to_vec()],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(queued(&s), 1);
+        on(&mut s, other, d, h);
+        assert_eq!(queued(&s), 0);
+        assert!(!beat(&mut s, h, t0).contains(&d.id));
+        assert!(s.unknown_on(h, &[d.id]).unwrap().is_empty());
+    }
 
     /// The whole life of a repair in the database: a holder is lost, the chunk is queued
     /// once, handed to one suitable peer with a live source, the confirm replaces the lost
