@@ -367,6 +367,93 @@ pub fn set_stage(c: &Connection, ino: u64, stage: Option<u64>) -> rusqlite::Resu
     Ok(())
 }
 
+/// A directory's entries changed: its mtime and ctime become `now`.
+pub fn touch_dir(c: &Connection, ino: u64, now: Ts) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE inodes SET mtime_s=?2, mtime_ns=?3, ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
+        params![ino as i64, now.sec, now.nsec],
+    )?;
+    Ok(())
+}
+
+/// An inode's attributes changed: its ctime becomes `now`.
+pub fn set_ctime(c: &Connection, ino: u64, now: Ts) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE inodes SET ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
+        params![ino as i64, now.sec, now.nsec],
+    )?;
+    Ok(())
+}
+
+/// Add `delta` to an inode's link count; with `now`, its ctime changes too (a name of a
+/// file came or went; a directory's count follows its subdirectories without one).
+pub fn add_links(c: &Connection, ino: u64, delta: i64, now: Option<Ts>) -> rusqlite::Result<()> {
+    match now {
+        Some(t) => c.execute(
+            "UPDATE inodes SET nlink = nlink + ?2, ctime_s = ?3, ctime_ns = ?4 WHERE ino = ?1",
+            params![ino as i64, delta, t.sec, t.nsec],
+        )?,
+        None => c.execute(
+            "UPDATE inodes SET nlink = nlink + ?2 WHERE ino = ?1",
+            params![ino as i64, delta],
+        )?,
+    };
+    Ok(())
+}
+
+/// A directory was removed: it has no links left.
+pub fn clear_links(c: &Connection, ino: u64) -> rusqlite::Result<()> {
+    c.execute("UPDATE inodes SET nlink = 0 WHERE ino = ?1", [ino as i64])?;
+    Ok(())
+}
+
+/// An entry moved under `parent` (rename): its ctime becomes `now`, and a directory's
+/// parent changes.
+pub fn moved(c: &Connection, ino: u64, parent: u64, now: Ts) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE inodes SET ctime_s=?2, ctime_ns=?3, parent = CASE WHEN kind = 2 THEN ?4 ELSE parent END WHERE ino=?1",
+        params![ino as i64, now.sec, now.nsec, parent as i64],
+    )?;
+    Ok(())
+}
+
+/// The close point: `stage` (an immutable staging file) holds the file's content, with
+/// its size and times, pending upload.
+pub fn seal_stage(
+    c: &Connection,
+    ino: u64,
+    stage: u64,
+    size: u64,
+    mtime: Ts,
+    ctime: Ts,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE inodes SET stage=?2, size=?3, mtime_s=?4, mtime_ns=?5, ctime_s=?6, ctime_ns=?7 WHERE ino=?1",
+        params![ino as i64, stage as i64, size as i64, mtime.sec, mtime.nsec, ctime.sec, ctime.nsec],
+    )?;
+    Ok(())
+}
+
+/// After an upload: `stage` is the committed version, and no longer pending unless a
+/// newer close replaced it meanwhile.
+pub fn commit_stage(c: &Connection, ino: u64, stage: u64) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE inodes SET committed_stage = ?2, stage = CASE WHEN stage = ?2 THEN NULL ELSE stage END WHERE ino = ?1",
+        [ino as i64, stage as i64],
+    )?;
+    Ok(())
+}
+
+/// Bytes of closed files waiting for upload.
+pub fn pending_bytes(c: &Connection) -> rusqlite::Result<u64> {
+    c.query_row(
+        "SELECT COALESCE(SUM(size), 0) FROM inodes WHERE stage IS NOT NULL",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|b| b.max(0) as u64)
+}
+
 /// The inode a name points to.
 pub fn lookup(c: &Connection, parent: u64, name: &[u8]) -> rusqlite::Result<Option<u64>> {
     c.query_row(
@@ -806,7 +893,7 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )?;
     // An index not yet opened by this version (read-only here) has no snapshot columns.
-    let retention = get_meta(c, "schema")?.unwrap_or(0) >= 2;
+    let retention = get_meta(c, Meta::Schema)?.unwrap_or(0) >= 2;
     // Not named by the latest snapshot: kept only for earlier ones.
     const EARLIER: &str = "COALESCE(chunks.last_snap < (SELECT MAX(version) FROM snapshots), 1)";
     let (held_chunks, held_bytes, releasable_chunks) = if !retention {
@@ -844,10 +931,10 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
         pending_bytes,
         chunks,
         stored_bytes,
-        snapshot_version: get_meta(c, "snapshot_version")?.unwrap_or(0) as u64,
-        snapshots_thinned: get_meta(c, "snapshots_thinned")?.unwrap_or(0) as u64,
-        snapshot_thinned_at: get_meta(c, "snapshot_thinned_at")?.unwrap_or(0),
-        snapshot_current: match get_meta(c, "snapshot_digest")? {
+        snapshot_version: get_meta(c, Meta::SnapshotVersion)?.unwrap_or(0) as u64,
+        snapshots_thinned: get_meta(c, Meta::SnapshotsThinned)?.unwrap_or(0) as u64,
+        snapshot_thinned_at: get_meta(c, Meta::SnapshotThinnedAt)?.unwrap_or(0),
+        snapshot_current: match get_meta(c, Meta::SnapshotDigest)? {
             Some(d) => super::snapshot::short_digest(&super::snapshot::serialize(c)?) == d,
             None => false,
         },
@@ -875,17 +962,53 @@ pub fn summary_of(state_dir: &std::path::Path) -> rusqlite::Result<Summary> {
     summary(&c)
 }
 
+/// The values kept in the index's `meta` table (integers; names fixed on disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meta {
+    /// Schema version of the index file.
+    Schema,
+    /// A digest of the data key the index was made with (a drive opened with another key
+    /// is refused).
+    KeyCheck,
+    /// Version of the latest snapshot stored.
+    SnapshotVersion,
+    /// Short digest of that snapshot's serialized index (unchanged: not stored again).
+    SnapshotDigest,
+    /// The snapshot an index was restored from: earlier ones' chunks are unknown to it.
+    SnapshotBase,
+    /// Earlier snapshots dropped before their time under quota pressure.
+    SnapshotsThinned,
+    /// When the last of those was dropped (Unix seconds).
+    SnapshotThinnedAt,
+}
+
+impl Meta {
+    fn key(self) -> &'static str {
+        match self {
+            Meta::Schema => "schema",
+            Meta::KeyCheck => "key_check",
+            Meta::SnapshotVersion => "snapshot_version",
+            Meta::SnapshotDigest => "snapshot_digest",
+            Meta::SnapshotBase => "snapshot_base",
+            Meta::SnapshotsThinned => "snapshots_thinned",
+            Meta::SnapshotThinnedAt => "snapshot_thinned_at",
+        }
+    }
+}
+
 /// A value kept in `meta`.
-pub fn get_meta(c: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
-    c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()
+pub fn get_meta(c: &Connection, key: Meta) -> rusqlite::Result<Option<i64>> {
+    c.query_row("SELECT value FROM meta WHERE key = ?1", [key.key()], |r| {
+        r.get(0)
+    })
+    .optional()
 }
 
 /// Set a value in `meta`.
-pub fn set_meta(c: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+pub fn set_meta(c: &Connection, key: Meta, value: i64) -> rusqlite::Result<()> {
     c.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        rusqlite::params![key, value],
+        rusqlite::params![key.key(), value],
     )?;
     Ok(())
 }

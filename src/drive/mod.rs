@@ -4,6 +4,8 @@
 //!
 //! - [`crypto`]: sealing and opening chunks;
 //! - [`chunker`]: content-defined chunking (256 KiB / 1 MiB / 4 MiB);
+//! - `chunks`: fetch, verify and open chunks, with the plaintext cache, single-flight
+//!   fetches and read-ahead;
 //! - [`backend`]: the storage trait the network implements, and [`DirBackend`] (a local
 //!   directory with fault injection) for tests;
 //! - [`index`]: the SQLite index (namespace, chunk lists, refcounts, pending uploads);
@@ -66,6 +68,7 @@
 
 pub mod backend;
 pub mod chunker;
+mod chunks;
 pub mod crypto;
 pub mod fuse;
 pub mod health;

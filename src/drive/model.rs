@@ -18,14 +18,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use lru::LruCache;
 use rusqlite::Connection;
 
 use super::backend::{BackendError, ChunkBackend, Quota};
+use super::chunks::Chunks;
 use super::crypto::ChunkSealer;
-use super::index::{self, Attr, ChunkRef, Kind, Ts, ROOT_INO};
+use super::index::{self, Attr, Kind, Meta, Ts, ROOT_INO};
 use super::staging::Staging;
-use crate::ids::ChunkId;
 use crate::keys::DataKey;
 
 /// Longest file name accepted.
@@ -304,32 +303,6 @@ pub(crate) struct State {
     pub(crate) reclaimable: Option<(Instant, u64)>,
 }
 
-/// Decrypted chunks, bounded by bytes.
-pub(crate) struct ChunkCache {
-    lru: LruCache<ChunkId, Arc<Vec<u8>>>,
-    bytes: usize,
-    cap: usize,
-}
-
-impl ChunkCache {
-    fn get(&mut self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
-        self.lru.get(id).cloned()
-    }
-
-    fn put(&mut self, id: ChunkId, data: Arc<Vec<u8>>) {
-        self.bytes += data.len();
-        if let Some(old) = self.lru.put(id, data) {
-            self.bytes -= old.len();
-        }
-        while self.bytes > self.cap {
-            match self.lru.pop_lru() {
-                Some((_, v)) => self.bytes -= v.len(),
-                None => break,
-            }
-        }
-    }
-}
-
 /// State shared by the model, the uploader thread and read-ahead threads.
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
@@ -337,12 +310,9 @@ pub(crate) struct Shared {
     pub(crate) committed: Condvar,
     /// Signalled when there is work for the uploader.
     pub(crate) work: Condvar,
-    pub(crate) backend: Arc<dyn ChunkBackend>,
-    pub(crate) sealer: ChunkSealer,
+    /// Fetching, verifying, opening and caching chunks (the backend and the sealer).
+    pub(crate) chunks: Arc<Chunks>,
     pub(crate) staging: Staging,
-    pub(crate) cache: Mutex<ChunkCache>,
-    prefetching: Mutex<HashSet<ChunkId>>,
-    inflight: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
     pub(crate) stop: AtomicBool,
     pub(crate) opts: DriveOptions,
     /// Snapshot bookkeeping (the uploader's, and the final snapshot's at stop).
@@ -354,65 +324,6 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A chunk's plaintext: from the cache, or fetched, verified and decrypted.
-    pub(crate) fn fetch(&self, c: &ChunkRef) -> FsResult<Arc<Vec<u8>>> {
-        if let Some(hit) = self.cache.lock().unwrap().get(&c.id) {
-            return Ok(hit);
-        }
-        // Single flight: the kernel's read-ahead sends several reads of one chunk at
-        // once; only the first fetches and decrypts, the others wait for the cache.
-        let gate = self
-            .inflight
-            .lock()
-            .unwrap()
-            .entry(c.id)
-            .or_insert_with(|| Arc::new(Mutex::new(())))
-            .clone();
-        let guard = gate.lock().unwrap_or_else(|e| e.into_inner());
-        let res = self.fetch_uncached(c);
-        drop(guard);
-        let mut inflight = self.inflight.lock().unwrap();
-        // Clones are only taken under this lock: 2 means the map's and ours.
-        if Arc::strong_count(&gate) <= 2 {
-            inflight.remove(&c.id);
-        }
-        res
-    }
-
-    fn fetch_uncached(&self, c: &ChunkRef) -> FsResult<Arc<Vec<u8>>> {
-        if let Some(hit) = self.cache.lock().unwrap().get(&c.id) {
-            return Ok(hit);
-        }
-        let stored = self.backend.get(c.id, c.stored)?;
-        // The backend checked the hash: a chunk that does not open, or opens to the wrong
-        // length, was sealed under another key or is not this file's.
-        let plain = self.sealer.open(c.id, &stored).map_err(|e| {
-            tracing::error!("chunk {}: {e}", c.id);
-            FsError::Backend(BackendError::Corrupt(c.id))
-        })?;
-        if plain.len() != c.len as usize {
-            tracing::error!("chunk {} has the wrong length", c.id);
-            return Err(FsError::Backend(BackendError::Corrupt(c.id)));
-        }
-        let plain = Arc::new(plain);
-        self.cache.lock().unwrap().put(c.id, plain.clone());
-        Ok(plain)
-    }
-
-    fn prefetch(self: &Arc<Self>, c: ChunkRef) {
-        if self.cache.lock().unwrap().lru.contains(&c.id) {
-            return;
-        }
-        if !self.prefetching.lock().unwrap().insert(c.id) {
-            return;
-        }
-        let me = self.clone();
-        std::thread::spawn(move || {
-            let _ = me.fetch(&c);
-            me.prefetching.lock().unwrap().remove(&c.id);
-        });
     }
 }
 
@@ -453,11 +364,7 @@ impl State {
     }
 
     fn touch_dir(&self, ino: u64, now: Ts) -> FsResult<()> {
-        self.db.execute(
-            "UPDATE inodes SET mtime_s=?2, mtime_ns=?3, ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
-            rusqlite::params![ino as i64, now.sec, now.nsec],
-        )?;
-        Ok(())
+        Ok(index::touch_dir(&self.db, ino, now)?)
     }
 
     fn alloc_fh(&mut self, h: Handle) -> u64 {
@@ -470,12 +377,8 @@ impl State {
 
     /// Bytes staged but not yet stored (pending stages plus working files).
     pub(crate) fn staged_bytes(&self) -> FsResult<u64> {
-        let pending: i64 = self.db.query_row(
-            "SELECT COALESCE(SUM(size), 0) FROM inodes WHERE stage IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(pending as u64 + self.working.values().map(|w| w.size).sum::<u64>())
+        let pending = index::pending_bytes(&self.db)?;
+        Ok(pending + self.working.values().map(|w| w.size).sum::<u64>())
     }
 }
 
@@ -497,10 +400,10 @@ impl Model {
         // A drive opened with another data key would fail every read: refuse up front.
         let check = blake3::derive_key("peerstash 2026-11 drive key check v1", key.expose_secret());
         let check = i64::from_be_bytes(check[..8].try_into().expect("8 bytes"));
-        match index::get_meta(&db, "key_check")? {
+        match index::get_meta(&db, Meta::KeyCheck)? {
             Some(v) if v != check => return Err(FsError::WrongKey),
             Some(_) => {}
-            None => index::set_meta(&db, "key_check", check)?,
+            None => index::set_meta(&db, Meta::KeyCheck, check)?,
         }
         let staging = Staging::open(&state_dir.join("staging"), index::max_stage(&db)?)?;
         // Inodes unlinked while open when we stopped: nobody can reach them any more.
@@ -540,16 +443,12 @@ impl Model {
             }),
             committed: Condvar::new(),
             work: Condvar::new(),
-            sealer: ChunkSealer::new(key),
-            backend,
+            chunks: Arc::new(Chunks::new(
+                backend,
+                ChunkSealer::new(key),
+                opts.cache_bytes,
+            )),
             staging,
-            cache: Mutex::new(ChunkCache {
-                lru: LruCache::unbounded(),
-                bytes: 0,
-                cap: opts.cache_bytes,
-            }),
-            prefetching: Mutex::new(HashSet::new()),
-            inflight: Mutex::new(HashMap::new()),
             stop: AtomicBool::new(false),
             opts,
             snap: Mutex::new(Default::default()),
@@ -837,10 +736,7 @@ impl Model {
         a.ino = index::insert_inode(&tx, &a, target)?;
         index::insert_dentry(&tx, parent, name, a.ino)?;
         if kind == Kind::Dir {
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
-                [parent as i64],
-            )?;
+            index::add_links(&tx, parent, 1, None)?;
         }
         st.touch_dir(parent, now)?;
         tx.commit()?;
@@ -942,10 +838,7 @@ impl Model {
         let now = Ts::now();
         let tx = index::write_tx(&st.db)?;
         index::insert_dentry(&tx, newparent, name, ino)?;
-        tx.execute(
-            "UPDATE inodes SET nlink = nlink + 1, ctime_s = ?2, ctime_ns = ?3 WHERE ino = ?1",
-            rusqlite::params![ino as i64, now.sec, now.nsec],
-        )?;
+        index::add_links(&tx, ino, 1, Some(now))?;
         st.touch_dir(newparent, now)?;
         tx.commit()?;
         if let Some(w) = st.working.get_mut(&ino) {
@@ -958,16 +851,10 @@ impl Model {
     /// the transaction commits.
     fn drop_link(st: &State, tx: &rusqlite::Transaction<'_>, a: &Attr, now: Ts) -> FsResult<bool> {
         if a.kind == Kind::Dir {
-            tx.execute("UPDATE inodes SET nlink = 0 WHERE ino = ?1", [a.ino as i64])?;
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
-                [a.parent as i64],
-            )?;
+            index::clear_links(tx, a.ino)?;
+            index::add_links(tx, a.parent, -1, None)?;
         } else {
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink - 1, ctime_s = ?2, ctime_ns = ?3 WHERE ino = ?1",
-                rusqlite::params![a.ino as i64, now.sec, now.nsec],
-            )?;
+            index::add_links(tx, a.ino, -1, Some(now))?;
         }
         let last = a.kind == Kind::Dir || a.nlink <= 1;
         let open = st.open_count.get(&a.ino).copied().unwrap_or(0) > 0;
@@ -1089,10 +976,7 @@ impl Model {
             index::repoint_dentry(&tx, parent, name_b, dst)?;
             index::repoint_dentry(&tx, newparent, newname_b, src)?;
             for (a, p) in [(&sa, newparent), (&da, parent)] {
-                tx.execute(
-                    "UPDATE inodes SET ctime_s=?2, ctime_ns=?3, parent = CASE WHEN kind = 2 THEN ?4 ELSE parent END WHERE ino=?1",
-                    rusqlite::params![a.ino as i64, now.sec, now.nsec, p as i64],
-                )?;
+                index::moved(&tx, a.ino, p, now)?;
             }
             if parent != newparent && (sa.kind == Kind::Dir) != (da.kind == Kind::Dir) {
                 let (gain, lose) = if sa.kind == Kind::Dir {
@@ -1100,14 +984,8 @@ impl Model {
                 } else {
                     (parent, newparent)
                 };
-                tx.execute(
-                    "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
-                    [gain as i64],
-                )?;
-                tx.execute(
-                    "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
-                    [lose as i64],
-                )?;
+                index::add_links(&tx, gain, 1, None)?;
+                index::add_links(&tx, lose, -1, None)?;
             }
             st.touch_dir(parent, now)?;
             st.touch_dir(newparent, now)?;
@@ -1146,23 +1024,10 @@ impl Model {
         }
         index::remove_dentry(&tx, parent, name_b)?;
         if sa.kind == Kind::Dir && parent != newparent {
-            tx.execute(
-                "UPDATE inodes SET parent = ?2 WHERE ino = ?1",
-                [src as i64, newparent as i64],
-            )?;
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink - 1 WHERE ino = ?1",
-                [parent as i64],
-            )?;
-            tx.execute(
-                "UPDATE inodes SET nlink = nlink + 1 WHERE ino = ?1",
-                [newparent as i64],
-            )?;
+            index::add_links(&tx, parent, -1, None)?;
+            index::add_links(&tx, newparent, 1, None)?;
         }
-        tx.execute(
-            "UPDATE inodes SET ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
-            rusqlite::params![src as i64, now.sec, now.nsec],
-        )?;
+        index::moved(&tx, src, newparent, now)?;
         st.touch_dir(parent, now)?;
         st.touch_dir(newparent, now)?;
         tx.commit()?;
@@ -1285,7 +1150,7 @@ impl Model {
                         std::io::copy(&mut src, &mut &f)?;
                     } else {
                         for c in &chunks {
-                            let plain = self.shared.fetch(c)?;
+                            let plain = self.shared.chunks.fetch(c)?;
                             f.write_all_at(&plain, c.offset)?;
                         }
                         f.set_len(a.size)?;
@@ -1451,7 +1316,7 @@ impl Model {
         };
         let mut buf = vec![0u8; (end - offset) as usize];
         for c in &chunks {
-            let plain = self.shared.fetch(c)?;
+            let plain = self.shared.chunks.fetch(c)?;
             let c_end = c.offset + c.len as u64;
             let from = offset.max(c.offset);
             let to = end.min(c_end);
@@ -1463,7 +1328,7 @@ impl Model {
         }
         if sequential {
             if let Some(n) = next_chunk {
-                self.shared.prefetch(n);
+                self.shared.chunks.prefetch(n);
             }
         }
         Ok(buf)
@@ -1486,10 +1351,7 @@ impl Model {
         }
         let (stage, size, mtime, ctime) = (w.stage, w.size, w.mtime, w.ctime);
         let tx = index::write_tx(&st.db)?;
-        tx.execute(
-            "UPDATE inodes SET stage=?2, size=?3, mtime_s=?4, mtime_ns=?5, ctime_s=?6, ctime_ns=?7 WHERE ino=?1",
-            rusqlite::params![ino as i64, stage as i64, size as i64, mtime.sec, mtime.nsec, ctime.sec, ctime.nsec],
-        )?;
+        index::seal_stage(&tx, ino, stage, size, mtime, ctime)?;
         tx.commit()?;
         st.working.remove(&ino);
         if let Some(old) = a.stage {
@@ -1674,12 +1536,10 @@ impl Model {
         if flags & XATTR_REPLACE != 0 && !exists {
             return Err(FsError::NoData);
         }
-        index::set_xattr(&st.db, ino, n, value)?;
-        let now = Ts::now();
-        st.db.execute(
-            "UPDATE inodes SET ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
-            rusqlite::params![ino as i64, now.sec, now.nsec],
-        )?;
+        let tx = index::write_tx(&st.db)?;
+        index::set_xattr(&tx, ino, n, value)?;
+        index::set_ctime(&tx, ino, Ts::now())?;
+        tx.commit()?;
         Ok(())
     }
 

@@ -65,7 +65,7 @@ use rusqlite::{params, Connection};
 use super::backend::{BackendError, ChunkBackend};
 use super::chunker;
 use super::crypto::ChunkSealer;
-use super::index::{self, ROOT_INO};
+use super::index::{self, Meta, ROOT_INO};
 use super::model::Shared;
 use crate::ids::ChunkId;
 
@@ -666,8 +666,8 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
         // Under one lock: the chunks marked below are exactly those the data names.
         let data = serialize(&st.db)?;
         let named = index::named_chunks(&st.db)?;
-        let v = index::get_meta(&st.db, "snapshot_version")?.unwrap_or(0);
-        let d = index::get_meta(&st.db, "snapshot_digest")?;
+        let v = index::get_meta(&st.db, Meta::SnapshotVersion)?.unwrap_or(0);
+        let d = index::get_meta(&st.db, Meta::SnapshotDigest)?;
         (data, named, changes, v as u64, d)
     };
     let digest = short_digest(&data);
@@ -675,7 +675,7 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
         snap.changes = Some(changes);
         return Ok(None);
     }
-    let (chunks, list) = seal_snapshot(&sh.sealer, &data);
+    let (chunks, list) = seal_snapshot(sh.chunks.sealer(), &data);
     if list.len() > MAX_ROOT_CHUNKS {
         return Err(bad("the index is too large for one root record"));
     }
@@ -696,7 +696,7 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
         fresh
     };
     for batch in fresh.chunks(16) {
-        sh.backend.put(batch)?;
+        sh.chunks.backend().put(batch)?;
     }
     snap.stored_bytes = list.iter().map(|c| c.stored as u64).sum();
     named.extend(list.iter().map(|c| (c.id, c.stored)));
@@ -710,7 +710,7 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
             total_len: data.len() as u64,
             chunks: list.clone(),
         };
-        match roots.put_root(version, &root.seal(&sh.sealer)) {
+        match roots.put_root(version, &root.seal(sh.chunks.sealer())) {
             Ok(kept) => break kept,
             Err(RootError::Stale) if stale < 3 => {
                 stale += 1;
@@ -735,8 +735,8 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
             tracing::info!("the server no longer keeps snapshots {pruned:?}: dropped");
             index::forget_snapshots(&st.db, &pruned)?;
         }
-        index::set_meta(&st.db, "snapshot_version", version as i64)?;
-        index::set_meta(&st.db, "snapshot_digest", digest)?;
+        index::set_meta(&st.db, Meta::SnapshotVersion, version as i64)?;
+        index::set_meta(&st.db, Meta::SnapshotDigest, digest)?;
         // Our own writes are not changes worth a snapshot; others since the read are.
         snap.changes = Some(if before == changes {
             st.db.total_changes()
@@ -803,9 +803,9 @@ pub(crate) fn thin_oldest(sh: &Shared, snap: &mut SnapState) -> Result<Option<u6
         let st = sh.lock();
         let before = st.db.total_changes();
         index::forget_snapshots(&st.db, &[oldest])?;
-        let n = index::get_meta(&st.db, "snapshots_thinned")?.unwrap_or(0);
-        index::set_meta(&st.db, "snapshots_thinned", n + 1)?;
-        index::set_meta(&st.db, "snapshot_thinned_at", now_secs())?;
+        let n = index::get_meta(&st.db, Meta::SnapshotsThinned)?.unwrap_or(0);
+        index::set_meta(&st.db, Meta::SnapshotsThinned, n + 1)?;
+        index::set_meta(&st.db, Meta::SnapshotThinnedAt, now_secs())?;
         if snap.changes == Some(before) {
             snap.changes = Some(st.db.total_changes());
         }
@@ -869,10 +869,10 @@ pub fn restore_if_empty(
             for (v, created) in &earlier {
                 index::retain_snapshot(&c, *v, *created)?;
             }
-            index::set_meta(&c, "snapshot_base", version as i64)?;
+            index::set_meta(&c, Meta::SnapshotBase, version as i64)?;
         }
-        index::set_meta(&c, "snapshot_version", version as i64)?;
-        index::set_meta(&c, "snapshot_digest", short_digest(&data))?;
+        index::set_meta(&c, Meta::SnapshotVersion, version as i64)?;
+        index::set_meta(&c, Meta::SnapshotDigest, short_digest(&data))?;
         c.pragma_update(None, "journal_mode", "DELETE")?;
         n
     };
@@ -1009,7 +1009,7 @@ mod tests {
         index::forget_snapshots(&c, &[30]).unwrap();
         assert_eq!(free(&c), vec![id(1), id(2), id(3)]);
         // Restored from 30 while 25 (unknown chunks) is retained: nothing is released.
-        index::set_meta(&c, "snapshot_base", 30).unwrap();
+        index::set_meta(&c, Meta::SnapshotBase, 30).unwrap();
         index::retain_snapshot(&c, 25, 25).unwrap();
         assert!(free(&c).is_empty());
         index::retain_snapshot(&c, 30, 30).unwrap();
@@ -1042,7 +1042,7 @@ mod tests {
             .unwrap();
         }
         let c = index::open(&p, 0, 0).unwrap();
-        assert_eq!(index::get_meta(&c, "schema").unwrap(), Some(2));
+        assert_eq!(index::get_meta(&c, Meta::Schema).unwrap(), Some(2));
         assert_eq!(index::free_chunks(&c, 10).unwrap(), vec![ChunkId([0; 32])]);
         index::mark_named(&c, 5, &[(ChunkId([0; 32]), 5)]).unwrap();
         index::retain_snapshot(&c, 5, 1).unwrap();

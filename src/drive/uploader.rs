@@ -360,7 +360,7 @@ fn reclaim(sh: &Shared) -> (bool, bool) {
 }
 
 fn refresh_quota(sh: &Shared) {
-    if let Ok(q) = sh.backend.quota() {
+    if let Ok(q) = sh.chunks.backend().quota() {
         sh.lock().quota = Some(q);
     }
 }
@@ -406,7 +406,7 @@ fn release_free(sh: &Shared) -> Result<(), BackendError> {
             }
             synced = true;
         }
-        sh.backend.release(&ids)?;
+        sh.chunks.backend().release(&ids)?;
         if let Err(e) = index::forget_chunks(&sh.lock().db, &ids) {
             return Err(BackendError::Unavailable(format!("index: {e}")));
         }
@@ -444,7 +444,7 @@ impl PutBuffer {
             }
             index::note_intent(&st.db, &intent)?;
         }
-        sh.backend.put(&self.chunks)?;
+        sh.chunks.backend().put(&self.chunks)?;
         if let Some(q) = sh.lock().quota.as_mut() {
             q.used_bytes += self.bytes as u64; // until the next refresh says exactly
         }
@@ -476,7 +476,7 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
             if sh.stop.load(Ordering::SeqCst) {
                 return Err(UploadError::Stopped);
             }
-            let sealed = sh.sealer.seal(&data);
+            let sealed = sh.chunks.sealer().seal(&data);
             list.push(ChunkRef {
                 offset,
                 id: sealed.id,
@@ -517,10 +517,7 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
             continue;
         }
         index::replace_chunks(&tx, *ino, list)?;
-        tx.execute(
-            "UPDATE inodes SET committed_stage = ?2, stage = CASE WHEN stage = ?2 THEN NULL ELSE stage END WHERE ino = ?1",
-            [*ino as i64, *stage as i64],
-        )?;
+        index::commit_stage(&tx, *ino, *stage)?;
         if a.stage == Some(*stage) {
             finished.push(*stage);
         }

@@ -25,16 +25,18 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Path of a workspace binary. `peerstash` comes from cargo; `peerstash-server` lives in
-/// the same target directory and is built on demand when `cargo test` did not build it.
+/// the same target directory and is brought up to date once per test process
+/// (`cargo test` does not build another package's binaries: a stale server would test
+/// old code).
 pub fn bin(name: &str) -> PathBuf {
     let me = PathBuf::from(env!("CARGO_BIN_EXE_peerstash"));
     if name == "peerstash" {
         return me;
     }
     let path = me.with_file_name(name);
-    static BUILD: Mutex<()> = Mutex::new(());
-    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.exists() {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !*built {
         let profile_dir = me.parent().unwrap();
         let release = profile_dir.ends_with("release");
         let mut cmd = Command::new(env!("CARGO"));
@@ -44,6 +46,7 @@ pub fn bin(name: &str) -> PathBuf {
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building {name} failed");
+        *built = true;
     }
     path
 }
