@@ -210,8 +210,9 @@ boot() {
     esac
     echo "booted ($state)"
     # systemd breaks an ordering cycle by skipping a unit, and boots on.
-    cycle=$(ct journalctl -b -o cat _PID=1 | grep -i -m3 'ordering cycle') &&
+    if cycle=$(ct journalctl -b -o cat _PID=1 | grep -i -m3 'ordering cycle'); then
         broken "boot $n: $cycle"
+    fi
 }
 # shutdown VERB: reboot or poweroff, and wait until nspawn is gone.
 shutdown() {
