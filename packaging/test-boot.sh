@@ -20,7 +20,7 @@
 #   3. the fstab line mounted and boot finished; install ifupdown (a network-online
 #      provider)
 #   4. the fstab line with ifupdown; then the example automount
-#   5. the automount with ifupdown: active, no ordering cycle, the first access mounts
+#   5. the automount with ifupdown: no ordering cycle; active and the first access mounts
 #      (skipped, with a message, where the kernel has no autofs); then setuid=peerstash
 #   6. setuid=peerstash after root mounts; apt-get remove unmounts and stops everything;
 #      apt-get purge leaves no enable link
@@ -390,6 +390,15 @@ ct systemctl enable mnt-backup.automount >/dev/null 2>&1
 
 reboot
 
+step "the automount with ifupdown: no ordering cycle"
+# Checked with the units of this system (ifupdown's networking.service orders after
+# local-fs.target, which an automount orders before): also where systemd cannot run
+# automounts, as in a container on a kernel without autofs.
+ct systemd-analyze verify --man=no mnt-backup.automount networking.service local-fs.target \
+    >"$T/verify-automount.log" 2>&1 || true
+if grep -qi 'ordering cycle\|cyclic' "$T/verify-automount.log"; then
+    broken "mnt-backup.automount: $(grep -i -m3 'ordering cycle\|cyclic' "$T/verify-automount.log")"
+fi
 if [ -n "$autofs" ]; then
     step "the automount at boot, with ifupdown; the first access mounts"
     [ "$(ct systemctl is-active mnt-backup.automount)" = active ] || broken "mnt-backup.automount is not active"
