@@ -63,8 +63,7 @@ cleanup() {
     if [ -n "$NSPAWN" ] && kill -0 "$NSPAWN" 2>/dev/null; then
         # SIGTERM asks nspawn for a clean poweroff of the container; then force it.
         kill "$NSPAWN"
-        i=0
-        while kill -0 "$NSPAWN" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+        wait_until 30 nspawn_gone
         kill -9 "$NSPAWN" 2>/dev/null
         [ -n "$CPID" ] && kill -9 "$CPID" 2>/dev/null
         wait "$NSPAWN" 2>/dev/null
@@ -176,6 +175,9 @@ ct() {
 container_pid1() {
     CPID=$(pgrep -P "$NSPAWN" -x systemd) && [ -n "$CPID" ]
 }
+nspawn_gone() { ! kill -0 "$NSPAWN" 2>/dev/null; }
+# The container's systemd is up (CPID set), or nspawn gave up.
+pid1_or_gone() { container_pid1 || nspawn_gone; }
 # PID 1 answers (any state: is-system-running exits non-zero for "degraded" too).
 systemd_answers() {
     [ -n "$(ct systemctl is-system-running 2>/dev/null)" ]
@@ -188,17 +190,13 @@ boot() {
         --bind="$T/fuse:/dev/fuse" $autofs --private-network --console=read-only \
         >"$T/boot$n.log" 2>&1 &
     NSPAWN=$!
-    i=0
-    until container_pid1; do
-        kill -0 "$NSPAWN" 2>/dev/null || {
-            NSPAWN=
-            [ $n = 1 ] && skip "systemd-nspawn cannot boot here: $(tail -n 3 "$T/boot$n.log")"
-            fail "systemd-nspawn exited: $(tail -n 5 "$T/boot$n.log")"
-        }
-        i=$((i + 1))
-        [ $i -le 300 ] || fail "the container's systemd did not start within 30 s"
-        sleep 0.1
-    done
+    CPID=
+    wait_until 30 pid1_or_gone || fail "the container's systemd did not start within 30 s"
+    if [ -z "$CPID" ]; then
+        NSPAWN=
+        [ $n = 1 ] && skip "systemd-nspawn cannot boot here: $(tail -n 3 "$T/boot$n.log")"
+        fail "systemd-nspawn exited: $(tail -n 5 "$T/boot$n.log")"
+    fi
     wait_until 30 systemd_answers || fail "timed out after 30 s waiting for the container's systemd to answer"
     # A boot that hangs (a job waiting for ever) never gets past "starting".
     state=$(ct timeout 120 systemctl is-system-running --wait) ||
@@ -220,12 +218,7 @@ boot() {
 shutdown() {
     # What `systemctl reboot` does, minus its query to logind (no D-Bus in the container).
     ct systemctl start --no-block --job-mode=replace-irreversibly "$1.target"
-    i=0
-    while kill -0 "$NSPAWN" 2>/dev/null; do
-        i=$((i + 1))
-        [ $i -le 1200 ] || fail "the container did not $1 within 120 s"
-        sleep 0.1
-    done
+    wait_until 120 nspawn_gone || fail "the container did not $1 within 120 s"
     wait "$NSPAWN" || true
     NSPAWN=
     CPID=
@@ -245,7 +238,10 @@ check_data() {
     done
 }
 ps_home() { ct peerstash --home /var/lib/peerstash/default "$@"; }
-settled() { ps_home status | grep -q '^pending: *0 uploads'; }
+# Nothing left to upload ("0 uploads" in older builds, "none" in newer ones).
+settled() { ps_home status | grep -Eq '^pending: *(0 uploads|none)'; }
+# The drive process serving /mnt/backup: PID and uid.
+drive_ps() { ct ps -o pid=,uid=,args= -C peerstash | awk '/ mount \/mnt\/backup/ {print $1, $2; exit}'; }
 
 if [ -c /dev/autofs ] && grep -qw autofs /proc/filesystems; then
     autofs=--bind=/dev/autofs
@@ -305,6 +301,11 @@ reboot
 step "the .mount at boot"
 drive_mounted || broken "mnt-backup.mount did not mount at boot"
 check_data data1
+# mount --daemon leaves the drive in mount(8)'s process group until the mount is up (an
+# automount lets only that group through meanwhile), then gives it a session of its own.
+pid=$(drive_ps | cut -d' ' -f1)
+[ -n "$pid" ] && [ "$(ct ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ] ||
+    broken "the drive (pid ${pid:-none}) did not start a session of its own once mounted"
 
 step "shutdown order: the drive unmounted before the server and the peers stopped"
 # PID 1's own messages of the previous boot, in order.
@@ -318,10 +319,15 @@ for u in peerstash-server.service peerstash-serve.service peerstash-serve@bob.se
         broken "$u stopped before the drive unmounted: $(grep -E "^(Stopping|Unmounted) (peerstash|mnt-backup)" "$T/shutdown1.log")"
 done
 
+# write_pending FILE: with bob and carol stopped, FILE is written and waits for them.
+write_pending() {
+    ct systemctl stop peerstash-serve@bob peerstash-serve@carol
+    ct cp "/root/$1" "/mnt/backup/$1"
+    ps_home status | grep -q '^pending: *[1-9]' || broken "expected pending uploads: $(ps_home status)"
+}
+
 step "stop with an upload pending"
-ct systemctl stop peerstash-serve@bob peerstash-serve@carol
-ct cp /root/data2 /mnt/backup/data2
-ps_home status | grep -q '^pending: *[1-9]' || broken "expected pending uploads: $(ps_home status)"
+write_pending data2
 ct timeout 60 systemctl stop mnt-backup.mount || broken "systemctl stop mnt-backup.mount with an upload pending"
 drive_mounted && broken "still mounted after systemctl stop"
 ct systemctl start peerstash-serve@bob peerstash-serve@carol mnt-backup.mount
@@ -354,9 +360,7 @@ ct systemctl reset-failed mnt-backup.mount 2>/dev/null || true
 ct systemctl start mnt-backup.mount
 
 step "an upload pending across a reboot"
-ct systemctl stop peerstash-serve@bob peerstash-serve@carol
-ct cp /root/data4 /mnt/backup/data4
-ps_home status | grep -q '^pending: *[1-9]' || broken "expected pending uploads: $(ps_home status)"
+write_pending data4
 
 step "the fstab line (INSTALL.md), nothing provides network-online.target"
 ct systemctl disable --now mnt-backup.mount >/dev/null 2>&1
@@ -432,7 +436,7 @@ reboot
 
 step "setuid=peerstash at boot"
 drive_mounted || broken "the setuid=peerstash mount did not come up at boot"
-uid=$(ct ps -o uid=,args= -C peerstash | awk '/ mount \/mnt\/backup/ {print $1; exit}')
+uid=$(drive_ps | cut -d' ' -f2)
 [ "$uid" = "$(ct id -u peerstash)" ] || broken "the drive runs as uid '$uid', not peerstash"
 check_data data1 data2
 ct cp /root/data3 /mnt/backup/data3
