@@ -307,17 +307,27 @@ pid=$(drive_ps | cut -d' ' -f1)
 [ -n "$pid" ] && [ "$(ct ps -o sid= -p "$pid" | tr -d ' ')" = "$pid" ] ||
     broken "the drive (pid ${pid:-none}) did not start a session of its own once mounted"
 
-step "shutdown order: the drive unmounted before the server and the peers stopped"
-# PID 1's own messages of the previous boot, in order.
-ct journalctl -b -1 _PID=1 -o cat --no-pager >"$T/shutdown1.log"
-unmounted=$(grep -n -m1 '^Unmounted mnt-backup.mount' "$T/shutdown1.log" | cut -d: -f1)
-[ -n "$unmounted" ] || broken "no 'Unmounted mnt-backup.mount' in the previous boot's journal"
-for u in peerstash-server.service peerstash-serve.service peerstash-serve@bob.service; do
-    stopping=$(grep -n -m1 "^Stopping $u" "$T/shutdown1.log" | cut -d: -f1)
-    [ -n "$stopping" ] || broken "no 'Stopping $u' in the previous boot's journal"
-    [ "$stopping" -gt "$unmounted" ] ||
-        broken "$u stopped before the drive unmounted: $(grep -E "^(Stopping|Unmounted) (peerstash|mnt-backup)" "$T/shutdown1.log")"
-done
+# shutdown_order: at the previous shutdown the drive unmounted before the server and the
+# peers stopped (PID 1's own messages of the previous boot, in order).
+shutdown_order() {
+    ct journalctl -b -1 _PID=1 -o cat --no-pager >"$T/shutdown.log"
+    unmounted=$(grep -n -m1 '^Unmounted mnt-backup.mount' "$T/shutdown.log" | cut -d: -f1)
+    if [ -z "$unmounted" ]; then
+        broken "no 'Unmounted mnt-backup.mount' in the previous boot's journal"
+        return
+    fi
+    for u in peerstash-server.service peerstash-serve.service peerstash-serve@bob.service; do
+        stopping=$(grep -n -m1 "^Stopping $u" "$T/shutdown.log" | cut -d: -f1)
+        if [ -z "$stopping" ]; then
+            broken "no 'Stopping $u' in the previous boot's journal"
+        elif [ "$stopping" -lt "$unmounted" ]; then
+            broken "$u stopped before the drive unmounted: $(grep -E "^(Stopping|Unmounted) (peerstash|mnt-backup)" "$T/shutdown.log")"
+        fi
+    done
+}
+
+step "shutdown order (the .mount): the drive unmounted before the server and the peers stopped"
+shutdown_order
 
 # write_pending FILE: with bob and carol stopped, FILE is written and waits for them.
 write_pending() {
@@ -389,6 +399,8 @@ ct sh -c 'dpkg -i /var/cache/apt/archives/ifupdown_*.deb' >"$T/ifupdown.log" 2>&
 reboot
 
 step "the fstab line at boot, with ifupdown"
+echo "shutdown order (the fstab line)"
+shutdown_order
 [ "$(ct systemctl is-active networking.service)" = active ] || broken "networking.service is not active"
 drive_mounted || broken "the fstab line did not mount at boot with ifupdown"
 check_data data1 data2
