@@ -152,6 +152,10 @@ struct MountArgs {
     /// 30d (default), 12h; thinned to hourly after an hour and daily after a day).
     #[arg(short = 'o')]
     options: Option<String>,
+    /// Set by `--daemon` for the drive process it starts: leave the caller's process group
+    /// only once the mount is up (see `mount_in_background`).
+    #[arg(long, hide = true)]
+    detach_when_mounted: bool,
 }
 
 #[derive(Args, Debug)]
@@ -341,6 +345,9 @@ fn mount(home: &Home, a: MountArgs) -> Result<()> {
     // Block SIGINT/SIGTERM before any thread starts, so the drive's signal wait sees them
     // (and no runtime thread dies of them with the mount still up).
     peerstash::drive::fuse::block_stop_signals().context("blocking signals")?;
+    if a.detach_when_mounted {
+        detach_when_mounted(&a.mountpoint);
+    }
     let rt = std::sync::Arc::new(runtime()?);
     let server = home.server_client()?;
     let mut backend =
@@ -382,8 +389,15 @@ fn mount(home: &Home, a: MountArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--daemon`: start the same command without it, detached, and return once the mount is
-/// up (or report why it failed).
+/// `--daemon`: start the same command without it, and return once the mount is up (or
+/// report why it failed).
+///
+/// The drive process stays in our process group until its mount is up, and only then
+/// leaves it (`--detach-when-mounted`). Under a systemd automount, mount(8) and its helper
+/// run in the process group the kernel's autofs lets through while it waits for the mount;
+/// a drive started in a group of its own would block on its own mountpoint (the first
+/// access then stalled 30 s and failed). Staying in that group for good would let the
+/// drive walk through every other automount untriggered, hence the later detach.
 fn mount_in_background(home: &Home, a: &MountArgs) -> Result<()> {
     let log = home.path("mount.log");
     let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -391,15 +405,14 @@ fn mount_in_background(home: &Home, a: &MountArgs) -> Result<()> {
     cmd.arg("--home")
         .arg(home.dir())
         .arg("mount")
-        .arg(&a.mountpoint);
+        .arg(&a.mountpoint)
+        .arg("--detach-when-mounted");
     if let Some(o) = &a.options {
         cmd.arg("-o").arg(o);
     }
-    use std::os::unix::process::CommandExt;
     cmd.stdin(std::process::Stdio::null())
         .stdout(out.try_clone()?)
-        .stderr(out)
-        .process_group(0);
+        .stderr(out);
     let mut child = cmd
         .spawn()
         .context("starting the mount in the background")?;
@@ -426,10 +439,32 @@ fn mount_in_background(home: &Home, a: &MountArgs) -> Result<()> {
     )
 }
 
-fn is_fuse_mount(p: &Path) -> bool {
-    let Ok(canon) = p.canonicalize() else {
-        return false;
+/// In the drive process `--daemon` starts: once the FUSE mount shows at `mountpoint`, start
+/// a session of our own (no terminal's Ctrl-C or hangup, and no longer in the process
+/// group autofs lets through). The path is resolved now, before the mount, while we are
+/// still in the caller's group; the wait then only reads the mount table.
+fn detach_when_mounted(mountpoint: &Path) {
+    let Ok(canon) = mountpoint.canonicalize() else {
+        return; // the mount fails on it with a clearer error
     };
+    std::thread::spawn(move || {
+        while !fuse_mounted_at(&canon) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // SAFETY: setsid has no memory effects; it fails only for a group leader, which a
+        // spawned child is not.
+        if unsafe { libc::setsid() } < 0 {
+            tracing::warn!("setsid: {}", std::io::Error::last_os_error());
+        }
+    });
+}
+
+fn is_fuse_mount(p: &Path) -> bool {
+    p.canonicalize().is_ok_and(|canon| fuse_mounted_at(&canon))
+}
+
+/// Whether the mount table has a FUSE mount at `canon` (a canonical path).
+fn fuse_mounted_at(canon: &Path) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
