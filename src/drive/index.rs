@@ -677,6 +677,23 @@ pub fn unreferenced_bytes(c: &Connection) -> rusqlite::Result<u64> {
     .map(|b| b.max(0) as u64)
 }
 
+/// Not named by the latest snapshot: kept only for earlier ones.
+const EARLIER: &str = "COALESCE(chunks.last_snap < (SELECT MAX(version) FROM snapshots), 1)";
+
+/// Stored bytes of chunks no file references that only earlier retained snapshots keep:
+/// what thinning those snapshots can give back.
+pub fn held_for_earlier_bytes(c: &Connection) -> rusqlite::Result<u64> {
+    c.query_row(
+        &format!(
+            "SELECT COALESCE(SUM(stored), 0) FROM chunks
+             WHERE refcount <= 0 AND NOT ({UNRETAINED}) AND {EARLIER}"
+        ),
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|b| b.max(0) as u64)
+}
+
 /// Forget released chunks (unless a commit referenced them meanwhile).
 pub fn forget_chunks(c: &Connection, ids: &[ChunkId]) -> rusqlite::Result<()> {
     let tx = write_tx(c)?;
@@ -894,8 +911,6 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
     )?;
     // An index not yet opened by this version (read-only here) has no snapshot columns.
     let retention = get_meta(c, Meta::Schema)?.unwrap_or(0) >= 2;
-    // Not named by the latest snapshot: kept only for earlier ones.
-    const EARLIER: &str = "COALESCE(chunks.last_snap < (SELECT MAX(version) FROM snapshots), 1)";
     let (held_chunks, held_bytes, releasable_chunks) = if !retention {
         (0, 0, 0)
     } else {

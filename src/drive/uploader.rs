@@ -329,13 +329,14 @@ fn reclaim(sh: &Shared) -> (bool, bool) {
             match (st.quota, st.staged_bytes()) {
                 (Some(q), Ok(staged)) => {
                     q.used_bytes + staged > q.total_bytes.saturating_sub(st.reserve)
-                        && index::unreferenced_bytes(&st.db).unwrap_or(0) > 0
                 }
                 _ => false,
             }
         };
         stuck = short;
-        if !short {
+        // Thin only snapshots that hold something: history is not given up for nothing.
+        let held = index::held_for_earlier_bytes(&sh.lock().db).unwrap_or(0);
+        if !short || held == 0 {
             break;
         }
         match super::snapshot::thin_oldest(sh, &mut snap) {
