@@ -264,6 +264,14 @@ pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Conn
     Ok(conn)
 }
 
+/// A second, read-only connection to the index at `path` (the snapshotter reads through
+/// it without holding the drive's lock; WAL readers never block the writer).
+pub fn open_reader(path: &std::path::Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    c.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(c)
+}
+
 /// Bring an index written by an earlier version up to the current schema (schema 1 had
 /// no snapshot columns on `chunks`; its chunks are named by no retained snapshot).
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

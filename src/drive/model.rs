@@ -2,8 +2,10 @@
 //! tests can drive it without a kernel. The FUSE adapter (`fuse.rs`) only translates.
 //!
 //! Concurrency: one mutex guards the index connection and the in-memory tables (open
-//! handles, working files). Everything that can be slow — backend fetches, materialising
-//! a file for rewriting, waiting for an upload — runs without it.
+//! handles, working files). Everything that can be slow — backend fetches (the chunk
+//! room, `chunks.rs`), materialising a file for rewriting, waiting for an upload, reading
+//! the index for a snapshot (a second, read-only connection, its read transaction pinned
+//! under the lock) — runs without it.
 //!
 //! Permission checks are left to the kernel (`default_permissions`).
 
@@ -319,6 +321,8 @@ pub(crate) struct Shared {
     pub(crate) snap: Mutex<super::snapshot::SnapState>,
     /// The drive's state directory (the uploader publishes its health there).
     pub(crate) state_dir: std::path::PathBuf,
+    /// A read-only connection to the index, for snapshots read without `state`'s lock.
+    pub(crate) reader: Mutex<Connection>,
 }
 
 impl Shared {
@@ -453,6 +457,7 @@ impl Model {
             opts,
             snap: Mutex::new(Default::default()),
             state_dir: state_dir.to_path_buf(),
+            reader: Mutex::new(index::open_reader(&state_dir.join("index.sqlite"))?),
         });
         let s2 = shared.clone();
         let uploader = std::thread::Builder::new()

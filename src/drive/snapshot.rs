@@ -184,16 +184,21 @@ fn bad(what: impl Into<String>) -> SnapshotError {
 
 // ---- serialization -------------------------------------------------------------------
 
-/// Serialize the durable part of the index, in one read transaction.
+/// Serialize the durable part of the index, in one read transaction: the caller's, if one
+/// is open on `c` (the drive pins it under its lock), else its own.
 pub fn serialize(c: &Connection) -> rusqlite::Result<Vec<u8>> {
-    let tx = c.unchecked_transaction()?;
+    let own = if c.is_autocommit() {
+        Some(c.unchecked_transaction()?)
+    } else {
+        None
+    };
     let mut out = Vec::with_capacity(1 << 16);
     out.extend_from_slice(SNAP_MAGIC);
     let mut records = 0u64;
     // Inodes in: everything linked, except files never uploaded (pending first version).
     const KEEP: &str = "nlink > 0 AND (kind <> 1 OR committed_stage > 0 OR stage IS NULL)";
     {
-        let mut st = tx.prepare(&format!(
+        let mut st = c.prepare(&format!(
             "SELECT ino, kind, perm, uid, gid, size, atime_s, atime_ns, mtime_s, mtime_ns,
                     ctime_s, ctime_ns, nlink, rdev, parent, target,
                     (SELECT COALESCE(SUM(len), 0) FROM file_chunks f WHERE f.ino = inodes.ino)
@@ -226,7 +231,7 @@ pub fn serialize(c: &Connection) -> rusqlite::Result<Vec<u8>> {
         }
     }
     {
-        let mut st = tx.prepare(&format!(
+        let mut st = c.prepare(&format!(
             "SELECT parent, name, ino FROM dentries
              WHERE ino IN (SELECT ino FROM inodes WHERE {KEEP}) ORDER BY parent, name"
         ))?;
@@ -245,7 +250,7 @@ pub fn serialize(c: &Connection) -> rusqlite::Result<Vec<u8>> {
         }
     }
     {
-        let mut st = tx.prepare(&format!(
+        let mut st = c.prepare(&format!(
             "SELECT ino, name, value FROM xattrs
              WHERE ino IN (SELECT ino FROM inodes WHERE {KEEP}) ORDER BY ino, name"
         ))?;
@@ -266,7 +271,7 @@ pub fn serialize(c: &Connection) -> rusqlite::Result<Vec<u8>> {
         }
     }
     {
-        let mut st = tx.prepare(&format!(
+        let mut st = c.prepare(&format!(
             "SELECT ino, offset, chunk, len, stored FROM file_chunks
              WHERE ino IN (SELECT ino FROM inodes WHERE {KEEP}) ORDER BY ino, offset"
         ))?;
@@ -287,7 +292,7 @@ pub fn serialize(c: &Connection) -> rusqlite::Result<Vec<u8>> {
     }
     out.push(b'E');
     out.extend_from_slice(&records.to_be_bytes());
-    drop(tx); // read only: rolls back
+    drop(own); // read only: rolls back
     Ok(out)
 }
 
@@ -663,11 +668,18 @@ pub(crate) fn take(sh: &Shared, snap: &mut SnapState) -> Result<Option<u64>, Sna
         if snap.changes == Some(changes) {
             return Ok(None);
         }
-        // Under one lock: the chunks marked below are exactly those the data names.
-        let data = serialize(&st.db)?;
-        let named = index::named_chunks(&st.db)?;
-        let v = index::get_meta(&st.db, Meta::SnapshotVersion)?.unwrap_or(0);
-        let d = index::get_meta(&st.db, Meta::SnapshotDigest)?;
+        // Every write to the index happens under the model's lock: a read transaction
+        // pinned now (its first read) holds exactly the commits `changes` counts. Then the
+        // index is read without the lock, so FUSE requests go on meanwhile.
+        let reader = sh.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = reader.unchecked_transaction()?;
+        let v = index::get_meta(&tx, Meta::SnapshotVersion)?.unwrap_or(0);
+        let d = index::get_meta(&tx, Meta::SnapshotDigest)?;
+        drop(st);
+        // In one read transaction: the chunks marked below are exactly those the data names.
+        let data = serialize(&tx)?;
+        let named = index::named_chunks(&tx)?;
+        drop(tx);
         (data, named, changes, v as u64, d)
     };
     let digest = short_digest(&data);
