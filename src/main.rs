@@ -714,18 +714,6 @@ fn fingerprint(home: &Home, a: &ServerArgs) -> Result<Fingerprint> {
 }
 
 /// Turn a client error into a message that says what to do next.
-/// An error and its causes on one line (a refused connection hides two levels down).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
-
 fn explain(e: ClientError, action: &str) -> anyhow::Error {
     let hint = match e.reason() {
         Some("bad_invite") => " (ask the server's operator for an invite: peerstash-server invite)",
@@ -910,8 +898,9 @@ async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()
                 if ride_out.is_some_and(|limit| start.elapsed() + pause <= limit) =>
             {
                 eprintln!(
-                    "server unreachable ({}): retrying in {} s (gives up after {} s)",
-                    error_chain(&e),
+                    "server unreachable ({:#}): retrying in {} s (gives up after {} s)",
+                    // The cause chain on one line: a refused connection hides two levels down.
+                    anyhow::Error::new(e),
                     pause.as_secs(),
                     ride_out.unwrap_or_default().as_secs()
                 );

@@ -1721,6 +1721,31 @@ async fn malformed_addresses_names_sizes_and_ids_get_a_clear_400() {
         let (st, _) = raw.post_raw(path, lower, Some(&auth)).await.unwrap();
         assert_eq!(st, 200, "{path} in lower case");
     }
+
+    // An inventory names 1 to MAX_CHUNKS_PER_REQUEST chunks: none, or one more, is a 400.
+    let max = peerstash::api::MAX_CHUNKS_PER_REQUEST;
+    let ids = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| ChunkId::of(&i.to_be_bytes()).to_string())
+            .collect()
+    };
+    for (n, want) in [(0, 400), (max + 1, 400), (max, 200)] {
+        let body = serde_json::to_vec(&serde_json::json!({ "chunks": ids(n) })).unwrap();
+        let auth = bob
+            .sign(MessageKind::Inventory, &body, now_ms())
+            .to_header();
+        let (st, resp) = raw
+            .post_raw(peerstash::api::path::INVENTORY, body, Some(&auth))
+            .await
+            .unwrap();
+        assert_eq!(st, want, "an inventory of {n} chunks");
+        if want == 400 {
+            let reason = serde_json::from_slice::<peerstash::api::ApiError>(&resp)
+                .unwrap()
+                .reason;
+            assert_eq!(reason, "bad_request", "an inventory of {n} chunks");
+        }
+    }
 }
 
 /// Issue 12, item 9. A daemon stores chunks it cannot confirm (the server is down) and is

@@ -776,21 +776,34 @@ pub(crate) fn expire(sh: &Shared, snap: &mut SnapState) -> Result<Vec<u64>, Snap
     if gone.is_empty() {
         return Ok(gone);
     }
-    let kept = roots.drop_roots(&gone)?;
-    if let Some(v) = gone.iter().find(|v| kept.contains(v)) {
-        return Err(RootError::Unavailable(format!("the server still keeps snapshot {v}")).into());
-    }
-    {
-        let st = sh.lock();
-        let before = st.db.total_changes();
-        index::forget_snapshots(&st.db, &gone)?;
-        // Not a change of the drive's content: the latest snapshot stays current.
-        if snap.changes == Some(before) {
-            snap.changes = Some(st.db.total_changes());
-        }
-    }
+    drop_retained(sh, &*roots, snap, &gone, |_| Ok(()))?;
     tracing::info!("expired snapshots {gone:?}");
     Ok(gone)
+}
+
+/// Stop retaining `versions`: drop them on the server first (the drive never forgets a
+/// snapshot the server still offers for restore), then locally, with `also` in the same
+/// locked section, so the chunks only they name become releasable. Not a change of the
+/// drive's content: the latest snapshot stays current.
+fn drop_retained(
+    sh: &Shared,
+    roots: &dyn RootStore,
+    snap: &mut SnapState,
+    versions: &[u64],
+    also: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+) -> Result<(), SnapshotError> {
+    let kept = roots.drop_roots(versions)?;
+    if let Some(v) = versions.iter().find(|v| kept.contains(v)) {
+        return Err(RootError::Unavailable(format!("the server still keeps snapshot {v}")).into());
+    }
+    let st = sh.lock();
+    let before = st.db.total_changes();
+    index::forget_snapshots(&st.db, versions)?;
+    also(&st.db)?;
+    if snap.changes == Some(before) {
+        snap.changes = Some(st.db.total_changes());
+    }
+    Ok(())
 }
 
 /// Under quota pressure: drop the oldest retained snapshot other than the latest (on the
@@ -805,23 +818,11 @@ pub(crate) fn thin_oldest(sh: &Shared, snap: &mut SnapState) -> Result<Option<u6
         return Ok(None);
     }
     let (oldest, created) = retained[0];
-    let kept = roots.drop_roots(&[oldest])?;
-    if kept.contains(&oldest) {
-        return Err(
-            RootError::Unavailable(format!("the server still keeps snapshot {oldest}")).into(),
-        );
-    }
-    {
-        let st = sh.lock();
-        let before = st.db.total_changes();
-        index::forget_snapshots(&st.db, &[oldest])?;
-        let n = index::get_meta(&st.db, Meta::SnapshotsThinned)?.unwrap_or(0);
-        index::set_meta(&st.db, Meta::SnapshotsThinned, n + 1)?;
-        index::set_meta(&st.db, Meta::SnapshotThinnedAt, now_secs())?;
-        if snap.changes == Some(before) {
-            snap.changes = Some(st.db.total_changes());
-        }
-    }
+    drop_retained(sh, &*roots, snap, &[oldest], |db| {
+        let n = index::get_meta(db, Meta::SnapshotsThinned)?.unwrap_or(0);
+        index::set_meta(db, Meta::SnapshotsThinned, n + 1)?;
+        index::set_meta(db, Meta::SnapshotThinnedAt, now_secs())
+    })?;
     tracing::warn!(
         "quota nearly full: dropped snapshot {oldest} (taken {}s ago) early to give its space back",
         now_secs() - created

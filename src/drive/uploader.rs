@@ -62,8 +62,7 @@ pub(crate) fn run(sh: Arc<Shared>) {
     health.remove();
 }
 
-fn run_until_stopped(sh: &Arc<Shared>, health: &mut Publisher) {
-    let sh = sh.clone();
+fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
     let mut backoff = Duration::ZERO;
     let mut retry_at: HashMap<u64, Instant> = HashMap::new();
     let mut last_quota = Instant::now();
@@ -109,14 +108,14 @@ fn run_until_stopped(sh: &Arc<Shared>, health: &mut Publisher) {
             return;
         }
         if last_quota.elapsed() > Duration::from_secs(2) {
-            refresh_quota(&sh);
+            refresh_quota(sh);
             last_quota = Instant::now();
         }
-        if let Err(e) = delete_doomed(&sh) {
+        if let Err(e) = delete_doomed(sh) {
             tracing::error!("syncing the index: {e}");
         }
         if sh.lock().pressure {
-            let (freed, stuck) = reclaim(&sh);
+            let (freed, stuck) = reclaim(sh);
             if freed {
                 // Space came back: files refused over quota are retried at once.
                 retry_at.clear();
@@ -157,7 +156,7 @@ fn run_until_stopped(sh: &Arc<Shared>, health: &mut Publisher) {
             // Settled: snapshot if due, and release what no file references. Releases
             // wait for idle so that a file replaced by a new version (rsync's temp file +
             // rename) keeps its chunks for the new version to reuse.
-            match housekeeping(&sh, &mut released_at) {
+            match housekeeping(sh, &mut released_at) {
                 Ok(()) => backoff = Duration::ZERO,
                 Err(e) => {
                     tracing::warn!("releasing chunks: {e}");
@@ -170,17 +169,17 @@ fn run_until_stopped(sh: &Arc<Shared>, health: &mut Publisher) {
         // Under a steady stream of closes the drive is never idle: snapshot and release
         // anyway now and then, so deleted and rewritten files give their space back.
         if last_housekeeping.elapsed() >= BUSY_HOUSEKEEPING.max(sh.opts.snapshot_interval) {
-            if let Err(e) = housekeeping(&sh, &mut released_at) {
+            if let Err(e) = housekeeping(sh, &mut released_at) {
                 tracing::warn!("releasing chunks: {e}");
             }
             last_housekeeping = Instant::now();
         }
-        match upload(&sh, &batch) {
+        match upload(sh, &batch) {
             Ok(()) => {
                 backoff = Duration::ZERO;
                 health.set(UploadState::Ok, "");
                 sh.lock().kick = true; // maybe more pending
-                refresh_quota(&sh);
+                refresh_quota(sh);
                 last_quota = Instant::now();
             }
             Err(UploadError::Stopped) => return,
@@ -204,7 +203,7 @@ fn run_until_stopped(sh: &Arc<Shared>, health: &mut Publisher) {
                     failures.push((batch[0].0, first));
                 }
                 for item in singles {
-                    match upload(&sh, &[item]) {
+                    match upload(sh, &[item]) {
                         Ok(()) => {}
                         Err(UploadError::Stopped) => return,
                         Err(e) => failures.push((item.0, e)),
@@ -243,7 +242,7 @@ fn run_until_stopped(sh: &Arc<Shared>, health: &mut Publisher) {
                 }
                 sh.committed.notify_all();
                 drop(st);
-                refresh_quota(&sh);
+                refresh_quota(sh);
             }
         }
     }
@@ -298,22 +297,19 @@ fn reclaim(sh: &Shared) -> (bool, bool) {
     let before = sh.lock().quota.map(|q| q.used_bytes);
     let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
     let mut stuck = false;
-    if sh.opts.roots.is_some() {
-        if let Err(e) = super::snapshot::take(sh, &mut snap) {
-            tracing::warn!("snapshot to give space back failed: {e}");
-        }
-        sh.lock().reserve = super::snapshot::reserve(&snap);
-    }
     let mut attempts = 0;
     loop {
         let current = sh.opts.roots.is_none() || snap.changes == Some(sh.lock().db.total_changes());
         if !current {
-            // The index changed while the snapshot was read: take another (a few times).
+            // A snapshot covering the deletes first (a few tries: the index may change
+            // while it is read).
             attempts += 1;
             if attempts > 3 {
                 break;
             }
-            if let Err(e) = super::snapshot::take(sh, &mut snap) {
+            let taken = super::snapshot::take(sh, &mut snap);
+            sh.lock().reserve = super::snapshot::reserve(&snap);
+            if let Err(e) = taken {
                 tracing::warn!("snapshot to give space back failed: {e}");
                 break;
             }
@@ -335,8 +331,7 @@ fn reclaim(sh: &Shared) -> (bool, bool) {
         };
         stuck = short;
         // Thin only snapshots that hold something: history is not given up for nothing.
-        let held = index::held_for_earlier_bytes(&sh.lock().db).unwrap_or(0);
-        if !short || held == 0 {
+        if !short || index::held_for_earlier_bytes(&sh.lock().db).unwrap_or(0) == 0 {
             break;
         }
         match super::snapshot::thin_oldest(sh, &mut snap) {
