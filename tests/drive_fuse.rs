@@ -795,7 +795,8 @@ fn c_pjdfstest_against_the_mount() {
         .lines()
         .find(|l| l.starts_with("Result:"))
         .unwrap_or("no result");
-    eprintln!("C pjdfstest: {result}");
+    let counts = text.lines().find(|l| l.starts_with("Files=")).unwrap_or("");
+    eprintln!("C pjdfstest: {result} ({counts})");
     assert!(out.status.success() && result == "Result: PASS", "{text}");
 }
 
