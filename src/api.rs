@@ -307,6 +307,14 @@ pub struct Placement {
     pub token: Token,
     /// The chunks the token covers on this target.
     pub chunks: Vec<ChunkId>,
+    /// Whether the server heard from this peer lately (absent from older servers: taken
+    /// as online). Readers spread their fetches over online holders.
+    #[serde(default = "online_by_default")]
+    pub online: bool,
+}
+
+fn online_by_default() -> bool {
+    true
 }
 
 /// Where to send each chunk.

@@ -363,6 +363,7 @@ fn seal_kinds(
                 expires_at,
                 token,
                 chunks: p.grants.into_iter().map(|(c, _)| c).collect(),
+                online: p.online,
             })
         })
         .collect()

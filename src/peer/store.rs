@@ -378,16 +378,36 @@ impl ChunkStore {
         Ok(out)
     }
 
-    /// Open a stored chunk for reading; returns the file and its size.
-    pub async fn open_chunk(&self, chunk: &ChunkId) -> Result<(tokio::fs::File, u64), StoreError> {
-        match tokio::fs::File::open(self.path_of(chunk)).await {
-            Ok(f) => {
-                let len = f.metadata().await?.len();
-                Ok((f, len))
+    /// Read `len` bytes at `offset` of a stored chunk that must be `size` bytes long, in
+    /// one blocking call (one thread hand-off per chunk, not one per piece).
+    pub async fn read_chunk(
+        &self,
+        chunk: &ChunkId,
+        size: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        use std::io::{Read, Seek};
+        let path = self.path_of(chunk);
+        blocking(move || {
+            let mut f = match fs::File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
+                Err(e) => return Err(e.into()),
+            };
+            let got = f.metadata()?.len();
+            if got != size || offset.saturating_add(len as u64) > size {
+                return Err(StoreError::SizeMismatch {
+                    expected: size,
+                    got,
+                });
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound),
-            Err(e) => Err(e.into()),
-        }
+            f.seek(io::SeekFrom::Start(offset))?;
+            let mut buf = vec![0u8; len];
+            f.read_exact(&mut buf)?;
+            Ok(buf)
+        })
+        .await
     }
 }
 
