@@ -12,7 +12,6 @@
 //! over quota is reported to fsync (ENOSPC) and retried later.
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufReader;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -467,8 +466,9 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e.into()),
         };
+        let len = file.metadata()?.len();
         let mut list = Vec::new();
-        chunker::for_each_chunk(BufReader::with_capacity(1 << 20, file), |offset, data| {
+        chunker::for_each_chunk_of_file(file, len, |offset, data| {
             if sh.stop.load(Ordering::SeqCst) {
                 return Err(UploadError::Stopped);
             }
