@@ -291,7 +291,7 @@ impl RemoteBackend {
     /// The quota as the drive counts it: each chunk once (the server counts every replica
     /// or shard).
     async fn quota_async(&self) -> Result<Quota, BackendError> {
-        let st = self.server.status().await.map_err(unavailable)?;
+        let st = self.server.quota().await.map_err(unavailable)?;
         let (num, den) = self.redundancy.overhead();
         Ok(Quota {
             total_bytes: st.quota_bytes / num * den,
@@ -522,10 +522,7 @@ impl ChunkBackend for RemoteBackend {
     }
 
     fn quota(&self) -> Result<Quota, BackendError> {
-        let st = self
-            .rt
-            .block_on(self.server.status())
-            .map_err(unavailable)?;
+        let st = self.rt.block_on(self.server.quota()).map_err(unavailable)?;
         // The server counts every replica or shard; the drive counts each chunk once.
         let (num, den) = self.redundancy.overhead();
         Ok(Quota {

@@ -512,13 +512,21 @@ pub(crate) fn inventory(
 }
 
 /// `POST /v1/status`.
-pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal> {
+pub(crate) fn status(
+    st: &State,
+    peer: PeerId,
+    req: api::StatusRequest,
+) -> Result<StatusResponse, Refusal> {
     let pol = policy(st);
-    let (found, (chunks, below, replicas)) = {
+    let (found, figures) = {
         let store = st.store.lock().expect("not poisoned");
         (
             store.status(peer, pol.online_cutoff_ms, pol.now_ms / 1000)?,
-            store.durability(peer, pol.online_cutoff_ms)?,
+            if req.figures {
+                Some(store.durability(peer, pol.online_cutoff_ms)?)
+            } else {
+                None
+            },
         )
     };
     let (rec, pending, online, total) =
@@ -532,9 +540,9 @@ pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal
         used_bytes: rec.stored_bytes + pending,
         lend_bytes: rec.lend_bytes,
         holding_bytes: rec.held_bytes,
-        chunks,
-        chunks_below_target: below,
-        replicas,
+        chunks: figures.map(|f| f.0),
+        chunks_below_target: figures.map(|f| f.1),
+        replicas: figures.map(|f| f.2),
     })
 }
 

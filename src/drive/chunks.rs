@@ -153,6 +153,11 @@ impl Chunks {
         self.cache.lock().unwrap().cap
     }
 
+    /// A chunk's plaintext if it is in the cache.
+    pub(crate) fn cached(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.cache.lock().unwrap().get(id)
+    }
+
     /// A chunk's plaintext: from the cache, from a fetch already on its way, or fetched,
     /// verified and opened now.
     pub(crate) fn fetch(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, BackendError> {

@@ -1317,7 +1317,10 @@ impl Model {
     /// Read up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         for attempt in 0..3 {
-            match self.read_once(fh, offset, size) {
+            match self
+                .read_once(fh, offset, size, true)
+                .map(|r| r.unwrap_or_default())
+            {
                 // A newer version may have been committed and the old chunks released
                 // between listing and fetching them: look again.
                 Err(FsError::Backend(BackendError::NotFound(_))) if attempt < 2 => continue,
@@ -1327,7 +1330,29 @@ impl Model {
         unreachable!()
     }
 
-    fn read_once(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    /// [`Model::read`] if it needs nothing from the network (local content, or chunks in
+    /// the cache, as a read-ahead leaves them); `None` if it would have to wait for a
+    /// fetch. The FUSE layer answers such reads on its own thread.
+    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Vec<u8>>> {
+        self.read_once(fh, offset, size, false).transpose()
+    }
+
+    /// Whether a write through `fh` touches local files only: the file is being written
+    /// already, is empty, or its content is still staged (otherwise the first write
+    /// fetches the current content to start from).
+    pub fn writes_locally(&self, fh: u64) -> bool {
+        let st = self.lock();
+        let Some(h) = st.handles.get(&fh) else {
+            return true; // answered at once: a bad handle
+        };
+        st.working.contains_key(&h.ino)
+            || st
+                .attr(h.ino)
+                .is_ok_and(|a| a.size == 0 || a.stage.is_some())
+    }
+
+    /// A read; `Ok(None)` when `fetch` is false and a chunk is not in the cache.
+    fn read_once(&self, fh: u64, offset: u64, size: u32, fetch: bool) -> FsResult<Option<Vec<u8>>> {
         let (chunks, end, ahead) = {
             let mut st = self.lock();
             let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
@@ -1337,13 +1362,13 @@ impl Model {
             }
             let end = a.size.min(offset.saturating_add(size as u64));
             if end <= offset {
-                return Ok(Vec::new());
+                return Ok(Some(Vec::new()));
             }
-            let local = |f: &File| -> FsResult<Vec<u8>> {
+            let local = |f: &File| -> FsResult<Option<Vec<u8>>> {
                 let mut buf = vec![0u8; (end - offset) as usize];
                 let n = read_full_at(f, &mut buf, offset)?;
                 buf.truncate(n);
-                Ok(buf)
+                Ok(Some(buf))
             };
             if let Some(w) = st.working.get(&ino) {
                 return local(&w.file);
@@ -1368,7 +1393,14 @@ impl Model {
         }
         let mut buf = vec![0u8; (end - offset) as usize];
         for c in &chunks {
-            let plain = self.shared.chunks.fetch(c)?;
+            let plain = if fetch {
+                self.shared.chunks.fetch(c)?
+            } else {
+                match self.shared.chunks.cached(&c.id) {
+                    Some(p) => p,
+                    None => return Ok(None),
+                }
+            };
             let c_end = c.offset + c.len as u64;
             let from = offset.max(c.offset);
             let to = end.min(c_end);
@@ -1378,7 +1410,7 @@ impl Model {
             buf[(from - offset) as usize..(to - offset) as usize]
                 .copy_from_slice(&plain[(from - c.offset) as usize..(to - c.offset) as usize]);
         }
-        Ok(buf)
+        Ok(Some(buf))
     }
 
     /// Turn the working file of `ino` into a pending stage (the "close" point).
