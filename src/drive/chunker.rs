@@ -63,7 +63,10 @@ where
 mod tests {
     use super::*;
 
-    fn cuts(data: &[u8], len_hint: u64) -> (Vec<(u64, usize)>, Vec<(u64, usize)>) {
+    /// (offset, length) of each chunk.
+    type Cuts = Vec<(u64, usize)>;
+
+    fn cuts(data: &[u8], len_hint: u64) -> (Cuts, Cuts) {
         let mut streamed = Vec::new();
         for_each_chunk(data, |o, c| -> Result<(), std::io::Error> {
             streamed.push((o, c.len()));

@@ -619,17 +619,17 @@ fn row_chunk(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChunkRef> {
 /// Drop a file's chunk list, dereferencing its chunks (those reaching zero become
 /// candidates for release).
 pub fn drop_chunks(tx: &Transaction<'_>, ino: u64) -> rusqlite::Result<()> {
-    exec(&tx,
+    exec(tx,
         "UPDATE chunks SET refcount = refcount - 1 WHERE id IN (SELECT chunk FROM file_chunks WHERE ino = ?1)",
         [ino as i64],
     )?;
     // A chunk used twice by the same file appears once in `IN (...)`: count it right.
-    exec(&tx,
+    exec(tx,
         "UPDATE chunks SET refcount = refcount - (SELECT COUNT(*) - 1 FROM file_chunks f WHERE f.ino = ?1 AND f.chunk = chunks.id)
          WHERE id IN (SELECT chunk FROM file_chunks WHERE ino = ?1 GROUP BY chunk HAVING COUNT(*) > 1)",
         [ino as i64],
     )?;
-    exec(&tx, "DELETE FROM file_chunks WHERE ino = ?1", [ino as i64])?;
+    exec(tx, "DELETE FROM file_chunks WHERE ino = ?1", [ino as i64])?;
     Ok(())
 }
 
@@ -846,8 +846,8 @@ pub fn pending(c: &Connection, limit: usize) -> rusqlite::Result<Vec<(u64, u64, 
 /// Delete an inode with everything hanging off it.
 pub fn delete_inode(tx: &Transaction<'_>, ino: u64) -> rusqlite::Result<()> {
     drop_chunks(tx, ino)?;
-    exec(&tx, "DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
-    exec(&tx, "DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
+    exec(tx, "DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
+    exec(tx, "DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
     Ok(())
 }
 
