@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+mod audit;
 mod repair;
 
 use super::link::ServerLink;
@@ -217,6 +218,10 @@ struct Shared {
     confirms: mpsc::Sender<(ConfirmRequest, oneshot::Sender<bool>)>,
     /// Chunks deleted since the last successful heartbeat.
     dropped: Mutex<Vec<ChunkId>>,
+    /// Audits answered at once (each holds one whole chunk in memory).
+    audits: tokio::sync::Semaphore,
+    /// Test-only misbehaviour (debug builds only), see [`audit::Cheat`].
+    cheat: Option<audit::Cheat>,
 }
 
 impl Shared {
@@ -359,6 +364,8 @@ impl Daemon {
             reports: reports_tx,
             confirms: confirms_tx,
             dropped: Mutex::new(Vec::new()),
+            audits: tokio::sync::Semaphore::new(audit::AUDITS_AT_ONCE),
+            cheat: audit::Cheat::from_env(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let link = Arc::new(link);
@@ -575,6 +582,7 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
             Some(Op::Stream) => serve_get(&shared, &mut send, &mut recv, true).await,
             Some(Op::Delete) => serve_delete(&shared, &mut send, &mut recv).await,
             Some(Op::StatusCheck) => serve_status(&shared, &mut send, &mut recv).await,
+            Some(Op::Audit) => audit::serve(&shared, &mut send, &mut recv).await,
             None => Err(ReadFail::Refuse(Refusal::Malformed)),
         }
     };
@@ -807,6 +815,9 @@ async fn serve_get(
         Ok(g) => g,
         Err(e) => return write(send, t, &refused(Refusal::from(&e)).encode()).await,
     };
+    if shared.cheat == Some(audit::Cheat::HashesOnly) {
+        return write(send, t, &Refusal::NotFound.encode()).await;
+    }
     let (mut file, len) = match shared.store.open_chunk(&chunk).await {
         Ok(f) => f,
         Err(e) => return write(send, t, &store_refusal(&e).encode()).await,
