@@ -452,6 +452,26 @@ pub struct StatusResponse {
     /// Its replica target (the replicas its last put asked for).
     #[serde(default)]
     pub replicas: u8,
+    /// Its own storage daemon's audit record, as the server keeps it.
+    #[serde(default)]
+    pub standing: Option<PeerStanding>,
+}
+
+/// A storage daemon's audit record and standing (see `docs/SECURITY.md`, audits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStanding {
+    /// Audits passed.
+    pub audits_passed: u64,
+    /// Audits failed or unanswered.
+    pub audits_failed: u64,
+    /// Weighted audit pass rate, 0 to 1.
+    pub reputation: f64,
+    /// Weighted share of audit rounds it was online in, 0 to 1.
+    pub uptime: f64,
+    /// `good`, `suspended` or `disqualified`.
+    pub standing: String,
+    /// Whether the server places new chunks on it.
+    pub receiving_placements: bool,
 }
 
 /// Store a new sealed root record (the encrypted pointer to the drive's latest snapshot).

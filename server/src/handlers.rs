@@ -513,11 +513,12 @@ pub(crate) fn inventory(
 /// `POST /v1/status`.
 pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal> {
     let pol = policy(st);
-    let (found, (chunks, below, replicas)) = {
+    let (found, (chunks, below, replicas), audits) = {
         let store = st.store.lock().expect("not poisoned");
         (
             store.status(peer, pol.online_cutoff_ms, pol.now_ms / 1000)?,
             store.durability(peer, pol.online_cutoff_ms)?,
+            store.audit_record(peer)?,
         )
     };
     let (rec, pending, online, total) =
@@ -534,6 +535,14 @@ pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal
         chunks,
         chunks_below_target: below,
         replicas,
+        standing: audits.map(|a| api::PeerStanding {
+            audits_passed: a.passed,
+            audits_failed: a.failed,
+            reputation: a.reputation,
+            uptime: a.uptime,
+            standing: a.standing.as_str().into(),
+            receiving_placements: a.standing == store::Standing::Good,
+        }),
     })
 }
 

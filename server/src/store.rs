@@ -206,9 +206,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             ))?;
         }
     }
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS locations_by_audit ON locations (audited_ms)",
-    )?;
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS locations_by_audit ON locations (audited_ms)")?;
     // Reports counted before reasons and subjects were bounded may name made-up ones.
     let known: Vec<String> = api::REJECTED_REASONS
         .iter()
@@ -1238,7 +1236,16 @@ impl Store {
                 "rejected",
                 known_reason(reason),
             ),
-            ReportRequest::BadChunk { holder, .. } => (*holder, "bad_chunk", "bad_hash"),
+            ReportRequest::BadChunk { holder, chunk } => {
+                // The owner's word is not proof (it could be settling a score): the
+                // location is audited at the next round instead, and repaired if it fails.
+                tx.execute(
+                    "UPDATE locations SET audited_ms = 0
+                     WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 AND audit_failed = 0",
+                    params![pid(reporter), chunk.0.to_vec(), pid(*holder)],
+                )?;
+                (*holder, "bad_chunk", "bad_hash")
+            }
             ReportRequest::TransferFailed {
                 target,
                 txid,

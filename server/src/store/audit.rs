@@ -137,7 +137,12 @@ impl Store {
                  WHERE owner = ?1 AND chunk = ?2 AND holder = ?3",
             )?;
             for t in &due {
-                stamp.execute(params![pid(t.owner), t.chunk.0.to_vec(), pid(t.holder), now])?;
+                stamp.execute(params![
+                    pid(t.owner),
+                    t.chunk.0.to_vec(),
+                    pid(t.holder),
+                    now
+                ])?;
             }
         }
         tx.commit()?;
@@ -241,7 +246,6 @@ impl Store {
             )
             .optional()
     }
-
 }
 
 #[cfg(test)]
@@ -270,7 +274,9 @@ mod tests {
         stored(&mut s, owner, now);
         let pol = policy(now);
         // Never audited: every location is due at once, and then not again this cycle.
-        let due = s.audits_due(now, 60_000, pol.online_cutoff_ms, 100).unwrap();
+        let due = s
+            .audits_due(now, 60_000, pol.online_cutoff_ms, 100)
+            .unwrap();
         assert!(!due.is_empty());
         assert!(s
             .audits_due(now, 60_000, pol.online_cutoff_ms, 100)
@@ -279,7 +285,10 @@ mod tests {
         let bad = due[0].holder;
         let on_bad: Vec<&AuditTarget> = due.iter().filter(|t| t.holder == bad).collect();
         // One failure: the location is lost and queued for repair; still good standing.
-        assert_eq!(s.record_audit(on_bad[0], false, now).unwrap(), Standing::Good);
+        assert_eq!(
+            s.record_audit(on_bad[0], false, now).unwrap(),
+            Standing::Good
+        );
         let scan = s.scan_repairs(0, &pol).unwrap();
         assert_eq!(scan.queued, 1, "{scan:?}");
         assert!(!holders_for_reads(&mut s, owner, on_bad[0].chunk, now).contains(&bad));
@@ -303,7 +312,10 @@ mod tests {
             .unwrap();
         assert_eq!(queued as usize, on_bad.len());
         // Not yet past the limit: still suspended; past it, disqualified.
-        assert!(s.audit_round(pol.online_cutoff_ms, 0.1, now).unwrap().is_empty());
+        assert!(s
+            .audit_round(pol.online_cutoff_ms, 0.1, now)
+            .unwrap()
+            .is_empty());
         assert_eq!(
             s.audit_round(pol.online_cutoff_ms, 0.1, now + 1).unwrap(),
             vec![bad]
@@ -312,7 +324,10 @@ mod tests {
         assert_eq!((f.peers_suspended, f.peers_disqualified), (0, 1));
         // The others were never touched.
         for p in peers.iter().filter(|p| **p != bad) {
-            assert_eq!(s.audit_record(*p).unwrap().unwrap().standing, Standing::Good);
+            assert_eq!(
+                s.audit_record(*p).unwrap().unwrap().standing,
+                Standing::Good
+            );
         }
     }
 

@@ -198,8 +198,8 @@ impl Store {
                 "SELECT l.holder, p.quic_addr, p.fingerprint FROM locations l
                  JOIN peers p ON p.id = l.holder
                  WHERE l.owner = ?1 AND l.chunk = ?2 AND l.holder != ?3 AND p.last_seen_ms >= ?4
-                   AND l.audit_failed = 0
-                 ORDER BY p.last_seen_ms DESC",
+                   AND l.audit_failed = 0 AND p.standing < 2
+                 ORDER BY p.standing, p.last_seen_ms DESC",
             )?;
             let mut shard_of = tx.prepare_cached(
                 "SELECT chunk, idx FROM stripe_shards WHERE owner = ?1 AND shard = ?2",
