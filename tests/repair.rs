@@ -461,7 +461,7 @@ fn verify_finds_a_corrupt_copy_and_a_missing_chunk_and_the_corrupt_copy_is_repla
     let stores = net.storage_dirs();
     wait_for(
         "the first audit of every location",
-        Duration::from_secs(120),
+        Duration::from_secs(240),
         || {
             let locations = metric_lines(&net)
                 .iter()

@@ -5,8 +5,8 @@
 //! — the range's bytes and a BLAKE3 proof — against the chunk id it recorded, within
 //! [`AUDIT_DEADLINE`]. The server never holds the data; an audit moves a few KiB.
 //!
-//! Audits are spread over the interval: a round runs every twentieth of it and takes the
-//! locations whose last audit is the oldest and past due (holders with few audits passed
+//! Audits are spread over the interval: a round runs every twentieth of it (at most every
+//! 10 s) and takes the locations whose last audit is the oldest and past due (holders with few audits passed
 //! are due four times as often). A failed or unanswered audit marks the location lost at
 //! once and runs a repair scan right away; outcomes move the holder's reputation and
 //! standing ([`crate::store::Standing`]).
@@ -23,8 +23,10 @@ use crate::State;
 
 /// How long a holder has to answer an audit.
 pub const AUDIT_DEADLINE: Duration = Duration::from_secs(10);
-/// Audit rounds per interval.
+/// Audit rounds per interval (rounds are 0.2 to 10 s apart).
 const ROUNDS_PER_INTERVAL: u64 = 20;
+/// Audits a round may start beyond its share.
+const EXTRA_PER_ROUND: usize = 64;
 /// Most audits in flight at once.
 const AUDITS_IN_FLIGHT: usize = 16;
 /// A peer suspended for this many audit intervals without recovering is disqualified.
@@ -74,14 +76,16 @@ pub fn spawn_auditor(st: Arc<State>) {
             }
         };
         let interval_ms = st.cfg.audit_interval_secs * 1000;
-        let period = Duration::from_millis((interval_ms / ROUNDS_PER_INTERVAL).clamp(200, 60_000));
+        let period_ms = (interval_ms / ROUNDS_PER_INTERVAL).clamp(200, 10_000);
+        let rounds = (interval_ms / period_ms).max(1);
+        let period = Duration::from_millis(period_ms);
         let slots = Arc::new(tokio::sync::Semaphore::new(AUDITS_IN_FLIGHT));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let st2 = st.clone();
-            let due = tokio::task::spawn_blocking(move || round(&st2, interval_ms)).await;
+            let due = tokio::task::spawn_blocking(move || round(&st2, interval_ms, rounds)).await;
             let due = match due {
                 Ok(Ok(d)) => d,
                 Ok(Err(e)) => {
@@ -105,9 +109,10 @@ pub fn spawn_auditor(st: Arc<State>) {
     });
 }
 
-/// One round's bookkeeping, then the locations to audit now: enough that every location
-/// is audited within a quarter of the interval once due.
-fn round(st: &State, interval_ms: u64) -> rusqlite::Result<Vec<AuditTarget>> {
+/// One round's bookkeeping, then the locations to audit now, oldest first: up to four
+/// times the round's share of all locations (new holders are due four times per
+/// interval) plus a few, which bounds the burst after a large upload.
+fn round(st: &State, interval_ms: u64, rounds: u64) -> rusqlite::Result<Vec<AuditTarget>> {
     let pol = crate::handlers::policy(st);
     let mut store = st.store.lock().expect("not poisoned");
     let disqualified = store.audit_round(
@@ -120,7 +125,7 @@ fn round(st: &State, interval_ms: u64) -> rusqlite::Result<Vec<AuditTarget>> {
         tracing::warn!(peer = %p, "peer disqualified: suspended too long without recovering");
     }
     let locations = store.location_count()?;
-    let limit = (locations * 4 / ROUNDS_PER_INTERVAL + 16) as usize;
+    let limit = (locations * 4).div_ceil(rounds) as usize + EXTRA_PER_ROUND;
     store.audits_due(pol.now_ms, interval_ms, pol.online_cutoff_ms, limit)
 }
 
