@@ -237,9 +237,14 @@ impl Answer {
         })
     }
 
+    /// Length of the wire form.
+    pub fn encoded_len(&self) -> usize {
+        NONCE_LEN + 6 + self.data.len() + 32 * self.proof.len()
+    }
+
     /// The wire form.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(NONCE_LEN + 6 + self.data.len() + 32 * self.proof.len());
+        let mut b = Vec::with_capacity(self.encoded_len());
         b.extend_from_slice(&self.nonce);
         b.extend_from_slice(&(self.data.len() as u32).to_be_bytes());
         b.extend_from_slice(&self.data);
@@ -407,6 +412,7 @@ mod tests {
                 let c = Challenge::at(id, size as u32, pick, NONCE);
                 let ans = Answer::prove(&c, &data).unwrap();
                 assert!(ans.proof.len() <= MAX_PROOF_CVS);
+                assert_eq!(ans.encode().len(), ans.encoded_len());
                 let wire = Answer::decode(&ans.encode()).unwrap();
                 assert_eq!(wire, ans);
                 assert_eq!(c.verify(&wire, 1, 2), Ok(()), "size {size} pick {pick}");

@@ -772,12 +772,18 @@ async fn audits_are_authenticated_and_prove_the_chunk() {
 
     let unknown = Challenge::random(ChunkId([3; 32]), size).unwrap();
     assert_eq!(
-        client.audit(&peer, &sign(&unknown), &unknown).await.map(drop),
+        client
+            .audit(&peer, &sign(&unknown), &unknown)
+            .await
+            .map(drop),
         Err(PeerError::NotFound)
     );
     let resized = Challenge::random(id, size - 1024).unwrap();
     assert_eq!(
-        client.audit(&peer, &sign(&resized), &resized).await.map(drop),
+        client
+            .audit(&peer, &sign(&resized), &resized)
+            .await
+            .map(drop),
         Err(PeerError::SizeMismatch)
     );
 

@@ -524,3 +524,80 @@ fn verify_finds_a_corrupt_copy_and_a_missing_chunk_and_the_corrupt_copy_is_repla
         },
     );
 }
+
+/// CPU seconds the process `pid` has used (user + system).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The sum of every series of `name` in `/metrics`.
+fn metric_sum(net: &Net, name: &str) -> f64 {
+    metric_lines(net)
+        .iter()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Audit load on a live server, measured rather than asserted: the server's CPU over
+/// 20 s of an idle network holding a backed-up tree, with audits off (the baseline:
+/// heartbeats, status checks, repair scans) and with every location audited every 2 s;
+/// the difference per audit, and what that makes per audited TiB a day at the default
+/// interval. Run with `cargo test --test repair audit_load -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run it with --ignored --nocapture"]
+fn audit_load_on_a_live_server() {
+    let mut cpu = Vec::new();
+    for interval in ["0", "2"] {
+        let net = Net::start_with(
+            4,
+            &[
+                "--heartbeat-interval",
+                "1",
+                "--online-timeout",
+                "3",
+                "--audit-interval",
+                interval,
+            ],
+        );
+        let user = net.register("alice", "1G");
+        back_up_a_tree(&net, &user, 6);
+        std::thread::sleep(Duration::from_secs(10));
+        let pid = net._server.pid();
+        let (c0, a0, b0) = (
+            cpu_secs(pid),
+            metric_sum(&net, "peerstash_audits_total"),
+            metric_sum(&net, "peerstash_audit_answer_bytes_total"),
+        );
+        std::thread::sleep(Duration::from_secs(20));
+        let (c1, a1, b1) = (
+            cpu_secs(pid),
+            metric_sum(&net, "peerstash_audits_total"),
+            metric_sum(&net, "peerstash_audit_answer_bytes_total"),
+        );
+        let verify = metric_sum(&net, "peerstash_audit_verify_seconds_total");
+        let locations = metric_sum(&net, "peerstash_chunk_locations ");
+        eprintln!(
+            "audit interval {interval:>2} s: {locations} locations, server CPU {:.2} s in 20 s, \
+             {} audits, {:.0} answer bytes per audit, {verify:.4} s verifying in all",
+            c1 - c0,
+            a1 - a0,
+            if a1 > a0 { (b1 - b0) / (a1 - a0) } else { 0.0 }
+        );
+        cpu.push((c1 - c0, a1 - a0));
+    }
+    let per_audit = (cpu[1].0 - cpu[0].0) / cpu[1].1.max(1.0);
+    let per_tib_day = (1u64 << 20) as f64 * 4.0;
+    eprintln!(
+        "server CPU per audit (over the baseline): {:.0} µs; per audited TiB a day at the \
+         default 6 h interval (1 MiB chunks, {per_tib_day} audits): {:.0} s",
+        per_audit * 1e6,
+        per_audit * per_tib_day
+    );
+}

@@ -11,12 +11,13 @@
 //! once and runs a repair scan right away; outcomes move the holder's reputation and
 //! standing ([`crate::store::Standing`]).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peerstash::audit::Challenge;
 use peerstash::control::{now_ms, ControlSigner, Direction, MessageKind};
-use peerstash::peer::{PeerAddr, PeerClient};
+use peerstash::peer::{PeerAddr, PeerClient, PeerError};
 
 use crate::store::{AuditTarget, Standing};
 use crate::State;
@@ -25,6 +26,8 @@ use crate::State;
 pub const AUDIT_DEADLINE: Duration = Duration::from_secs(10);
 /// Audit rounds per interval (rounds are 0.2 to 10 s apart).
 const ROUNDS_PER_INTERVAL: u64 = 20;
+/// How long the repair scan after a failed audit waits for the rest of a burst.
+const SCAN_DEBOUNCE: Duration = Duration::from_millis(250);
 /// Audits a round may start beyond its share.
 const EXTRA_PER_ROUND: usize = 64;
 /// Most audits in flight at once.
@@ -100,8 +103,9 @@ pub fn spawn_auditor(st: Arc<State>) {
                 };
                 let (st, client) = (st.clone(), client.clone());
                 tokio::spawn(async move {
-                    let outcome = audit(&st, &client, &t).await;
-                    settle(&st, t, outcome).await;
+                    if let Some(outcome) = audit(&st, &client, &t).await {
+                        settle(&st, t, outcome).await;
+                    }
                     drop(slot);
                 });
             }
@@ -130,15 +134,13 @@ fn round(st: &State, interval_ms: u64, rounds: u64) -> rusqlite::Result<Vec<Audi
 }
 
 /// Audit one location: challenge, answer, verification. The time spent verifying is
-/// counted in `/metrics` (the server's CPU cost of audits).
-pub async fn audit(st: &State, client: &PeerClient, t: &AuditTarget) -> Outcome {
-    let Some(key) = st.key_of(t.holder) else {
-        return Outcome::Unanswered;
-    };
-    let challenge = match Challenge::random(t.chunk, t.size) {
-        Ok(c) if c.check().is_ok() => c,
-        _ => return Outcome::Unanswered,
-    };
+/// counted in `/metrics` (the server's CPU cost of audits). `None`: the server could not
+/// audit (no key for the holder, no randomness), which says nothing about the holder.
+pub async fn audit(st: &State, client: &PeerClient, t: &AuditTarget) -> Option<Outcome> {
+    let key = st.key_of(t.holder)?;
+    let challenge = Challenge::random(t.chunk, t.size)
+        .ok()
+        .filter(|c| c.check().is_ok())?;
     let auth = ControlSigner::new(t.holder, &key, Direction::ServerToPeer).sign(
         MessageKind::Audit,
         &challenge.encode(),
@@ -150,11 +152,11 @@ pub async fn audit(st: &State, client: &PeerClient, t: &AuditTarget) -> Outcome 
         Err(e) => Err(e),
     };
     let received = now_ms();
-    match answer {
+    Some(match answer {
         Ok(a) => {
             let started = Instant::now();
             let verdict = challenge.verify(&a, received, deadline);
-            st.metrics.audit_cpu(started.elapsed(), a.encode().len());
+            st.metrics.audit_cpu(started.elapsed(), a.encoded_len());
             match verdict {
                 Ok(()) => Outcome::Passed,
                 Err(e) => {
@@ -163,7 +165,7 @@ pub async fn audit(st: &State, client: &PeerClient, t: &AuditTarget) -> Outcome 
                 }
             }
         }
-        Err(peerstash::peer::PeerError::NotFound | peerstash::peer::PeerError::SizeMismatch) => {
+        Err(PeerError::NotFound | PeerError::SizeMismatch) => {
             tracing::warn!(holder = %t.holder, chunk = ?t.chunk, "audit: the holder does not have the chunk");
             Outcome::Missing
         }
@@ -171,16 +173,16 @@ pub async fn audit(st: &State, client: &PeerClient, t: &AuditTarget) -> Outcome 
             tracing::warn!(holder = %t.holder, chunk = ?t.chunk, error = %e, "audit unanswered");
             Outcome::Unanswered
         }
-    }
+    })
 }
 
 /// Record an outcome; anything but a pass queues the location's repair at once.
 async fn settle(st: &Arc<State>, t: AuditTarget, outcome: Outcome) {
     st.metrics.audit(outcome.as_str());
-    let st = st.clone();
+    let passed = outcome == Outcome::Passed;
+    let st2 = st.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        let passed = outcome == Outcome::Passed;
-        let standing = st
+        let standing = st2
             .store
             .lock()
             .expect("not poisoned")
@@ -190,9 +192,16 @@ async fn settle(st: &Arc<State>, t: AuditTarget, outcome: Outcome) {
             Ok(s) => tracing::warn!(holder = %t.holder, standing = s.as_str(), "holder not in good standing"),
             Err(e) => tracing::warn!("recording an audit: {e}"),
         }
-        if !passed {
-            crate::repair::scan(&st);
-        }
     })
     .await;
+    // Failures come in bursts (a peer that lost everything): the first asks for a scan,
+    // which waits a moment so that it serves every failure of the burst.
+    if !passed && !st.scan_after_audits.swap(true, Ordering::AcqRel) {
+        let st = st.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SCAN_DEBOUNCE).await;
+            st.scan_after_audits.store(false, Ordering::Release);
+            let _ = tokio::task::spawn_blocking(move || crate::repair::scan(&st)).await;
+        });
+    }
 }

@@ -162,6 +162,8 @@ pub struct State {
     confirm_queue: Mutex<Vec<handlers::QueuedConfirm>>,
     /// Bounds concurrent password hashing (register, login).
     hash_slots: tokio::sync::Semaphore,
+    /// A repair scan is wanted after failed audits (many failures, one scan).
+    pub(crate) scan_after_audits: std::sync::atomic::AtomicBool,
     /// TLS identity served.
     pub cert: CertKey,
 }
@@ -288,6 +290,7 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
         metrics: Metrics::default(),
         limiter,
         confirm_queue: Mutex::new(Vec::new()),
+        scan_after_audits: std::sync::atomic::AtomicBool::new(false),
         hash_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
