@@ -464,9 +464,9 @@ pub struct PeerStanding {
     pub audits_passed: u64,
     /// Audits failed or unanswered.
     pub audits_failed: u64,
-    /// Weighted audit pass rate, 0 to 1.
+    /// Weighted pass rate of the audits it answered, 0 to 1.
     pub reputation: f64,
-    /// Weighted share of audit rounds it was online in, 0 to 1.
+    /// Weighted share of its audits it answered, 0 to 1.
     pub uptime: f64,
     /// `good`, `suspended` or `disqualified`.
     pub standing: String,

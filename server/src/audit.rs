@@ -8,8 +8,9 @@
 //! Audits are spread over the interval: a round runs every twentieth of it (at most every
 //! 10 s) and takes the locations whose last audit is the oldest and past due (holders with few audits passed
 //! are due four times as often). A failed or unanswered audit marks the location lost at
-//! once and runs a repair scan right away; outcomes move the holder's reputation and
-//! standing ([`crate::store::Standing`]).
+//! once and runs a repair scan right away (an unanswered copy stays readable and is
+//! audited again; see [`crate::store::Verdict`]); outcomes move the holder's reputation,
+//! uptime and standing ([`crate::store::Standing`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use peerstash::audit::Challenge;
 use peerstash::control::{now_ms, ControlSigner, Direction, MessageKind};
 use peerstash::peer::{PeerAddr, PeerClient, PeerError};
 
-use crate::store::{AuditTarget, Standing};
+use crate::store::{AuditTarget, Standing, Verdict};
 use crate::State;
 
 /// How long a holder has to answer an audit.
@@ -34,8 +35,6 @@ const EXTRA_PER_ROUND: usize = 64;
 const AUDITS_IN_FLIGHT: usize = 16;
 /// A peer suspended for this many audit intervals without recovering is disqualified.
 const DISQUALIFY_AFTER_INTERVALS: u64 = 3;
-/// Weight of one round in a peer's uptime (about the last few intervals count).
-const UPTIME_WEIGHT: f64 = 1.0 / (4 * ROUNDS_PER_INTERVAL) as f64;
 
 /// How one audit ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,9 +118,7 @@ pub fn spawn_auditor(st: Arc<State>) {
 fn round(st: &State, interval_ms: u64, rounds: u64) -> rusqlite::Result<Vec<AuditTarget>> {
     let pol = crate::handlers::policy(st);
     let mut store = st.store.lock().expect("not poisoned");
-    let disqualified = store.audit_round(
-        pol.online_cutoff_ms,
-        UPTIME_WEIGHT,
+    let disqualified = store.disqualify_suspended(
         pol.now_ms
             .saturating_sub(DISQUALIFY_AFTER_INTERVALS * interval_ms),
     )?;
@@ -180,13 +177,18 @@ pub async fn audit(st: &State, client: &PeerClient, t: &AuditTarget) -> Option<O
 async fn settle(st: &Arc<State>, t: AuditTarget, outcome: Outcome) {
     st.metrics.audit(outcome.as_str());
     let passed = outcome == Outcome::Passed;
+    let verdict = match outcome {
+        Outcome::Passed => Verdict::Passed,
+        Outcome::Failed | Outcome::Missing => Verdict::Bad,
+        Outcome::Unanswered => Verdict::Unanswered,
+    };
     let st2 = st.clone();
     let _ = tokio::task::spawn_blocking(move || {
         let standing = st2
             .store
             .lock()
             .expect("not poisoned")
-            .record_audit(&t, passed, now_ms());
+            .record_audit(&t, verdict, now_ms());
         match standing {
             Ok(Standing::Good) => {}
             Ok(s) => tracing::warn!(holder = %t.holder, standing = s.as_str(), "holder not in good standing"),

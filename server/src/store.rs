@@ -19,7 +19,7 @@ use crate::error::Refusal;
 
 mod audit;
 mod repair;
-pub use audit::{AuditRecord, AuditTarget, Standing};
+pub use audit::{AuditRecord, AuditTarget, Standing, Verdict};
 pub use repair::{RepairPlan, RepairScan};
 
 /// Transaction ids are reserved in blocks of this size: the high-water mark on disk is
@@ -996,7 +996,7 @@ impl Store {
             let mut st = tx.prepare_cached(
                 "SELECT l.holder, l.size, p.quic_addr, p.fingerprint, p.last_seen_ms
                  FROM locations l JOIN peers p ON p.id = l.holder
-                 WHERE l.owner = ?1 AND l.chunk = ?2 AND l.audit_failed = 0",
+                 WHERE l.owner = ?1 AND l.chunk = ?2 AND l.audit_failed != 1",
             )?;
             let mut holders_of = |id: &ChunkId| -> rusqlite::Result<Vec<_>> {
                 st.query_map(params![pid(owner), id.0.to_vec()], |r| {
@@ -1241,7 +1241,7 @@ impl Store {
                 // location is audited at the next round instead, and repaired if it fails.
                 tx.execute(
                     "UPDATE locations SET audited_ms = 0
-                     WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 AND audit_failed = 0",
+                     WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 AND audit_failed != 1",
                     params![pid(reporter), chunk.0.to_vec(), pid(*holder)],
                 )?;
                 (*holder, "bad_chunk", "bad_hash")

@@ -3,14 +3,22 @@
 //!
 //! A location is due once its last audit is older than the audit interval (a quarter of
 //! it for a *new* holder, one with fewer than [`NEW_PEER_AUDITS`] audits passed), oldest
-//! first; a location never audited is due at once. A failed audit marks the location
-//! `audit_failed`: from then on it counts as lost (the repair scan queues a copy at once,
-//! see [`super::Store::scan_repairs`]), is not handed out for reads, not used as a repair
-//! source and not audited again. Each outcome moves the holder's reputation, an
-//! exponentially weighted pass rate; below [`SUSPEND_BELOW`] it is *suspended* (no new
-//! placements, everything it holds repaired elsewhere), back at [`RESTORE_AT`] it is in
-//! good standing again, and suspended for longer than the caller's limit it is
-//! *disqualified* for good.
+//! first; a location never audited is due at once.
+//!
+//! `locations.audit_failed` says what the last audit found: 0 nothing wrong; 1 *bad* (a
+//! proof that fails, or the holder says it has no such chunk): the copy is known to be
+//! gone, so it counts as lost (the repair scan queues a copy at once, see
+//! [`super::Store::scan_repairs`]), is no longer handed out for reads or used as a repair
+//! source, and is not audited again; 2 *unanswered*: the copy counts as lost too (its
+//! repair is queued at once) but, since nothing shows it is gone, it stays readable, a
+//! repair source of last resort, and is audited again — an answer clears it.
+//!
+//! Each outcome moves the holder's reputation (an exponentially weighted pass rate of the
+//! audits it answered) and its uptime (the same over answered versus unanswered audits).
+//! Below [`SUSPEND_BELOW`] reputation or [`SUSPEND_UPTIME_BELOW`] uptime it is
+//! *suspended* (no new placements, everything it holds repaired elsewhere); back at
+//! [`RESTORE_AT`] and [`RESTORE_UPTIME_AT`] it is in good standing again; suspended for
+//! longer than the caller's limit it is *disqualified* for good.
 
 use peerstash::{ChunkId, Fingerprint, PeerId};
 use rusqlite::{params, OptionalExtension};
@@ -25,6 +33,22 @@ pub const REPUTATION_WEIGHT: f64 = 0.1;
 pub const SUSPEND_BELOW: f64 = 0.75;
 /// A suspended holder whose reputation climbs back to this is in good standing again.
 pub const RESTORE_AT: f64 = 0.9;
+/// Below this uptime (answered share of audits) a holder is suspended: a restart costs a
+/// few unanswered audits, a peer that never answers is out after about seven.
+pub const SUSPEND_UPTIME_BELOW: f64 = 0.5;
+/// ... and back in good standing at this uptime (and [`RESTORE_AT`] reputation).
+pub const RESTORE_UPTIME_AT: f64 = 0.7;
+
+/// What one audit found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The proof checked out.
+    Passed,
+    /// The copy is known bad: a failing proof, or the holder says it is not there.
+    Bad,
+    /// No answer in time.
+    Unanswered,
+}
 
 /// A peer's standing, as stored (`peers.standing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +106,7 @@ pub struct AuditRecord {
     pub failed: u64,
     /// Weighted pass rate, 0..=1.
     pub reputation: f64,
-    /// Weighted share of audit rounds it was online in, 0..=1.
+    /// Weighted share of its audits it answered, 0..=1.
     pub uptime: f64,
     /// Its standing.
     pub standing: Standing,
@@ -105,7 +129,7 @@ impl Store {
             let mut st = tx.prepare_cached(
                 "SELECT l.owner, l.chunk, l.size, l.holder, p.quic_addr, p.fingerprint
                  FROM locations l JOIN peers p ON p.id = l.holder
-                 WHERE l.audit_failed = 0 AND p.last_seen_ms >= ?2 AND p.standing < 2
+                 WHERE l.audit_failed != 1 AND p.last_seen_ms >= ?2 AND p.standing < 2
                    AND l.audited_ms <= ?1 - CASE WHEN p.audits_passed < ?4 THEN ?3 / 4
                                                  ELSE ?3 END
                  ORDER BY l.audited_ms LIMIT ?5",
@@ -149,40 +173,57 @@ impl Store {
         Ok(due)
     }
 
-    /// Record one audit's outcome: a failure marks the location lost (repair follows at
-    /// the next scan); either way the holder's counts, reputation and standing move.
-    /// Returns the holder's standing afterwards.
+    /// Record one audit's outcome: a bad or unanswered copy counts as lost from now on
+    /// (repair follows at the next scan), a pass clears an earlier unanswered one; the
+    /// holder's counts, reputation, uptime and standing move. Returns its standing.
     pub fn record_audit(
         &mut self,
         t: &AuditTarget,
-        passed: bool,
+        verdict: Verdict,
         now_ms: u64,
     ) -> rusqlite::Result<Standing> {
         let tx = self.conn.transaction()?;
-        if !passed {
-            tx.execute(
-                "UPDATE locations SET audit_failed = 1
-                 WHERE owner = ?1 AND chunk = ?2 AND holder = ?3",
-                params![pid(t.owner), t.chunk.0.to_vec(), pid(t.holder)],
-            )?;
-        }
-        let ok = i64::from(passed);
+        let mark = match verdict {
+            Verdict::Passed => 0,
+            Verdict::Bad => 1,
+            Verdict::Unanswered => 2,
+        };
         tx.execute(
-            "UPDATE peers SET audits_passed = audits_passed + ?2,
-                              audits_failed = audits_failed + 1 - ?2,
-                              reputation = reputation * (1 - ?3) + ?3 * ?2
-             WHERE id = ?1",
-            params![pid(t.holder), ok, REPUTATION_WEIGHT],
+            "UPDATE locations SET audit_failed = ?4
+             WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 AND audit_failed != 1",
+            params![pid(t.owner), t.chunk.0.to_vec(), pid(t.holder), mark],
         )?;
-        // Good → suspended below the threshold; suspended → good again once recovered.
+        let w = REPUTATION_WEIGHT;
+        match verdict {
+            Verdict::Unanswered => tx.execute(
+                "UPDATE peers SET audits_failed = audits_failed + 1, uptime = uptime * (1 - ?2)
+                 WHERE id = ?1",
+                params![pid(t.holder), w],
+            )?,
+            answered => tx.execute(
+                "UPDATE peers SET audits_passed = audits_passed + ?2,
+                                  audits_failed = audits_failed + 1 - ?2,
+                                  reputation = reputation * (1 - ?3) + ?3 * ?2,
+                                  uptime = uptime * (1 - ?3) + ?3
+                 WHERE id = ?1",
+                params![pid(t.holder), i64::from(answered == Verdict::Passed), w],
+            )?,
+        };
+        // Good → suspended below a threshold; suspended → good again once recovered.
         tx.execute(
             "UPDATE peers SET standing = 1, suspended_ms = ?2
-             WHERE id = ?1 AND standing = 0 AND reputation < ?3",
-            params![pid(t.holder), now_ms as i64, SUSPEND_BELOW],
+             WHERE id = ?1 AND standing = 0 AND (reputation < ?3 OR uptime < ?4)",
+            params![
+                pid(t.holder),
+                now_ms as i64,
+                SUSPEND_BELOW,
+                SUSPEND_UPTIME_BELOW
+            ],
         )?;
         tx.execute(
-            "UPDATE peers SET standing = 0 WHERE id = ?1 AND standing = 1 AND reputation >= ?2",
-            params![pid(t.holder), RESTORE_AT],
+            "UPDATE peers SET standing = 0
+             WHERE id = ?1 AND standing = 1 AND reputation >= ?2 AND uptime >= ?3",
+            params![pid(t.holder), RESTORE_AT, RESTORE_UPTIME_AT],
         )?;
         let s: i64 = tx.query_row(
             "SELECT standing FROM peers WHERE id = ?1",
@@ -193,31 +234,17 @@ impl Store {
         Ok(Standing::from_i64(s))
     }
 
-    /// One audit round's housekeeping: move every peer's uptime towards whether it is
-    /// online now (weight `weight`), and disqualify peers suspended before
-    /// `suspended_before_ms`. Returns the peers disqualified now.
-    pub fn audit_round(
+    /// Disqualify peers suspended before `suspended_before_ms`; returns them.
+    pub fn disqualify_suspended(
         &mut self,
-        online_cutoff_ms: u64,
-        weight: f64,
         suspended_before_ms: u64,
     ) -> rusqlite::Result<Vec<PeerId>> {
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "UPDATE peers SET uptime = uptime * (1 - ?2) + ?2 * (last_seen_ms >= ?1)
-             WHERE standing < 2",
-            params![online_cutoff_ms as i64, weight],
+        let mut st = self.conn.prepare_cached(
+            "UPDATE peers SET standing = 2 WHERE standing = 1 AND suspended_ms < ?1
+             RETURNING id",
         )?;
-        let out = {
-            let mut st = tx.prepare_cached(
-                "UPDATE peers SET standing = 2 WHERE standing = 1 AND suspended_ms < ?1
-                 RETURNING id",
-            )?;
-            let rows = st.query_map([suspended_before_ms as i64], |r| Ok(to_pid(r.get(0)?)))?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()?
-        };
-        tx.commit()?;
-        Ok(out)
+        let rows = st.query_map([suspended_before_ms as i64], |r| Ok(to_pid(r.get(0)?)))?;
+        rows.collect()
     }
 
     /// Committed locations, every replica counted.
@@ -286,7 +313,7 @@ mod tests {
         let on_bad: Vec<&AuditTarget> = due.iter().filter(|t| t.holder == bad).collect();
         // One failure: the location is lost and queued for repair; still good standing.
         assert_eq!(
-            s.record_audit(on_bad[0], false, now).unwrap(),
+            s.record_audit(on_bad[0], Verdict::Bad, now).unwrap(),
             Standing::Good
         );
         let scan = s.scan_repairs(0, &pol).unwrap();
@@ -295,7 +322,7 @@ mod tests {
         // Failures pile up: suspended, and everything it holds is queued for repair.
         let mut standing = Standing::Good;
         for _ in 0..3 {
-            standing = s.record_audit(on_bad[0], false, now).unwrap();
+            standing = s.record_audit(on_bad[0], Verdict::Bad, now).unwrap();
         }
         assert_eq!(standing, Standing::Suspended);
         let rec = s.audit_record(bad).unwrap().unwrap();
@@ -312,14 +339,8 @@ mod tests {
             .unwrap();
         assert_eq!(queued as usize, on_bad.len());
         // Not yet past the limit: still suspended; past it, disqualified.
-        assert!(s
-            .audit_round(pol.online_cutoff_ms, 0.1, now)
-            .unwrap()
-            .is_empty());
-        assert_eq!(
-            s.audit_round(pol.online_cutoff_ms, 0.1, now + 1).unwrap(),
-            vec![bad]
-        );
+        assert!(s.disqualify_suspended(now).unwrap().is_empty());
+        assert_eq!(s.disqualify_suspended(now + 1).unwrap(), vec![bad]);
         let f = s.figures(0).unwrap();
         assert_eq!((f.peers_suspended, f.peers_disqualified), (0, 1));
         // The others were never touched.
@@ -338,7 +359,7 @@ mod tests {
         let due = s.audits_due(now, 60_000, 0, 100).unwrap();
         let t = &due[0];
         for _ in 0..4 {
-            s.record_audit(t, false, now).unwrap();
+            s.record_audit(t, Verdict::Bad, now).unwrap();
         }
         assert_eq!(
             s.audit_record(t.holder).unwrap().unwrap().standing,
@@ -346,9 +367,40 @@ mod tests {
         );
         let mut standing = Standing::Suspended;
         for _ in 0..30 {
-            standing = s.record_audit(t, true, now).unwrap();
+            standing = s.record_audit(t, Verdict::Passed, now).unwrap();
         }
         assert_eq!(standing, Standing::Good);
+    }
+
+    #[test]
+    fn an_unanswered_copy_is_repaired_but_stays_readable_until_it_answers() {
+        let (_d, mut s, owner, _peers, now) = four_peers_and_an_owner();
+        stored(&mut s, owner, now);
+        let pol = policy(now);
+        let due = s.audits_due(now, 60_000, 0, 100).unwrap();
+        let t = &due[0];
+        assert_eq!(
+            s.record_audit(t, Verdict::Unanswered, now).unwrap(),
+            Standing::Good
+        );
+        assert_eq!(s.scan_repairs(0, &pol).unwrap().queued, 1);
+        assert!(holders_for_reads(&mut s, owner, t.chunk, now).contains(&t.holder));
+        // Audited again, not only once the interval is over.
+        let again = s.audits_due(now + 60_000, 60_000, 0, 100).unwrap();
+        assert!(again
+            .iter()
+            .any(|a| a.holder == t.holder && a.chunk == t.chunk));
+        // It answers: the copy counts again and the queued repair is moot.
+        s.record_audit(t, Verdict::Passed, now).unwrap();
+        assert_eq!(s.scan_repairs(0, &pol).unwrap().waiting, 0);
+        // Seven unanswered in a row: suspended.
+        let mut standing = Standing::Good;
+        for _ in 0..7 {
+            standing = s.record_audit(t, Verdict::Unanswered, now).unwrap();
+        }
+        assert_eq!(standing, Standing::Suspended);
+        let rec = s.audit_record(t.holder).unwrap().unwrap();
+        assert!(rec.uptime < SUSPEND_UPTIME_BELOW && rec.reputation > RESTORE_AT);
     }
 
     fn holders_for_reads(s: &mut Store, owner: PeerId, c: ChunkId, now: u64) -> Vec<PeerId> {

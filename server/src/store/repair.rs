@@ -78,7 +78,7 @@ impl Store {
                (SELECT 1 FROM locations l JOIN peers p ON p.id = l.holder
                 WHERE l.owner = repairs.owner AND l.chunk = repairs.chunk
                   AND l.holder = repairs.replaces
-                  AND (l.audit_failed = 1 OR p.last_seen_ms < ?1 OR p.standing != 0))",
+                  AND (l.audit_failed != 0 OR p.last_seen_ms < ?1 OR p.standing != 0))",
             [lost_before_ms as i64],
         )?;
         let lost: Vec<(i64, Vec<u8>, i64, i64, i64)> = {
@@ -89,7 +89,7 @@ impl Store {
                              THEN 1 ELSE o.replicas END
                  FROM peers p JOIN locations l ON l.holder = p.id
                  JOIN peers o ON o.id = l.owner
-                 WHERE p.last_seen_ms < ?1 OR l.audit_failed = 1 OR p.standing != 0",
+                 WHERE p.last_seen_ms < ?1 OR l.audit_failed != 0 OR p.standing != 0",
             )?;
             let rows = st.query_map([lost_before_ms as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -198,8 +198,8 @@ impl Store {
                 "SELECT l.holder, p.quic_addr, p.fingerprint FROM locations l
                  JOIN peers p ON p.id = l.holder
                  WHERE l.owner = ?1 AND l.chunk = ?2 AND l.holder != ?3 AND p.last_seen_ms >= ?4
-                   AND l.audit_failed = 0 AND p.standing < 2
-                 ORDER BY p.standing, p.last_seen_ms DESC",
+                   AND l.audit_failed != 1 AND p.standing < 2
+                 ORDER BY p.standing, l.audit_failed, p.last_seen_ms DESC",
             )?;
             let mut shard_of = tx.prepare_cached(
                 "SELECT chunk, idx FROM stripe_shards WHERE owner = ?1 AND shard = ?2",
