@@ -806,6 +806,10 @@ async fn serve_get(
     let (chunk, size) = read_chunk_header(recv, t).await?;
     let auth = open_token(shared, &token)?;
     let (requester, txid) = who(&auth);
+    if shared.cheat == Some(audit::Cheat::HashesOnly) {
+        // Test-only: a peer that kept no bytes has none to serve.
+        return write(send, t, &Refusal::NotFound.encode()).await;
+    }
     let op = if ranged { TxKind::Stream } else { TxKind::Get };
     let refused = |r: Refusal| {
         shared.report(requester, txid, r);
@@ -815,9 +819,6 @@ async fn serve_get(
         Ok(g) => g,
         Err(e) => return write(send, t, &refused(Refusal::from(&e)).encode()).await,
     };
-    if shared.cheat == Some(audit::Cheat::HashesOnly) {
-        return write(send, t, &Refusal::NotFound.encode()).await;
-    }
     let (mut file, len) = match shared.store.open_chunk(&chunk).await {
         Ok(f) => f,
         Err(e) => return write(send, t, &store_refusal(&e).encode()).await,

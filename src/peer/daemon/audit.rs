@@ -9,7 +9,7 @@
 use quinn::{RecvStream, SendStream};
 use tokio::io::AsyncReadExt;
 
-use super::{read_exact, store_refusal, write, ReadFail, Shared};
+use super::{read_exact, write, ReadFail, Shared};
 use crate::audit::{Answer, Challenge, CHALLENGE_LEN};
 use crate::control::{now_ms, ControlAuth, ControlError, MessageKind, AUTH_LEN};
 use crate::peer::wire::{self, Refusal};
@@ -67,17 +67,28 @@ pub(super) async fn serve(
     let challenge = Challenge::decode(body.try_into().expect("60 bytes"))
         .map_err(|_| ReadFail::Refuse(Refusal::Malformed))?;
     let _slot = shared.audits.acquire().await.map_err(|_| ReadFail::Gone)?;
-    let (mut file, len) = match shared.store.open_chunk(&challenge.chunk).await {
+    let file = match tokio::fs::File::open(shared.store.path_of(&challenge.chunk)).await {
         Ok(f) => f,
-        Err(e) => return write(send, t, &store_refusal(&e).encode()).await,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return write(send, t, &Refusal::NotFound.encode()).await
+        }
+        Err(e) => {
+            tracing::error!(chunk = ?challenge.chunk, error = %e, "opening a chunk to audit");
+            return write(send, t, &Refusal::Internal.encode()).await;
+        }
     };
-    if len != u64::from(challenge.size) {
-        return write(send, t, &Refusal::SizeMismatch.encode()).await;
-    }
-    let mut bytes = Vec::with_capacity(challenge.size as usize);
-    if let Err(e) = file.read_to_end(&mut bytes).await {
+    // One byte more than the size tells a longer file without reading all of it.
+    let mut bytes = Vec::with_capacity(challenge.size as usize + 1);
+    if let Err(e) = file
+        .take(u64::from(challenge.size) + 1)
+        .read_to_end(&mut bytes)
+        .await
+    {
         tracing::error!(chunk = ?challenge.chunk, error = %e, "reading a chunk to audit");
         return write(send, t, &Refusal::Internal.encode()).await;
+    }
+    if bytes.len() != challenge.size as usize {
+        return write(send, t, &Refusal::SizeMismatch.encode()).await;
     }
     let cheat = shared.cheat;
     let answer = tokio::task::spawn_blocking(move || {
