@@ -40,7 +40,7 @@ pub mod path {
     pub const RELEASE: &str = "/v1/release";
     /// `POST` [`super::ReportRequest`] → `{}`.
     pub const REPORT: &str = "/v1/report";
-    /// `POST` `{}` → [`super::StatusResponse`].
+    /// `POST` [`super::StatusRequest`] → [`super::StatusResponse`].
     pub const STATUS: &str = "/v1/status";
     /// `POST` [`super::PutRootRequest`] → [`super::PutRootResponse`] (409 `stale_root`
     /// when the version is not newer than the latest kept one).
@@ -307,6 +307,14 @@ pub struct Placement {
     pub token: Token,
     /// The chunks the token covers on this target.
     pub chunks: Vec<ChunkId>,
+    /// Whether the server heard from this peer lately (absent from older servers: taken
+    /// as online). Readers spread their fetches over online holders.
+    #[serde(default = "online_by_default")]
+    pub online: bool,
+}
+
+fn online_by_default() -> bool {
+    true
 }
 
 /// Where to send each chunk.
@@ -423,6 +431,20 @@ pub enum ReportRequest {
     },
 }
 
+/// Ask for the requester's account. `{}` asks for everything.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusRequest {
+    /// Count the requester's chunks and how many are below their replica target (a scan
+    /// of everything it stores). The drive polls its quota with `false`: the figures cost
+    /// time in proportion to the data stored, the quota does not.
+    #[serde(default = "figures_by_default")]
+    pub figures: bool,
+}
+
+fn figures_by_default() -> bool {
+    true
+}
+
 /// The requester's account.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusResponse {
@@ -442,16 +464,18 @@ pub struct StatusResponse {
     pub lend_bytes: u64,
     /// Bytes of others' chunks it holds.
     pub holding_bytes: u64,
-    /// Distinct chunks it stores.
-    #[serde(default)]
-    pub chunks: u64,
+    /// Distinct chunks it stores (absent when the request asked for no figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u64>,
     /// Of those, chunks with fewer online holders than its replica target (repair brings
-    /// them back once a lost holder stays away past the server's grace period).
-    #[serde(default)]
-    pub chunks_below_target: u64,
-    /// Its replica target (the replicas its last put asked for).
-    #[serde(default)]
-    pub replicas: u8,
+    /// them back once a lost holder stays away past the server's grace period). Absent
+    /// when the request asked for no figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_below_target: Option<u64>,
+    /// Its replica target (the replicas its last put asked for). Absent when the request
+    /// asked for no figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u8>,
     /// Its own storage daemon's audit record, as the server keeps it.
     #[serde(default)]
     pub standing: Option<PeerStanding>,

@@ -1022,19 +1022,20 @@ async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()
         }
         None => {
             println!("replicas: {}", cfg.replicas);
-            format!("on at least {} online peers", s.replicas)
+            format!(
+                "on at least {} online peers",
+                s.replicas.unwrap_or(cfg.replicas)
+            )
         }
     };
-    if s.chunks == 0 {
-        println!("safety:   nothing stored yet");
-    } else if s.chunks_below_target == 0 {
-        println!("safety:   all {} chunks {target}", s.chunks);
-    } else {
-        println!(
-            "safety:   {} of {} chunks below target, waiting for repair (a lost peer's \
-             chunks are copied once it stays away past the server's grace period)",
-            s.chunks_below_target, s.chunks
-        );
+    match (s.chunks, s.chunks_below_target) {
+        (Some(0), _) => println!("safety:   nothing stored yet"),
+        (Some(n), Some(0)) => println!("safety:   all {n} chunks {target}"),
+        (Some(n), Some(below)) => println!(
+            "safety:   {below} of {n} chunks below target, waiting for repair (a lost peer's \
+             chunks are copied once it stays away past the server's grace period)"
+        ),
+        _ => println!("safety:   the server sent no figures"),
     }
     print_drive_summary(home)
 }

@@ -4,8 +4,10 @@
 //!
 //! A put asks the server for placements (one batch token per target), sends each target
 //! its chunks over QUIC, and retries what failed on other peers. A get asks the server
-//! for holders (one batch get token each) and tries them in turn, online first; a chunk
-//! whose hash is wrong is reported and the next holder is asked.
+//! for the holders of a whole window of chunks at once (one batch get token each), keeps
+//! several transfers in flight spread over the holders, and for each chunk tries its
+//! holders in turn, online and least busy first; a chunk whose hash is wrong is reported
+//! and the next holder is asked.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -17,7 +19,7 @@ use crate::api::{
     PutRequest, ReleaseRequest, ReportRequest, StripeRef, MAX_CHUNKS_PER_REQUEST,
 };
 use crate::client::{ClientError, ServerClient};
-use crate::drive::backend::{BackendError, ChunkBackend, Quota};
+use crate::drive::backend::{BackendError, ChunkBackend, GetDone, Quota};
 use crate::erasure::{self, Geometry};
 use crate::ids::{ChunkId, PeerId};
 use crate::peer::client::{PeerAddr, PeerClient, PeerError};
@@ -59,6 +61,43 @@ impl Redundancy {
     }
 }
 
+/// Transfers one [`ChunkBackend::get_many`] keeps in flight: enough to keep every
+/// holder's connection busy, few enough to bound the bytes in memory (chunks are 1 MiB on
+/// average, 4 MiB at most).
+const GET_IN_FLIGHT: usize = 16;
+
+/// Each chunk's holders in a get response, in the server's order.
+type Holders<'a> = HashMap<ChunkId, Vec<&'a Placement>>;
+
+/// Counts a transfer against a peer while it runs, so concurrent reads pick the least
+/// busy holder.
+struct Busy<'a> {
+    map: &'a std::sync::Mutex<HashMap<PeerId, usize>>,
+    peer: PeerId,
+}
+
+impl<'a> Busy<'a> {
+    fn on(map: &'a std::sync::Mutex<HashMap<PeerId, usize>>, peer: PeerId) -> Busy<'a> {
+        *map.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_default() += 1;
+        Busy { map, peer }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// The drive's chunk storage on other peers.
 pub struct RemoteBackend {
     rt: Arc<tokio::runtime::Runtime>,
@@ -68,6 +107,8 @@ pub struct RemoteBackend {
     redundancy: Redundancy,
     /// Holders that failed to answer lately, and when.
     suspects: std::sync::Mutex<HashMap<PeerId, std::time::Instant>>,
+    /// Transfers running now, per holder.
+    busy: std::sync::Mutex<HashMap<PeerId, usize>>,
 }
 
 impl std::fmt::Debug for RemoteBackend {
@@ -104,6 +145,7 @@ impl RemoteBackend {
             replicas: replicas.max(1),
             redundancy: Redundancy::Replicas(replicas.max(1)),
             suspects: std::sync::Mutex::new(HashMap::new()),
+            busy: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -249,7 +291,7 @@ impl RemoteBackend {
     /// The quota as the drive counts it: each chunk once (the server counts every replica
     /// or shard).
     async fn quota_async(&self) -> Result<Quota, BackendError> {
-        let st = self.server.status().await.map_err(unavailable)?;
+        let st = self.server.quota().await.map_err(unavailable)?;
         let (num, den) = self.redundancy.overhead();
         Ok(Quota {
             total_bytes: st.quota_bytes / num * den,
@@ -257,16 +299,52 @@ impl RemoteBackend {
         })
     }
 
-    async fn get_async(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError> {
-        let resp = self
-            .server
-            .get(&GetRequest { chunks: vec![id] })
-            .await
-            .map_err(unavailable)?;
-        if let Some(st) = resp.stripes.iter().find(|s| s.chunk == id) {
-            return self.get_striped(st, size, &resp.placements).await;
+    /// Fetch `wants` with one token request per [`MAX_CHUNKS_PER_REQUEST`] chunks and up
+    /// to [`GET_IN_FLIGHT`] transfers at once, handing each result to `done` as it lands.
+    async fn get_many_async(&self, wants: &[(ChunkId, u32)], done: &mut GetDone<'_>) {
+        for (g, group) in wants.chunks(MAX_CHUNKS_PER_REQUEST).enumerate() {
+            let base = g * MAX_CHUNKS_PER_REQUEST;
+            let ids = group.iter().map(|(id, _)| *id).collect();
+            let resp = match self.server.get(&GetRequest { chunks: ids }).await {
+                Ok(r) => r,
+                Err(e) => {
+                    for i in 0..group.len() {
+                        done(base + i, Err(unavailable(&e)));
+                    }
+                    continue;
+                }
+            };
+            let stripes: HashMap<ChunkId, &StripeRef> =
+                resp.stripes.iter().map(|s| (s.chunk, s)).collect();
+            let mut holders: HashMap<ChunkId, Vec<&Placement>> = HashMap::new();
+            for p in &resp.placements {
+                for c in &p.chunks {
+                    holders.entry(*c).or_default().push(p);
+                }
+            }
+            let fetch = |i: usize| {
+                let (id, size) = group[i];
+                let (stripes, holders) = (&stripes, &holders);
+                async move {
+                    let r = match stripes.get(&id) {
+                        Some(st) => self.get_striped(st, size, holders).await,
+                        None => self.fetch_from_holders(holders, id, size).await,
+                    };
+                    (i, r)
+                }
+            };
+            let mut flying = futures_util::stream::FuturesUnordered::new();
+            let mut next = 0;
+            while next < group.len() || !flying.is_empty() {
+                while flying.len() < GET_IN_FLIGHT && next < group.len() {
+                    flying.push(fetch(next));
+                    next += 1;
+                }
+                if let Some((i, r)) = futures_util::StreamExt::next(&mut flying).await {
+                    done(base + i, r);
+                }
+            }
         }
-        self.fetch_from_holders(&resp.placements, id, size).await
     }
 
     /// Rebuild a striped chunk from its shards: the data shards at once, then parity
@@ -275,7 +353,7 @@ impl RemoteBackend {
         &self,
         st: &StripeRef,
         size: u32,
-        placements: &[Placement],
+        holders: &Holders<'_>,
     ) -> Result<Vec<u8>, BackendError> {
         let stored_len = st.shards.first().map_or(0, |s| s.size);
         if st.chunk_size != size {
@@ -286,7 +364,7 @@ impl RemoteBackend {
         let k = st.data as usize;
         let fetch = |i: usize| {
             let sh = st.shards[i];
-            async move { (i, self.fetch_from_holders(placements, sh.id, sh.size).await) }
+            async move { (i, self.fetch_from_holders(holders, sh.id, sh.size).await) }
         };
         // First the k shards most likely to come back (a holder that just failed us, or
         // none at all, last; data shards before parity: no decoding), all at once; then
@@ -294,10 +372,10 @@ impl RemoteBackend {
         let order: Vec<usize> = {
             let sus = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
             let doubtful = |i: usize| {
-                placements
-                    .iter()
-                    .find(|p| p.chunks.contains(&st.shards[i].id))
-                    .is_none_or(|p| sus.contains_key(&p.target))
+                holders
+                    .get(&st.shards[i].id)
+                    .and_then(|h| h.first())
+                    .is_none_or(|p| !p.online || sus.contains_key(&p.target))
             };
             let mut o: Vec<usize> = (0..st.shards.len()).collect();
             o.sort_by_key(|&i| (doubtful(i), i >= k));
@@ -330,25 +408,30 @@ impl RemoteBackend {
         })
     }
 
-    /// Fetch chunk (or shard) `id` from the first holder among `placements` that has it
-    /// and serves bytes with the right hash, reporting the ones that serve wrong bytes.
+    /// Fetch chunk (or shard) `id` from the first of its holders that serves bytes with
+    /// the right hash, reporting the ones that serve wrong bytes. Holders are tried
+    /// online first, then least busy (so a window of reads spreads over every holder),
+    /// and ones that just failed us last.
     async fn fetch_from_holders(
         &self,
-        placements: &[Placement],
+        holders: &Holders<'_>,
         id: ChunkId,
         size: u32,
     ) -> Result<Vec<u8>, BackendError> {
         let mut last = None;
-        let mut holders: Vec<&Placement> = placements
-            .iter()
-            .filter(|p| p.chunks.contains(&id))
-            .collect();
-        // The server lists online holders first; among those, ones that just failed us
-        // go last (a stable sort keeps the server's order otherwise).
+        let mut holders: Vec<&Placement> = holders.get(&id).cloned().unwrap_or_default();
         {
             let mut sus = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
             sus.retain(|_, t| t.elapsed() < SUSPECT_FOR);
-            holders.sort_by_key(|p| sus.contains_key(&p.target));
+            let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            // A stable sort keeps the server's order among equals.
+            holders.sort_by_key(|p| {
+                (
+                    sus.contains_key(&p.target),
+                    !p.online,
+                    busy.get(&p.target).copied().unwrap_or(0),
+                )
+            });
         }
         for p in holders {
             let addr = match PeerAddr::of_placement(p).await {
@@ -358,7 +441,11 @@ impl RemoteBackend {
                     continue;
                 }
             };
-            match self.peers.get(&addr, &p.token, &id, size).await {
+            let fetched = {
+                let _busy = Busy::on(&self.busy, p.target);
+                self.peers.get(&addr, &p.token, &id, size).await
+            };
+            match fetched {
                 Ok(bytes) => {
                     self.suspects
                         .lock()
@@ -411,7 +498,13 @@ impl ChunkBackend for RemoteBackend {
     }
 
     fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError> {
-        self.rt.block_on(self.get_async(id, size))
+        let mut out = Err(BackendError::NotFound(id));
+        self.get_many(&[(id, size)], &mut |_, r| out = r);
+        out
+    }
+
+    fn get_many(&self, wants: &[(ChunkId, u32)], done: &mut GetDone<'_>) {
+        self.rt.block_on(self.get_many_async(wants, done))
     }
 
     fn release(&self, ids: &[ChunkId]) -> Result<(), BackendError> {
@@ -429,10 +522,7 @@ impl ChunkBackend for RemoteBackend {
     }
 
     fn quota(&self) -> Result<Quota, BackendError> {
-        let st = self
-            .rt
-            .block_on(self.server.status())
-            .map_err(unavailable)?;
+        let st = self.rt.block_on(self.server.quota()).map_err(unavailable)?;
         // The server counts every replica or shard; the drive counts each chunk once.
         let (num, den) = self.redundancy.overhead();
         Ok(Quota {

@@ -1304,6 +1304,7 @@ fn repair_order(
         expires_at: now_secs() + 300,
         token,
         chunks: vec![c],
+        online: true,
     };
     let put_token = TokenClaims {
         requester: to.0.id,

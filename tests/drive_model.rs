@@ -1285,3 +1285,65 @@ fn the_uploader_publishes_why_uploads_are_held_up() {
         "a stopped drive publishes nothing"
     );
 }
+
+/// A sequential read whose read-ahead window holds a corrupt chunk: the reads that need
+/// that chunk fail as corrupt (EIO at the FUSE edge) at once, every other read — before
+/// and after it, fetched in the same windows — returns the right bytes, and no read
+/// waits for ever on a fetch that failed in the background.
+#[test]
+fn a_corrupt_chunk_inside_a_read_ahead_window_fails_only_its_own_reads() {
+    let env = Env::new(1 << 40);
+    let data = bytes(77, 24 << 20);
+    {
+        let m = env.open();
+        write_file(&m, "big", &data).unwrap();
+        assert!(m.wait_idle(Duration::from_secs(60)));
+    }
+    // Flip one byte of one stored chunk (all of them are this file's), not the first.
+    let mut stored: Vec<PathBuf> = fs::read_dir(env.backend.dir())
+        .unwrap()
+        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .collect();
+    stored.sort();
+    assert!(stored.len() >= 6, "24 MiB should make several chunks");
+    let victim = &stored[stored.len() / 2];
+    let mut b = fs::read(victim).unwrap();
+    b[100] ^= 1;
+    fs::write(victim, b).unwrap();
+
+    // A fresh mount: nothing cached, every chunk comes through the read-ahead.
+    let m = env.open();
+    let ino = m.resolve(Path::new("big")).unwrap().ino;
+    let fh = m.open(ino, libc::O_RDONLY).unwrap();
+    let piece = 128 << 10;
+    let mut failed = Vec::new();
+    let mut off = 0usize;
+    while off < data.len() {
+        match m.read(fh, off as u64, piece as u32) {
+            Ok(got) => assert!(
+                got == data[off..(off + piece).min(data.len())],
+                "bytes at {off} differ"
+            ),
+            Err(FsError::Backend(peerstash::drive::backend::BackendError::Corrupt(_))) => {
+                failed.push(off)
+            }
+            Err(e) => panic!("read at {off}: {e}"),
+        }
+        off += piece;
+    }
+    m.release(fh).unwrap();
+    assert!(
+        !failed.is_empty(),
+        "the corrupt chunk was read without error"
+    );
+    // Only the reads touching that one chunk (at most 4 MiB) failed, and they are
+    // contiguous.
+    let span = failed.last().unwrap() - failed.first().unwrap() + piece;
+    assert!(span <= (4 << 20) + 2 * piece, "failed over {span} bytes");
+    assert_eq!(
+        span / piece,
+        failed.len(),
+        "failed reads are not contiguous"
+    );
+}

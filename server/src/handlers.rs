@@ -363,6 +363,7 @@ fn seal_kinds(
                 expires_at,
                 token,
                 chunks: p.grants.into_iter().map(|(c, _)| c).collect(),
+                online: p.online,
             })
         })
         .collect()
@@ -511,13 +512,22 @@ pub(crate) fn inventory(
 }
 
 /// `POST /v1/status`.
-pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal> {
+pub(crate) fn status(
+    st: &State,
+    peer: PeerId,
+    req: api::StatusRequest,
+) -> Result<StatusResponse, Refusal> {
     let pol = policy(st);
-    let (found, (chunks, below, replicas), audits) = {
+    let (found, figures, audits) = {
         let store = st.store.lock().expect("not poisoned");
         (
             store.status(peer, pol.online_cutoff_ms, pol.now_ms / 1000)?,
-            store.durability(peer, pol.online_cutoff_ms)?,
+            if req.figures {
+                Some(store.durability(peer, pol.online_cutoff_ms)?)
+            } else {
+                None
+            },
+            // One row: cheap enough for the drive's quota polls too.
             store.audit_record(peer)?,
         )
     };
@@ -532,9 +542,9 @@ pub(crate) fn status(st: &State, peer: PeerId) -> Result<StatusResponse, Refusal
         used_bytes: rec.stored_bytes + pending,
         lend_bytes: rec.lend_bytes,
         holding_bytes: rec.held_bytes,
-        chunks,
-        chunks_below_target: below,
-        replicas,
+        chunks: figures.map(|f| f.0),
+        chunks_below_target: figures.map(|f| f.1),
+        replicas: figures.map(|f| f.2),
         standing: audits.map(|a| api::PeerStanding {
             audits_passed: a.passed,
             audits_failed: a.failed,

@@ -406,10 +406,18 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
                         &blocking(move || handlers::inventory(&s, peer, r)).await?,
                     ))
                 }
-                MessageKind::Status => Ok(json(
-                    200,
-                    &blocking(move || handlers::status(&s, peer)).await?,
-                )),
+                MessageKind::Status => {
+                    // An empty body (older clients) asks for everything.
+                    let r = if body.is_empty() {
+                        api::StatusRequest { figures: true }
+                    } else {
+                        parse(&body)?
+                    };
+                    Ok(json(
+                        200,
+                        &blocking(move || handlers::status(&s, peer, r)).await?,
+                    ))
+                }
                 _ => Err(not_found(&p)),
             }
         }

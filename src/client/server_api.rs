@@ -309,7 +309,15 @@ impl ServerClient {
 
     /// This peer's account: quota, usage, peers online.
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
-        self.call(api::path::STATUS, &serde_json::json!({})).await
+        self.call(api::path::STATUS, &api::StatusRequest { figures: true })
+            .await
+    }
+
+    /// The account without the figures that scan every stored chunk: what the drive
+    /// polls for its quota.
+    pub async fn quota(&self) -> Result<StatusResponse, ClientError> {
+        self.call(api::path::STATUS, &api::StatusRequest { figures: false })
+            .await
     }
 
     /// Keep a new sealed root record (409 `stale_root` unless the version is newer).

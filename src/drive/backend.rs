@@ -42,6 +42,10 @@ pub enum BackendError {
     NotFound(ChunkId),
 }
 
+/// Where [`ChunkBackend::get_many`] hands each chunk: its index in the request and its
+/// stored bytes (hash checked) or why it could not be had.
+pub type GetDone<'a> = dyn FnMut(usize, Result<Vec<u8>, BackendError>) + 'a;
+
 /// Blocking chunk storage, shared by the FUSE threads and the uploader.
 pub trait ChunkBackend: Send + Sync {
     /// Store every chunk. Returns only when all are durably stored (on the configured
@@ -50,10 +54,52 @@ pub trait ChunkBackend: Send + Sync {
     /// Fetch a chunk's stored bytes. `size` is its stored size, so a backend can ask for
     /// the right token; the caller verifies the hash.
     fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError>;
+    /// Fetch several chunks, handing each result to `done` (with its index in `wants`)
+    /// as it arrives, in any order; every index is handed over exactly once. A network
+    /// backend asks for all their tokens at once and keeps several transfers in flight;
+    /// the default fetches one after the other.
+    fn get_many(&self, wants: &[(ChunkId, u32)], done: &mut GetDone<'_>) {
+        for (i, (id, size)) in wants.iter().enumerate() {
+            done(i, self.get(*id, *size));
+        }
+    }
     /// Forget chunks no file references any more. Releasing an absent chunk is not an error.
     fn release(&self, ids: &[ChunkId]) -> Result<(), BackendError>;
     /// The user's quota.
     fn quota(&self) -> Result<Quota, BackendError>;
+}
+
+/// Fetch `wants` a window at a time (up to `window_bytes` of stored bytes, at least one
+/// chunk), each window with one [`ChunkBackend::get_many`], and hand each chunk's stored
+/// bytes to `each` in order. Restore and snapshot loading read this way: many chunks in
+/// flight, one token request per window, memory bounded by the window.
+pub fn get_in_order<E: From<BackendError>>(
+    backend: &dyn ChunkBackend,
+    wants: &[(ChunkId, u32)],
+    window_bytes: u64,
+    mut each: impl FnMut(usize, Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut start = 0;
+    while start < wants.len() {
+        let mut end = start + 1;
+        let mut bytes = u64::from(wants[start].1);
+        while end < wants.len() && bytes + u64::from(wants[end].1) <= window_bytes {
+            bytes += u64::from(wants[end].1);
+            end += 1;
+        }
+        let mut got: Vec<Option<Result<Vec<u8>, BackendError>>> = vec![None; end - start];
+        backend.get_many(&wants[start..end], &mut |i, r| {
+            if let Some(slot) = got.get_mut(i) {
+                *slot = Some(r);
+            }
+        });
+        for (k, r) in got.into_iter().enumerate() {
+            let id = wants[start + k].0;
+            each(start + k, r.unwrap_or(Err(BackendError::NotFound(id)))?)?;
+        }
+        start = end;
+    }
+    Ok(())
 }
 
 /// Chunks as files `DIR/ab/<hex id>`, durably written (fsync then rename). Test knobs:

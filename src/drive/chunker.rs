@@ -31,9 +31,77 @@ where
     Ok(())
 }
 
+/// Chunk a file of `len` bytes: one read and one chunk when it is at most [`MIN_CHUNK`]
+/// (exactly what FastCDC would cut, without its 4 MiB zeroed buffer per file: most files
+/// are small), else streamed through [`for_each_chunk`] (which reads in large blocks).
+pub fn for_each_chunk_of_file<R: Read, E>(
+    mut file: R,
+    len: u64,
+    mut each: impl FnMut(u64, Vec<u8>) -> Result<(), E>,
+) -> Result<(), E>
+where
+    E: From<std::io::Error>,
+{
+    if len > MIN_CHUNK as u64 {
+        return for_each_chunk(file, each);
+    }
+    // One more byte than the file should hold: a file that grew is cut as a stream.
+    let mut data = Vec::with_capacity(len as usize + 1);
+    (&mut file)
+        .take(MIN_CHUNK as u64 + 1)
+        .read_to_end(&mut data)?;
+    if data.len() > MIN_CHUNK {
+        return for_each_chunk(std::io::Cursor::new(data).chain(file), each);
+    }
+    if data.is_empty() {
+        return Ok(());
+    }
+    each(0, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// (offset, length) of each chunk.
+    type Cuts = Vec<(u64, usize)>;
+
+    fn cuts(data: &[u8], len_hint: u64) -> (Cuts, Cuts) {
+        let mut streamed = Vec::new();
+        for_each_chunk(data, |o, c| -> Result<(), std::io::Error> {
+            streamed.push((o, c.len()));
+            Ok(())
+        })
+        .unwrap();
+        let mut direct = Vec::new();
+        for_each_chunk_of_file(data, len_hint, |o, c| -> Result<(), std::io::Error> {
+            direct.push((o, c.len()));
+            Ok(())
+        })
+        .unwrap();
+        (streamed, direct)
+    }
+
+    #[test]
+    fn small_files_are_cut_exactly_as_fastcdc_would() {
+        let data: Vec<u8> = (0..MIN_CHUNK * 3).map(|i| (i * 7919 % 251) as u8).collect();
+        for n in [
+            0,
+            1,
+            4096,
+            MIN_CHUNK - 1,
+            MIN_CHUNK,
+            MIN_CHUNK + 1,
+            MIN_CHUNK * 3,
+        ] {
+            let (streamed, direct) = cuts(&data[..n], n as u64);
+            assert_eq!(streamed, direct, "{n} bytes");
+        }
+        // A file that grew past its announced length is still cut whole.
+        let (streamed, direct) = cuts(&data, 100);
+        assert_eq!(streamed, direct);
+        assert_eq!(direct.iter().map(|c| c.1).sum::<usize>(), data.len());
+    }
 
     #[test]
     fn local_edit_keeps_most_chunks() {

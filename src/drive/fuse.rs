@@ -699,6 +699,13 @@ impl Filesystem for DriveFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Local content and chunks a read-ahead brought are answered here; a fetch goes
+        // to a worker so it holds up no other request.
+        match self.model.read_cached(fh.0, offset, size) {
+            Some(Ok(d)) => return reply.data(&d),
+            Some(Err(e)) => return reply.error(errno(e)),
+            None => {}
+        }
         let model = self.model.clone();
         self.pool.run(move || match model.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
@@ -719,6 +726,15 @@ impl Filesystem for DriveFs {
         reply: ReplyWrite,
     ) {
         refuse_if_ro!(self, reply);
+        // Writes to local files are answered here (a thread hand-off per request was a
+        // large part of a small-file copy); a first write that must fetch the current
+        // content goes to a worker.
+        if self.model.writes_locally(fh.0) {
+            return match self.model.write(fh.0, offset, data) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            };
+        }
         let model = self.model.clone();
         let data = data.to_vec();
         self.pool
@@ -736,8 +752,8 @@ impl Filesystem for DriveFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let model = self.model.clone();
-        self.pool.run(move || empty(reply, model.flush(fh.0)));
+        // Local work only (a data sync and an index commit).
+        empty(reply, self.model.flush(fh.0));
     }
 
     fn release(
@@ -750,8 +766,7 @@ impl Filesystem for DriveFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let model = self.model.clone();
-        self.pool.run(move || empty(reply, model.release(fh.0)));
+        empty(reply, self.model.release(fh.0));
     }
 
     fn fsync(

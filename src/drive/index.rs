@@ -238,10 +238,32 @@ pub struct ChunkRef {
     pub stored: u32,
 }
 
+/// Run a statement from the connection's cache: the drive runs the same few dozen
+/// statements thousands of times, and parsing them each time was a visible part of a
+/// small-file copy.
+fn exec<P: rusqlite::Params>(c: &Connection, sql: &str, p: P) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(p)
+}
+
+/// [`exec`] for a statement returning one row.
+fn row<T, P: rusqlite::Params>(
+    c: &Connection,
+    sql: &str,
+    p: P,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(p, f)
+}
+
+/// Statements kept prepared per connection (rusqlite keeps 16 by default: fewer than
+/// the index uses).
+const STATEMENT_CACHE: usize = 128;
+
 /// Open the index at `path`, creating the schema and the root directory.
 pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // NORMAL: each commit is atomic and survives a process crash; fsync/fsyncdir force a
     // checkpoint for power-loss durability.
@@ -250,12 +272,13 @@ pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Conn
     let tx = write_tx(&conn)?;
     migrate(&tx)?;
     tx.execute_batch(SCHEMA)?;
-    tx.execute(
+    exec(
+        &tx,
         "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 2)",
         [],
     )?;
     let now = Ts::now();
-    tx.execute(
+    exec(&tx,
         "INSERT OR IGNORE INTO inodes (ino, kind, perm, uid, gid, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, parent)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6, ?7, ?6, ?7, 2, ?1)",
         params![ROOT_INO as i64, Kind::Dir as i64, 0o755, uid, gid, now.sec, now.nsec],
@@ -269,13 +292,15 @@ pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Conn
 pub fn open_reader(path: &std::path::Path) -> rusqlite::Result<Connection> {
     let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     c.busy_timeout(BUSY_TIMEOUT)?;
+    c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(c)
 }
 
 /// Bring an index written by an earlier version up to the current schema (schema 1 had
 /// no snapshot columns on `chunks`; its chunks are named by no retained snapshot).
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_chunks: bool = conn.query_row(
+    let has_chunks: bool = row(
+        conn,
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks')",
         [],
         |r| r.get(0),
@@ -292,7 +317,8 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             conn.execute_batch(&format!("ALTER TABLE chunks ADD COLUMN {col} INTEGER"))?;
         }
     }
-    conn.execute(
+    exec(
+        conn,
         "UPDATE meta SET value = 2 WHERE key = 'schema' AND value < 2",
         [],
     )?;
@@ -331,7 +357,8 @@ fn row_attr(r: &rusqlite::Row<'_>) -> rusqlite::Result<Attr> {
 
 /// An inode's attributes.
 pub fn get_attr(c: &Connection, ino: u64) -> rusqlite::Result<Option<Attr>> {
-    c.query_row(
+    row(
+        c,
         &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1"),
         [ino as i64],
         row_attr,
@@ -341,7 +368,7 @@ pub fn get_attr(c: &Connection, ino: u64) -> rusqlite::Result<Option<Attr>> {
 
 /// Insert a new inode (its `ino` is ignored and assigned); returns the number.
 pub fn insert_inode(c: &Connection, a: &Attr, target: Option<&[u8]>) -> rusqlite::Result<u64> {
-    c.execute(
+    exec(c,
         "INSERT INTO inodes (kind, perm, uid, gid, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, rdev, parent, target)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
@@ -355,7 +382,7 @@ pub fn insert_inode(c: &Connection, a: &Attr, target: Option<&[u8]>) -> rusqlite
 
 /// Write back every attribute except the stage bookkeeping.
 pub fn put_attr(c: &Connection, a: &Attr) -> rusqlite::Result<()> {
-    c.execute(
+    exec(c,
         "UPDATE inodes SET perm=?2, uid=?3, gid=?4, size=?5, atime_s=?6, atime_ns=?7, mtime_s=?8, mtime_ns=?9,
          ctime_s=?10, ctime_ns=?11, nlink=?12, rdev=?13, parent=?14 WHERE ino=?1",
         params![
@@ -368,7 +395,8 @@ pub fn put_attr(c: &Connection, a: &Attr) -> rusqlite::Result<()> {
 
 /// Set the pending stage of a file.
 pub fn set_stage(c: &Connection, ino: u64, stage: Option<u64>) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "UPDATE inodes SET stage = ?2 WHERE ino = ?1",
         params![ino as i64, stage.map(|s| s as i64)],
     )?;
@@ -377,7 +405,8 @@ pub fn set_stage(c: &Connection, ino: u64, stage: Option<u64>) -> rusqlite::Resu
 
 /// A directory's entries changed: its mtime and ctime become `now`.
 pub fn touch_dir(c: &Connection, ino: u64, now: Ts) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "UPDATE inodes SET mtime_s=?2, mtime_ns=?3, ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
         params![ino as i64, now.sec, now.nsec],
     )?;
@@ -386,7 +415,8 @@ pub fn touch_dir(c: &Connection, ino: u64, now: Ts) -> rusqlite::Result<()> {
 
 /// An inode's attributes changed: its ctime becomes `now`.
 pub fn set_ctime(c: &Connection, ino: u64, now: Ts) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "UPDATE inodes SET ctime_s=?2, ctime_ns=?3 WHERE ino=?1",
         params![ino as i64, now.sec, now.nsec],
     )?;
@@ -397,11 +427,13 @@ pub fn set_ctime(c: &Connection, ino: u64, now: Ts) -> rusqlite::Result<()> {
 /// file came or went; a directory's count follows its subdirectories without one).
 pub fn add_links(c: &Connection, ino: u64, delta: i64, now: Option<Ts>) -> rusqlite::Result<()> {
     match now {
-        Some(t) => c.execute(
+        Some(t) => exec(
+            c,
             "UPDATE inodes SET nlink = nlink + ?2, ctime_s = ?3, ctime_ns = ?4 WHERE ino = ?1",
             params![ino as i64, delta, t.sec, t.nsec],
         )?,
-        None => c.execute(
+        None => exec(
+            c,
             "UPDATE inodes SET nlink = nlink + ?2 WHERE ino = ?1",
             params![ino as i64, delta],
         )?,
@@ -411,14 +443,18 @@ pub fn add_links(c: &Connection, ino: u64, delta: i64, now: Option<Ts>) -> rusql
 
 /// A directory was removed: it has no links left.
 pub fn clear_links(c: &Connection, ino: u64) -> rusqlite::Result<()> {
-    c.execute("UPDATE inodes SET nlink = 0 WHERE ino = ?1", [ino as i64])?;
+    exec(
+        c,
+        "UPDATE inodes SET nlink = 0 WHERE ino = ?1",
+        [ino as i64],
+    )?;
     Ok(())
 }
 
 /// An entry moved under `parent` (rename): its ctime becomes `now`, and a directory's
 /// parent changes.
 pub fn moved(c: &Connection, ino: u64, parent: u64, now: Ts) -> rusqlite::Result<()> {
-    c.execute(
+    exec(c,
         "UPDATE inodes SET ctime_s=?2, ctime_ns=?3, parent = CASE WHEN kind = 2 THEN ?4 ELSE parent END WHERE ino=?1",
         params![ino as i64, now.sec, now.nsec, parent as i64],
     )?;
@@ -435,7 +471,7 @@ pub fn seal_stage(
     mtime: Ts,
     ctime: Ts,
 ) -> rusqlite::Result<()> {
-    c.execute(
+    exec(c,
         "UPDATE inodes SET stage=?2, size=?3, mtime_s=?4, mtime_ns=?5, ctime_s=?6, ctime_ns=?7 WHERE ino=?1",
         params![ino as i64, stage as i64, size as i64, mtime.sec, mtime.nsec, ctime.sec, ctime.nsec],
     )?;
@@ -445,7 +481,7 @@ pub fn seal_stage(
 /// After an upload: `stage` is the committed version, and no longer pending unless a
 /// newer close replaced it meanwhile.
 pub fn commit_stage(c: &Connection, ino: u64, stage: u64) -> rusqlite::Result<()> {
-    c.execute(
+    exec(c,
         "UPDATE inodes SET committed_stage = ?2, stage = CASE WHEN stage = ?2 THEN NULL ELSE stage END WHERE ino = ?1",
         [ino as i64, stage as i64],
     )?;
@@ -454,7 +490,8 @@ pub fn commit_stage(c: &Connection, ino: u64, stage: u64) -> rusqlite::Result<()
 
 /// Bytes of closed files waiting for upload.
 pub fn pending_bytes(c: &Connection) -> rusqlite::Result<u64> {
-    c.query_row(
+    row(
+        c,
         "SELECT COALESCE(SUM(size), 0) FROM inodes WHERE stage IS NOT NULL",
         [],
         |r| r.get::<_, i64>(0),
@@ -464,7 +501,8 @@ pub fn pending_bytes(c: &Connection) -> rusqlite::Result<u64> {
 
 /// The inode a name points to.
 pub fn lookup(c: &Connection, parent: u64, name: &[u8]) -> rusqlite::Result<Option<u64>> {
-    c.query_row(
+    row(
+        c,
         "SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2",
         params![parent as i64, name],
         |r| r.get::<_, i64>(0),
@@ -475,7 +513,8 @@ pub fn lookup(c: &Connection, parent: u64, name: &[u8]) -> rusqlite::Result<Opti
 
 /// Add a directory entry.
 pub fn insert_dentry(c: &Connection, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "INSERT INTO dentries (parent, name, ino) VALUES (?1, ?2, ?3)",
         params![parent as i64, name, ino as i64],
     )?;
@@ -484,7 +523,8 @@ pub fn insert_dentry(c: &Connection, parent: u64, name: &[u8], ino: u64) -> rusq
 
 /// Point an existing entry at another inode.
 pub fn repoint_dentry(c: &Connection, parent: u64, name: &[u8], ino: u64) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
         params![parent as i64, name, ino as i64],
     )?;
@@ -493,7 +533,8 @@ pub fn repoint_dentry(c: &Connection, parent: u64, name: &[u8], ino: u64) -> rus
 
 /// Remove a directory entry.
 pub fn remove_dentry(c: &Connection, parent: u64, name: &[u8]) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "DELETE FROM dentries WHERE parent = ?1 AND name = ?2",
         params![parent as i64, name],
     )?;
@@ -502,7 +543,8 @@ pub fn remove_dentry(c: &Connection, parent: u64, name: &[u8]) -> rusqlite::Resu
 
 /// Whether a directory has entries.
 pub fn dir_has_entries(c: &Connection, dir: u64) -> rusqlite::Result<bool> {
-    c.query_row(
+    row(
+        c,
         "SELECT EXISTS (SELECT 1 FROM dentries WHERE parent = ?1)",
         [dir as i64],
         |r| r.get(0),
@@ -527,7 +569,8 @@ pub fn list_dir(c: &Connection, dir: u64) -> rusqlite::Result<Vec<(Vec<u8>, u64,
 
 /// A symlink's target.
 pub fn symlink_target(c: &Connection, ino: u64) -> rusqlite::Result<Option<Vec<u8>>> {
-    c.query_row(
+    row(
+        c,
         "SELECT target FROM inodes WHERE ino = ?1",
         [ino as i64],
         |r| r.get(0),
@@ -576,17 +619,17 @@ fn row_chunk(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChunkRef> {
 /// Drop a file's chunk list, dereferencing its chunks (those reaching zero become
 /// candidates for release).
 pub fn drop_chunks(tx: &Transaction<'_>, ino: u64) -> rusqlite::Result<()> {
-    tx.execute(
+    exec(tx,
         "UPDATE chunks SET refcount = refcount - 1 WHERE id IN (SELECT chunk FROM file_chunks WHERE ino = ?1)",
         [ino as i64],
     )?;
     // A chunk used twice by the same file appears once in `IN (...)`: count it right.
-    tx.execute(
+    exec(tx,
         "UPDATE chunks SET refcount = refcount - (SELECT COUNT(*) - 1 FROM file_chunks f WHERE f.ino = ?1 AND f.chunk = chunks.id)
          WHERE id IN (SELECT chunk FROM file_chunks WHERE ino = ?1 GROUP BY chunk HAVING COUNT(*) > 1)",
         [ino as i64],
     )?;
-    tx.execute("DELETE FROM file_chunks WHERE ino = ?1", [ino as i64])?;
+    exec(tx, "DELETE FROM file_chunks WHERE ino = ?1", [ino as i64])?;
     Ok(())
 }
 
@@ -616,7 +659,8 @@ pub fn replace_chunks(tx: &Transaction<'_>, ino: u64, list: &[ChunkRef]) -> rusq
 /// Whether the backend holds a chunk: referenced by a committed version, or confirmed
 /// stored and not released yet (e.g. the old version of a file rsync just replaced).
 pub fn chunk_stored(c: &Connection, id: &ChunkId) -> rusqlite::Result<bool> {
-    c.query_row(
+    row(
+        c,
         "SELECT EXISTS (SELECT 1 FROM chunks WHERE id = ?1 AND (refcount > 0 OR confirmed = 1))",
         [&id.0[..]],
         |r| r.get(0),
@@ -677,7 +721,8 @@ pub fn free_chunks(c: &Connection, limit: usize) -> rusqlite::Result<Vec<ChunkId
 /// pressure, earlier snapshots are thinned. A slight overestimate: the latest snapshot's
 /// own pieces count too (a few KiB per thousand files).
 pub fn unreferenced_bytes(c: &Connection) -> rusqlite::Result<u64> {
-    c.query_row(
+    row(
+        c,
         "SELECT COALESCE(SUM(stored), 0) FROM chunks WHERE refcount <= 0 AND confirmed = 1",
         [],
         |r| r.get::<_, i64>(0),
@@ -691,7 +736,8 @@ const EARLIER: &str = "COALESCE(chunks.last_snap < (SELECT MAX(version) FROM sna
 /// Stored bytes of chunks no file references that only earlier retained snapshots keep:
 /// what thinning those snapshots can give back.
 pub fn held_for_earlier_bytes(c: &Connection) -> rusqlite::Result<u64> {
-    c.query_row(
+    row(
+        c,
         &format!(
             "SELECT COALESCE(SUM(stored), 0) FROM chunks
              WHERE refcount <= 0 AND NOT ({UNRETAINED}) AND {EARLIER}"
@@ -754,7 +800,8 @@ pub fn named_chunks(c: &Connection) -> rusqlite::Result<Vec<(ChunkId, u32)>> {
 
 /// Start retaining snapshot `version`.
 pub fn retain_snapshot(c: &Connection, version: u64, created: i64) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "INSERT OR REPLACE INTO snapshots (version, created) VALUES (?1, ?2)",
         params![version as i64, created],
     )?;
@@ -799,14 +846,15 @@ pub fn pending(c: &Connection, limit: usize) -> rusqlite::Result<Vec<(u64, u64, 
 /// Delete an inode with everything hanging off it.
 pub fn delete_inode(tx: &Transaction<'_>, ino: u64) -> rusqlite::Result<()> {
     drop_chunks(tx, ino)?;
-    tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
-    tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
+    exec(tx, "DELETE FROM xattrs WHERE ino = ?1", [ino as i64])?;
+    exec(tx, "DELETE FROM inodes WHERE ino = ?1", [ino as i64])?;
     Ok(())
 }
 
 /// An xattr's value.
 pub fn get_xattr(c: &Connection, ino: u64, name: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
-    c.query_row(
+    row(
+        c,
         "SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2",
         params![ino as i64, name],
         |r| r.get(0),
@@ -816,7 +864,8 @@ pub fn get_xattr(c: &Connection, ino: u64, name: &[u8]) -> rusqlite::Result<Opti
 
 /// Set an xattr.
 pub fn set_xattr(c: &Connection, ino: u64, name: &[u8], value: &[u8]) -> rusqlite::Result<()> {
-    c.execute(
+    exec(
+        c,
         "INSERT INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)
          ON CONFLICT(ino, name) DO UPDATE SET value = excluded.value",
         params![ino as i64, name, value],
@@ -826,7 +875,8 @@ pub fn set_xattr(c: &Connection, ino: u64, name: &[u8], value: &[u8]) -> rusqlit
 
 /// Remove an xattr; whether it existed.
 pub fn remove_xattr(c: &Connection, ino: u64, name: &[u8]) -> rusqlite::Result<bool> {
-    Ok(c.execute(
+    Ok(exec(
+        c,
         "DELETE FROM xattrs WHERE ino = ?1 AND name = ?2",
         params![ino as i64, name],
     )? > 0)
@@ -841,13 +891,13 @@ pub fn list_xattrs(c: &Connection, ino: u64) -> rusqlite::Result<Vec<Vec<u8>>> {
 
 /// Number of inodes (for statfs).
 pub fn inode_count(c: &Connection) -> rusqlite::Result<u64> {
-    c.query_row("SELECT COUNT(*) FROM inodes", [], |r| r.get::<_, i64>(0))
-        .map(|n| n as u64)
+    row(c, "SELECT COUNT(*) FROM inodes", [], |r| r.get::<_, i64>(0)).map(|n| n as u64)
 }
 
 /// Largest stage id mentioned anywhere, so new ids never collide after a restart.
 pub fn max_stage(c: &Connection) -> rusqlite::Result<u64> {
-    c.query_row(
+    row(
+        c,
         "SELECT MAX(COALESCE(MAX(stage), 0), COALESCE(MAX(committed_stage), 0)) FROM inodes",
         [],
         |r| r.get::<_, i64>(0),
@@ -907,12 +957,14 @@ pub struct Summary {
 
 /// Counts for `peerstash status`.
 pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
-    let (pending_files, pending_bytes) = c.query_row(
+    let (pending_files, pending_bytes) = row(
+        c,
         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes WHERE stage IS NOT NULL",
         [],
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )?;
-    let (chunks, stored_bytes) = c.query_row(
+    let (chunks, stored_bytes) = row(
+        c,
         "SELECT COUNT(*), COALESCE(SUM(stored), 0) FROM chunks WHERE refcount > 0",
         [],
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
@@ -922,7 +974,7 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
     let (held_chunks, held_bytes, releasable_chunks) = if !retention {
         (0, 0, 0)
     } else {
-        c.query_row(
+        row(c,
             &format!(
                 "SELECT COALESCE(SUM(NOT ({UNRETAINED}) AND {EARLIER}), 0),
                     COALESCE(SUM(CASE WHEN NOT ({UNRETAINED}) AND {EARLIER} THEN stored ELSE 0 END), 0),
@@ -940,7 +992,9 @@ pub fn summary(c: &Connection) -> rusqlite::Result<Summary> {
         )?
     };
     let snapshots_kept = if retention {
-        c.query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))? as u64
+        row(c, "SELECT COUNT(*) FROM snapshots", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64
     } else {
         0
     };
@@ -974,7 +1028,8 @@ pub fn summary_of(state_dir: &std::path::Path) -> rusqlite::Result<Summary> {
     let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     c.busy_timeout(Duration::from_secs(5))?;
     // A drive mounting for the first time may not have created its tables yet.
-    let created: bool = c.query_row(
+    let created: bool = row(
+        &c,
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
         [],
         |r| r.get(0),
@@ -1021,15 +1076,18 @@ impl Meta {
 
 /// A value kept in `meta`.
 pub fn get_meta(c: &Connection, key: Meta) -> rusqlite::Result<Option<i64>> {
-    c.query_row("SELECT value FROM meta WHERE key = ?1", [key.key()], |r| {
-        r.get(0)
-    })
+    row(
+        c,
+        "SELECT value FROM meta WHERE key = ?1",
+        [key.key()],
+        |r| r.get(0),
+    )
     .optional()
 }
 
 /// Set a value in `meta`.
 pub fn set_meta(c: &Connection, key: Meta, value: i64) -> rusqlite::Result<()> {
-    c.execute(
+    exec(c,
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         rusqlite::params![key.key(), value],
     )?;
@@ -1042,7 +1100,8 @@ pub fn set_meta(c: &Connection, key: Meta, value: i64) -> rusqlite::Result<()> {
 /// (releasing chunks, deleting staging files), and in fsync.
 pub fn make_durable(c: &Connection) -> rusqlite::Result<()> {
     c.pragma_update(None, "synchronous", "FULL")?;
-    let r = c.execute(
+    let r = exec(
+        c,
         "INSERT INTO meta (key, value) VALUES ('durable_syncs', 1)
          ON CONFLICT(key) DO UPDATE SET value = value + 1",
         [],

@@ -276,8 +276,59 @@ struct Handle {
     /// arrives late — FUSE sends it asynchronously — must not seal what *another* handle
     /// is still writing.)
     unflushed: bool,
-    next_read: u64,
+    ahead: ReadAhead,
     dir: Option<Vec<DirEntry>>,
+}
+
+/// How far a handle reads sequentially, and how far ahead of it chunks were asked for.
+#[derive(Debug, Default, Clone, Copy)]
+struct ReadAhead {
+    /// Where the next sequential read starts.
+    next: u64,
+    /// Bytes read in the current sequential run.
+    run: u64,
+    /// End of the range already handed to the chunk room's read-ahead.
+    asked_to: u64,
+}
+
+/// Reads this close to the expected offset still count as sequential: the kernel's own
+/// read-ahead sends a file's pages from several threads, slightly out of order.
+const SEQUENTIAL_SLACK: u64 = 1 << 20;
+/// A run must be this long before chunks are fetched ahead: reading a file's header
+/// does not pull in the whole file.
+const AHEAD_AFTER: u64 = 256 << 10;
+/// The largest read-ahead window, when the cache is large enough for twice it.
+const AHEAD_MAX: u64 = 64 << 20;
+
+impl ReadAhead {
+    /// Account for a read of `offset..end`; the range to fetch ahead now, if any. The
+    /// window is the length of the sequential run so far, up to `max`, and is topped up
+    /// once a quarter of it has been read.
+    fn on_read(&mut self, offset: u64, end: u64, size: u64, max: u64) -> Option<(u64, u64)> {
+        let sequential =
+            offset + SEQUENTIAL_SLACK >= self.next && offset <= self.next + SEQUENTIAL_SLACK;
+        if sequential {
+            self.run += end.saturating_sub(offset);
+            self.next = self.next.max(end);
+        } else {
+            *self = ReadAhead {
+                next: end,
+                run: end - offset,
+                asked_to: 0,
+            };
+        }
+        if self.run < AHEAD_AFTER {
+            return None;
+        }
+        let window = self.run.min(max);
+        let target = self.next.saturating_add(window).min(size);
+        let from = self.asked_to.max(self.next);
+        if target <= from || target - from < window / 4 {
+            return None;
+        }
+        self.asked_to = target;
+        Some((from, target))
+    }
 }
 
 /// Everything behind the model's mutex.
@@ -1073,7 +1124,7 @@ impl Model {
             ino,
             write: false,
             unflushed: false,
-            next_read: 0,
+            ahead: ReadAhead::default(),
             dir: Some(entries),
         }))
     }
@@ -1113,7 +1164,7 @@ impl Model {
             ino,
             write,
             unflushed: write && flags & libc::O_TRUNC != 0,
-            next_read: 0,
+            ahead: ReadAhead::default(),
             dir: None,
         });
         if write && flags & libc::O_TRUNC != 0 && a.kind == Kind::File {
@@ -1266,7 +1317,10 @@ impl Model {
     /// Read up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         for attempt in 0..3 {
-            match self.read_once(fh, offset, size) {
+            match self
+                .read_once(fh, offset, size, true)
+                .map(|r| r.unwrap_or_default())
+            {
                 // A newer version may have been committed and the old chunks released
                 // between listing and fetching them: look again.
                 Err(FsError::Backend(BackendError::NotFound(_))) if attempt < 2 => continue,
@@ -1276,52 +1330,77 @@ impl Model {
         unreachable!()
     }
 
-    fn read_once(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (chunks, end, sequential, next_chunk) = {
+    /// [`Model::read`] if it needs nothing from the network (local content, or chunks in
+    /// the cache, as a read-ahead leaves them); `None` if it would have to wait for a
+    /// fetch. The FUSE layer answers such reads on its own thread.
+    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Vec<u8>>> {
+        self.read_once(fh, offset, size, false).transpose()
+    }
+
+    /// Whether a write through `fh` touches local files only: the file is being written
+    /// already, is empty, or its content is still staged (otherwise the first write
+    /// fetches the current content to start from).
+    pub fn writes_locally(&self, fh: u64) -> bool {
+        let st = self.lock();
+        let Some(h) = st.handles.get(&fh) else {
+            return true; // answered at once: a bad handle
+        };
+        st.working.contains_key(&h.ino)
+            || st
+                .attr(h.ino)
+                .is_ok_and(|a| a.size == 0 || a.stage.is_some())
+    }
+
+    /// A read; `Ok(None)` when `fetch` is false and a chunk is not in the cache.
+    fn read_once(&self, fh: u64, offset: u64, size: u32, fetch: bool) -> FsResult<Option<Vec<u8>>> {
+        let (chunks, end, ahead) = {
             let mut st = self.lock();
-            let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
-            let ino = h.ino;
-            let sequential = h.next_read == offset;
+            let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
             let a = st.attr(ino)?;
             if a.kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
             let end = a.size.min(offset.saturating_add(size as u64));
-            if let Some(h) = st.handles.get_mut(&fh) {
-                h.next_read = end;
-            }
             if end <= offset {
-                return Ok(Vec::new());
+                return Ok(Some(Vec::new()));
             }
-            let mut buf = vec![0u8; (end - offset) as usize];
-            if let Some(w) = st.working.get(&ino) {
-                let n = read_full_at(&w.file, &mut buf, offset)?;
+            let local = |f: &File| -> FsResult<Option<Vec<u8>>> {
+                let mut buf = vec![0u8; (end - offset) as usize];
+                let n = read_full_at(f, &mut buf, offset)?;
                 buf.truncate(n);
-                return Ok(buf);
+                Ok(Some(buf))
+            };
+            if let Some(w) = st.working.get(&ino) {
+                return local(&w.file);
             }
             if let Some(s) = a.stage {
-                let f = self.shared.staging.open_read(s)?;
-                let n = read_full_at(&f, &mut buf, offset)?;
-                buf.truncate(n);
-                return Ok(buf);
+                return local(&self.shared.staging.open_read(s)?);
             }
-            let chunks = index::chunks_in_range(&st.db, ino, offset, end)?;
-            let next = match chunks.last() {
-                Some(l) if sequential => index::chunks_in_range(
-                    &st.db,
-                    ino,
-                    l.offset + l.len as u64,
-                    l.offset + l.len as u64 + 1,
-                )?
-                .into_iter()
-                .next(),
-                _ => None,
+            let max_window = AHEAD_MAX.min(self.shared.chunks.cache_capacity() as u64 / 2);
+            let window = match st.handles.get_mut(&fh) {
+                Some(h) => h.ahead.on_read(offset, end, a.size, max_window),
+                None => None,
             };
-            (chunks, end, sequential, next)
+            let chunks = index::chunks_in_range(&st.db, ino, offset, end)?;
+            let ahead = match window {
+                Some((from, to)) => index::chunks_in_range(&st.db, ino, from, to)?,
+                None => Vec::new(),
+            };
+            (chunks, end, ahead)
         };
+        if !ahead.is_empty() {
+            self.shared.chunks.read_ahead(ahead);
+        }
         let mut buf = vec![0u8; (end - offset) as usize];
         for c in &chunks {
-            let plain = self.shared.chunks.fetch(c)?;
+            let plain = if fetch {
+                self.shared.chunks.fetch(c)?
+            } else {
+                match self.shared.chunks.cached(&c.id) {
+                    Some(p) => p,
+                    None => return Ok(None),
+                }
+            };
             let c_end = c.offset + c.len as u64;
             let from = offset.max(c.offset);
             let to = end.min(c_end);
@@ -1331,12 +1410,7 @@ impl Model {
             buf[(from - offset) as usize..(to - offset) as usize]
                 .copy_from_slice(&plain[(from - c.offset) as usize..(to - c.offset) as usize]);
         }
-        if sequential {
-            if let Some(n) = next_chunk {
-                self.shared.chunks.prefetch(n);
-            }
-        }
-        Ok(buf)
+        Ok(Some(buf))
     }
 
     /// Turn the working file of `ino` into a pending stage (the "close" point).

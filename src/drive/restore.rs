@@ -2,8 +2,9 @@
 //! (`peerstash restore`).
 //!
 //! The snapshot is loaded into an index of its own (see [`super::snapshot::load`]); this
-//! module walks that index and writes what it names: regular files byte for byte (each
-//! chunk fetched, hash-checked and opened under the data key), directories, symlinks,
+//! module walks that index and writes what it names: regular files byte for byte (their
+//! chunks fetched a window at a time across files, many in flight, each hash-checked and
+//! opened under the data key), directories, symlinks,
 //! named pipes, hard links as hard links, permission bits, `user.*` xattrs (best effort)
 //! and access/modification times (set after the content; a directory's after its
 //! entries). Ownership is left to the user running it; sockets and device nodes are
@@ -19,9 +20,10 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
-use super::backend::{BackendError, ChunkBackend};
+use super::backend::{get_in_order, BackendError, ChunkBackend};
 use super::crypto::ChunkSealer;
-use super::index::{self, Attr, Kind, ROOT_INO};
+use super::index::{self, Attr, ChunkRef, Kind, ROOT_INO};
+use crate::ids::ChunkId;
 
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,17 +135,27 @@ pub fn restore_tree(
         links: HashMap::new(),
         stats: RestoreStats::default(),
         progress: &mut progress,
+        queue: Vec::new(),
+        files: Vec::new(),
+        queued_bytes: 0,
+        dirs: Vec::new(),
     };
-    if attr.kind == Kind::Dir {
-        std::fs::create_dir_all(to).map_err(io(to))?;
-        w.fill_dir(ino, &attr, to)?;
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    let walked = if attr.kind == Kind::Dir {
+        w.fill_dir(ino, &attr, to)
     } else {
-        std::fs::create_dir_all(to).map_err(io(to))?;
         let name = path
             .split('/')
             .rfind(|p| !p.is_empty() && *p != ".")
             .unwrap_or("file");
-        w.entry(&attr, &to.join(name))?;
+        w.entry(&attr, &to.join(name))
+    };
+    walked
+        .and_then(|()| w.flush())
+        .inspect_err(|_| w.abandon())?;
+    // Directories last, deepest first: writing their entries changed their times.
+    for (a, dest) in std::mem::take(&mut w.dirs) {
+        w.meta(&a, &dest)?;
     }
     let stats = w.stats.clone();
     progress(&stats);
@@ -158,7 +170,30 @@ struct Writer<'a, P: FnMut(&RestoreStats)> {
     links: HashMap<u64, PathBuf>,
     stats: RestoreStats,
     progress: &'a mut P,
+    /// Chunks waiting to be fetched, in file order: (index in `files`, chunk).
+    queue: Vec<(usize, ChunkRef)>,
+    /// Files being written; `None` once finished.
+    files: Vec<Option<Pending>>,
+    queued_bytes: u64,
+    /// Directories whose metadata is set at the end.
+    dirs: Vec<(Attr, PathBuf)>,
 }
+
+/// A file whose chunks are on their way.
+struct Pending {
+    attr: Attr,
+    dest: PathBuf,
+    tmp: PathBuf,
+    file: std::fs::File,
+    written: u64,
+    chunks_left: usize,
+}
+
+/// Stored bytes fetched at once: many chunks (or many small files) per token request
+/// and in flight together, memory bounded.
+const WINDOW_BYTES: u64 = 32 << 20;
+/// Files open for writing at once.
+const WINDOW_FILES: usize = 256;
 
 impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
     fn entry(&mut self, a: &Attr, dest: &Path) -> Result<(), RestoreError> {
@@ -169,7 +204,9 @@ impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
             }
             Kind::File => {
                 if a.nlink > 1 {
-                    if let Some(first) = self.links.get(&a.ino) {
+                    if let Some(first) = self.links.get(&a.ino).cloned() {
+                        // The first name must be complete before it gets another.
+                        self.flush()?;
                         std::fs::hard_link(first, dest).map_err(io(dest))?;
                         self.stats.hard_links += 1;
                         return Ok(());
@@ -179,7 +216,6 @@ impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
                 if a.nlink > 1 {
                     self.links.insert(a.ino, dest.to_path_buf());
                 }
-                (self.progress)(&self.stats);
                 Ok(())
             }
             Kind::Symlink => {
@@ -213,7 +249,8 @@ impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
             self.entry(&ca, &dest.join(OsStr::from_bytes(&name)))?;
         }
         self.stats.dirs += 1;
-        self.meta(a, dest)
+        self.dirs.push((a.clone(), dest.to_path_buf()));
+        Ok(())
     }
 
     /// xattrs, permission bits, then times (last: the others change ctime only).
@@ -253,53 +290,99 @@ impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
         Ok(())
     }
 
+    /// Queue a file: created under a temporary name now, its chunks fetched with the
+    /// next window, renamed to `dest` once complete.
     fn file(&mut self, a: &Attr, dest: &Path) -> Result<(), RestoreError> {
         let dir = dest.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(format!(".peerstash-restore-{}.part", a.ino));
-        let mut f = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
             .map_err(io(&tmp))?;
-        let written = (|| {
-            let mut total = 0u64;
-            for c in index::chunks_of(self.db, a.ino)? {
-                let stored = self.backend.get(c.id, c.stored)?;
-                let plain = self
-                    .sealer
-                    .open(c.id, &stored)
-                    .map_err(|e| RestoreError::Damaged(format!("chunk {}: {e}", c.id)))?;
-                if plain.len() != c.len as usize || c.offset != total {
-                    return Err(RestoreError::Damaged(format!(
-                        "chunk {} of {} does not fit",
-                        c.id,
-                        dest.display()
-                    )));
-                }
-                f.write_all(&plain).map_err(io(&tmp))?;
-                total += plain.len() as u64;
-                self.stats.bytes += plain.len() as u64;
-            }
-            if total != a.size {
+        let chunks = index::chunks_of(self.db, a.ino)?;
+        let k = self.files.len();
+        self.files.push(Some(Pending {
+            attr: a.clone(),
+            dest: dest.to_path_buf(),
+            tmp,
+            file,
+            written: 0,
+            chunks_left: chunks.len(),
+        }));
+        if chunks.is_empty() {
+            return self.finish(k);
+        }
+        for c in chunks {
+            self.queued_bytes += u64::from(c.stored);
+            self.queue.push((k, c));
+        }
+        if self.queued_bytes >= WINDOW_BYTES || self.files.len() >= WINDOW_FILES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Fetch every queued chunk and write it into its file, finishing complete files.
+    fn flush(&mut self) -> Result<(), RestoreError> {
+        let queue = std::mem::take(&mut self.queue);
+        self.queued_bytes = 0;
+        let wants: Vec<(ChunkId, u32)> = queue.iter().map(|(_, c)| (c.id, c.stored)).collect();
+        get_in_order(self.backend, &wants, WINDOW_BYTES, |i, stored| {
+            let (k, c) = &queue[i];
+            let plain = self
+                .sealer
+                .open(c.id, &stored)
+                .map_err(|e| RestoreError::Damaged(format!("chunk {}: {e}", c.id)))?;
+            let p = self.files[*k].as_mut().expect("a queued file is pending");
+            if plain.len() != c.len as usize || c.offset != p.written {
                 return Err(RestoreError::Damaged(format!(
-                    "{}: chunks hold {total} bytes, the file {}",
-                    dest.display(),
-                    a.size
+                    "chunk {} of {} does not fit",
+                    c.id,
+                    p.dest.display()
                 )));
             }
-            f.flush().map_err(io(&tmp))?;
+            p.file.write_all(&plain).map_err(io(&p.tmp))?;
+            p.written += plain.len() as u64;
+            self.stats.bytes += plain.len() as u64;
+            p.chunks_left -= 1;
+            if p.chunks_left == 0 {
+                self.finish(*k)?;
+            }
             Ok(())
-        })();
-        if let Err(e) = written {
-            drop(f);
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        drop(f);
-        self.meta(a, &tmp)?;
-        std::fs::rename(&tmp, dest).map_err(io(dest))?;
-        self.stats.files += 1;
+        })?;
+        self.files.clear();
         Ok(())
+    }
+
+    /// A file with all its bytes: check its size, set its metadata, give it its name.
+    fn finish(&mut self, k: usize) -> Result<(), RestoreError> {
+        let Some(p) = self.files[k].take() else {
+            return Ok(());
+        };
+        if p.written != p.attr.size {
+            let _ = std::fs::remove_file(&p.tmp);
+            return Err(RestoreError::Damaged(format!(
+                "{}: chunks hold {} bytes, the file {}",
+                p.dest.display(),
+                p.written,
+                p.attr.size
+            )));
+        }
+        drop(p.file);
+        self.meta(&p.attr, &p.tmp)?;
+        std::fs::rename(&p.tmp, &p.dest).map_err(io(&p.dest))?;
+        self.stats.files += 1;
+        (self.progress)(&self.stats);
+        Ok(())
+    }
+
+    /// A restore that failed leaves no temporary file behind.
+    fn abandon(&mut self) {
+        for p in self.files.drain(..).flatten() {
+            let _ = std::fs::remove_file(&p.tmp);
+        }
+        self.queue.clear();
     }
 }
 

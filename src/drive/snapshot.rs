@@ -62,7 +62,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection};
 
-use super::backend::{BackendError, ChunkBackend};
+use super::backend::{get_in_order, BackendError, ChunkBackend};
 use super::chunker;
 use super::crypto::ChunkSealer;
 use super::index::{self, Meta, ROOT_INO};
@@ -72,6 +72,8 @@ use crate::ids::ChunkId;
 const SNAP_MAGIC: &[u8; 8] = b"PSSNAP01";
 const ROOT_MAGIC: &[u8; 8] = b"PSROOT01";
 const PIECE_MAGIC: &[u8; 8] = b"PSCHUNK1";
+/// Stored bytes of snapshot chunks fetched at once when loading one.
+const FETCH_WINDOW: u64 = 32 << 20;
 /// Most chunks one root record lists (keeps it under the server's 64 KiB bound).
 pub const MAX_ROOT_CHUNKS: usize = 1500;
 const MAX_NAME: usize = 255;
@@ -613,14 +615,16 @@ pub fn fetch_snapshot(
     root: &Root,
 ) -> Result<Vec<u8>, SnapshotError> {
     let mut data = Vec::with_capacity(root.total_len.min(1 << 30) as usize);
-    for c in &root.chunks {
-        let stored = backend.get(c.id, c.stored)?;
+    let wants: Vec<(ChunkId, u32)> = root.chunks.iter().map(|c| (c.id, c.stored)).collect();
+    get_in_order(backend, &wants, FETCH_WINDOW, |i, stored| {
+        let c = &root.chunks[i];
         let plain = sealer.open(c.id, &stored).map_err(|e| bad(e.to_string()))?;
         if plain.len() != 8 + c.len as usize || &plain[..8] != PIECE_MAGIC {
             return Err(bad(format!("snapshot chunk {} has the wrong form", c.id)));
         }
         data.extend_from_slice(&plain[8..]);
-    }
+        Ok(())
+    })?;
     Ok(data)
 }
 

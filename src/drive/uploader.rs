@@ -12,7 +12,6 @@
 //! over quota is reported to fsync (ENOSPC) and retried later.
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufReader;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -409,17 +408,42 @@ fn release_free(sh: &Shared) -> Result<(), BackendError> {
     }
 }
 
+/// Sealed chunks on their way to the backend, at most `put_batch_bytes` at a time.
 struct PutBuffer {
     chunks: Vec<(ChunkId, Vec<u8>)>,
     bytes: usize,
     seen: HashSet<ChunkId>,
+    /// To the putter thread.
+    out: std::sync::mpsc::SyncSender<PutBatch>,
+}
+
+/// One batch for the putter thread.
+struct PutBatch {
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    bytes: usize,
 }
 
 impl PutBuffer {
-    fn flush(&mut self, sh: &Shared) -> Result<(), UploadError> {
+    /// Hand the buffered chunks to the putter (waiting while it still has one queued).
+    fn flush(&mut self) -> Result<(), UploadError> {
         if self.chunks.is_empty() {
             return Ok(());
         }
+        let batch = PutBatch {
+            chunks: std::mem::take(&mut self.chunks),
+            bytes: std::mem::replace(&mut self.bytes, 0),
+        };
+        // A putter that stopped failed: its own error is the one reported.
+        self.out
+            .send(batch)
+            .map_err(|_| UploadError::Local(FsError::Io("the putter stopped".into())))
+    }
+}
+
+impl PutBatch {
+    /// Store the batch, noting the intent first (a crash mid-put leaves chunks to
+    /// release, not to leak) and the confirmation after.
+    fn put(self, sh: &Shared) -> Result<(), UploadError> {
         let intent: Vec<(ChunkId, u32)> = self
             .chunks
             .iter()
@@ -446,51 +470,39 @@ impl PutBuffer {
         }
         let ids: Vec<ChunkId> = self.chunks.iter().map(|(id, _)| *id).collect();
         index::mark_confirmed(&sh.lock().db, &ids)?;
-        self.chunks.clear();
-        self.bytes = 0;
         Ok(())
     }
 }
 
-/// Upload a batch of `(ino, stage)` and commit it in one transaction.
+/// Upload a batch of `(ino, stage)` and commit it in one transaction. Files are cut and
+/// sealed on this thread while a putter thread stores the previous batch: the network
+/// and the CPU work overlap (one batch queued, one in flight).
 fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
-    let mut buf = PutBuffer {
-        chunks: Vec::new(),
-        bytes: 0,
-        seen: HashSet::new(),
-    };
-    let mut done: Vec<(u64, u64, Vec<ChunkRef>)> = Vec::new();
-    for &(ino, stage) in batch {
-        let file = match sh.staging.open_read(stage) {
-            Ok(f) => f,
-            // Superseded by a newer close, or the file was deleted: nothing to do.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let mut list = Vec::new();
-        chunker::for_each_chunk(BufReader::with_capacity(1 << 20, file), |offset, data| {
-            if sh.stop.load(Ordering::SeqCst) {
-                return Err(UploadError::Stopped);
-            }
-            let sealed = sh.chunks.sealer().seal(&data);
-            list.push(ChunkRef {
-                offset,
-                id: sealed.id,
-                len: data.len() as u32,
-                stored: sealed.stored.len() as u32,
-            });
-            if buf.seen.insert(sealed.id) && !index::chunk_stored(&sh.lock().db, &sealed.id)? {
-                buf.bytes += sealed.stored.len();
-                buf.chunks.push((sealed.id, sealed.stored));
-                if buf.bytes >= sh.opts.put_batch_bytes {
-                    buf.flush(sh)?;
+    let done = std::thread::scope(|scope| {
+        let (out, batches) = std::sync::mpsc::sync_channel::<PutBatch>(1);
+        let putter = std::thread::Builder::new()
+            .name("peerstash-putter".into())
+            .spawn_scoped(scope, move || -> Result<(), UploadError> {
+                for b in batches {
+                    b.put(sh)?;
                 }
-            }
-            Ok(())
-        })?;
-        done.push((ino, stage, list));
-    }
-    buf.flush(sh)?;
+                Ok(())
+            })
+            .map_err(|e| UploadError::Local(FsError::Io(format!("starting the putter: {e}"))))?;
+        let mut buf = PutBuffer {
+            chunks: Vec::new(),
+            bytes: 0,
+            seen: HashSet::new(),
+            out,
+        };
+        let sealed = seal_files(sh, batch, &mut buf).and_then(|d| buf.flush().map(|()| d));
+        drop(buf);
+        let put = putter.join().expect("the putter thread panicked");
+        match (sealed, put) {
+            (_, Err(e)) | (Err(e), Ok(())) => Err(e),
+            (Ok(d), Ok(())) => Ok(d),
+        }
+    })?;
     if sh.stop.load(Ordering::SeqCst) {
         return Err(UploadError::Stopped);
     }
@@ -530,4 +542,47 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
     }
     sh.committed.notify_all();
     Ok(())
+}
+
+/// Cut and seal every file of the batch, handing new chunks to `buf`; each file's chunk
+/// list in order.
+#[allow(clippy::type_complexity)]
+fn seal_files(
+    sh: &Shared,
+    batch: &[(u64, u64)],
+    buf: &mut PutBuffer,
+) -> Result<Vec<(u64, u64, Vec<ChunkRef>)>, UploadError> {
+    let mut done = Vec::new();
+    for &(ino, stage) in batch {
+        let file = match sh.staging.open_read(stage) {
+            Ok(f) => f,
+            // Superseded by a newer close, or the file was deleted: nothing to do.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let len = file.metadata()?.len();
+        let mut list = Vec::new();
+        chunker::for_each_chunk_of_file(file, len, |offset, data| {
+            if sh.stop.load(Ordering::SeqCst) {
+                return Err(UploadError::Stopped);
+            }
+            let sealed = sh.chunks.sealer().seal(&data);
+            list.push(ChunkRef {
+                offset,
+                id: sealed.id,
+                len: data.len() as u32,
+                stored: sealed.stored.len() as u32,
+            });
+            if buf.seen.insert(sealed.id) && !index::chunk_stored(&sh.lock().db, &sealed.id)? {
+                buf.bytes += sealed.stored.len();
+                buf.chunks.push((sealed.id, sealed.stored));
+                if buf.bytes >= sh.opts.put_batch_bytes {
+                    buf.flush()?;
+                }
+            }
+            Ok(())
+        })?;
+        done.push((ino, stage, list));
+    }
+    Ok(done)
 }

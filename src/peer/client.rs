@@ -162,6 +162,11 @@ pub struct PeerSpace {
     pub chunks: u64,
 }
 
+/// Silence after which a connection to a daemon counts as dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+/// Pings on a quiet connection, well inside [`IDLE_TIMEOUT`].
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
 /// How long a failed connection attempt is remembered.
 const FAILED_CONNECT_MEMORY: Duration = Duration::from_secs(2);
 
@@ -237,6 +242,13 @@ impl PeerClient {
         let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
         let mut t = TransportConfig::default();
         t.max_concurrent_uni_streams(0u8.into());
+        // A holder that dies mid-transfer is noticed within IDLE_TIMEOUT (keep-alives
+        // hold a quiet pooled connection open meanwhile), and its chunks are then fetched
+        // from another holder: reads stall seconds, not the 30 s QUIC default.
+        t.keep_alive_interval(Some(KEEP_ALIVE));
+        t.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("a small timeout fits"),
+        ));
         cfg.transport_config(Arc::new(t));
         let connecting = self
             .endpoint
