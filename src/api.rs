@@ -476,6 +476,26 @@ pub struct StatusResponse {
     /// asked for no figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u8>,
+    /// Its own storage daemon's audit record, as the server keeps it.
+    #[serde(default)]
+    pub standing: Option<PeerStanding>,
+}
+
+/// A storage daemon's audit record and standing (see `docs/SECURITY.md`, audits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStanding {
+    /// Audits passed.
+    pub audits_passed: u64,
+    /// Audits failed or unanswered.
+    pub audits_failed: u64,
+    /// Weighted pass rate of the audits it answered, 0 to 1.
+    pub reputation: f64,
+    /// Weighted share of its audits it answered, 0 to 1.
+    pub uptime: f64,
+    /// `good`, `suspended` or `disqualified`.
+    pub standing: String,
+    /// Whether the server places new chunks on it.
+    pub receiving_placements: bool,
 }
 
 /// Store a new sealed root record (the encrypted pointer to the drive's latest snapshot).

@@ -70,6 +70,8 @@ pub enum MessageKind {
     Root = 10,
     /// Storage daemon asks which of the chunks on its disk the server expects it to hold.
     Inventory = 11,
+    /// Server audits a chunk a peer holds (see [`crate::audit`]).
+    Audit = 12,
 }
 
 impl MessageKind {
@@ -87,6 +89,7 @@ impl MessageKind {
             9 => Releases,
             10 => Root,
             11 => Inventory,
+            12 => Audit,
             _ => return None,
         })
     }

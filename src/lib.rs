@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "client")]

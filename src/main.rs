@@ -14,7 +14,7 @@ use peerstash::client::{parse_size, ClientError, Home, ServerClient};
 use peerstash::drive::crypto::ChunkSealer;
 use peerstash::drive::snapshot::{self, Root};
 use peerstash::drive::DriveConfig;
-use peerstash::peer::{Daemon, DaemonConfig};
+use peerstash::peer::{Daemon, DaemonConfig, PeerClient};
 use peerstash::remote::{HttpLink, RemoteBackend};
 use peerstash::{DataKey, Fingerprint, TransactionKey};
 
@@ -49,11 +49,21 @@ enum Command {
     Snapshots,
     /// Restore a snapshot (or a path inside it) into a local directory.
     Restore(RestoreArgs),
+    /// Read the drive's chunks back from every holder, check and decrypt them, and report
+    /// bad holders to the server (which audits them and has bad copies replaced).
+    Verify(VerifyArgs),
     /// Run a server, several peers and a mounted drive on loopback.
     LocalCluster(LocalClusterArgs),
     /// Write man pages into DIR (for packaging).
     #[command(hide = true)]
     Man { dir: PathBuf },
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// Check a random sample of this many percent of the chunks (default: all of them).
+    #[arg(long, value_name = "PERCENT")]
+    sample: Option<f64>,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -268,6 +278,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve => serve(&home),
         Command::Snapshots => list_snapshots(&home),
         Command::Restore(a) => restore(&home, a),
+        Command::Verify(a) => verify(&home, a),
         Command::Mount(a) => mount(&home, a),
         Command::LocalCluster(a) => local_cluster(a),
         Command::Man { .. } => unreachable!("handled above"),
@@ -653,6 +664,63 @@ fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// `peerstash verify`: every copy of the drive's chunks (or a sample) read back and
+/// checked; exits non-zero when anything is unreadable or a copy is bad.
+fn verify(home: &Home, a: VerifyArgs) -> Result<()> {
+    use peerstash::drive::{index, verify};
+    registered(home)?;
+    let sealer = ChunkSealer::new(&home.load_data_key()?);
+    let client = home.server_client()?;
+    let path = home.path("drive").join("index.sqlite");
+    if !path.exists() {
+        bail!("this home has no drive yet: mount it (or restore into it) first");
+    }
+    let db = index::open_reader(&path).context("opening the drive's index")?;
+    let all = index::confirmed_chunks(&db).context("reading the drive's index")?;
+    let total = all.len();
+    let chunks = verify::sample(all, a.sample.unwrap_or(100.0))?;
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let peers = PeerClient::new().context("starting the QUIC client")?;
+        verify::verify(&client, &peers, &sealer, &chunks)
+            .await
+            .context("verifying the drive's chunks")
+    })?;
+    for b in &report.bad {
+        println!(
+            "bad copy: chunk {} on peer {}: {}",
+            b.chunk, b.holder, b.why
+        );
+    }
+    for b in &report.unreachable {
+        println!(
+            "not checked: chunk {} on peer {}: {}",
+            b.chunk, b.holder, b.why
+        );
+    }
+    for c in &report.unreadable {
+        println!("unreadable: chunk {c}");
+    }
+    println!(
+        "verified {} of {} chunks ({} copies): {} bad copies (reported to the server), \
+         {} holders unreachable, {} chunks unreadable",
+        report.chunks,
+        total,
+        report.copies,
+        report.bad.len(),
+        report.unreachable.len(),
+        report.unreadable.len()
+    );
+    if !report.unreadable.is_empty() || !report.bad.is_empty() {
+        bail!(
+            "{} chunks unreadable, {} bad copies",
+            report.unreadable.len(),
+            report.bad.len()
+        );
+    }
+    Ok(())
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -932,6 +1000,21 @@ async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()
         format_size(s.lend_bytes),
         format_size(s.holding_bytes)
     );
+    if let Some(a) = &s.standing {
+        println!(
+            "audits:   {} passed, {} failed; reputation {:.2}, uptime {:.2}; standing {}, {}",
+            a.audits_passed,
+            a.audits_failed,
+            a.reputation,
+            a.uptime,
+            a.standing,
+            if a.receiving_placements {
+                "receiving placements"
+            } else {
+                "receiving no placements (what it holds is being moved to other peers)"
+            }
+        );
+    }
     let target = match cfg.erasure {
         Some(e) => {
             println!("storage:  erasure-coded, {e} shards per chunk on distinct peers");

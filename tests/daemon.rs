@@ -700,6 +700,107 @@ async fn status_checks_are_authenticated() {
     d.shutdown().await;
 }
 
+/// Audits over real QUIC: a challenge the server signed gets a proof that verifies
+/// against the chunk id; the same answer does not pass a new challenge; a challenge not
+/// signed by the server (wrong key, replayed, reflected, for a status check) is refused
+/// before the daemon reads its disk; an unknown chunk or a wrong size is said so; and a
+/// chunk corrupted on disk gives a proof that fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audits_are_authenticated_and_prove_the_chunk() {
+    use peerstash::audit::{AuditError, Challenge};
+    let p = TestPeer::new();
+    let d = p.start(1 << 24, Arc::new(RecordingLink::new())).await;
+    let peer = p.addr(&d);
+    let client = PeerClient::new().unwrap();
+    let chunk = random_chunk(300_000);
+    put_one(
+        &client,
+        &peer,
+        &p.token(TxKind::Put, &refs(std::slice::from_ref(&chunk))),
+        &chunk,
+    )
+    .await
+    .unwrap();
+    let (id, size) = (chunk.0, chunk.1.len() as u32);
+    let server = ControlSigner::new(p.id, &p.key, Direction::ServerToPeer);
+    let sign = |c: &Challenge| server.sign(MessageKind::Audit, &c.encode(), now_ms());
+
+    let c = Challenge::random(id, size).unwrap();
+    let auth = sign(&c);
+    let answer = client.audit(&peer, &auth, &c).await.unwrap();
+    assert_eq!(c.verify(&answer, now_ms(), now_ms() + 1000), Ok(()));
+    assert!(answer.encode().len() < 5 * 1024, "a few KiB");
+    // An old answer is no answer to a new challenge.
+    let fresh = Challenge::random(id, size).unwrap();
+    assert_eq!(
+        fresh.verify(&answer, now_ms(), now_ms() + 1000),
+        Err(AuditError::WrongNonce)
+    );
+
+    let refused = |r| Err(PeerError::BadControl(r));
+    assert_eq!(
+        client.audit(&peer, &auth, &c).await.map(drop),
+        refused(ControlReason::Replayed)
+    );
+    let impostor = ControlSigner::new(
+        p.id,
+        &TransactionKey::generate().unwrap(),
+        Direction::ServerToPeer,
+    );
+    let forged = impostor.sign(MessageKind::Audit, &c.encode(), now_ms());
+    assert_eq!(
+        client.audit(&peer, &forged, &c).await.map(drop),
+        refused(ControlReason::BadMac)
+    );
+    // Signed for another challenge: the MAC covers the challenge bytes.
+    let other = sign(&fresh);
+    assert_eq!(
+        client.audit(&peer, &other, &c).await.map(drop),
+        refused(ControlReason::BadMac)
+    );
+    let status = server.sign(MessageKind::StatusCheck, &c.encode(), now_ms());
+    assert_eq!(
+        client.audit(&peer, &status, &c).await.map(drop),
+        refused(ControlReason::WrongKind)
+    );
+    let reflected = ControlSigner::new(p.id, &p.key, Direction::PeerToServer);
+    let r = reflected.sign(MessageKind::Audit, &c.encode(), now_ms());
+    assert_eq!(
+        client.audit(&peer, &r, &c).await.map(drop),
+        refused(ControlReason::WrongDirection)
+    );
+
+    let unknown = Challenge::random(ChunkId([3; 32]), size).unwrap();
+    assert_eq!(
+        client
+            .audit(&peer, &sign(&unknown), &unknown)
+            .await
+            .map(drop),
+        Err(PeerError::NotFound)
+    );
+    let resized = Challenge::random(id, size - 1024).unwrap();
+    assert_eq!(
+        client
+            .audit(&peer, &sign(&resized), &resized)
+            .await
+            .map(drop),
+        Err(PeerError::SizeMismatch)
+    );
+
+    // One byte flipped on disk: whatever the range, the proof no longer hashes to the id.
+    let path = d.store().path_of(&id);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[size as usize - 1] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let c = Challenge::at(id, size, 0, [9; 16]);
+    let answer = client.audit(&peer, &sign(&c), &c).await.unwrap();
+    assert_eq!(
+        c.verify(&answer, now_ms(), now_ms() + 1000),
+        Err(AuditError::BadProof)
+    );
+    d.shutdown().await;
+}
+
 /// A daemon heartbeating every 100 ms over `link`, lending 1 MiB, holding `chunks`.
 async fn beating_daemon_holding(
     p: &TestPeer,

@@ -2,7 +2,8 @@
 //! mount. One peer is lost for good; every file still reads; the server notices, has the
 //! chunks it held copied peer to peer back to two online replicas (checked through the
 //! server and on the daemons' disks); the lost peer comes back and drops the copies that
-//! were replaced; then a second peer is lost, and every file still reads.
+//! were replaced; then a second peer is lost, and every file still reads. Audits catch
+//! peers that keep heartbeating but lost (deleted, corrupted, never kept) what they hold.
 
 mod common;
 
@@ -214,4 +215,389 @@ fn erasure_coded_chunks_survive_a_lost_peer_are_rebuilt_and_survive_another() {
     // A second loss: two shards of every stripe are left, enough to read everything.
     peers[1].kill9();
     read_back(&user, &mnt, &src);
+}
+
+/// Four daemons as in [`quick_repair_net`], every stored chunk audited at least every 4 s.
+fn quick_audit_net() -> Net {
+    Net::start_with(
+        4,
+        &[
+            "--heartbeat-interval",
+            "1",
+            "--online-timeout",
+            "3",
+            "--repair-grace",
+            "4",
+            "--repair-interval",
+            "1",
+            "--audit-interval",
+            "4",
+        ],
+    )
+}
+
+/// The peer other than `bad` that shares the most chunks with it, and those chunks: the
+/// one whose loss would take data with it if `bad`'s copies were not replaced.
+fn partner_of(stores: &[std::path::PathBuf], bad: usize) -> (usize, BTreeSet<String>) {
+    let held = chunks_on(&stores[bad]);
+    (0..stores.len())
+        .filter(|i| *i != bad)
+        .map(|i| {
+            (
+                i,
+                held.intersection(&chunks_on(&stores[i])).cloned().collect(),
+            )
+        })
+        .max_by_key(|(_, shared): &(usize, BTreeSet<String>)| shared.len())
+        .expect("other peers")
+}
+
+fn chunk_path(storage: &Path, name: &str) -> std::path::PathBuf {
+    for d in fs::read_dir(storage.join("chunks")).unwrap().flatten() {
+        let p = d.path().join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("chunk {name} not under {}", storage.display());
+}
+
+/// The server catches `bad` by auditing it (its own status shows failed audits and that
+/// it receives no placements), and every chunk in `affected` is back on two peers other
+/// than `bad`; then `partner`, the other holder of those chunks, is lost for good, and
+/// every file still reads, byte for byte, from a fresh mount.
+#[allow(clippy::too_many_arguments)]
+fn caught_replaced_and_survives(
+    net: &Net,
+    stores: &[std::path::PathBuf],
+    peers: &mut [Proc],
+    user: &Path,
+    bad: usize,
+    partner: usize,
+    affected: &BTreeSet<String>,
+    src: &Path,
+    mnt: &Path,
+) {
+    let bad_home = net.home(&format!("peer-{bad}"));
+    let bad_status = wait_for(
+        "the server to catch the bad holder in audits",
+        Duration::from_secs(120),
+        || {
+            let s = status(&bad_home);
+            let failed = s
+                .lines()
+                .find_map(|l| l.strip_prefix("audits:"))
+                .and_then(|l| l.split(" passed, ").nth(1))
+                .and_then(|l| l.split(' ').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0);
+            (failed >= affected.len().min(3)).then_some(s)
+        },
+    );
+    eprintln!("{bad_status}");
+    wait_for(
+        "every affected chunk on two peers besides the bad one",
+        Duration::from_secs(180),
+        || {
+            // Chunks the drive released since (older snapshots' index chunks) are gone
+            // from the partner too: they no longer count.
+            let on_partner = chunks_on(&stores[partner]);
+            let ok = affected.intersection(&on_partner).all(|c| {
+                (0..stores.len())
+                    .filter(|i| *i != bad && chunks_on(&stores[*i]).contains(c))
+                    .count()
+                    >= 2
+            });
+            (ok && status(user).contains("safety:   all")).then_some(())
+        },
+    );
+    // Lose the partner for good: without the audits, the chunks it shared with the bad
+    // holder would now be gone.
+    peers[partner].kill9();
+    read_back(user, mnt, src);
+}
+
+/// A peer deletes everything it holds and keeps heartbeating: audits find it out, its
+/// chunks are copied elsewhere, it is suspended, and losing another peer loses nothing.
+#[test]
+fn a_peer_that_deletes_what_it_holds_is_caught_by_audits_and_replaced() {
+    let mut net = quick_audit_net();
+    let user = net.register("alice", "1G");
+    let (src, mnt) = back_up_a_tree(&net, &user, 6);
+    let stores = net.storage_dirs();
+    let (partner, affected) = partner_of(&stores, 0);
+    assert!(!affected.is_empty(), "peer 0 shares nothing with anyone");
+    let mut peers = net.peers.drain(..).collect::<Vec<Proc>>();
+
+    fs::remove_dir_all(stores[0].join("chunks")).unwrap();
+    fs::create_dir_all(stores[0].join("chunks")).unwrap();
+    caught_replaced_and_survives(
+        &net, &stores, &mut peers, &user, 0, partner, &affected, &src, &mnt,
+    );
+    let s = status(&net.home("peer-0"));
+    assert!(
+        s.contains("standing suspended") || s.contains("standing disqualified"),
+        "{s}"
+    );
+    // `/metrics` counts the audits by outcome and the peer's fall.
+    let m = metric_lines(&net);
+    let value = |name: &str| -> f64 {
+        m.iter()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    assert!(value("peerstash_audits_total{outcome=\"missing\"}") >= 1.0);
+    assert!(value("peerstash_audits_total{outcome=\"passed\"}") >= 1.0);
+    assert!(
+        value("peerstash_peers_suspended") + value("peerstash_peers_disqualified") >= 1.0,
+        "{m:?}"
+    );
+}
+
+/// The server's `/metrics` lines (its certificate is self-signed: python's unverified
+/// context, as curl -k would).
+fn metric_lines(net: &Net) -> Vec<String> {
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import ssl,sys,urllib.request\n\
+         ctx=ssl._create_unverified_context()\n\
+         print(urllib.request.urlopen(sys.argv[1]+'/metrics',context=ctx).read().decode())",
+        )
+        .arg(&net.url));
+    out.lines().map(str::to_string).collect()
+}
+
+/// A peer whose disk flips one byte in a few chunks: audits of those fail, they are
+/// copied elsewhere, and losing their other holder loses nothing.
+#[test]
+fn a_peer_with_corrupt_chunks_is_caught_by_audits_and_they_are_replaced() {
+    let mut net = quick_audit_net();
+    let user = net.register("alice", "1G");
+    let (src, mnt) = back_up_a_tree(&net, &user, 6);
+    let stores = net.storage_dirs();
+    let (partner, shared) = partner_of(&stores, 0);
+    let affected: BTreeSet<String> = shared.into_iter().take(3).collect();
+    assert!(!affected.is_empty(), "peer 0 shares nothing with anyone");
+    let mut peers = net.peers.drain(..).collect::<Vec<Proc>>();
+
+    for c in &affected {
+        let p = chunk_path(&stores[0], c);
+        let mut bytes = fs::read(&p).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x01;
+        fs::write(&p, bytes).unwrap();
+    }
+    caught_replaced_and_survives(
+        &net, &stores, &mut peers, &user, 0, partner, &affected, &src, &mnt,
+    );
+}
+
+/// A peer that threw the bytes away but kept every chunk's BLAKE3 tree answers audits
+/// with the right chaining values and made-up bytes (a test-only switch of debug builds,
+/// `PEERSTASH_TEST_CHEAT=hashes-only`): audits fail, its chunks are replaced, and losing
+/// another peer loses nothing.
+#[test]
+fn a_peer_that_keeps_only_hashes_is_caught_by_audits_and_replaced() {
+    let mut net = quick_audit_net();
+    let user = net.register("alice", "1G");
+    let (src, mnt) = back_up_a_tree(&net, &user, 6);
+    let stores = net.storage_dirs();
+    let (partner, affected) = partner_of(&stores, 0);
+    assert!(!affected.is_empty(), "peer 0 shares nothing with anyone");
+    let mut peers = net.peers.drain(..).collect::<Vec<Proc>>();
+
+    // Peer 0 restarts as a cheat: it still has its files (the hashes it computes come
+    // from them), but answers with zeroed bytes and serves no reads.
+    peers[0].kill9();
+    let mut cmd = Command::new(bin("peerstash"));
+    cmd.arg("--home")
+        .arg(net.home("peer-0"))
+        .arg("serve")
+        .env("PEERSTASH_TEST_CHEAT", "hashes-only");
+    peers[0] = Proc::spawn("peer-0 cheating", cmd);
+    caught_replaced_and_survives(
+        &net, &stores, &mut peers, &user, 0, partner, &affected, &src, &mnt,
+    );
+}
+
+/// Passed audits the server counts for the four daemons, from their own status.
+fn audits_passed(net: &Net) -> usize {
+    (0..4)
+        .map(|i| {
+            let s = status(&net.home(&format!("peer-{i}")));
+            s.lines()
+                .find_map(|l| l.strip_prefix("audits:"))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// `peerstash verify` reads every copy back: a copy corrupted on one holder is a bad copy
+/// (reported; the server audits that location at once and replaces it), a chunk deleted
+/// from both its holders is unreadable; it exits non-zero and names both. Once the
+/// corrupt copy is replaced, only the lost chunk is left.
+#[test]
+fn verify_finds_a_corrupt_copy_and_a_missing_chunk_and_the_corrupt_copy_is_replaced() {
+    // Audits every hour: only the first audit of each location (right after it is
+    // stored) happens during the test, so verify, not a periodic audit, finds the damage.
+    let net = Net::start_with(
+        4,
+        &[
+            "--heartbeat-interval",
+            "1",
+            "--online-timeout",
+            "3",
+            "--repair-interval",
+            "1",
+            "--audit-interval",
+            "3600",
+        ],
+    );
+    let user = net.register("alice", "1G");
+    back_up_a_tree(&net, &user, 2);
+    let stores = net.storage_dirs();
+    wait_for(
+        "the first audit of every location",
+        Duration::from_secs(240),
+        || {
+            let locations = metric_lines(&net)
+                .iter()
+                .find_map(|l| l.strip_prefix("peerstash_chunk_locations ")?.parse().ok())
+                .unwrap_or(usize::MAX);
+            (audits_passed(&net) >= locations).then_some(())
+        },
+    );
+    let clean = peerstash_ok(&user, &["verify"]);
+    assert!(clean.contains("0 bad copies"), "{clean}");
+
+    let on0 = chunks_on(&stores[0]);
+    let corrupt = on0.iter().next().expect("peer 0 holds a chunk").clone();
+    let p = chunk_path(&stores[0], &corrupt);
+    let mut bytes = fs::read(&p).unwrap();
+    bytes[0] ^= 0xff;
+    fs::write(&p, bytes).unwrap();
+    let lost = chunks_on(&stores[1])
+        .into_iter()
+        .find(|c| *c != corrupt)
+        .expect("peer 1 holds another chunk");
+    for d in &stores {
+        if chunks_on(d).contains(&lost) {
+            fs::remove_file(chunk_path(d, &lost)).unwrap();
+        }
+    }
+
+    let out = Command::new(bin("peerstash"))
+        .arg("--home")
+        .arg(&user)
+        .args(["verify", "--sample", "100"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "verify passed over damage: {stdout}");
+    assert!(
+        stdout.contains(&format!("bad copy: chunk {corrupt}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("unreadable: chunk {lost}")),
+        "{stdout}"
+    );
+
+    // The report makes the server audit the corrupt copy now; it fails and is replaced.
+    wait_for(
+        "the corrupt copy replaced",
+        Duration::from_secs(120),
+        || {
+            let out = Command::new(bin("peerstash"))
+                .arg("--home")
+                .arg(&user)
+                .arg("verify")
+                .output()
+                .unwrap();
+            let s = String::from_utf8_lossy(&out.stdout).into_owned();
+            (!s.contains(&format!("chunk {corrupt}"))
+                && s.contains(&format!("unreadable: chunk {lost}")))
+            .then_some(())
+        },
+    );
+}
+
+/// CPU seconds the process `pid` has used (user + system).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The sum of every series of `name` in `/metrics`.
+fn metric_sum(net: &Net, name: &str) -> f64 {
+    metric_lines(net)
+        .iter()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Audit load on a live server, measured rather than asserted: the server's CPU over
+/// 20 s of an idle network holding a backed-up tree, with audits off (the baseline:
+/// heartbeats, status checks, repair scans) and with every location audited every 2 s;
+/// the difference per audit, and what that makes per audited TiB a day at the default
+/// interval. Run with `cargo test --test repair audit_load -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run it with --ignored --nocapture"]
+fn audit_load_on_a_live_server() {
+    let mut cpu = Vec::new();
+    for interval in ["0", "2"] {
+        let net = Net::start_with(
+            4,
+            &[
+                "--heartbeat-interval",
+                "1",
+                "--online-timeout",
+                "3",
+                "--audit-interval",
+                interval,
+            ],
+        );
+        let user = net.register("alice", "1G");
+        back_up_a_tree(&net, &user, 6);
+        std::thread::sleep(Duration::from_secs(10));
+        let pid = net._server.pid();
+        let (c0, a0, b0) = (
+            cpu_secs(pid),
+            metric_sum(&net, "peerstash_audits_total"),
+            metric_sum(&net, "peerstash_audit_answer_bytes_total"),
+        );
+        std::thread::sleep(Duration::from_secs(20));
+        let (c1, a1, b1) = (
+            cpu_secs(pid),
+            metric_sum(&net, "peerstash_audits_total"),
+            metric_sum(&net, "peerstash_audit_answer_bytes_total"),
+        );
+        let verify = metric_sum(&net, "peerstash_audit_verify_seconds_total");
+        let locations = metric_sum(&net, "peerstash_chunk_locations ");
+        eprintln!(
+            "audit interval {interval:>2} s: {locations} locations, server CPU {:.2} s in 20 s, \
+             {} audits, {:.0} answer bytes per audit, {verify:.4} s verifying in all",
+            c1 - c0,
+            a1 - a0,
+            if a1 > a0 { (b1 - b0) / (a1 - a0) } else { 0.0 }
+        );
+        cpu.push((c1 - c0, a1 - a0));
+    }
+    let per_audit = (cpu[1].0 - cpu[0].0) / cpu[1].1.max(1.0);
+    let per_tib_day = (1u64 << 20) as f64 * 4.0;
+    eprintln!(
+        "server CPU per audit (over the baseline): {:.0} µs; per audited TiB a day at the \
+         default 6 h interval (1 MiB chunks, {per_tib_day} audits): {:.0} s",
+        per_audit * 1e6,
+        per_audit * per_tib_day
+    );
 }

@@ -518,7 +518,7 @@ pub(crate) fn status(
     req: api::StatusRequest,
 ) -> Result<StatusResponse, Refusal> {
     let pol = policy(st);
-    let (found, figures) = {
+    let (found, figures, audits) = {
         let store = st.store.lock().expect("not poisoned");
         (
             store.status(peer, pol.online_cutoff_ms, pol.now_ms / 1000)?,
@@ -527,6 +527,8 @@ pub(crate) fn status(
             } else {
                 None
             },
+            // One row: cheap enough for the drive's quota polls too.
+            store.audit_record(peer)?,
         )
     };
     let (rec, pending, online, total) =
@@ -543,6 +545,14 @@ pub(crate) fn status(
         chunks: figures.map(|f| f.0),
         chunks_below_target: figures.map(|f| f.1),
         replicas: figures.map(|f| f.2),
+        standing: audits.map(|a| api::PeerStanding {
+            audits_passed: a.passed,
+            audits_failed: a.failed,
+            reputation: a.reputation,
+            uptime: a.uptime,
+            standing: a.standing.as_str().into(),
+            receiving_placements: a.standing == store::Standing::Good,
+        }),
     })
 }
 

@@ -43,6 +43,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
     spawn_sweeper(state.clone());
     crate::probe::spawn_prober(state.clone());
     crate::repair::spawn_repairer(state.clone());
+    crate::audit::spawn_auditor(state.clone());
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,

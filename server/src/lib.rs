@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod error;
 mod handlers;
 pub mod http;
@@ -47,6 +48,10 @@ pub mod files {
     pub const TLS_KEY: &str = "tls-key.der";
 }
 
+/// Default audit cycle: every location at least every 6 hours (a new holder's every 90
+/// minutes), so a peer holding a dozen chunks sees a few audits an hour.
+pub const DEFAULT_AUDIT_INTERVAL_SECS: u64 = 6 * 3600;
+
 /// How the server runs. Defaults are the documented ones.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -87,6 +92,9 @@ pub struct Config {
     /// A chunk on a daemon's disk that the server does not expect there is deleted once no
     /// put has stored it for this long, seconds.
     pub orphan_grace_secs: u64,
+    /// Every chunk location is audited at least once per this many seconds (0: no
+    /// audits).
+    pub audit_interval_secs: u64,
 }
 
 impl Config {
@@ -110,6 +118,7 @@ impl Config {
             repair_interval_secs: 60,
             reconcile_interval_secs: 3600,
             orphan_grace_secs: 86400,
+            audit_interval_secs: DEFAULT_AUDIT_INTERVAL_SECS,
         }
     }
 }
@@ -153,6 +162,8 @@ pub struct State {
     confirm_queue: Mutex<Vec<handlers::QueuedConfirm>>,
     /// Bounds concurrent password hashing (register, login).
     hash_slots: tokio::sync::Semaphore,
+    /// A repair scan is wanted after failed audits (many failures, one scan).
+    pub(crate) scan_after_audits: std::sync::atomic::AtomicBool,
     /// TLS identity served.
     pub cert: CertKey,
 }
@@ -279,6 +290,7 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
         metrics: Metrics::default(),
         limiter,
         confirm_queue: Mutex::new(Vec::new()),
+        scan_after_audits: std::sync::atomic::AtomicBool::new(false),
         hash_slots: tokio::sync::Semaphore::new(
             std::thread::available_parallelism()
                 .map_or(2, |n| n.get())

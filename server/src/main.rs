@@ -73,6 +73,10 @@ struct Cli {
     /// confirmed) after the last put that stored it.
     #[arg(long, default_value_t = 86400)]
     orphan_grace: u64,
+    /// Seconds within which every stored chunk is audited at least once (a holder with
+    /// few audits passed, four times as often); 0 turns audits off.
+    #[arg(long, default_value_t = peerstash_server::DEFAULT_AUDIT_INTERVAL_SECS)]
+    audit_interval: u64,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -225,6 +229,7 @@ fn main() -> anyhow::Result<()> {
         repair_interval_secs: cli.repair_interval.max(1),
         reconcile_interval_secs: cli.reconcile_interval,
         orphan_grace_secs: cli.orphan_grace.max(1),
+        audit_interval_secs: cli.audit_interval,
     };
     let state = init(cfg).with_context(|| {
         format!(

@@ -45,6 +45,11 @@ pub struct Metrics {
     /// From the last repair scan: chunks on a lost holder with fewer online holders than
     /// their target.
     pub chunks_below_target: AtomicU64,
+    /// Nanoseconds the server spent verifying audit answers.
+    pub audit_verify_ns: AtomicU64,
+    /// Bytes of audit answers received.
+    pub audit_answer_bytes: AtomicU64,
+    audits: Mutex<BTreeMap<&'static str, u64>>,
     rejections: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<BTreeMap<(&'static str, u16), Histogram>>,
 }
@@ -94,6 +99,34 @@ impl Metrics {
             &self.probes_failed
         };
         c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Count one audit by outcome.
+    pub fn audit(&self, outcome: &'static str) {
+        *self
+            .audits
+            .lock()
+            .expect("not poisoned")
+            .entry(outcome)
+            .or_default() += 1;
+    }
+
+    /// Count the time spent verifying one audit answer of `bytes` bytes.
+    pub fn audit_cpu(&self, took: Duration, bytes: usize) {
+        self.audit_verify_ns
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.audit_answer_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// How many audits ended with `outcome`.
+    pub fn audits(&self, outcome: &str) -> u64 {
+        self.audits
+            .lock()
+            .expect("not poisoned")
+            .get(outcome)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// How many requests were refused with `reason`.
@@ -206,6 +239,28 @@ impl Metrics {
         for (stage, n) in [("ordered", ordered), ("done", db.repairs_done)] {
             let _ = writeln!(o, "peerstash_repairs_total{{stage=\"{stage}\"}} {n}");
         }
+        let _ = writeln!(o, "# HELP peerstash_audits_total Storage audits, by outcome.\n# TYPE peerstash_audits_total counter");
+        {
+            let audits = self.audits.lock().expect("not poisoned");
+            for outcome in ["passed", "failed", "missing", "unanswered"] {
+                let n = audits.get(outcome).copied().unwrap_or(0);
+                let _ = writeln!(o, "peerstash_audits_total{{outcome=\"{outcome}\"}} {n}");
+            }
+        }
+        let _ = writeln!(o, "# HELP peerstash_audit_verify_seconds_total Server CPU time spent verifying audit answers.\n# TYPE peerstash_audit_verify_seconds_total counter\npeerstash_audit_verify_seconds_total {}", self.audit_verify_ns.load(Ordering::Relaxed) as f64 / 1e9);
+        let _ = writeln!(o, "# HELP peerstash_audit_answer_bytes_total Bytes of audit answers received.\n# TYPE peerstash_audit_answer_bytes_total counter\npeerstash_audit_answer_bytes_total {}", self.audit_answer_bytes.load(Ordering::Relaxed));
+        gauge(
+            &mut o,
+            "peerstash_peers_suspended",
+            "Peers whose audit reputation fell below the threshold (no placements).",
+            db.peers_suspended,
+        );
+        gauge(
+            &mut o,
+            "peerstash_peers_disqualified",
+            "Peers disqualified for failing audits.",
+            db.peers_disqualified,
+        );
         let _ = writeln!(o, "# HELP peerstash_rejections_total Refused requests, by reason.\n# TYPE peerstash_rejections_total counter");
         for (reason, n) in self.rejections.lock().expect("not poisoned").iter() {
             let _ = writeln!(o, "peerstash_rejections_total{{reason=\"{reason}\"}} {n}");

@@ -25,7 +25,8 @@ pub fn spawn_repairer(st: Arc<State>) {
     });
 }
 
-fn scan(st: &State) {
+/// One repair scan now (also run at once after a failed audit).
+pub(crate) fn scan(st: &State) {
     let pol = crate::handlers::policy(st);
     let lost_before = pol.now_ms.saturating_sub(st.cfg.repair_grace_secs * 1000);
     let result = st

@@ -17,7 +17,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::error::Refusal;
 
+mod audit;
 mod repair;
+pub use audit::{AuditRecord, AuditTarget, Standing, Verdict};
 pub use repair::{RepairPlan, RepairScan};
 
 /// Transaction ids are reserved in blocks of this size: the high-water mark on disk is
@@ -51,13 +53,21 @@ CREATE TABLE IF NOT EXISTS peers (
     stored_bytes INTEGER NOT NULL DEFAULT 0,
     held_bytes INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
-    replicas INTEGER NOT NULL DEFAULT 2
+    replicas INTEGER NOT NULL DEFAULT 2,
+    audits_passed INTEGER NOT NULL DEFAULT 0,
+    audits_failed INTEGER NOT NULL DEFAULT 0,
+    reputation REAL NOT NULL DEFAULT 1.0,
+    uptime REAL NOT NULL DEFAULT 1.0,
+    standing INTEGER NOT NULL DEFAULT 0,
+    suspended_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS locations (
     owner INTEGER NOT NULL,
     chunk BLOB NOT NULL,
     holder INTEGER NOT NULL,
     size INTEGER NOT NULL,
+    audited_ms INTEGER NOT NULL DEFAULT 0,
+    audit_failed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (owner, chunk, holder)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS locations_by_holder ON locations (holder, chunk);
@@ -176,6 +186,27 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has("pending", "replaces")? {
         conn.execute_batch("ALTER TABLE pending ADD COLUMN replaces INTEGER")?;
     }
+    // Audits and reputation (see store::audit).
+    for (col, def) in [
+        ("audits_passed", "INTEGER NOT NULL DEFAULT 0"),
+        ("audits_failed", "INTEGER NOT NULL DEFAULT 0"),
+        ("reputation", "REAL NOT NULL DEFAULT 1.0"),
+        ("uptime", "REAL NOT NULL DEFAULT 1.0"),
+        ("standing", "INTEGER NOT NULL DEFAULT 0"),
+        ("suspended_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ] {
+        if !has("peers", col)? {
+            conn.execute_batch(&format!("ALTER TABLE peers ADD COLUMN {col} {def}"))?;
+        }
+    }
+    for col in ["audited_ms", "audit_failed"] {
+        if !has("locations", col)? {
+            conn.execute_batch(&format!(
+                "ALTER TABLE locations ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0"
+            ))?;
+        }
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS locations_by_audit ON locations (audited_ms)")?;
     // Reports counted before reasons and subjects were bounded may name made-up ones.
     let known: Vec<String> = api::REJECTED_REASONS
         .iter()
@@ -344,6 +375,10 @@ pub struct DbFigures {
     pub repairs_done: u64,
     /// Failure reports: (subject peer, kind, reason, count).
     pub reports: Vec<(PeerId, String, String, u64)>,
+    /// Peers suspended for failing audits.
+    pub peers_suspended: u64,
+    /// Peers disqualified for failing audits.
+    pub peers_disqualified: u64,
 }
 
 /// The SQLite-backed state. Not thread-safe by itself: the server keeps it in a mutex.
@@ -733,7 +768,7 @@ impl Store {
             let mut st = tx.prepare_cached(&format!(
                 "SELECT {PEER_COLS}, (SELECT COALESCE(SUM(size), 0) FROM pending q
                                       WHERE q.holder = peers.id AND q.expires_s > ?3)
-                 FROM peers WHERE last_seen_ms >= ?1 AND id != ?2"
+                 FROM peers WHERE last_seen_ms >= ?1 AND id != ?2 AND standing = 0"
             ))?;
             let rows = st.query_map(
                 params![policy.online_cutoff_ms as i64, pid(owner), now_s as i64],
@@ -961,7 +996,7 @@ impl Store {
             let mut st = tx.prepare_cached(
                 "SELECT l.holder, l.size, p.quic_addr, p.fingerprint, p.last_seen_ms
                  FROM locations l JOIN peers p ON p.id = l.holder
-                 WHERE l.owner = ?1 AND l.chunk = ?2",
+                 WHERE l.owner = ?1 AND l.chunk = ?2 AND l.audit_failed != 1",
             )?;
             let mut holders_of = |id: &ChunkId| -> rusqlite::Result<Vec<_>> {
                 st.query_map(params![pid(owner), id.0.to_vec()], |r| {
@@ -1201,7 +1236,16 @@ impl Store {
                 "rejected",
                 known_reason(reason),
             ),
-            ReportRequest::BadChunk { holder, .. } => (*holder, "bad_chunk", "bad_hash"),
+            ReportRequest::BadChunk { holder, chunk } => {
+                // The owner's word is not proof (it could be settling a score): the
+                // location is audited at the next round instead, and repaired if it fails.
+                tx.execute(
+                    "UPDATE locations SET audited_ms = 0
+                     WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 AND audit_failed != 1",
+                    params![pid(reporter), chunk.0.to_vec(), pid(*holder)],
+                )?;
+                (*holder, "bad_chunk", "bad_hash")
+            }
             ReportRequest::TransferFailed {
                 target,
                 txid,
@@ -1395,6 +1439,8 @@ impl Store {
             drops: one("SELECT COUNT(*) FROM drops")?,
             repairs_done: self.repairs_done,
             reports: Vec::new(),
+            peers_suspended: one("SELECT COUNT(*) FROM peers WHERE standing = 1")?,
+            peers_disqualified: one("SELECT COUNT(*) FROM peers WHERE standing = 2")?,
         };
         let mut st = self
             .conn

@@ -1109,3 +1109,21 @@ pub fn make_durable(c: &Connection) -> rusqlite::Result<()> {
     c.pragma_update(None, "synchronous", "NORMAL")?;
     r.map(|_| ())
 }
+
+/// Every chunk the backend confirmed it stored, with its stored size (for `peerstash
+/// verify`, which reads them back from their holders).
+pub fn confirmed_chunks(c: &Connection) -> rusqlite::Result<Vec<(ChunkId, u32)>> {
+    let mut st = c.prepare("SELECT id, stored FROM chunks WHERE confirmed = 1 ORDER BY id")?;
+    let rows = st.query_map([], |r| {
+        let id: Vec<u8> = r.get(0)?;
+        let mut b = [0u8; 32];
+        if id.len() == 32 {
+            b.copy_from_slice(&id);
+        }
+        Ok((
+            ChunkId(b),
+            r.get::<_, i64>(1)?.clamp(0, i64::from(u32::MAX)) as u32,
+        ))
+    })?;
+    rows.collect()
+}

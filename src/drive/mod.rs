@@ -16,6 +16,7 @@
 //! - [`restore`]: writing a snapshot (or a path in it) into a local directory;
 //! - `uploader`: the background thread that stores chunks and commits chunk lists;
 //! - [`health`]: what the uploader publishes for `peerstash status --wait`;
+//! - [`verify`]: `peerstash verify`, reading every copy of the chunks back;
 //! - [`fuse`]: the fuser adapter, [`mount`], [`run_foreground`], [`run_foreground_until`].
 //!
 //! # Life of a file
@@ -78,6 +79,7 @@ pub mod restore;
 pub mod snapshot;
 pub mod staging;
 mod uploader;
+pub mod verify;
 
 pub use backend::{BackendError, ChunkBackend, DirBackend, Quota};
 pub use fuse::{mount, run_foreground, run_foreground_until, DriveConfig, MountError, MountHandle};

@@ -10,6 +10,7 @@ use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, RecvStream, SendStream, TransportConfig};
 
 use super::wire::{self, ControlReason, Op, Refusal, TokenReason};
+use crate::audit::{Answer, Challenge, MAX_ANSWER_LEN};
 use crate::control::ControlAuth;
 use crate::ids::{ChunkId, Fingerprint};
 use crate::tls::pinned_client_config;
@@ -518,6 +519,33 @@ impl PeerClient {
                 used_bytes: at(8),
                 chunks: at(16),
             })
+        })
+        .await
+    }
+
+    /// Audit a chunk: send the server-signed challenge, return the holder's answer
+    /// (unchecked: [`crate::audit::Challenge::verify`] decides).
+    pub async fn audit(
+        &self,
+        peer: &PeerAddr,
+        auth: &ControlAuth,
+        challenge: &Challenge,
+    ) -> Result<Answer, PeerError> {
+        self.timed(async {
+            let (mut send, mut recv) = self.open_raw(peer).await?;
+            let mut req = vec![Op::Audit as u8];
+            req.extend_from_slice(&auth.encode());
+            req.extend_from_slice(&challenge.encode());
+            send.write_all(&req).await.map_err(broke)?;
+            let _ = send.finish();
+            read_record(&mut recv).await??;
+            let len = read_u32(&mut recv).await? as usize;
+            if len > MAX_ANSWER_LEN {
+                return Err(PeerError::Protocol("audit answer too long".into()));
+            }
+            let mut b = vec![0u8; len];
+            recv.read_exact(&mut b).await.map_err(broke)?;
+            Answer::decode(&b).map_err(|e| PeerError::Protocol(e.to_string()))
         })
         .await
     }

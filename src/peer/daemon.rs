@@ -27,6 +27,7 @@ use quinn::{IdleTimeout, RecvStream, SendStream, TransportConfig, VarInt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+mod audit;
 mod repair;
 
 use super::link::ServerLink;
@@ -216,6 +217,10 @@ struct Shared {
     confirms: mpsc::Sender<(ConfirmRequest, oneshot::Sender<bool>)>,
     /// Chunks deleted since the last successful heartbeat.
     dropped: Mutex<Vec<ChunkId>>,
+    /// Audits answered at once (each holds one whole chunk in memory).
+    audits: tokio::sync::Semaphore,
+    /// Test-only misbehaviour (debug builds only), see [`audit::Cheat`].
+    cheat: Option<audit::Cheat>,
 }
 
 impl Shared {
@@ -358,6 +363,8 @@ impl Daemon {
             reports: reports_tx,
             confirms: confirms_tx,
             dropped: Mutex::new(Vec::new()),
+            audits: tokio::sync::Semaphore::new(audit::AUDITS_AT_ONCE),
+            cheat: audit::Cheat::from_env(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let link = Arc::new(link);
@@ -574,6 +581,7 @@ async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvS
             Some(Op::Stream) => serve_get(&shared, &mut send, &mut recv, true).await,
             Some(Op::Delete) => serve_delete(&shared, &mut send, &mut recv).await,
             Some(Op::StatusCheck) => serve_status(&shared, &mut send, &mut recv).await,
+            Some(Op::Audit) => audit::serve(&shared, &mut send, &mut recv).await,
             None => Err(ReadFail::Refuse(Refusal::Malformed)),
         }
     };
@@ -797,6 +805,10 @@ async fn serve_get(
     let (chunk, size) = read_chunk_header(recv, t).await?;
     let auth = open_token(shared, &token)?;
     let (requester, txid) = who(&auth);
+    if shared.cheat == Some(audit::Cheat::HashesOnly) {
+        // Test-only: a peer that kept no bytes has none to serve.
+        return write(send, t, &Refusal::NotFound.encode()).await;
+    }
     let op = if ranged { TxKind::Stream } else { TxKind::Get };
     let refused = |r: Refusal| {
         shared.report(requester, txid, r);

@@ -33,6 +33,12 @@
 //!                 StatusCheck, over an empty body, for this daemon's peer id)
 //!         reply   record [| free u64 | used u64 | chunks u64   when status = Ok]
 //!
+//! op 0x06 AUDIT   auth [68] (a control::ControlAuth, direction server→peer, kind Audit,
+//!                 over the 60 challenge bytes, for this daemon's peer id)
+//!                 | challenge [60] (see crate::audit: chunk_id | size | offset | len | nonce)
+//!         reply   record [| len u32 (≤ audit::MAX_ANSWER_LEN) | answer [len]   when Ok]
+//!                 (NotFound: no such chunk here; SizeMismatch: stored size differs)
+//!
 //! record    = status u8 | detail u8
 //!   status  0 Ok            detail 0
 //!           1 BadToken      detail = TokenReason (below)
@@ -127,6 +133,8 @@ pub enum Op {
     Delete = 4,
     /// The server asks whether the daemon is up and how full it is.
     StatusCheck = 5,
+    /// The server asks for a proof that the daemon holds a chunk.
+    Audit = 6,
 }
 
 impl Op {
@@ -138,6 +146,7 @@ impl Op {
             3 => Op::Stream,
             4 => Op::Delete,
             5 => Op::StatusCheck,
+            6 => Op::Audit,
             _ => return None,
         })
     }
@@ -226,7 +235,7 @@ pub enum ControlReason {
     UnknownPeer = 2,
     /// Sent the wrong way (a reflected message).
     WrongDirection = 3,
-    /// Not a status check.
+    /// Not the kind of control message this operation takes.
     WrongKind = 4,
     /// The MAC does not verify.
     BadMac = 5,

@@ -58,8 +58,9 @@ pub struct RepairScan {
 }
 
 impl Store {
-    /// Queue a repair for every location on a lost holder (silent since before
-    /// `lost_before_ms`) whose chunk has fewer online holders (seen since
+    /// Queue a repair for every lost location — on a holder silent since before
+    /// `lost_before_ms`, or one that failed an audit, or on a suspended or disqualified
+    /// holder — whose chunk has fewer online holders (seen since
     /// `policy.online_cutoff_ms`) plus copies under way than its owner's target; forget
     /// queued repairs that are moot (the holder came back, or the chunk was released).
     pub fn scan_repairs(
@@ -71,10 +72,13 @@ impl Store {
         let online = policy.online_cutoff_ms as i64;
         let tx = self.conn.transaction()?;
         tx.execute(
-            "DELETE FROM repairs WHERE
-               replaces IN (SELECT id FROM peers WHERE last_seen_ms >= ?1)
-               OR NOT EXISTS (SELECT 1 FROM locations l WHERE l.owner = repairs.owner
-                              AND l.chunk = repairs.chunk AND l.holder = repairs.replaces)",
+            // Moot: the replaced location is gone, or no longer lost (its holder is back
+            // in good standing and it passed its audits).
+            "DELETE FROM repairs WHERE NOT EXISTS
+               (SELECT 1 FROM locations l JOIN peers p ON p.id = l.holder
+                WHERE l.owner = repairs.owner AND l.chunk = repairs.chunk
+                  AND l.holder = repairs.replaces
+                  AND (l.audit_failed != 0 OR p.last_seen_ms < ?1 OR p.standing != 0))",
             [lost_before_ms as i64],
         )?;
         let lost: Vec<(i64, Vec<u8>, i64, i64, i64)> = {
@@ -85,7 +89,7 @@ impl Store {
                              THEN 1 ELSE o.replicas END
                  FROM peers p JOIN locations l ON l.holder = p.id
                  JOIN peers o ON o.id = l.owner
-                 WHERE p.last_seen_ms < ?1",
+                 WHERE p.last_seen_ms < ?1 OR l.audit_failed != 0 OR p.standing != 0",
             )?;
             let rows = st.query_map([lost_before_ms as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -96,7 +100,8 @@ impl Store {
         {
             let mut live = tx.prepare_cached(
                 "SELECT COUNT(*) FROM locations l JOIN peers p ON p.id = l.holder
-                 WHERE l.owner = ?1 AND l.chunk = ?2 AND p.last_seen_ms >= ?3",
+                 WHERE l.owner = ?1 AND l.chunk = ?2 AND p.last_seen_ms >= ?3
+                   AND l.audit_failed = 0 AND p.standing = 0",
             )?;
             let mut under_way = tx.prepare_cached(
                 "SELECT COUNT(*) FROM pending
@@ -153,7 +158,7 @@ impl Store {
                 &format!(
                     "SELECT {PEER_COLS}, (SELECT COALESCE(SUM(size), 0) FROM pending q
                                           WHERE q.holder = peers.id AND q.expires_s > ?2)
-                     FROM peers WHERE id = ?1 AND last_seen_ms >= ?3"
+                     FROM peers WHERE id = ?1 AND last_seen_ms >= ?3 AND standing = 0"
                 ),
                 params![pid(target), now_s, online],
                 |r| Ok((peer_row(r)?, r.get::<_, i64>(10)? as u64)),
@@ -193,7 +198,8 @@ impl Store {
                 "SELECT l.holder, p.quic_addr, p.fingerprint FROM locations l
                  JOIN peers p ON p.id = l.holder
                  WHERE l.owner = ?1 AND l.chunk = ?2 AND l.holder != ?3 AND p.last_seen_ms >= ?4
-                 ORDER BY p.last_seen_ms DESC",
+                   AND l.audit_failed != 1 AND p.standing < 2
+                 ORDER BY p.standing, l.audit_failed, p.last_seen_ms DESC",
             )?;
             let mut shard_of = tx.prepare_cached(
                 "SELECT chunk, idx FROM stripe_shards WHERE owner = ?1 AND shard = ?2",
@@ -369,7 +375,8 @@ impl Store {
             .unwrap_or(0);
         let (plain, plain_below): (i64, i64) = self.conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(live < ?3), 0) FROM
-               (SELECT l.chunk, SUM(p.last_seen_ms >= ?2) AS live
+               (SELECT l.chunk,
+                  SUM(p.last_seen_ms >= ?2 AND l.audit_failed = 0 AND p.standing = 0) AS live
                 FROM locations l JOIN peers p ON p.id = l.holder
                 WHERE l.owner = ?1 AND NOT EXISTS
                   (SELECT 1 FROM stripe_shards s WHERE s.owner = l.owner AND s.shard = l.chunk)
@@ -384,7 +391,8 @@ impl Store {
                    WHERE s.owner = st.owner AND s.chunk = st.chunk AND EXISTS
                      (SELECT 1 FROM locations l JOIN peers p ON p.id = l.holder
                       WHERE l.owner = s.owner AND l.chunk = s.shard
-                        AND p.last_seen_ms >= ?2)) AS ok
+                        AND p.last_seen_ms >= ?2 AND l.audit_failed = 0
+                        AND p.standing = 0)) AS ok
                 FROM stripes st WHERE st.owner = ?1)",
             params![pid(owner), online_cutoff_ms as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -398,7 +406,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests_support {
+pub(super) mod tests_support {
     use peerstash::api::{HeartbeatRequest, KeyMode};
 
     use super::super::NewPeer;
