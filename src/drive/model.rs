@@ -344,6 +344,9 @@ pub(crate) struct State {
     pub(crate) quota: Option<Quota>,
     /// Set when there is new work for the uploader.
     pub(crate) kick: bool,
+    /// Set while someone waits for uploads (fsync, [`Model::wait_idle`]): the uploader
+    /// starts at once instead of waiting for more closes to join the round.
+    pub(crate) hurry: bool,
     /// Staging files a commit stopped referencing; deleted only once the index is durable,
     /// so a power cut cannot leave the index pointing at a deleted stage.
     pub(crate) doomed: Vec<u64>,
@@ -486,6 +489,7 @@ impl Model {
                 upload_error: HashMap::new(),
                 quota: backend.quota().ok(),
                 kick: true,
+                hurry: false,
                 doomed: Vec::new(),
                 // Without snapshots there is nothing to keep room for.
                 reserve: if opts.roots.is_some() {
@@ -577,6 +581,7 @@ impl Model {
             if now >= deadline {
                 return false;
             }
+            st.hurry = true;
             self.kick(&mut st);
             st = self
                 .shared
@@ -1548,6 +1553,8 @@ impl Model {
             if now >= deadline {
                 return Err(FsError::NotConfirmed);
             }
+            st.hurry = true;
+            self.kick(&mut st);
             st = self
                 .shared
                 .committed

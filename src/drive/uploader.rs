@@ -27,6 +27,8 @@ use crate::ids::ChunkId;
 const BATCH_FILES: usize = 256;
 /// Most staged bytes in one batch (bigger files make a batch of their own).
 const BATCH_BYTES: u64 = 32 << 20;
+/// How long a round far from full waits for more closes (see the uploader loop).
+const LINGER: Duration = Duration::from_millis(300);
 /// Least time between snapshot-and-release passes while uploads never settle.
 const BUSY_HOUSEKEEPING: Duration = Duration::from_secs(60);
 
@@ -72,6 +74,8 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
     let mut last_housekeeping = Instant::now();
     // The last reclaim under quota pressure: whether it left the drive short, and when.
     let mut last_reclaim: Option<(bool, Instant)> = None;
+    // Whether this round already waited for more closes to join it.
+    let mut lingered = false;
     loop {
         if sh.stop.load(Ordering::SeqCst) {
             return;
@@ -151,6 +155,33 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
         if batch.is_empty() && retry_at.is_empty() {
             health.set(UploadState::Ok, "");
         }
+        // Closes come in bursts (a tree being copied): a round that is far from full waits
+        // a moment for more files, so one placement, one set of confirms, one index commit
+        // and one durable sync carry many files. Nobody waiting (fsync) is held up by it.
+        if !batch.is_empty()
+            && bytes < BATCH_BYTES / 2
+            && batch.len() < BATCH_FILES / 2
+            && !lingered
+        {
+            let until = Instant::now() + LINGER;
+            let mut st = sh.lock();
+            while !st.hurry && !sh.stop.load(Ordering::SeqCst) {
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                st = sh
+                    .work
+                    .wait_timeout(st, until - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            st.kick = true; // list the pending files again, at once
+            lingered = true;
+            continue;
+        }
+        lingered = false;
+        sh.lock().hurry = false;
         if batch.is_empty() {
             // Settled: snapshot if due, and release what no file references. Releases
             // wait for idle so that a file replaced by a new version (rsync's temp file +
