@@ -20,7 +20,7 @@ use super::backend::BackendError;
 use super::chunker;
 use super::health::{Publisher, UploadState};
 use super::index::{self, ChunkRef};
-use super::model::{FsError, Shared};
+use super::model::{FsError, Shared, State};
 use crate::ids::ChunkId;
 
 /// Most files committed in one transaction.
@@ -92,18 +92,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
             };
             if wait > Duration::ZERO {
                 // Kicks during a backoff are ignored (the backend is down) but stop is not.
-                let deadline = Instant::now() + wait;
-                while !sh.stop.load(Ordering::SeqCst) {
-                    let now = Instant::now();
-                    if now >= deadline || (backoff.is_zero() && st.kick) {
-                        break;
-                    }
-                    st = sh
-                        .work
-                        .wait_timeout(st, deadline - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
+                st = wait_for_work(sh, st, wait, |st| backoff.is_zero() && st.kick);
             }
             st.kick = false;
         }
@@ -163,19 +152,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
             && batch.len() < BATCH_FILES / 2
             && !lingered
         {
-            let until = Instant::now() + LINGER;
-            let mut st = sh.lock();
-            while !st.hurry && !sh.stop.load(Ordering::SeqCst) {
-                let now = Instant::now();
-                if now >= until {
-                    break;
-                }
-                st = sh
-                    .work
-                    .wait_timeout(st, until - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+            let mut st = wait_for_work(sh, sh.lock(), LINGER, |st| st.hurry);
             st.kick = true; // list the pending files again, at once
             lingered = true;
             continue;
@@ -503,6 +480,28 @@ impl PutBatch {
         index::mark_confirmed(&sh.lock().db, &ids)?;
         Ok(())
     }
+}
+
+/// Wait on the work condition up to `wait`, until `done` holds or the drive stops.
+fn wait_for_work<'a>(
+    sh: &'a Shared,
+    mut st: std::sync::MutexGuard<'a, State>,
+    wait: Duration,
+    done: impl Fn(&State) -> bool,
+) -> std::sync::MutexGuard<'a, State> {
+    let deadline = Instant::now() + wait;
+    while !sh.stop.load(Ordering::SeqCst) && !done(&st) {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        st = sh
+            .work
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    st
 }
 
 /// Upload a batch of `(ino, stage)` and commit it in one transaction. Files are cut and
