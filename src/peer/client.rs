@@ -497,6 +497,25 @@ impl PeerClient {
         .await
     }
 
+    /// Send a server-signed request (`op`, its control block, then `body`) and read the
+    /// daemon's status record; the stream the reply follows on.
+    async fn control_request(
+        &self,
+        peer: &PeerAddr,
+        op: Op,
+        auth: &ControlAuth,
+        body: &[u8],
+    ) -> Result<RecvStream, PeerError> {
+        let (mut send, mut recv) = self.open_raw(peer).await?;
+        let mut req = vec![op as u8];
+        req.extend_from_slice(&auth.encode());
+        req.extend_from_slice(body);
+        send.write_all(&req).await.map_err(broke)?;
+        let _ = send.finish();
+        read_record(&mut recv).await??;
+        Ok(recv)
+    }
+
     /// Ask a daemon for its free and used space, authenticated as the server (`auth` is
     /// a server→peer StatusCheck control message over an empty body).
     pub async fn status_check(
@@ -505,12 +524,9 @@ impl PeerClient {
         auth: &ControlAuth,
     ) -> Result<PeerSpace, PeerError> {
         self.timed(async {
-            let (mut send, mut recv) = self.open_raw(peer).await?;
-            let mut req = vec![Op::StatusCheck as u8];
-            req.extend_from_slice(&auth.encode());
-            send.write_all(&req).await.map_err(broke)?;
-            let _ = send.finish();
-            read_record(&mut recv).await??;
+            let mut recv = self
+                .control_request(peer, Op::StatusCheck, auth, &[])
+                .await?;
             let mut b = [0u8; 24];
             recv.read_exact(&mut b).await.map_err(broke)?;
             let at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
@@ -532,13 +548,9 @@ impl PeerClient {
         challenge: &Challenge,
     ) -> Result<Answer, PeerError> {
         self.timed(async {
-            let (mut send, mut recv) = self.open_raw(peer).await?;
-            let mut req = vec![Op::Audit as u8];
-            req.extend_from_slice(&auth.encode());
-            req.extend_from_slice(&challenge.encode());
-            send.write_all(&req).await.map_err(broke)?;
-            let _ = send.finish();
-            read_record(&mut recv).await??;
+            let mut recv = self
+                .control_request(peer, Op::Audit, auth, &challenge.encode())
+                .await?;
             let len = read_u32(&mut recv).await? as usize;
             if len > MAX_ANSWER_LEN {
                 return Err(PeerError::Protocol("audit answer too long".into()));
