@@ -1738,6 +1738,17 @@ async fn malformed_addresses_names_sizes_and_ids_get_a_clear_400() {
         assert_eq!(st, 200, "{path} in lower case");
     }
 
+    // A status request whose `figures` is not a boolean.
+    let body = br#"{"figures":"no"}"#.to_vec();
+    let auth = alice.sign(MessageKind::Status, &body, now_ms()).to_header();
+    let (st, resp) = raw
+        .post_raw(peerstash::api::path::STATUS, body, Some(&auth))
+        .await
+        .unwrap();
+    let reason = serde_json::from_slice::<peerstash::api::ApiError>(&resp)
+        .unwrap()
+        .reason;
+    assert_eq!((st, reason.as_str()), (400, "bad_json"));
     // An inventory names 1 to MAX_CHUNKS_PER_REQUEST chunks: none, or one more, is a 400.
     let max = peerstash::api::MAX_CHUNKS_PER_REQUEST;
     let ids = |n: usize| -> Vec<String> {
