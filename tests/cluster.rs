@@ -63,17 +63,7 @@ fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
             "file name {name:?} found in a peer's storage"
         );
     }
-    let stored: u64 = stores
-        .iter()
-        .map(|d| {
-            run(Command::new("du").args(["-sb"]).arg(d))
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum();
+    let stored = stored_bytes(&stores);
     assert!(
         stored > (2 * 12) << 20,
         "two replicas of 12 MiB expected on peers, found {stored} bytes"
@@ -146,6 +136,63 @@ fn drive_round_trips_over_real_peers_and_survives_a_lost_peer() {
     }
     assert!(got == window, "a read across a holder's death differs");
     drop(f);
+    m.stop();
+}
+
+/// Bytes under the peers' storage directories (`du -sb`).
+fn stored_bytes(dirs: &[PathBuf]) -> u64 {
+    dirs.iter()
+        .map(|d| {
+            run(Command::new("du").args(["-sb"]).arg(d))
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn a_clean_unmount_uploads_what_was_copied_in_and_exits_at_once_when_storage_is_down() {
+    let mut net = Net::start(3);
+    let user = net.register("alice", "1G");
+    let mnt = net.dir.path().join("mnt");
+    let first = bytes(41, 3 << 20);
+
+    // Unmounted right after the close: the file is on the peers when the process exits.
+    let m = Mount::start(&user, &mnt);
+    fs::write(mnt.join("first.bin"), &first).unwrap();
+    m.stop();
+    let stored = stored_bytes(&net.storage_dirs());
+    assert!(
+        stored >= 2 * first.len() as u64,
+        "two replicas of 3 MiB expected on the peers after the unmount, found {stored} bytes"
+    );
+    let status = peerstash_ok(&user, &["status"]);
+    assert!(status.contains("pending:  0 uploads"), "{status}");
+
+    // With the server down the upload fails: the process leaves the file staged and
+    // exits by itself (Mount::stop would SIGKILL it after 20 s; check it did not).
+    let mut m = Mount::start(&user, &mnt);
+    net.kill_server();
+    let second = bytes(42, 1 << 20);
+    fs::write(mnt.join("second.bin"), &second).unwrap();
+    m.proc.terminate_gently(Duration::from_secs(120));
+    let status = m.proc.child.try_wait().unwrap().expect("the drive exited");
+    assert!(status.success(), "the drive exited with {status}");
+    assert!(!is_mounted(&mnt));
+
+    // Back up: the staged file goes out at the next mount and reads back.
+    net.restart_server();
+    let m = Mount::start(&user, &mnt);
+    let waited = peerstash_ok(&user, &["status", "--wait"]);
+    assert!(
+        waited.contains("every file is confirmed on peers"),
+        "{waited}"
+    );
+    assert_eq!(fs::read(mnt.join("second.bin")).unwrap(), second);
+    assert_eq!(fs::read(mnt.join("first.bin")).unwrap(), first);
     m.stop();
 }
 

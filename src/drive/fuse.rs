@@ -25,6 +25,9 @@ use crate::keys::DataKey;
 /// How long the kernel may cache attributes and entries. Only this process changes the
 /// filesystem, so a short TTL costs nothing in correctness.
 const TTL: Duration = Duration::from_secs(1);
+/// At a clean unmount, how long pending uploads may go without progress before the
+/// process exits anyway (they resume at the next mount).
+const FINISH_QUIET: Duration = Duration::from_secs(60);
 
 /// Everything needed to mount a drive.
 pub struct DriveConfig {
@@ -322,7 +325,8 @@ pub fn mount(cfg: DriveConfig) -> Result<MountHandle, MountError> {
 /// Embedders that own their shutdown signal use [`run_foreground_until`].
 pub fn run_foreground(cfg: DriveConfig) -> Result<(), MountError> {
     let set = block_stop_signals().map_err(MountError::Signal)?;
-    let handle = mount(cfg)?;
+    let mut handle = Some(mount(cfg)?);
+    let mut unmounting: Option<std::thread::JoinHandle<io::Result<()>>> = None;
     let timeout = libc::timespec {
         tv_sec: 0,
         tv_nsec: 200_000_000,
@@ -330,14 +334,30 @@ pub fn run_foreground(cfg: DriveConfig) -> Result<(), MountError> {
     loop {
         let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
         if sig == libc::SIGINT || sig == libc::SIGTERM {
-            tracing::info!("signal {sig}: unmounting");
-            break;
+            if let Some(h) = handle.take() {
+                tracing::info!("signal {sig}: unmounting (again to skip pending uploads)");
+                unmounting = Some(std::thread::spawn(move || h.unmount()));
+            } else {
+                // The mount is gone already; what is not uploaded stays staged and goes
+                // out at the next mount, as after a crash.
+                tracing::warn!("signal {sig} again: leaving pending uploads for the next mount");
+                return Ok(());
+            }
         }
-        if handle.is_finished() {
-            break;
+        if handle.as_ref().is_some_and(|h| h.is_finished()) {
+            return handle
+                .take()
+                .map_or(Ok(()), |h| h.unmount())
+                .map_err(MountError::Mount);
+        }
+        if unmounting.as_ref().is_some_and(|t| t.is_finished()) {
+            let t = unmounting.take().expect("checked");
+            return t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("unmount panicked")))
+                .map_err(MountError::Mount);
         }
     }
-    handle.unmount().map_err(MountError::Mount)
 }
 
 /// Block SIGINT and SIGTERM in the calling thread (and so in every thread it starts
@@ -519,6 +539,12 @@ impl Filesystem for DriveFs {
             let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
         }
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // Unmounted cleanly: a user who unmounts a backup drive expects what they copied
+        // in to be on the peers when the process exits, not at the next mount.
+        self.model.finish_uploads(FINISH_QUIET);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -357,6 +357,9 @@ pub(crate) struct State {
     /// Bytes deletes can give back, and when that was counted (a scan of the chunk table,
     /// done at most once a second while writes press against the quota).
     pub(crate) reclaimable: Option<(Instant, u64)>,
+    /// The last upload round failed (storage unreachable, over quota, a local error):
+    /// waiting for the pending files to go out is pointless until a round succeeds.
+    pub(crate) stalled: bool,
 }
 
 /// State shared by the model, the uploader thread and read-ahead threads.
@@ -499,6 +502,7 @@ impl Model {
                 },
                 pressure: false,
                 reclaimable: None,
+                stalled: false,
             }),
             committed: Condvar::new(),
             work: Condvar::new(),
@@ -589,6 +593,45 @@ impl Model {
                 .wait_timeout(st, (deadline - now).min(Duration::from_millis(200)))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+
+    /// Before a clean exit (unmounted): upload what is still pending, as long as the
+    /// uploader makes progress. Gives up when the last round failed and none succeeded
+    /// since (the files stay staged and go out at the next mount, as after a crash) or
+    /// when no file went out for `quiet`.
+    /// Returns how many files are left pending.
+    pub fn finish_uploads(&self, quiet: Duration) -> usize {
+        let mut st = self.lock();
+        let pending = |st: &State| index::pending(&st.db, usize::MAX).map_or(0, |p| p.len());
+        let mut left = pending(&st);
+        if left == 0 {
+            return 0;
+        }
+        tracing::info!("uploading {left} pending files before exit");
+        let mut progress_at = Instant::now();
+        loop {
+            st.hurry = true;
+            self.kick(&mut st);
+            st = self
+                .shared
+                .committed
+                .wait_timeout(st, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            let now_left = pending(&st);
+            if now_left == 0 {
+                tracing::info!("every pending file is uploaded");
+                return 0;
+            }
+            if now_left < left {
+                left = now_left;
+                progress_at = Instant::now();
+            }
+            if st.stalled || progress_at.elapsed() >= quiet {
+                tracing::warn!("{left} files not uploaded yet; they upload at the next mount");
+                return left;
+            }
         }
     }
 
@@ -728,6 +771,15 @@ impl Model {
             }
             return Ok(());
         }
+        tracing::debug!(
+            used = q.used_bytes,
+            staged = st.staged_bytes()?,
+            growth,
+            reclaimable,
+            total = q.total_bytes,
+            reserve = st.reserve,
+            "a write does not fit the quota"
+        );
         Err(FsError::NoSpace)
     }
 

@@ -185,7 +185,10 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
             Ok(()) => {
                 backoff = Duration::ZERO;
                 health.set(UploadState::Ok, "");
-                sh.lock().kick = true; // maybe more pending
+                let mut st = sh.lock();
+                st.kick = true; // maybe more pending
+                st.stalled = false;
+                drop(st);
                 refresh_quota(sh);
                 last_quota = Instant::now();
             }
@@ -197,6 +200,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
                     &format!("storage unavailable: {msg}"),
                 );
                 backoff = next_backoff(backoff);
+                stalled(sh);
             }
             Err(first) => {
                 // Find which files fail by trying them one by one; the others go through.
@@ -245,6 +249,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
                     };
                     health.set(state, &err.to_string());
                     st.upload_error.insert(ino, err);
+                    st.stalled = true;
                     retry_at.insert(ino, Instant::now() + Duration::from_secs(5));
                 }
                 sh.committed.notify_all();
@@ -253,6 +258,12 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
             }
         }
     }
+}
+
+/// Record a failed round and wake whoever waits for uploads (a clean exit gives up).
+fn stalled(sh: &Shared) {
+    sh.lock().stalled = true;
+    sh.committed.notify_all();
 }
 
 /// Snapshot the index if it changed and a snapshot is due (then apply retention), and

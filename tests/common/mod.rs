@@ -98,8 +98,8 @@ impl Proc {
         let _ = self.child.wait();
     }
 
-    /// Send SIGTERM and wait up to `timeout`, then SIGKILL.
-    pub fn terminate(&mut self, timeout: Duration) {
+    /// SIGTERM, then wait up to `timeout` for the process to exit by itself (no SIGKILL).
+    pub fn terminate_gently(&mut self, timeout: Duration) {
         unsafe_kill(self.child.id(), 15);
         let start = Instant::now();
         while start.elapsed() < timeout {
@@ -108,7 +108,14 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.kill9();
+    }
+
+    /// Send SIGTERM and wait up to `timeout`, then SIGKILL.
+    pub fn terminate(&mut self, timeout: Duration) {
+        self.terminate_gently(timeout);
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
     }
 }
 
