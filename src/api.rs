@@ -464,6 +464,10 @@ pub struct StatusResponse {
     pub lend_bytes: u64,
     /// Bytes of others' chunks it holds.
     pub holding_bytes: u64,
+    /// Of those, bytes that passed an audit: what its quota grows with (lend 1.5, store
+    /// 1). Absent when the server runs no audits (the quota then follows the lent figure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audited_bytes: Option<u64>,
     /// Distinct chunks it stores (absent when the request asked for no figures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunks: Option<u64>,

@@ -9,9 +9,10 @@
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -102,16 +103,26 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     )
 }
 
-/// Start the server and wait for its fingerprint line.
-fn start_server(bin: &Path, data_dir: &Path, port: u16, kids: &mut Children) -> Result<String> {
+/// Start the server and wait for its fingerprint line. `grace` is the quota a peer has
+/// before it holds anything for others: the cluster's user runs no storage daemon, so
+/// it stores on this alone.
+fn start_server(
+    bin: &Path,
+    data_dir: &Path,
+    port: u16,
+    grace: u64,
+    kids: &mut Children,
+) -> Result<String> {
     let mut child = Command::new(bin)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--open-registration")
+        .args(["--quota-grace", &grace.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().expect("piped");
@@ -197,30 +208,34 @@ fn ensure_peer(
     run_ok(cmd, &format!("registering {name}"))
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+static STOPS: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+    STOPS.fetch_add(1, Ordering::SeqCst);
 }
 
-/// A flag raised by SIGINT or SIGTERM (the handler only stores to an atomic).
-fn stop_flag() -> &'static AtomicBool {
+/// A count of SIGINT, SIGTERM and SIGHUP received (the handler only adds to an atomic).
+fn stop_count() -> &'static AtomicU32 {
     // SAFETY: installing an async-signal-safe handler that only touches an atomic.
     unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_stop_signal as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_stop_signal as *const () as libc::sighandler_t,
-        );
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t);
+        }
     }
-    &STOP
+    &STOPS
 }
 
 /// Run the cluster until Ctrl-C (or until the mount exits).
 pub fn run(opts: ClusterOptions) -> Result<()> {
+    // From the start: the children have their own process groups, so a Ctrl-C during
+    // start-up must reach us as a flag (then `kids` stops them), not kill us outright.
+    let stops = stop_count();
+    let interrupted = || {
+        if stops.load(Ordering::SeqCst) > 0 {
+            bail!("interrupted during start-up");
+        }
+        Ok(())
+    };
     let me = std::env::current_exe()?;
     let server_bin = sibling_binary("peerstash-server")?;
     fs::create_dir_all(&opts.state)
@@ -254,11 +269,13 @@ pub fn run(opts: ClusterOptions) -> Result<()> {
         &server_bin,
         &opts.state.join("server"),
         st.server_port,
+        opts.lend_bytes,
         &mut kids,
     )?;
     wait_tcp(st.server_port, Duration::from_secs(30))?;
     let url = format!("https://127.0.0.1:{}", st.server_port);
     println!("local-cluster: server {url} (fingerprint {fingerprint})");
+    interrupted()?;
 
     for i in 0..opts.peers {
         let home = opts.state.join(format!("peer-{i}"));
@@ -279,11 +296,13 @@ pub fn run(opts: ClusterOptions) -> Result<()> {
             .arg(&home)
             .arg("serve")
             .stdin(Stdio::null())
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting the daemon of {name}"))?;
         kids.0.push((name, child));
     }
     println!("local-cluster: {} storage peers started", opts.peers);
+    interrupted()?;
 
     let user_home = opts.state.join("user");
     let user_port = free_udp()?;
@@ -308,6 +327,7 @@ pub fn run(opts: ClusterOptions) -> Result<()> {
         .arg("mount")
         .arg(&opts.mount)
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
         .context("mounting the drive")?;
     println!(
@@ -315,20 +335,22 @@ pub fn run(opts: ClusterOptions) -> Result<()> {
         opts.mount.display()
     );
 
-    // Ctrl-C reaches the whole process group: the mount unmounts itself, we stop the rest.
-    let stop = stop_flag();
+    // Ctrl-C reaches only us (each child has its own process group): the mount stops
+    // first and uploads what is pending while the server and peers are still up; a
+    // second Ctrl-C is passed on, and the mount leaves those uploads for the next run.
+    let mut forwarded = 0;
     loop {
         if let Ok(Some(status)) = mount.try_wait() {
-            if !stop.load(Ordering::SeqCst) && !status.success() {
+            if forwarded == 0 && !status.success() {
                 eprintln!("local-cluster: the mount exited ({status}); stopping");
             }
             break;
         }
-        if stop.load(Ordering::SeqCst) {
+        let n = stops.load(Ordering::SeqCst).min(2);
+        while forwarded < n {
             // SAFETY: kill(2) on our own unreaped child.
             unsafe { libc::kill(mount.id() as i32, libc::SIGTERM) };
-            let _ = mount.wait();
-            break;
+            forwarded += 1;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -25,6 +25,7 @@ pub mod peer;
 #[cfg(feature = "client")]
 pub mod remote;
 pub mod replay;
+pub mod size;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod token;

@@ -995,11 +995,19 @@ async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()
         s.used_bytes,
         s.quota_bytes
     );
-    println!(
-        "lending:  {}, holding {} for others",
-        format_size(s.lend_bytes),
-        format_size(s.holding_bytes)
-    );
+    match s.audited_bytes {
+        Some(a) => println!(
+            "lending:  {}, holding {} for others ({} audited; the quota grows with it)",
+            format_size(s.lend_bytes),
+            format_size(s.holding_bytes),
+            format_size(a)
+        ),
+        None => println!(
+            "lending:  {}, holding {} for others",
+            format_size(s.lend_bytes),
+            format_size(s.holding_bytes)
+        ),
+    }
     if let Some(a) = &s.standing {
         println!(
             "audits:   {} passed, {} failed; reputation {:.2}, uptime {:.2}; standing {}, {}",

@@ -525,6 +525,21 @@ fn verify_finds_a_corrupt_copy_and_a_missing_chunk_and_the_corrupt_copy_is_repla
     );
 }
 
+/// `peers` daemons heartbeating every second (offline after 3 s), every location audited
+/// every `interval` seconds, and `extra` server flags.
+fn audit_net(peers: usize, interval: &str, extra: &[&str]) -> Net {
+    let mut args = vec![
+        "--heartbeat-interval",
+        "1",
+        "--online-timeout",
+        "3",
+        "--audit-interval",
+        interval,
+    ];
+    args.extend_from_slice(extra);
+    Net::start_with(peers, &args)
+}
+
 /// CPU seconds the process `pid` has used (user + system).
 fn cpu_secs(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -555,17 +570,7 @@ fn metric_sum(net: &Net, name: &str) -> f64 {
 fn audit_load_on_a_live_server() {
     let mut cpu = Vec::new();
     for interval in ["0", "2"] {
-        let net = Net::start_with(
-            4,
-            &[
-                "--heartbeat-interval",
-                "1",
-                "--online-timeout",
-                "3",
-                "--audit-interval",
-                interval,
-            ],
-        );
+        let net = audit_net(4, interval, &[]);
         let user = net.register("alice", "1G");
         back_up_a_tree(&net, &user, 6);
         std::thread::sleep(Duration::from_secs(10));
@@ -600,4 +605,72 @@ fn audit_load_on_a_live_server() {
         per_audit * 1e6,
         per_audit * per_tib_day
     );
+}
+
+/// The exact quota `peerstash status` reports ("… bytes of N)").
+fn quota_of(home: &Path) -> u64 {
+    let s = status(home);
+    let line = s.lines().find(|l| l.starts_with("quota:")).unwrap();
+    let n = line.rsplit("bytes of ").next().unwrap();
+    n.trim_end_matches(')').parse().unwrap()
+}
+
+/// Bytes of the chunk files a daemon's storage directory holds.
+fn chunk_bytes_on(storage: &Path) -> u64 {
+    chunks_on(storage)
+        .iter()
+        .map(|c| fs::metadata(chunk_path(storage, c)).unwrap().len())
+        .sum()
+}
+
+/// The storage exchange is counted on audited bytes, not on the `--lend` promise: a user
+/// lending 1G who holds nothing for others may store only the server's starting grace,
+/// and a storage daemon's quota grows by exactly what it holds, audited, divided by 1.5.
+#[test]
+fn the_quota_follows_audited_holdings_not_the_lent_figure() {
+    const GRACE: u64 = 2 << 20;
+    let net = audit_net(3, "2", &["--quota-grace", "2M"]);
+    let user = net.register("alice", "1G");
+    assert_eq!(quota_of(&user), GRACE, "{}", status(&user));
+
+    let mnt = net.dir.path().join("mnt");
+    let m = Mount::start(&user, &mnt);
+    // 2 MiB at two replicas would fit 1G / 1.5, not the grace.
+    let err = fs::write(mnt.join("big.bin"), vec![3u8; 2 << 20])
+        .and_then(|_| fs::File::open(mnt.join("big.bin"))?.sync_all())
+        .expect_err("2 MiB at two replicas must not fit a 2 MiB starting quota");
+    assert_eq!(err.raw_os_error(), Some(28), "{err}");
+    fs::remove_file(mnt.join("big.bin")).unwrap();
+    // 300 KB at two replicas fits.
+    fs::write(mnt.join("small.bin"), common::bytes(7, 300_000)).unwrap();
+    fs::File::open(mnt.join("small.bin"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    m.stop();
+
+    // Every daemon's quota: the grace plus its chunk bytes on disk (each chunk once
+    // audited) / 1.5. Recounted on each poll: releases may still delete a chunk.
+    let stores = net.storage_dirs();
+    let mut held_any = false;
+    for (i, storage) in stores.iter().enumerate() {
+        let home = net.home(&format!("peer-{i}"));
+        let (quota, held) = wait_for(
+            "the holders' audits to pass and earn them quota",
+            Duration::from_secs(60),
+            || {
+                let held = chunk_bytes_on(storage);
+                let quota = quota_of(&home);
+                (quota == GRACE + (held as f64 / 1.5).floor() as u64).then_some((quota, held))
+            },
+        );
+        if held > 0 {
+            held_any = true;
+            assert!(quota > GRACE);
+            assert!(status(&home).contains("audited"), "{}", status(&home));
+        }
+    }
+    assert!(held_any, "nobody holds alice's file");
+    // Alice herself holds nothing for others: still the grace.
+    assert_eq!(quota_of(&user), GRACE, "{}", status(&user));
 }

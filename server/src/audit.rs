@@ -84,10 +84,19 @@ pub fn spawn_auditor(st: Arc<State>) {
         let slots = Arc::new(tokio::sync::Semaphore::new(AUDITS_IN_FLIGHT));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Credits are recounted a few times per cycle (one pass over the locations).
+        let recount_every = Duration::from_millis((interval_ms / 8).clamp(1000, 600_000));
+        let mut recounted = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             let st2 = st.clone();
-            let due = tokio::task::spawn_blocking(move || round(&st2, interval_ms, rounds)).await;
+            let recount = recounted.elapsed() >= recount_every;
+            if recount {
+                recounted = tokio::time::Instant::now();
+            }
+            let due =
+                tokio::task::spawn_blocking(move || round(&st2, interval_ms, rounds, recount))
+                    .await;
             let due = match due {
                 Ok(Ok(d)) => d,
                 Ok(Err(e)) => {
@@ -112,12 +121,21 @@ pub fn spawn_auditor(st: Arc<State>) {
     });
 }
 
-/// One round's bookkeeping, then the locations to audit now, oldest first: up to four
-/// times the round's share of all locations (new holders are due four times per
-/// interval) plus a few, which bounds the burst after a large upload.
-fn round(st: &State, interval_ms: u64, rounds: u64) -> rusqlite::Result<Vec<AuditTarget>> {
+/// One round's bookkeeping (disqualifications; the storage-exchange credits when
+/// `recount`), then the locations to audit now, oldest first: up to four times the
+/// round's share of all locations (new holders are due four times per interval) plus a
+/// few, which bounds the burst after a large upload.
+fn round(
+    st: &State,
+    interval_ms: u64,
+    rounds: u64,
+    recount: bool,
+) -> rusqlite::Result<Vec<AuditTarget>> {
     let pol = crate::handlers::policy(st);
     let mut store = st.store.lock().expect("not poisoned");
+    if recount {
+        store.recount_audited()?;
+    }
     let disqualified = store.disqualify_suspended(
         pol.now_ms
             .saturating_sub(DISQUALIFY_AFTER_INTERVALS * interval_ms),

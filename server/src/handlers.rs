@@ -33,6 +33,7 @@ pub(crate) fn policy(st: &State) -> Policy {
     let now = now_ms();
     Policy {
         quota_ratio: st.cfg.quota_ratio,
+        quota_grace: (st.cfg.audit_interval_secs > 0).then_some(st.cfg.quota_grace_bytes),
         now_ms: now,
         online_cutoff_ms: now.saturating_sub(st.cfg.online_timeout_secs * 1000),
         expires_s: now / 1000 + st.cfg.token_lifetime_secs,
@@ -198,7 +199,7 @@ pub(crate) fn register(st: &State, req: RegisterRequest) -> Result<RegisterRespo
         transaction_key: key.expose_hex(),
         data_key: (req.key_mode == KeyMode::Escrow)
             .then(|| st.master.escrow_data_key(peer).expose_hex()),
-        quota_bytes: store::quota_for(req.lend_bytes, st.cfg.quota_ratio),
+        quota_bytes: policy(st).quota(req.lend_bytes, 0),
     })
 }
 
@@ -230,7 +231,7 @@ pub(crate) fn login(st: &State, req: LoginRequest) -> Result<LoginResponse, Refu
         key_mode: peer.key_mode,
         lend_bytes: peer.lend_bytes,
         quic_addr: peer.quic_addr,
-        quota_bytes: store::quota_for(peer.lend_bytes, st.cfg.quota_ratio),
+        quota_bytes: policy(st).quota(peer.lend_bytes, peer.audited_bytes),
     })
 }
 
@@ -538,7 +539,8 @@ pub(crate) fn status(
         name: rec.name,
         peers_online: online as usize,
         peers_total: total as usize,
-        quota_bytes: pol.quota(rec.lend_bytes),
+        quota_bytes: pol.quota(rec.lend_bytes, rec.audited_bytes),
+        audited_bytes: pol.quota_grace.map(|_| rec.audited_bytes),
         used_bytes: rec.stored_bytes + pending,
         lend_bytes: rec.lend_bytes,
         holding_bytes: rec.held_bytes,

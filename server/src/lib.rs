@@ -52,6 +52,10 @@ pub mod files {
 /// minutes), so a peer holding a dozen chunks sees a few audits an hour.
 pub const DEFAULT_AUDIT_INTERVAL_SECS: u64 = 6 * 3600;
 
+/// Default starting quota (1 GiB): what a new peer may store before the audits show it
+/// holds anything for others. Someone has to store first for anyone to earn.
+pub const DEFAULT_QUOTA_GRACE: u64 = 1 << 30;
+
 /// How the server runs. Defaults are the documented ones.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -67,6 +71,10 @@ pub struct Config {
     pub open_registration: bool,
     /// Lent bytes divided by this is what a peer may store (every replica counted).
     pub quota_ratio: f64,
+    /// With audits on, what a peer may store before it demonstrably holds anything for
+    /// others: its quota is this plus its audited holdings divided by `quota_ratio`, at
+    /// most what it lends divided by `quota_ratio`.
+    pub quota_grace_bytes: u64,
     /// Lifetime of issued tokens, seconds.
     pub token_lifetime_secs: u64,
     /// Heartbeat interval asked of daemons, seconds.
@@ -107,6 +115,7 @@ impl Config {
             tls_key: None,
             open_registration: false,
             quota_ratio: 1.5,
+            quota_grace_bytes: DEFAULT_QUOTA_GRACE,
             token_lifetime_secs: 600,
             heartbeat_interval_secs: 30,
             online_timeout_secs: 90,

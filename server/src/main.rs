@@ -35,6 +35,11 @@ struct Cli {
     /// A peer may store (every replica counted) what it lends divided by this.
     #[arg(long, alias = "replicas-ratio", default_value_t = 1.5)]
     quota_ratio: f64,
+    /// With audits on, what a peer may store before it holds anything for others (e.g.
+    /// 1G, 500M): its quota is this plus its audited holdings / --quota-ratio, capped at
+    /// what it lends / --quota-ratio.
+    #[arg(long, default_value = "1G", value_parser = parse_size_arg)]
+    quota_grace: u64,
     /// Lifetime of issued tokens, in seconds.
     #[arg(long, default_value_t = 600)]
     token_lifetime: u64,
@@ -167,6 +172,10 @@ fn keep_large_allocations_mmapped() {
     }
 }
 
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    peerstash::size::parse_size(s).map_err(|e| e.to_string())
+}
+
 fn main() -> anyhow::Result<()> {
     keep_large_allocations_mmapped();
     let cli = parse_cli()?;
@@ -218,6 +227,7 @@ fn main() -> anyhow::Result<()> {
         tls_key: cli.tls_key,
         open_registration: cli.open_registration,
         quota_ratio: cli.quota_ratio,
+        quota_grace_bytes: cli.quota_grace,
         token_lifetime_secs: cli.token_lifetime,
         heartbeat_interval_secs: cli.heartbeat_interval,
         online_timeout_secs: cli.online_timeout,

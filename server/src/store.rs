@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS peers (
     reputation REAL NOT NULL DEFAULT 1.0,
     uptime REAL NOT NULL DEFAULT 1.0,
     standing INTEGER NOT NULL DEFAULT 0,
-    suspended_ms INTEGER NOT NULL DEFAULT 0
+    suspended_ms INTEGER NOT NULL DEFAULT 0,
+    audited_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS locations (
     owner INTEGER NOT NULL,
@@ -68,6 +69,7 @@ CREATE TABLE IF NOT EXISTS locations (
     size INTEGER NOT NULL,
     audited_ms INTEGER NOT NULL DEFAULT 0,
     audit_failed INTEGER NOT NULL DEFAULT 0,
+    passed_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (owner, chunk, holder)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS locations_by_holder ON locations (holder, chunk);
@@ -194,12 +196,13 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         ("uptime", "REAL NOT NULL DEFAULT 1.0"),
         ("standing", "INTEGER NOT NULL DEFAULT 0"),
         ("suspended_ms", "INTEGER NOT NULL DEFAULT 0"),
+        ("audited_bytes", "INTEGER NOT NULL DEFAULT 0"),
     ] {
         if !has("peers", col)? {
             conn.execute_batch(&format!("ALTER TABLE peers ADD COLUMN {col} {def}"))?;
         }
     }
-    for col in ["audited_ms", "audit_failed"] {
+    for col in ["audited_ms", "audit_failed", "passed_ms"] {
         if !has("locations", col)? {
             conn.execute_batch(&format!(
                 "ALTER TABLE locations ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0"
@@ -260,10 +263,13 @@ pub struct PeerRecord {
     pub stored_bytes: u64,
     /// Bytes of others' chunks it holds, committed.
     pub held_bytes: u64,
+    /// Bytes of others' chunks it holds that passed an audit (its storage-exchange
+    /// credit; recounted by the auditor).
+    pub audited_bytes: u64,
 }
 
 const PEER_COLS: &str = "id, name, key_mode, lend_bytes, quic_addr, fingerprint, free_bytes, \
-                         last_seen_ms, stored_bytes, held_bytes";
+                         last_seen_ms, stored_bytes, held_bytes, audited_bytes";
 
 fn peer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PeerRecord> {
     let mode: String = r.get(2)?;
@@ -282,6 +288,7 @@ fn peer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PeerRecord> {
         last_seen_ms: r.get::<_, i64>(7)? as u64,
         stored_bytes: r.get::<_, i64>(8)? as u64,
         held_bytes: r.get::<_, i64>(9)? as u64,
+        audited_bytes: r.get::<_, i64>(10)? as u64,
     })
 }
 
@@ -332,6 +339,9 @@ pub struct PutPlan {
 pub struct Policy {
     /// Lent bytes divided by this is what a peer may store.
     pub quota_ratio: f64,
+    /// With audits on: the quota before any audited holding (None: audits off, the
+    /// quota follows the lent figure alone).
+    pub quota_grace: Option<u64>,
     /// Now, unix ms.
     pub now_ms: u64,
     /// A peer whose last heartbeat is older than this (unix ms) is offline.
@@ -341,15 +351,22 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// What a peer lending `lend` bytes may store.
-    pub fn quota(&self, lend: u64) -> u64 {
-        quota_for(lend, self.quota_ratio)
+    /// What a peer lending `lend` bytes and holding `audited` audited bytes for others
+    /// may store.
+    pub fn quota(&self, lend: u64, audited: u64) -> u64 {
+        quota_for(lend, audited, self.quota_ratio, self.quota_grace)
     }
 }
 
-/// Bytes a peer lending `lend` may store at `ratio`.
-pub fn quota_for(lend: u64, ratio: f64) -> u64 {
-    (lend as f64 / ratio).floor() as u64
+/// Bytes a peer may store: what it lends over `ratio`, and with audits on (`grace` set)
+/// at most `grace` plus what it demonstrably holds for others over `ratio` (the storage
+/// exchange counted on audited bytes, not on the `--lend` promise).
+pub fn quota_for(lend: u64, audited: u64, ratio: f64, grace: Option<u64>) -> u64 {
+    let over = |b: u64| (b as f64 / ratio).floor() as u64;
+    match grace {
+        None => over(lend),
+        Some(g) => over(lend).min(g.saturating_add(over(audited))),
+    }
 }
 
 /// Figures for `/metrics`, read from the database.
@@ -546,7 +563,7 @@ impl Store {
             .query_row(
                 &format!("SELECT {PEER_COLS}, password_hash, key_blob FROM peers WHERE name = ?1"),
                 [name],
-                |r| Ok((peer_row(r)?, r.get(10)?, r.get(11)?)),
+                |r| Ok((peer_row(r)?, r.get(11)?, r.get(12)?)),
             )
             .optional()
     }
@@ -748,16 +765,26 @@ impl Store {
             .iter()
             .map(|(c, need, _, _)| u64::from(c.size) * *need as u64)
             .sum();
-        let quota = policy.quota(me.lend_bytes);
+        let quota = policy.quota(me.lend_bytes, me.audited_bytes);
         if used + needed > quota {
+            let why = match policy.quota_grace {
+                Some(g) if quota < policy.quota(me.lend_bytes, u64::MAX) => format!(
+                    "{g} bytes to start with + {} bytes you hold for others, audited, / \
+                     ratio {}; it grows as your storage daemon holds and keeps others' data",
+                    me.audited_bytes, policy.quota_ratio
+                ),
+                _ => format!(
+                    "{} bytes lent / ratio {}; lend more space",
+                    me.lend_bytes, policy.quota_ratio
+                ),
+            };
             return Err(Refusal::new(
                 507,
                 "over_quota",
                 format!(
                     "storing this needs {needed} bytes (every replica counted) but you use \
-                     {used} of your {quota}-byte quota ({} bytes lent / ratio {}); lend more \
-                     space or release data you no longer need",
-                    me.lend_bytes, policy.quota_ratio
+                     {used} of your {quota}-byte quota ({why}), or release data you no \
+                     longer need"
                 ),
             ));
         }
@@ -772,7 +799,7 @@ impl Store {
             ))?;
             let rows = st.query_map(
                 params![policy.online_cutoff_ms as i64, pid(owner), now_s as i64],
-                |r| Ok((peer_row(r)?, r.get::<_, i64>(10)? as u64)),
+                |r| Ok((peer_row(r)?, r.get::<_, i64>(11)? as u64)),
             )?;
             for row in rows {
                 let (p, pending_held) = row?;

@@ -173,6 +173,18 @@ impl Store {
         Ok(due)
     }
 
+    /// Recount every peer's storage-exchange credit: the bytes it holds for others whose
+    /// copy passed an audit and has not failed one since. One pass over the locations.
+    pub fn recount_audited(&mut self) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "UPDATE peers SET audited_bytes = COALESCE(
+                 (SELECT SUM(size) FROM locations
+                  WHERE holder = peers.id AND passed_ms > 0 AND audit_failed = 0), 0)",
+            [],
+        )?;
+        Ok(())
+    }
+
     /// Record one audit's outcome: a bad or unanswered copy counts as lost from now on
     /// (repair follows at the next scan), a pass clears an earlier unanswered one; the
     /// holder's counts, reputation, uptime and standing move. Returns its standing.
@@ -188,6 +200,27 @@ impl Store {
             Verdict::Bad => 1,
             Verdict::Unanswered => 2,
         };
+        if verdict == Verdict::Passed {
+            // A first pass earns the holder its credit at once; every other change
+            // (a copy lost, released or failing) waits for `recount_audited`.
+            tx.execute(
+                "UPDATE peers SET audited_bytes = audited_bytes + COALESCE(
+                     (SELECT size FROM locations WHERE owner = ?1 AND chunk = ?2
+                          AND holder = ?3 AND passed_ms = 0 AND audit_failed != 1), 0)
+                 WHERE id = ?3",
+                params![pid(t.owner), t.chunk.0.to_vec(), pid(t.holder)],
+            )?;
+            tx.execute(
+                "UPDATE locations SET passed_ms = ?4
+                 WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 AND audit_failed != 1",
+                params![
+                    pid(t.owner),
+                    t.chunk.0.to_vec(),
+                    pid(t.holder),
+                    now_ms as i64
+                ],
+            )?;
+        }
         tx.execute(
             "UPDATE locations SET audit_failed = ?4
              WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 AND audit_failed != 1",

@@ -417,6 +417,7 @@ pub(super) mod tests_support {
     pub fn policy(now_ms: u64) -> Policy {
         Policy {
             quota_ratio: 1.5,
+            quota_grace: None,
             now_ms,
             online_cutoff_ms: now_ms.saturating_sub(90_000),
             expires_s: now_ms / 1000 + 600,
