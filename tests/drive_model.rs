@@ -1347,3 +1347,76 @@ fn a_corrupt_chunk_inside_a_read_ahead_window_fails_only_its_own_reads() {
         "failed reads are not contiguous"
     );
 }
+
+/// Files closed at up to 64 KiB are sealed into the index rather than a synced staging
+/// file. Closed while the storage is down, such files read back; rewritten, grown past
+/// the limit and truncated while pending, each keeps its last closed content through a
+/// crash; once uploaded they read back from the peers and leave nothing behind locally.
+#[test]
+fn small_files_pending_through_a_crash_read_back_and_leave_nothing_behind() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    env.backend.set_unavailable(true);
+    let mut want: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| (format!("s{i}"), bytes(200 + i, i as usize * 3_000)))
+        .collect();
+    for (name, data) in &want {
+        write_file(&m, name, data).unwrap();
+    }
+    // Rewritten while pending; grown from 57 KB to 97 KB (a staging file from then on);
+    // truncated to 10 bytes by path (no close follows).
+    want[0].1 = b"second version".to_vec();
+    write_file(&m, "s0", &want[0].1).unwrap();
+    let more = bytes(300, 40_000);
+    let fh = open_path(&m, "s19", false).unwrap();
+    m.write(fh, want[19].1.len() as u64, &more).unwrap();
+    m.flush(fh).unwrap();
+    m.release(fh).unwrap();
+    want[19].1.extend_from_slice(&more);
+    let ino = m.resolve(Path::new("s18")).unwrap().ino;
+    m.setattr(
+        ino,
+        SetAttr {
+            size: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    want[18].1.truncate(10);
+    for (name, data) in &want {
+        assert_eq!(
+            &read_file(&m, name).unwrap(),
+            data,
+            "{name} before the crash"
+        );
+    }
+    assert_eq!(m.pending_uploads(), 20, "every file waits for the storage");
+    drop(m); // crash: nothing uploaded
+
+    env.backend.set_unavailable(false);
+    let m = env.open();
+    for (name, data) in &want {
+        assert_eq!(
+            &read_file(&m, name).unwrap(),
+            data,
+            "{name} after the crash"
+        );
+    }
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    m.shutdown();
+    let staged: Vec<_> = fs::read_dir(env.state.join("staging")).unwrap().collect();
+    assert!(staged.is_empty(), "staging files left: {staged:?}");
+    let db = rusqlite::Connection::open(env.state.join("index.sqlite")).unwrap();
+    let kept: i64 = db
+        .query_row("SELECT COUNT(*) FROM stage_data", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        kept, 0,
+        "small files' content still kept in the index after upload"
+    );
+    drop(db);
+    let m = env.open();
+    for (name, data) in &want {
+        assert_eq!(&read_file(&m, name).unwrap(), data, "{name} from the peers");
+    }
+}

@@ -6,7 +6,8 @@
 //! Crash safety comes from one rule: a file's chunk list is replaced, and its old chunks
 //! dereferenced, inside one transaction that runs only after the new chunks are stored.
 //! Files closed but not yet uploaded are recorded in `inodes.stage` (the "pending uploads"),
-//! pointing at an immutable staging file.
+//! pointing at an immutable staging file, or for a small file at its content kept right
+//! here (`stage_data`), written in the transaction that records the close.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -79,6 +80,10 @@ CREATE TABLE IF NOT EXISTS chunks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_free ON chunks(refcount) WHERE refcount = 0;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS stage_data (
+    stage INTEGER PRIMARY KEY,    -- a closed small file's content, in place of a staging file
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS snapshots (
     version INTEGER PRIMARY KEY,  -- a snapshot the drive retains (its root is on the server)
     created INTEGER NOT NULL      -- seconds since the epoch
@@ -476,6 +481,46 @@ pub fn seal_stage(
         params![ino as i64, stage as i64, size as i64, mtime.sec, mtime.nsec, ctime.sec, ctime.nsec],
     )?;
     Ok(())
+}
+
+/// Keep a small closed file's content as stage `stage`, in the transaction that seals
+/// it: the record and the content become durable together, with no fsync of their own.
+pub fn put_stage_data(c: &Connection, stage: u64, data: &[u8]) -> rusqlite::Result<()> {
+    exec(
+        c,
+        "INSERT OR REPLACE INTO stage_data (stage, data) VALUES (?1, ?2)",
+        params![stage as i64, data],
+    )?;
+    Ok(())
+}
+
+/// The content kept in the index for `stage`, if it is a small file's.
+pub fn stage_data(c: &Connection, stage: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+    c.prepare_cached("SELECT data FROM stage_data WHERE stage = ?1")?
+        .query_row([stage as i64], |r| r.get(0))
+        .optional()
+}
+
+/// Forget the content of stages nothing references any more (`stages`), or with `None`
+/// of every stage no inode names (after a crash).
+pub fn drop_stage_data(c: &Connection, stages: Option<&[u64]>) -> rusqlite::Result<()> {
+    let tx = write_tx(c)?;
+    match stages {
+        Some(ids) => {
+            for s in ids {
+                exec(&tx, "DELETE FROM stage_data WHERE stage = ?1", [*s as i64])?;
+            }
+        }
+        None => {
+            exec(
+                &tx,
+                "DELETE FROM stage_data WHERE stage NOT IN
+                     (SELECT stage FROM inodes WHERE stage IS NOT NULL)",
+                [],
+            )?;
+        }
+    }
+    tx.commit()
 }
 
 /// After an upload: `stage` is the committed version, and no longer pending unless a

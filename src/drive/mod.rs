@@ -26,7 +26,9 @@
 //!    mtime of unclosed content live in memory only.
 //! 2. At close (flush/release), `fsync`, or a path truncate, the working file is synced
 //!    and becomes the inode's immutable *pending stage* (`inodes.stage`), with its size and
-//!    mtime, in one transaction. A crash before this point leaves the previous version.
+//!    mtime, in one transaction. A file of at most 64 KiB is not synced: its content is
+//!    copied into that transaction (`stage_data`) and the working file deleted. A crash
+//!    before this point leaves the previous version.
 //! 3. The uploader chunks and seals the stage, stores the chunks no committed version
 //!    already references, and in one transaction replaces the file's chunk list, adjusts
 //!    refcounts, sets `committed_stage` and clears `stage`. Uploading never touches mtime.
@@ -44,6 +46,7 @@
 //! inodes(ino PK AUTOINCREMENT, kind, perm, uid, gid, size, atime_s/ns, mtime_s/ns,
 //!        ctime_s/ns, nlink, rdev, parent /*dirs*/, target /*symlinks*/,
 //!        stage /*pending upload or NULL*/, committed_stage)
+//! stage_data(stage PK, data BLOB)   -- a pending small file's content (≤ 64 KiB)
 //! dentries(parent, name BLOB, ino, PK(parent, name))
 //! xattrs(ino, name BLOB, value BLOB, PK(ino, name))          -- user.* only
 //! file_chunks(ino, offset, chunk BLOB, len, stored, PK(ino, offset))

@@ -331,6 +331,28 @@ impl ReadAhead {
     }
 }
 
+/// Files closed at up to this size keep their content in the index until uploaded: one
+/// transaction makes the record and the content durable together, where a staging file
+/// needs an fdatasync of its own at every close to be as safe (several ms each here: the
+/// bulk of a small-file copy).
+const INLINE_MAX: u64 = 64 << 10;
+
+/// A pending stage's content: a staging file, or a small file's bytes from the index.
+enum StageContent {
+    File(File),
+    Inline(Vec<u8>),
+}
+
+impl State {
+    /// Open the content of pending stage `stage`.
+    fn stage_content(&self, staging: &Staging, stage: u64) -> FsResult<StageContent> {
+        Ok(match index::stage_data(&self.db, stage)? {
+            Some(d) => StageContent::Inline(d),
+            None => StageContent::File(staging.open_read(stage)?),
+        })
+    }
+}
+
 /// Everything behind the model's mutex.
 pub(crate) struct State {
     pub(crate) db: Connection,
@@ -479,6 +501,7 @@ impl Model {
         // Working files of a crashed session: never closed, so the old version stands.
         let keep: HashSet<u64> = index::all_stages(&db)?.into_iter().collect();
         let dropped = staging.cleanup(&keep)?;
+        index::drop_stage_data(&db, None)?;
         if dropped > 0 {
             tracing::info!("discarded {dropped} unclosed staging files from an earlier run");
         }
@@ -1252,15 +1275,23 @@ impl Model {
                 } else {
                     index::chunks_of(&st.db, ino)?
                 };
-                (a.stage, chunks, a.clone(), self.shared.staging.next_id())
+                let src = match a.stage {
+                    Some(s) if !empty => Some(st.stage_content(&self.shared.staging, s)?),
+                    _ => None,
+                };
+                (src, chunks, a.clone(), self.shared.staging.next_id())
             };
             // Phase 2 (unlocked): build it — may copy a large stage or fetch chunks.
             let built: FsResult<File> = (|| {
                 let f = self.shared.staging.create(id)?;
                 if !empty {
-                    if let Some(s) = src_stage {
-                        let mut src = self.shared.staging.open_read(s)?;
-                        std::io::copy(&mut src, &mut &f)?;
+                    if let Some(src) = src_stage {
+                        match src {
+                            StageContent::File(mut src) => {
+                                std::io::copy(&mut src, &mut &f)?;
+                            }
+                            StageContent::Inline(d) => f.write_all_at(&d, 0)?,
+                        }
                     } else {
                         for c in &chunks {
                             let plain = self.shared.chunks.fetch(c)?;
@@ -1431,7 +1462,14 @@ impl Model {
                 return local(&w.file);
             }
             if let Some(s) = a.stage {
-                return local(&self.shared.staging.open_read(s)?);
+                return match st.stage_content(&self.shared.staging, s)? {
+                    StageContent::File(f) => local(&f),
+                    StageContent::Inline(d) => {
+                        let from = (offset as usize).min(d.len());
+                        let to = (end as usize).min(d.len());
+                        Ok(Some(d[from..to].to_vec()))
+                    }
+                };
             }
             let max_window = AHEAD_MAX.min(self.shared.chunks.cache_capacity() as u64 / 2);
             let window = match st.handles.get_mut(&fh) {
@@ -1482,14 +1520,29 @@ impl Model {
         if a.nlink == 0 {
             return Ok(()); // unlinked: nobody will ever read this content
         }
-        if self.shared.opts.sync_on_close && w.synced != w.gen {
-            w.file.sync_data()?;
-        }
+        let inline = if w.size <= INLINE_MAX {
+            let mut data = vec![0u8; w.size as usize];
+            let n = read_full_at(&w.file, &mut data, 0)?;
+            data.truncate(n);
+            Some(data)
+        } else {
+            if self.shared.opts.sync_on_close && w.synced != w.gen {
+                w.file.sync_data()?;
+            }
+            None
+        };
         let (stage, size, mtime, ctime) = (w.stage, w.size, w.mtime, w.ctime);
         let tx = index::write_tx(&st.db)?;
         index::seal_stage(&tx, ino, stage, size, mtime, ctime)?;
+        if let Some(data) = &inline {
+            index::put_stage_data(&tx, stage, data)?;
+        }
         tx.commit()?;
         st.working.remove(&ino);
+        if inline.is_some() {
+            // The index holds the content now.
+            self.shared.staging.remove(stage);
+        }
         if let Some(old) = a.stage {
             st.doomed.push(old);
         }
@@ -1510,8 +1563,8 @@ impl Model {
             let Some(w) = st.working.get(&h.ino) else {
                 return;
             };
-            if !w.dirty || w.synced == w.gen {
-                return;
+            if !w.dirty || w.synced == w.gen || w.size <= INLINE_MAX {
+                return; // small files are sealed into the index, not synced
             }
             (h.ino, w.file.clone(), w.gen)
         };

@@ -379,8 +379,8 @@ fn refresh_quota(sh: &Shared) {
     }
 }
 
-/// Delete staging files that committed transactions stopped referencing, once those
-/// commits are durable.
+/// Delete the staging files (and small files' content kept in the index) that committed
+/// transactions stopped referencing, once those commits are durable.
 fn delete_doomed(sh: &Shared) -> rusqlite::Result<()> {
     let doomed = {
         let mut st = sh.lock();
@@ -390,6 +390,10 @@ fn delete_doomed(sh: &Shared) -> rusqlite::Result<()> {
         // Taken before the sync: every id here was let go by a commit the sync covers.
         let doomed = std::mem::take(&mut st.doomed);
         if let Err(e) = index::make_durable(&st.db) {
+            st.doomed.extend(doomed);
+            return Err(e);
+        }
+        if let Err(e) = index::drop_stage_data(&st.db, Some(&doomed)) {
             st.doomed.extend(doomed);
             return Err(e);
         }
@@ -595,15 +599,24 @@ fn seal_files(
 ) -> Result<Vec<(u64, u64, Vec<ChunkRef>)>, UploadError> {
     let mut done = Vec::new();
     for &(ino, stage) in batch {
-        let file = match sh.staging.open_read(stage) {
-            Ok(f) => f,
-            // Superseded by a newer close, or the file was deleted: nothing to do.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e.into()),
+        let inline = index::stage_data(&sh.lock().db, stage)?;
+        let (content, len): (Box<dyn std::io::Read>, u64) = match inline {
+            Some(d) => {
+                let len = d.len() as u64;
+                (Box::new(std::io::Cursor::new(d)), len)
+            }
+            None => match sh.staging.open_read(stage) {
+                Ok(f) => {
+                    let len = f.metadata()?.len();
+                    (Box::new(f), len)
+                }
+                // Superseded by a newer close, or the file was deleted: nothing to do.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            },
         };
-        let len = file.metadata()?.len();
         let mut list = Vec::new();
-        chunker::for_each_chunk_of_file(file, len, |offset, data| {
+        chunker::for_each_chunk_of_file(content, len, |offset, data| {
             if sh.stop.load(Ordering::SeqCst) {
                 return Err(UploadError::Stopped);
             }
