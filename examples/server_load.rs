@@ -158,6 +158,8 @@ async fn main() {
         .arg(&data)
         .args(["--listen", "127.0.0.1:0", "--open-registration"])
         .args(["--auth-burst", "100000", "--auth-per-minute", "100000"])
+        // The simulated peers run no daemon to answer audits: the quota follows `--lend`.
+        .args(["--audit-interval", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
