@@ -817,12 +817,25 @@ impl Store {
         }
 
         // Greedy placement: each replica goes to the distinct candidate with the most room
-        // left, which spreads load and fills nobody past their free space.
+        // left, which spreads load and fills nobody past their free space. With audits on,
+        // peers that store more than their holdings have earned come first: holding for
+        // others is how they earn, so the exchange settles instead of starving them.
+        let needs_credit: Vec<bool> = cands
+            .iter()
+            .map(|(p, _)| {
+                policy.quota_grace.is_some()
+                    && p.stored_bytes as f64 > p.audited_bytes as f64 / policy.quota_ratio
+            })
+            .collect();
         let mut assign: HashMap<usize, Vec<(ChunkId, u32)>> = HashMap::new();
         let mut order: Vec<usize> = (0..cands.len()).collect();
         let mut group_used: HashMap<usize, HashSet<PeerId>> = HashMap::new();
         for (c, need, holders, group) in &wanted {
-            order.sort_by(|a, b| cands[*b].1.cmp(&cands[*a].1));
+            order.sort_by(|a, b| {
+                needs_credit[*b]
+                    .cmp(&needs_credit[*a])
+                    .then(cands[*b].1.cmp(&cands[*a].1))
+            });
             let mut got = 0;
             for &i in &order {
                 if got == *need {

@@ -328,6 +328,57 @@ mod tests {
         }
     }
 
+    /// With audits on, a peer that stores more than its holdings have earned gets new
+    /// placements first, even with less room than the others; without audits the most
+    /// room wins.
+    #[test]
+    fn with_audits_on_placement_prefers_peers_that_need_credit() {
+        let (_d, mut s, owner, peers, now) = four_peers_and_an_owner();
+        let needy = peers[2];
+        stored(&mut s, needy, now);
+        let less_room = peerstash::api::HeartbeatRequest {
+            quic_addr: "127.0.0.1:1".into(),
+            cert_fingerprint: peerstash::Fingerprint([1; 32]),
+            free_bytes: GB / 2,
+            used_bytes: 0,
+            dropped: Vec::new(),
+        };
+        s.heartbeat(needy, &less_room, now).unwrap();
+        let chunks = |seed: u8| -> Vec<peerstash::api::ChunkRef> {
+            (0..4u8)
+                .map(|i| peerstash::api::ChunkRef {
+                    id: ChunkId([seed + i; 32]),
+                    size: 1000,
+                })
+                .collect()
+        };
+        let targets = |plan: &super::super::PutPlan| -> Vec<PeerId> {
+            plan.placements.iter().map(|p| p.target).collect()
+        };
+        let by_room = s.put(owner, &chunks(60), 1, &[], &policy(now)).unwrap();
+        assert!(
+            !targets(&by_room).contains(&needy),
+            "{:?}",
+            targets(&by_room)
+        );
+        let mut audited = policy(now);
+        audited.quota_grace = Some(GB);
+        let by_need = s.put(owner, &chunks(20), 1, &[], &audited).unwrap();
+        assert_eq!(targets(&by_need), vec![needy]);
+        // Replicas still go to distinct peers.
+        let two = s.put(owner, &chunks(40), 2, &[], &audited).unwrap();
+        for c in chunks(40) {
+            let on: Vec<PeerId> = two
+                .placements
+                .iter()
+                .filter(|p| p.grants.iter().any(|g| g.0 == c.id))
+                .map(|p| p.target)
+                .collect();
+            assert_eq!(on.len(), 2);
+            assert!(on.contains(&needy) && on[0] != on[1], "{on:?}");
+        }
+    }
+
     #[test]
     fn failures_mark_the_location_lost_suspend_then_disqualify_the_holder() {
         let (_d, mut s, owner, peers, now) = four_peers_and_an_owner();
