@@ -11,6 +11,7 @@ pub mod error;
 mod handlers;
 pub mod http;
 pub mod metrics;
+pub mod placement;
 pub mod probe;
 pub mod ratelimit;
 pub mod repair;

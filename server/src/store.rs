@@ -16,6 +16,7 @@ use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::error::Refusal;
+use crate::placement::{self, Candidate, Shortfall, Want};
 
 mod audit;
 mod repair;
@@ -816,73 +817,59 @@ impl Store {
             }
         }
 
-        // Greedy placement: each replica goes to the distinct candidate with the most room
-        // left, which spreads load and fills nobody past their free space. With audits on,
-        // peers that store more than their holdings have earned come first: holding for
-        // others is how they earn, so the exchange settles instead of starving them.
-        let needs_credit: Vec<bool> = cands
+        // With audits on, holding for others is how a peer earns quota: peers that store
+        // more than their holdings have earned are offered chunks first.
+        let mut pool: Vec<Candidate> = cands
             .iter()
-            .map(|(p, _)| {
-                policy.quota_grace.is_some()
-                    && p.stored_bytes as f64 > p.audited_bytes as f64 / policy.quota_ratio
+            .map(|(p, room)| Candidate {
+                id: p.id,
+                room: *room,
+                needs_credit: policy.quota_grace.is_some()
+                    && p.stored_bytes as f64 > p.audited_bytes as f64 / policy.quota_ratio,
             })
             .collect();
-        let mut assign: HashMap<usize, Vec<(ChunkId, u32)>> = HashMap::new();
-        let mut order: Vec<usize> = (0..cands.len()).collect();
-        let mut group_used: HashMap<usize, HashSet<PeerId>> = HashMap::new();
-        for (c, need, holders, group) in &wanted {
-            order.sort_by(|a, b| {
-                needs_credit[*b]
-                    .cmp(&needs_credit[*a])
-                    .then(cands[*b].1.cmp(&cands[*a].1))
-            });
-            let mut got = 0;
-            for &i in &order {
-                if got == *need {
-                    break;
-                }
-                let (p, room) = &mut cands[i];
-                let taken =
-                    group.is_some_and(|g| group_used.get(&g).is_some_and(|u| u.contains(&p.id)));
-                if *room < u64::from(c.size) || holders.contains(&p.id) || taken {
-                    continue;
-                }
-                *room -= u64::from(c.size);
-                assign.entry(i).or_default().push((c.id, c.size));
-                if let Some(g) = group {
-                    group_used.entry(*g).or_default().insert(p.id);
-                }
-                got += 1;
-            }
-            if got < *need {
-                let fitting = cands
-                    .iter()
-                    .filter(|(p, _)| !holders.contains(&p.id))
-                    .count();
-                if group.is_some() {
-                    return Err(Refusal::new(
-                        503,
-                        "not_enough_peers",
-                        format!(
-                            "an erasure-coded stripe needs each shard on its own peer, but \
-                             only {fitting} other peer(s) online have room; use fewer shards \
-                             or try again when more peers are online"
-                        ),
-                    ));
-                }
+        let wants: Vec<Want> = wanted
+            .into_iter()
+            .map(|(c, copies, avoid, stripe)| Want {
+                chunk: c.id,
+                size: c.size,
+                copies,
+                avoid,
+                stripe,
+            })
+            .collect();
+        let mut assign = match placement::place(&mut pool, &wants) {
+            Ok(a) => a,
+            Err(Shortfall::Stripe { others }) => {
                 return Err(Refusal::new(
                     503,
                     "not_enough_peers",
                     format!(
-                        "chunk {} needs {need} more replica(s) of {} bytes but only {got} \
-                         distinct online peer(s) with room could take it ({fitting} other \
-                         peer(s) online); ask for fewer replicas or try again when more \
-                         peers are online",
-                        c.id, c.size
+                        "an erasure-coded stripe needs each shard on its own peer, but \
+                         only {others} other peer(s) online have room; use fewer shards \
+                         or try again when more peers are online"
                     ),
-                ));
+                ))
             }
-        }
+            Err(Shortfall::Copies {
+                chunk,
+                size,
+                need,
+                got,
+                others,
+            }) => {
+                return Err(Refusal::new(
+                    503,
+                    "not_enough_peers",
+                    format!(
+                        "chunk {chunk} needs {need} more replica(s) of {size} bytes but only \
+                         {got} distinct online peer(s) with room could take it ({others} \
+                         other peer(s) online); ask for fewer replicas or try again when \
+                         more peers are online"
+                    ),
+                ))
+            }
+        };
 
         // Record the pending placements under fresh transaction ids.
         let mut targets: Vec<usize> = assign.keys().copied().collect();
