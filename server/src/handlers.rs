@@ -364,6 +364,7 @@ fn seal_kinds(
                 token,
                 chunks: p.grants.into_iter().map(|(c, _)| c).collect(),
                 online: p.online,
+                route: st.rendezvous.route(p.target),
             })
         })
         .collect()
@@ -533,6 +534,7 @@ pub(crate) fn status(
     };
     let (rec, pending, online, total) =
         found.ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
+    let reach = st.rendezvous.reach(peer);
     Ok(StatusResponse {
         peer_id: rec.id,
         name: rec.name,
@@ -553,6 +555,8 @@ pub(crate) fn status(
             standing: a.standing.as_str().into(),
             receiving_placements: a.standing == store::Standing::Good,
         }),
+        reach: reach.map(|(r, _)| r.as_str().to_string()),
+        reach_addr: reach.map(|(_, a)| a.to_string()),
     })
 }
 

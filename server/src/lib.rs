@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod probe;
 pub mod ratelimit;
+pub mod rendezvous;
 pub mod repair;
 pub mod secrets;
 pub mod store;
@@ -95,6 +96,8 @@ pub struct Config {
     /// Every chunk location is audited at least once per this many seconds (0: no
     /// audits).
     pub audit_interval_secs: u64,
+    /// The relay of last resort for peers behind NAT.
+    pub relay: rendezvous::RelayLimits,
 }
 
 impl Config {
@@ -119,6 +122,7 @@ impl Config {
             reconcile_interval_secs: 3600,
             orphan_grace_secs: 86400,
             audit_interval_secs: DEFAULT_AUDIT_INTERVAL_SECS,
+            relay: rendezvous::RelayLimits::default(),
         }
     }
 }
@@ -166,6 +170,8 @@ pub struct State {
     pub(crate) scan_after_audits: std::sync::atomic::AtomicBool,
     /// TLS identity served.
     pub cert: CertKey,
+    /// Daemons reachable through the rendezvous, and the relay's sessions.
+    pub rendezvous: rendezvous::Registry,
 }
 
 impl State {
@@ -297,5 +303,6 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
                 .max(2),
         ),
         cert,
+        rendezvous: rendezvous::Registry::default(),
     })
 }
