@@ -967,6 +967,9 @@ fn reach_line(reach: Option<&str>, public: Option<&str>) -> String {
     let at = public.unwrap_or("?");
     match reach {
         Some("public") => format!("public (others connect straight to {at})"),
+        Some("mapped") => format!(
+            "mapped (the router forwards a port by NAT-PMP; others connect straight to {at})"
+        ),
         Some("punch") => format!(
             "hole-punched only (behind NAT, public side {at}; the server coordinates each connection)"
         ),

@@ -355,9 +355,14 @@ fn seal_kinds(
             };
             let token = claims.seal(&key.token_keys()).map_err(Refusal::internal)?;
             st.metrics.count_token(kind);
+            // A daemon behind a router that mapped a port is reached at the mapping.
+            let addr = st
+                .rendezvous
+                .mapped(p.target)
+                .map_or(p.addr, |a| a.to_string());
             Ok(Placement {
                 target: p.target,
-                addr: p.addr,
+                addr,
                 fingerprint: p.fingerprint,
                 txid: p.txid,
                 expires_at,

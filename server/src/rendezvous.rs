@@ -71,6 +71,18 @@ struct Entry {
     conn: Connection,
     reach: Reach,
     public: SocketAddr,
+    /// A port mapping its router made, once the server reached the daemon through it.
+    mapped: Option<SocketAddr>,
+}
+
+impl Entry {
+    fn reach(&self) -> Reach {
+        if self.mapped.is_some() {
+            Reach::Mapped
+        } else {
+            self.reach
+        }
+    }
 }
 
 struct Session {
@@ -113,7 +125,15 @@ impl Registry {
         let d = self.daemons.lock().expect("not poisoned");
         d.get(&peer)
             .filter(|e| e.conn.close_reason().is_none())
-            .map(|e| (e.reach, e.public))
+            .map(|e| (e.reach(), e.mapped.unwrap_or(e.public)))
+    }
+
+    /// Where clients connect to `peer`'s daemon when its router mapped a port for it.
+    pub fn mapped(&self, peer: PeerId) -> Option<SocketAddr> {
+        let d = self.daemons.lock().expect("not poisoned");
+        d.get(&peer)
+            .filter(|e| e.conn.close_reason().is_none())
+            .and_then(|e| e.mapped)
     }
 
     /// Make `client` reach `peer` (at `addr`) over its daemon's hello connection, when it
@@ -122,7 +142,7 @@ impl Registry {
     pub fn route_checks(&self, client: &PeerClient, peer: PeerId, addr: PeerAddr) {
         let d = self.daemons.lock().expect("not poisoned");
         if let Some(e) = d.get(&peer) {
-            if e.reach != Reach::Public && e.conn.close_reason().is_none() {
+            if e.reach() != Reach::Public && e.conn.close_reason().is_none() {
                 client.adopt(addr, e.conn.clone());
             }
         }
@@ -154,11 +174,11 @@ impl Registry {
         let mut by_reach: HashMap<&str, u64> = HashMap::new();
         for e in self.daemons.lock().expect("not poisoned").values() {
             if e.conn.close_reason().is_none() {
-                *by_reach.entry(e.reach.as_str()).or_default() += 1;
+                *by_reach.entry(e.reach().as_str()).or_default() += 1;
             }
         }
         let _ = writeln!(o, "# HELP peerstash_peers_reachable Daemons with a live rendezvous connection, by how they are reached.\n# TYPE peerstash_peers_reachable gauge");
-        for r in ["public", "punch", "relay"] {
+        for r in ["public", "mapped", "punch", "relay"] {
             let n = by_reach.get(r).copied().unwrap_or(0);
             let _ = writeln!(o, "peerstash_peers_reachable{{reach=\"{r}\"}} {n}");
         }
@@ -338,9 +358,16 @@ async fn answer(
         op::HELLO if main => {
             let r = authenticate(st, rest);
             let (peer, body) = r.inspect_err(|e| reg.count("hello", e.0.as_str()))?;
-            let reach = match body[..] {
-                [b] => Reach::from_u8(b).ok_or((Status::Malformed, 0))?,
-                _ => return Err((Status::Malformed, 0)),
+            let (&b, rest) = body.split_first().ok_or((Status::Malformed, 0))?;
+            let reach = Reach::from_u8(b)
+                .filter(|r| *r != Reach::Mapped)
+                .ok_or((Status::Malformed, 0))?;
+            let mapping = match rest {
+                [] => None,
+                r => match rv::decode_addr(r) {
+                    Ok((a, n)) if n == r.len() => Some(a),
+                    _ => return Err((Status::Malformed, 0)),
+                },
             };
             let public = conn.remote_address();
             let old = reg.daemons.lock().expect("not poisoned").insert(
@@ -349,8 +376,12 @@ async fn answer(
                     conn: conn.clone(),
                     reach,
                     public,
+                    mapped: None,
                 },
             );
+            if let Some(m) = mapping {
+                tokio::spawn(check_mapping(st.clone(), peer, conn.stable_id(), m));
+            }
             if let Some(old) = old {
                 if old.conn.stable_id() != conn.stable_id() {
                     old.conn.close(0u32.into(), b"replaced");
@@ -536,3 +567,52 @@ async fn relay_loop(st: Arc<State>, sock: UdpSocket) {
         }
     }
 }
+
+/// Reach a daemon at the port mapping it announced, over a fresh connection pinned to
+/// its certificate, with a signed status check: only a mapping that works (and leads to
+/// that daemon, not to whatever address it named) makes clients connect there.
+async fn check_mapping(st: Arc<State>, peer: PeerId, conn_id: usize, at: SocketAddr) {
+    let st2 = st.clone();
+    let record =
+        tokio::task::spawn_blocking(move || st2.store.lock().expect("not poisoned").peer(peer))
+            .await;
+    let (Ok(Ok(Some(record))), Some(key)) = (record, st.key_of(peer)) else {
+        return;
+    };
+    let auth = ControlSigner::new(peer, &key, Direction::ServerToPeer).sign(
+        MessageKind::StatusCheck,
+        b"",
+        now_ms(),
+    );
+    let checked = match PeerClient::new() {
+        Ok(c) => {
+            let c = c
+                .with_connect_timeout(MAPPING_CHECK_TIMEOUT)
+                .with_timeout(MAPPING_CHECK_TIMEOUT);
+            let r = c
+                .status_check(&PeerAddr::direct(at, record.fingerprint), &auth)
+                .await;
+            c.close();
+            r
+        }
+        Err(e) => Err(e),
+    };
+    let reg = &st.rendezvous;
+    match checked {
+        Ok(_) => {
+            let mut d = reg.daemons.lock().expect("not poisoned");
+            if let Some(e) = d.get_mut(&peer).filter(|e| e.conn.stable_id() == conn_id) {
+                e.mapped = Some(at);
+                tracing::info!(peer = %peer, %at, "daemon reachable at its router's port mapping");
+            }
+            reg.count("mapping", "ok");
+        }
+        Err(e) => {
+            tracing::info!(peer = %peer, %at, error = %e, "a port mapping did not lead to the daemon");
+            reg.count("mapping", "unreachable");
+        }
+    }
+}
+
+/// How long the server tries to reach a daemon through its port mapping.
+const MAPPING_CHECK_TIMEOUT: Duration = Duration::from_secs(5);

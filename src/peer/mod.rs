@@ -6,6 +6,7 @@
 //! - [`daemon`]: the daemon itself ([`Daemon::run`]).
 //! - [`link`]: what the daemon needs from the coordination server ([`ServerLink`]).
 //! - [`client`]: [`PeerClient`], used by the drive to talk to daemons.
+//! - [`portmap`]: asking the home router for a port mapping (NAT-PMP).
 //! - [`rendezvous`]: reaching peers behind NAT (hole punching coordinated by the server,
 //!   the server's relay of last resort).
 //!
@@ -34,6 +35,7 @@
 pub mod client;
 pub mod daemon;
 pub mod link;
+pub mod portmap;
 pub mod rendezvous;
 pub mod store;
 pub mod wire;

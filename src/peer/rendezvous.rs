@@ -14,7 +14,8 @@
 //! ```text
 //! request (client-opened bidirectional stream; reply, then both sides finish)
 //!   0x01 WHOAMI                                       -> addr | probe_port u16 | relay_port u16
-//!   0x02 HELLO    auth [68] | reach u8                -> (nothing)
+//!   0x02 HELLO    auth [68] | reach u8 [| addr]       -> (nothing)   (addr: a port
+//!                                                        mapping the router made)
 //!   0x03 CONNECT  auth [68] | target u64 | mode u8    -> punch: addr   relay: grant
 //! order (server-opened stream on a daemon's hello connection)
 //!   0x11 PUNCH    auth [68] | addr                    -> (nothing)
@@ -100,6 +101,10 @@ pub enum Reach {
     /// Behind a NAT that picks a new public port per destination (symmetric): only a
     /// relay gets through.
     Relay = 3,
+    /// Behind a router that mapped a port for it (NAT-PMP), checked by the server: reached
+    /// directly at the mapped address. Never sent in a HELLO's reach byte (a HELLO names
+    /// the mapping after it).
+    Mapped = 4,
 }
 
 impl Reach {
@@ -119,6 +124,7 @@ impl Reach {
             Reach::Public => "public",
             Reach::Punch => "punch",
             Reach::Relay => "relay",
+            Reach::Mapped => "mapped",
         }
     }
 
@@ -128,6 +134,7 @@ impl Reach {
             Reach::Public => Route::Direct,
             Reach::Punch => Route::Punch,
             Reach::Relay => Route::Relay,
+            Reach::Mapped => Route::Direct,
         }
     }
 

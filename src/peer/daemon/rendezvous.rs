@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::Shared;
 use crate::control::{now_ms, MessageKind};
+use crate::peer::portmap;
 use crate::peer::rendezvous::{
     self as rv, op, NatError, Reach, RelayGrant, RendezvousConfig, Status,
 };
@@ -34,6 +35,8 @@ pub struct Reachability {
     pub reach: Reach,
     /// The address the server sees it at.
     pub public: SocketAddr,
+    /// The port mapping its router made, if any.
+    pub mapped: Option<SocketAddr>,
 }
 
 /// Run until `stop`: keep a hello connection to the server up, reconnecting with backoff.
@@ -101,22 +104,47 @@ async fn session(
     // An address this host can bind is its own: no NAT in between.
     let own_ip = std::net::UdpSocket::bind(SocketAddr::new(seen.addr.ip(), 0)).is_ok();
     let reach = Reach::classify(seen.addr, probe, local, advertised, own_ip);
-    let hello = rv::signed(
-        op::HELLO,
-        &cfg.signer(),
-        MessageKind::Rendezvous,
-        &[reach as u8],
-    );
+    // Behind NAT, ask the router for a port mapping first: when it makes one, others
+    // connect straight to it (the server checks it works before it says so).
+    let mut body = vec![reach as u8];
+    let mut renew = Duration::from_secs(24 * 3600);
+    let mapped = if reach == Reach::Public {
+        None
+    } else {
+        match portmap::map_udp(local.port()).await {
+            Ok(m) => {
+                rv::encode_addr(m.public.into(), &mut body);
+                renew = Duration::from_secs(u64::from(m.lifetime / 2).max(30));
+                Some(SocketAddr::from(m.public))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no port mapping from the router");
+                None
+            }
+        }
+    };
+    let hello = rv::signed(op::HELLO, &cfg.signer(), MessageKind::Rendezvous, &body);
     rv::request(&conn, &hello, Duration::from_secs(10)).await?;
-    tracing::info!(reach = reach.as_str(), public = %seen.addr, "reachable through the server's rendezvous");
+    tracing::info!(reach = reach.as_str(), public = %seen.addr, ?mapped, "reachable through the server's rendezvous");
     published.send_replace(Some(Reachability {
         reach,
         public: seen.addr,
+        mapped,
     }));
+    // A mapping is renewed by starting over (a new hello with what the router says then).
+    let renewal = tokio::time::sleep(renew);
+    tokio::pin!(renewal);
     let relay = SocketAddr::new(server.ip(), seen.relay_port);
     let slots = Arc::new(tokio::sync::Semaphore::new(ORDERS_AT_ONCE));
     loop {
-        let (send, recv) = match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            _ = &mut renewal => {
+                conn.close(0u32.into(), b"renewing");
+                return Ok(());
+            }
+        };
+        let (send, recv) = match accepted {
             Ok(s) => s,
             Err(e) => return Err(NatError::Broken(e.to_string())),
         };
