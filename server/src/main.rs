@@ -84,6 +84,14 @@ struct Cli {
     /// Bytes per second one relay session may move (K, M, G suffixes: 8M).
     #[arg(long, default_value = "8M", value_parser = parse_rate)]
     relay_rate: u64,
+    /// UDP port of the relay (0: any free port, printed at start); fix it to open it in
+    /// a firewall.
+    #[arg(long, default_value_t = 0)]
+    relay_port: u16,
+    /// UDP port of the probe endpoint that tells peers their NAT's kind (0: any free
+    /// port, printed at start).
+    #[arg(long, default_value_t = 0)]
+    probe_port: u16,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -240,6 +248,8 @@ fn main() -> anyhow::Result<()> {
         relay: peerstash_server::rendezvous::RelayLimits {
             sessions: cli.relay_sessions,
             rate: cli.relay_rate,
+            port: cli.relay_port,
+            probe_port: cli.probe_port,
             ..Default::default()
         },
     };

@@ -55,6 +55,10 @@ pub struct RelayLimits {
     pub rate: u64,
     /// Longest life of a session; the client opens a new one after it.
     pub max_age: Duration,
+    /// UDP port of the relay (0: any free one).
+    pub port: u16,
+    /// UDP port of the probe endpoint (0: any free one).
+    pub probe_port: u16,
 }
 
 impl Default for RelayLimits {
@@ -63,6 +67,8 @@ impl Default for RelayLimits {
             sessions: 256,
             rate: 8 << 20,
             max_age: Duration::from_secs(3600),
+            port: 0,
+            probe_port: 0,
         }
     }
 }
@@ -263,9 +269,9 @@ pub fn start(st: Arc<State>, at: SocketAddr, limits: RelayLimits) -> std::io::Re
     ));
     server.transport_config(Arc::new(t));
     let main = Endpoint::server(server.clone(), at)?;
-    let probe = Endpoint::server(server, SocketAddr::new(at.ip(), 0))?;
+    let probe = Endpoint::server(server, SocketAddr::new(at.ip(), limits.probe_port))?;
     let relay = if limits.sessions > 0 {
-        let s = std::net::UdpSocket::bind(SocketAddr::new(at.ip(), 0))?;
+        let s = std::net::UdpSocket::bind(SocketAddr::new(at.ip(), limits.port))?;
         s.set_nonblocking(true)?;
         Some(UdpSocket::from_std(s)?)
     } else {
@@ -489,18 +495,18 @@ async fn relay_loop(st: Arc<State>, sock: UdpSocket) {
                 .retain(|_, s| !expired(s, now, &limits));
         }
         let d = &buf[..n];
-        let drop = || {
+        let dropped = || {
             reg.relay_dropped.fetch_add(1, Ordering::Relaxed);
         };
         if n < DATA_HEADER {
-            drop();
+            dropped();
             continue;
         }
         let id = u64::from_be_bytes(d[1..9].try_into().expect("8 bytes"));
         let send_to = {
             let mut sessions = reg.sessions.lock().expect("not poisoned");
             let Some(s) = sessions.get_mut(&id) else {
-                drop();
+                dropped();
                 continue;
             };
             match d[0] {
@@ -509,14 +515,14 @@ async fn relay_loop(st: Arc<State>, sock: UdpSocket) {
                     if !(role == rv::ROLE_CLIENT || role == rv::ROLE_DAEMON)
                         || !rv::bind_mac_ok(&s.grant.secret, id, role, &d[10..])
                     {
-                        drop();
+                        dropped();
                         continue;
                     }
                     let side = &mut s.sides[role as usize - 1];
                     // The first proof binds a side; a replayed BIND from elsewhere
                     // cannot move it.
                     if side.is_some_and(|a| a != src) {
-                        drop();
+                        dropped();
                         continue;
                     }
                     *side = Some(src);
@@ -536,7 +542,7 @@ async fn relay_loop(st: Arc<State>, sock: UdpSocket) {
                         [Some(c), Some(t)] if c == src => t,
                         [Some(c), Some(t)] if t == src => c,
                         _ => {
-                            drop();
+                            dropped();
                             continue;
                         }
                     };
@@ -547,14 +553,14 @@ async fn relay_loop(st: Arc<State>, sock: UdpSocket) {
                     s.refilled = now;
                     s.last = now;
                     if s.allowance < n as f64 {
-                        drop();
+                        dropped();
                         continue;
                     }
                     s.allowance -= n as f64;
                     other
                 }
                 _ => {
-                    drop();
+                    dropped();
                     continue;
                 }
             }
