@@ -396,11 +396,11 @@ fn peers_behind_nat_store_and_read_back_through_punching_and_the_relay() {
     // Home 2's router maps ports on request (NAT-PMP).
     let _natpmp = NatPmp::start(&top, "r2", "198.51.100.65", [203, 0, 113, 12]);
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(
-        top.cmd("srv", bin("peerstash-server")),
-        dir.path(),
-        "203.0.113.1:7400",
-    );
+    // Quick repairs: a peer silent for 3 s is offline, for 4 s more lost.
+    let mut server_cmd = top.cmd("srv", bin("peerstash-server"));
+    server_cmd.args(["--heartbeat-interval", "1", "--online-timeout", "3"]);
+    server_cmd.args(["--repair-grace", "4", "--repair-interval", "1"]);
+    let server = start_server(server_cmd, dir.path(), "203.0.113.1:7400");
     // The public peer on the internet; three peers each behind its own router.
     let peers = [
         ("pub", "public-peer", "203.0.113.2:7401".to_string()),
@@ -545,7 +545,38 @@ fn peers_behind_nat_store_and_read_back_through_punching_and_the_relay() {
     let mut m = mount("mount-2.log");
     diff(&src, &mnt);
     unmount(&mut m);
+    // Restore works the same way (the snapshot taken at the unmount).
+    let restored = dir.path().join("restored");
+    run(top
+        .cmd("h4", bin("peerstash"))
+        .arg("--home")
+        .arg(&user)
+        .args(["restore", "--snapshot", "latest", "--to"])
+        .arg(&restored));
+    diff(&src, &restored);
+    // Repair too: what the public peer held is copied peer to peer between peers behind
+    // NAT (punched, mapped or relayed) until every chunk is on 2 online peers again.
+    let start = std::time::Instant::now();
+    loop {
+        let out = run(top
+            .cmd("h4", bin("peerstash"))
+            .arg("--home")
+            .arg(&user)
+            .arg("status"));
+        if out.contains("peers:    3 online") && out.contains("safety:   all") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "not repaired behind NAT:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let m2 = metrics();
+    assert!(
+        metric(&m2, "peerstash_repairs_total{stage=\"done\"}") > 0,
+        "{m2}"
+    );
     if relay_only > 0 {
         assert!(
             metric(&m2, "peerstash_relay_bytes_total") > relayed,
