@@ -78,10 +78,7 @@ async fn raw_server(cert: &CertKey, daemon_windows: bool) -> (quinn::Endpoint, P
         cfg.transport_config(Arc::new(Limits::default().transport_config().unwrap()));
     }
     let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = PeerAddr {
-        addr: ep.local_addr().unwrap(),
-        fingerprint: cert.fingerprint(),
-    };
+    let addr = PeerAddr::direct(ep.local_addr().unwrap(), cert.fingerprint());
     let payload = Arc::new(vec![7u8; CHUNK]);
     let server = ep.clone();
     tokio::spawn(async move {
@@ -177,10 +174,7 @@ fn main() {
             dir.path().join("state"),
         );
         let daemon = Daemon::run(cfg, NullLink).await.unwrap();
-        let peer = PeerAddr {
-            addr: daemon.local_addr(),
-            fingerprint: daemon.fingerprint(),
-        };
+        let peer = PeerAddr::direct(daemon.local_addr(), daemon.fingerprint());
         let client = PeerClient::new().unwrap();
 
         let mut rows: [Vec<f64>; 6] = Default::default();

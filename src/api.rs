@@ -311,10 +311,37 @@ pub struct Placement {
     /// as online). Readers spread their fetches over online holders.
     #[serde(default = "online_by_default")]
     pub online: bool,
+    /// How to reach it: directly at `addr` (the default, and what older servers mean), or
+    /// through the server's rendezvous when it sits behind NAT (see `docs/PROTOCOL.md`,
+    /// "Peers behind NAT"). `addr` is then its own, private, address.
+    #[serde(default, skip_serializing_if = "Route::is_direct")]
+    pub route: Route,
 }
 
 fn online_by_default() -> bool {
     true
+}
+
+/// How a client reaches a storage daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Connect to its address: it is public, or its router forwards a port to it.
+    #[default]
+    Direct,
+    /// Behind a NAT that keeps one public port per socket: ask the server to have it
+    /// punch towards us, then connect to the address the server saw it from (falling back
+    /// on the relay).
+    Punch,
+    /// Behind a NAT that picks a new port per destination: only a relay reaches it.
+    Relay,
+}
+
+impl Route {
+    /// Whether this is [`Route::Direct`].
+    pub fn is_direct(&self) -> bool {
+        *self == Route::Direct
+    }
 }
 
 /// Where to send each chunk.
@@ -483,6 +510,14 @@ pub struct StatusResponse {
     /// Its own storage daemon's audit record, as the server keeps it.
     #[serde(default)]
     pub standing: Option<PeerStanding>,
+    /// How other peers reach its storage daemon, as the daemon's live rendezvous
+    /// connection tells the server: `public`, `punch` (behind NAT, hole punching) or
+    /// `relay` (behind a symmetric NAT). Absent while the daemon has no such connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach: Option<String>,
+    /// The address the server sees that connection come from (the daemon's public side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reach_addr: Option<String>,
 }
 
 /// A storage daemon's audit record and standing (see `docs/SECURITY.md`, audits).

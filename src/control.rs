@@ -72,6 +72,12 @@ pub enum MessageKind {
     Inventory = 11,
     /// Server audits a chunk a peer holds (see [`crate::audit`]).
     Audit = 12,
+    /// Peer to server over the rendezvous connection: a daemon announcing how it is
+    /// reached, or a client asking to reach a peer behind NAT (see `peer::rendezvous`).
+    Rendezvous = 13,
+    /// Server to peer over the daemon's rendezvous connection: punch towards a client, or
+    /// join a relay session.
+    RendezvousOrder = 14,
 }
 
 impl MessageKind {
@@ -90,6 +96,8 @@ impl MessageKind {
             10 => Root,
             11 => Inventory,
             12 => Audit,
+            13 => Rendezvous,
+            14 => RendezvousOrder,
             _ => return None,
         })
     }

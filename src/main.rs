@@ -326,6 +326,10 @@ fn serve(home: &Home) -> Result<()> {
         );
         dc.advertise = Some(cfg.listen_addr.clone());
         dc.heartbeat_interval = peerstash::remote::HEARTBEAT_INTERVAL;
+        // Behind NAT the daemon is reached through the server's rendezvous (QUIC on the
+        // server's port): it learns there how it can be reached, and takes punch and relay
+        // orders.
+        dc.rendezvous = home.server_client()?.rendezvous();
         let daemon = Daemon::run(dc, link)
             .await
             .with_context(|| format!("starting the storage daemon on {listen}"))?;
@@ -682,6 +686,10 @@ fn verify(home: &Home, a: VerifyArgs) -> Result<()> {
     let rt = runtime()?;
     let report = rt.block_on(async {
         let peers = PeerClient::new().context("starting the QUIC client")?;
+        let peers = match client.rendezvous() {
+            Some(r) => peers.with_rendezvous(r),
+            None => peers,
+        };
         verify::verify(&client, &peers, &sealer, &chunks)
             .await
             .context("verifying the drive's chunks")
@@ -954,6 +962,27 @@ async fn login(home: &Home, a: LoginArgs) -> Result<()> {
 
 /// `peerstash status`. With `ride_out` (from `--wait`), an unreachable server is retried
 /// with backoff for that long before giving up: a server restarting must not end a wait.
+/// How other peers reach this peer's storage daemon, for `status`.
+fn reach_line(reach: Option<&str>, public: Option<&str>) -> String {
+    let at = public.unwrap_or("?");
+    match reach {
+        Some("public") => format!("public (others connect straight to {at})"),
+        Some("mapped") => format!(
+            "mapped (the router forwards a port by NAT-PMP; others connect straight to {at})"
+        ),
+        Some("punch") => format!(
+            "hole-punched only (behind NAT, public side {at}; the server coordinates each connection)"
+        ),
+        Some("relay") => format!(
+            "relayed (behind a symmetric NAT, public side {at}; others reach it through the server's relay)"
+        ),
+        Some(other) => other.to_string(),
+        None => "unknown: the storage daemon has no rendezvous connection to the server (not running, \
+                 or UDP to the server blocked); others reach it at its listen address if they can"
+            .to_string(),
+    }
+}
+
 async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()> {
     let cfg = home.load_config()?;
     let client = home.server_client()?;
@@ -1008,6 +1037,10 @@ async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()
             format_size(s.holding_bytes)
         ),
     }
+    println!(
+        "reach:    {}",
+        reach_line(s.reach.as_deref(), s.reach_addr.as_deref())
+    );
     if let Some(a) = &s.standing {
         println!(
             "audits:   {} passed, {} failed; reputation {:.2}, uptime {:.2}; standing {}, {}",

@@ -136,7 +136,11 @@ impl RemoteBackend {
     ) -> Result<RemoteBackend, PeerError> {
         let peers = {
             let _guard = rt.enter();
-            PeerClient::new()?
+            let c = PeerClient::new()?;
+            match server.rendezvous() {
+                Some(r) => c.with_rendezvous(r),
+                None => c,
+            }
         };
         Ok(RemoteBackend {
             rt,

@@ -69,10 +69,7 @@ impl TestPeer {
     }
 
     fn addr(&self, d: &RunningDaemon) -> PeerAddr {
-        PeerAddr {
-            addr: d.local_addr(),
-            fingerprint: d.fingerprint(),
-        }
+        PeerAddr::direct(d.local_addr(), d.fingerprint())
     }
 
     /// A token for this peer, sealed with its key as the server would.
@@ -1084,13 +1081,7 @@ fn spawn_child(p: &TestPeer) -> (Proc, PeerAddr) {
         Duration::from_secs(20),
         || std::fs::read_to_string(&addr_file).ok()?.parse().ok(),
     );
-    (
-        proc,
-        PeerAddr {
-            addr,
-            fingerprint: p.cert.fingerprint(),
-        },
-    )
+    (proc, PeerAddr::direct(addr, p.cert.fingerprint()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1305,6 +1296,7 @@ fn repair_order(
         token,
         chunks: vec![c],
         online: true,
+        route: Default::default(),
     };
     let put_token = TokenClaims {
         requester: to.0.id,

@@ -163,7 +163,10 @@ pub async fn audit(st: &State, client: &PeerClient, t: &AuditTarget) -> Option<O
     );
     let deadline = now_ms() + AUDIT_DEADLINE.as_millis() as u64;
     let answer = match PeerAddr::lookup(&t.addr, t.fingerprint).await {
-        Ok(addr) => client.audit(&addr, &auth, &challenge).await,
+        Ok(addr) => {
+            st.rendezvous.route_checks(client, t.holder, addr);
+            client.audit(&addr, &auth, &challenge).await
+        }
         Err(e) => Err(e),
     };
     let received = now_ms();

@@ -356,15 +356,21 @@ fn seal_kinds(
             };
             let token = claims.seal(&key.token_keys()).map_err(Refusal::internal)?;
             st.metrics.count_token(kind);
+            // A daemon behind a router that mapped a port is reached at the mapping.
+            let addr = st
+                .rendezvous
+                .mapped(p.target)
+                .map_or(p.addr, |a| a.to_string());
             Ok(Placement {
                 target: p.target,
-                addr: p.addr,
+                addr,
                 fingerprint: p.fingerprint,
                 txid: p.txid,
                 expires_at,
                 token,
                 chunks: p.grants.into_iter().map(|(c, _)| c).collect(),
                 online: p.online,
+                route: st.rendezvous.route(p.target),
             })
         })
         .collect()
@@ -534,6 +540,7 @@ pub(crate) fn status(
     };
     let (rec, pending, online, total) =
         found.ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
+    let reach = st.rendezvous.reach(peer);
     Ok(StatusResponse {
         peer_id: rec.id,
         name: rec.name,
@@ -555,6 +562,8 @@ pub(crate) fn status(
             standing: a.standing.as_str().into(),
             receiving_placements: a.standing == store::Standing::Good,
         }),
+        reach: reach.map(|(r, _)| r.as_str().to_string()),
+        reach_addr: reach.map(|(_, a)| a.to_string()),
     })
 }
 

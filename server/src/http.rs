@@ -289,7 +289,11 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
                 })
                 .await?;
                 Ok(text(
-                    st.metrics.render(&figures),
+                    {
+                        let mut m = st.metrics.render(&figures);
+                        st.rendezvous.render(&mut m);
+                        m
+                    },
                     "text/plain; version=0.0.4",
                 ))
             }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod placement;
 pub mod probe;
 pub mod ratelimit;
+pub mod rendezvous;
 pub mod repair;
 pub mod secrets;
 pub mod store;
@@ -104,6 +105,8 @@ pub struct Config {
     /// Every chunk location is audited at least once per this many seconds (0: no
     /// audits).
     pub audit_interval_secs: u64,
+    /// The relay of last resort for peers behind NAT.
+    pub relay: rendezvous::RelayLimits,
 }
 
 impl Config {
@@ -129,6 +132,7 @@ impl Config {
             reconcile_interval_secs: 3600,
             orphan_grace_secs: 86400,
             audit_interval_secs: DEFAULT_AUDIT_INTERVAL_SECS,
+            relay: rendezvous::RelayLimits::default(),
         }
     }
 }
@@ -176,6 +180,8 @@ pub struct State {
     pub(crate) scan_after_audits: std::sync::atomic::AtomicBool,
     /// TLS identity served.
     pub cert: CertKey,
+    /// Daemons reachable through the rendezvous, and the relay's sessions.
+    pub rendezvous: rendezvous::Registry,
 }
 
 impl State {
@@ -307,5 +313,6 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
                 .max(2),
         ),
         cert,
+        rendezvous: rendezvous::Registry::default(),
     })
 }

@@ -82,6 +82,21 @@ struct Cli {
     /// few audits passed, four times as often); 0 turns audits off.
     #[arg(long, default_value_t = peerstash_server::DEFAULT_AUDIT_INTERVAL_SECS)]
     audit_interval: u64,
+    /// Relay sessions open at once for peers behind symmetric NAT (0: no relay; peers
+    /// that hole punching cannot reach are then unreachable).
+    #[arg(long, default_value_t = 256)]
+    relay_sessions: usize,
+    /// Bytes per second one relay session may move (K, M, G suffixes: 8M).
+    #[arg(long, default_value = "8M", value_parser = parse_rate)]
+    relay_rate: u64,
+    /// UDP port of the relay (0: any free port, printed at start); fix it to open it in
+    /// a firewall.
+    #[arg(long, default_value_t = 0)]
+    relay_port: u16,
+    /// UDP port of the probe endpoint that tells peers their NAT's kind (0: any free
+    /// port, printed at start).
+    #[arg(long, default_value_t = 0)]
+    probe_port: u16,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -240,6 +255,13 @@ fn main() -> anyhow::Result<()> {
         reconcile_interval_secs: cli.reconcile_interval,
         orphan_grace_secs: cli.orphan_grace.max(1),
         audit_interval_secs: cli.audit_interval,
+        relay: peerstash_server::rendezvous::RelayLimits {
+            sessions: cli.relay_sessions,
+            rate: cli.relay_rate,
+            port: cli.relay_port,
+            probe_port: cli.probe_port,
+            ..Default::default()
+        },
     };
     let state = init(cfg).with_context(|| {
         format!(
@@ -265,8 +287,19 @@ fn main() -> anyhow::Result<()> {
             writeln!(out, "listening: https://{addr}")?;
             out.flush()?;
         }
-        tracing::info!(%addr, data_dir = %state.cfg.data_dir.display(), open_registration = state.cfg.open_registration, "peerstash-server started");
         let state = Arc::new(state);
+        // QUIC for peers behind NAT, on the same port number over UDP; the server works
+        // without it (peers then need public addresses), so a busy port is a warning.
+        match peerstash_server::rendezvous::start(state.clone(), addr, state.cfg.relay) {
+            Ok(p) => {
+                let mut out = std::io::stdout().lock();
+                let relay = p.relay.map_or_else(|| "off".to_string(), |r| r.to_string());
+                writeln!(out, "rendezvous: udp {} (probe {}, relay {relay})", p.main, p.probe)?;
+                out.flush()?;
+            }
+            Err(e) => tracing::warn!(error = %e, "no rendezvous for peers behind NAT"),
+        }
+        tracing::info!(%addr, data_dir = %state.cfg.data_dir.display(), open_registration = state.cfg.open_registration, "peerstash-server started");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = http::serve(state, listener) => r.context("serving")?,
@@ -276,4 +309,20 @@ fn main() -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(())
+}
+
+/// `8M`, `512K`, `1G` or plain bytes, per second.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s");
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a rate: bytes per second, e.g. 8M or 512K"))
 }

@@ -85,7 +85,10 @@ async fn probe(st: &Arc<State>, client: &PeerClient, p: &PeerRecord) {
         now_ms(),
     );
     let result = match PeerAddr::lookup(&p.quic_addr, p.fingerprint).await {
-        Ok(addr) => client.status_check(&addr, &auth).await,
+        Ok(addr) => {
+            st.rendezvous.route_checks(client, p.id, addr);
+            client.status_check(&addr, &auth).await
+        }
         Err(e) => Err(e),
     };
     match result {

@@ -82,6 +82,7 @@ struct Identity {
 pub struct ServerClient {
     http: reqwest::Client,
     base: String,
+    fingerprint: Fingerprint,
     identity: Option<Identity>,
 }
 
@@ -115,6 +116,7 @@ impl ServerClient {
         Ok(ServerClient {
             http,
             base,
+            fingerprint,
             identity: None,
         })
     }
@@ -137,6 +139,18 @@ impl ServerClient {
     /// The server's base URL.
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// The server's rendezvous (QUIC on the same port), acting as this client's peer:
+    /// what a [`crate::peer::PeerClient`] needs to reach peers behind NAT.
+    pub fn rendezvous(&self) -> Option<crate::peer::rendezvous::RendezvousConfig> {
+        let id = self.identity.as_ref()?;
+        crate::peer::rendezvous::RendezvousConfig::from_url(
+            &self.base,
+            self.fingerprint,
+            id.peer,
+            id.key.clone(),
+        )
     }
 
     fn url(&self, path: &str) -> String {

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, RecvStream, SendStream, TransportConfig};
 
+use super::rendezvous::{self, RendezvousClient, RendezvousConfig};
 use super::wire::{self, ControlReason, Op, Refusal, TokenReason};
+use crate::api::Route;
 use crate::audit::{Answer, Challenge, MAX_ANSWER_LEN};
 use crate::control::ControlAuth;
-use crate::ids::{ChunkId, Fingerprint};
+use crate::ids::{ChunkId, Fingerprint, PeerId};
 use crate::tls::pinned_client_config;
 use crate::token::{ByteRange, Token, MAX_CHUNK_SIZE, MAX_ENTRIES, MAX_TOKEN_LEN};
 
@@ -120,13 +122,36 @@ fn broke(e: impl std::fmt::Display) -> PeerError {
 /// Where a daemon is and which certificate it must present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr {
-    /// Its UDP address.
+    /// Its UDP address (its own, private one when it sits behind NAT).
     pub addr: SocketAddr,
     /// SHA-256 of its certificate, from the server.
     pub fingerprint: Fingerprint,
+    /// How to get there.
+    pub via: Via,
+}
+
+/// How a connection to a daemon is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Via {
+    /// Straight to its address.
+    #[default]
+    Direct,
+    /// Hole punching through the server's rendezvous (the relay when it fails).
+    Punch(PeerId),
+    /// The server's relay.
+    Relay(PeerId),
 }
 
 impl PeerAddr {
+    /// A daemon reached at `addr` directly.
+    pub fn direct(addr: SocketAddr, fingerprint: Fingerprint) -> PeerAddr {
+        PeerAddr {
+            addr,
+            fingerprint,
+            via: Via::Direct,
+        }
+    }
+
     /// Resolve a `host:port` as the server hands it out (e.g. in an
     /// [`crate::api::Placement`]), pinning `fingerprint`.
     pub async fn lookup(host_port: &str, fingerprint: Fingerprint) -> Result<PeerAddr, PeerError> {
@@ -135,19 +160,25 @@ impl PeerAddr {
             reason: format!("cannot resolve {host_port:?}: {reason}"),
         };
         if let Ok(addr) = host_port.parse() {
-            return Ok(PeerAddr { addr, fingerprint });
+            return Ok(PeerAddr::direct(addr, fingerprint));
         }
         let addr = tokio::net::lookup_host(host_port)
             .await
             .map_err(|e| unresolved(e.to_string()))?
             .next()
             .ok_or_else(|| unresolved("no address".into()))?;
-        Ok(PeerAddr { addr, fingerprint })
+        Ok(PeerAddr::direct(addr, fingerprint))
     }
 
-    /// The target of a placement.
+    /// The target of a placement, by the route the server gave.
     pub async fn of_placement(p: &crate::api::Placement) -> Result<PeerAddr, PeerError> {
-        Self::lookup(&p.addr, p.fingerprint).await
+        let mut a = Self::lookup(&p.addr, p.fingerprint).await?;
+        a.via = match p.route {
+            Route::Direct => Via::Direct,
+            Route::Punch => Via::Punch(p.target),
+            Route::Relay => Via::Relay(p.target),
+        };
+        Ok(a)
     }
 }
 
@@ -190,7 +221,13 @@ pub struct PeerClient {
     conns: Mutex<HashMap<PeerAddr, Slot>>,
     op_timeout: Duration,
     connect_timeout: Duration,
+    rendezvous: Option<RendezvousClient>,
 }
+
+/// How long a punched connection may take before the relay is tried: the daemon has
+/// punched before the server answers, so a punch that works answers within a few
+/// round trips.
+const PUNCH_TIMEOUT: Duration = Duration::from_secs(4);
 
 impl std::fmt::Debug for PeerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -215,7 +252,15 @@ impl PeerClient {
             conns: Mutex::new(HashMap::new()),
             op_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
+            rendezvous: None,
         })
+    }
+
+    /// Reach daemons behind NAT through the server's rendezvous described by `cfg`
+    /// (without it, only [`Via::Direct`] addresses can be reached).
+    pub fn with_rendezvous(mut self, cfg: RendezvousConfig) -> PeerClient {
+        self.rendezvous = Some(RendezvousClient::new(cfg));
+        self
     }
 
     /// Give up on any single operation after `t` (default 120 s).
@@ -232,6 +277,57 @@ impl PeerClient {
     }
 
     async fn connect(&self, peer: &PeerAddr) -> Result<Connection, PeerError> {
+        let target = match peer.via {
+            Via::Direct => return self.dial(peer, peer.addr, self.connect_timeout).await,
+            Via::Punch(t) | Via::Relay(t) => t,
+        };
+        let Some(rv) = &self.rendezvous else {
+            return Err(PeerError::Connect {
+                addr: peer.addr,
+                reason: "the peer is behind NAT and this client has no rendezvous server".into(),
+            });
+        };
+        let fail = |e: rendezvous::NatError| PeerError::Connect {
+            addr: peer.addr,
+            reason: e.to_string(),
+        };
+        if let Via::Punch(_) = peer.via {
+            match rv.punch(&self.endpoint, target).await {
+                Ok(public) => match self.dial(peer, public, PUNCH_TIMEOUT).await {
+                    Ok(c) => {
+                        tracing::debug!(peer = %target, %public, "connected by hole punching");
+                        return Ok(c);
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %target, error = %e, "hole punching failed; trying the relay")
+                    }
+                },
+                Err(e) => tracing::info!(peer = %target, error = %e, "no punch; trying the relay"),
+            }
+        }
+        let (relay, grant) = rv.relay(&self.endpoint, target).await.map_err(fail)?;
+        let local: std::net::IpAddr = if relay.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        let inner = rendezvous::start_proxy(relay, &grant, rendezvous::ROLE_CLIENT, local, None)
+            .await
+            .map_err(fail)?;
+        // The TLS handshake inside is end to end with the daemon, pinned as always: the
+        // relay only ever moves its encrypted datagrams.
+        let c = self.dial(peer, inner, self.connect_timeout).await?;
+        tracing::debug!(peer = %target, %relay, "connected through the relay");
+        Ok(c)
+    }
+
+    /// A pinned QUIC connection to `peer`'s daemon at `to`.
+    async fn dial(
+        &self,
+        peer: &PeerAddr,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Connection, PeerError> {
         let fail = |reason: String| PeerError::Connect {
             addr: peer.addr,
             reason,
@@ -252,9 +348,9 @@ impl PeerClient {
         cfg.transport_config(Arc::new(t));
         let connecting = self
             .endpoint
-            .connect_with(cfg, peer.addr, wire::SERVER_NAME)
+            .connect_with(cfg, to, wire::SERVER_NAME)
             .map_err(|e| fail(e.to_string()))?;
-        match tokio::time::timeout(self.connect_timeout, connecting).await {
+        match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(fail(e.to_string())),
             Err(_) => Err(fail("timed out".into())),
@@ -288,6 +384,13 @@ impl PeerClient {
                 Err(e)
             }
         }
+    }
+
+    /// Send requests for `peer` over `conn` from now on (until it closes): the server
+    /// reaches a daemon behind NAT over the connection that daemon opened to it.
+    pub fn adopt(&self, peer: PeerAddr, conn: Connection) {
+        self.lock()
+            .insert(peer, Arc::new(tokio::sync::Mutex::new(SlotState::Up(conn))));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerAddr, Slot>> {

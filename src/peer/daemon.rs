@@ -28,7 +28,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 mod audit;
+mod rendezvous;
 mod repair;
+
+pub use rendezvous::Reachability;
 
 use super::link::ServerLink;
 use super::store::{ChunkStore, StoreError};
@@ -154,6 +157,9 @@ pub struct DaemonConfig {
     pub prune_interval: Duration,
     /// Resource limits.
     pub limits: Limits,
+    /// The server's rendezvous (peers behind NAT): when set, the daemon keeps a QUIC
+    /// connection to the server from its own socket and takes punch and relay orders.
+    pub rendezvous: Option<crate::peer::rendezvous::RendezvousConfig>,
 }
 
 impl DaemonConfig {
@@ -179,6 +185,7 @@ impl DaemonConfig {
             heartbeat_interval: Duration::from_secs(30),
             prune_interval: Duration::from_secs(300),
             limits: Limits::default(),
+            rendezvous: None,
         }
     }
 }
@@ -221,6 +228,8 @@ struct Shared {
     audits: tokio::sync::Semaphore,
     /// Test-only misbehaviour (debug builds only), see [`audit::Cheat`].
     cheat: Option<audit::Cheat>,
+    /// The server's rendezvous, also for the repair client.
+    rendezvous: Option<crate::peer::rendezvous::RendezvousConfig>,
 }
 
 impl Shared {
@@ -301,6 +310,7 @@ pub struct RunningDaemon {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    reach: watch::Receiver<Option<Reachability>>,
 }
 
 impl std::fmt::Debug for RunningDaemon {
@@ -365,6 +375,7 @@ impl Daemon {
             dropped: Mutex::new(Vec::new()),
             audits: tokio::sync::Semaphore::new(audit::AUDITS_AT_ONCE),
             cheat: audit::Cheat::from_env(),
+            rendezvous: config.rendezvous.clone(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let link = Arc::new(link);
@@ -374,7 +385,19 @@ impl Daemon {
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
 
-        let tasks = vec![
+        let (reach_tx, reach) = watch::channel(None);
+        let mut tasks = Vec::new();
+        if let Some(rv) = config.rendezvous.clone() {
+            tasks.push(tokio::spawn(rendezvous::run(
+                endpoint.clone(),
+                shared.clone(),
+                rv,
+                advertise.parse().ok(),
+                reach_tx,
+                stop_rx.clone(),
+            )));
+        }
+        tasks.extend([
             tokio::spawn(accept_loop(
                 endpoint.clone(),
                 shared.clone(),
@@ -399,7 +422,7 @@ impl Daemon {
                 stop_rx.clone(),
             )),
             tokio::spawn(prune_loop(shared.clone(), config.prune_interval, stop_rx)),
-        ];
+        ]);
         tracing::info!(peer = %config.peer_id, addr = %local_addr, "storage daemon listening");
         Ok(RunningDaemon {
             endpoint,
@@ -408,6 +431,7 @@ impl Daemon {
             shared,
             stop,
             tasks,
+            reach,
         })
     }
 }
@@ -421,6 +445,11 @@ impl RunningDaemon {
     /// The certificate fingerprint clients pin.
     pub fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
+    }
+
+    /// How the server's rendezvous sees this daemon (None: no hello connection now).
+    pub fn reachability(&self) -> Option<Reachability> {
+        *self.reach.borrow()
     }
 
     /// Bytes of stored chunks.
@@ -567,13 +596,19 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, r: Refusal, t: Dur
     let _ = recv.stop(VarInt::from_u32(wire::STOP_REFUSED));
 }
 
-async fn serve_stream(shared: Arc<Shared>, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_stream(shared: Arc<Shared>, send: SendStream, mut recv: RecvStream) {
     let t = shared.limits.read_timeout;
     let mut op = [0u8; 1];
     let op = match read_exact(&mut recv, &mut op, t).await {
         Ok(()) => Op::from_u8(op[0]),
         Err(_) => return,
     };
+    serve_op(shared, op, send, recv).await
+}
+
+/// Serve one request whose op byte was read already.
+async fn serve_op(shared: Arc<Shared>, op: Option<Op>, mut send: SendStream, mut recv: RecvStream) {
+    let t = shared.limits.read_timeout;
     let serve = async {
         match op {
             Some(Op::Put) => serve_put(&shared, &mut send, &mut recv).await,

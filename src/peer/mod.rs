@@ -6,6 +6,9 @@
 //! - [`daemon`]: the daemon itself ([`Daemon::run`]).
 //! - [`link`]: what the daemon needs from the coordination server ([`ServerLink`]).
 //! - [`client`]: [`PeerClient`], used by the drive to talk to daemons.
+//! - [`portmap`]: asking the home router for a port mapping (NAT-PMP).
+//! - [`rendezvous`]: reaching peers behind NAT (hole punching coordinated by the server,
+//!   the server's relay of last resort).
 //!
 //! Running a daemon (what `peerstash serve` does), with the real server link in place of
 //! [`NullLink`]:
@@ -32,10 +35,12 @@
 pub mod client;
 pub mod daemon;
 pub mod link;
+pub mod portmap;
+pub mod rendezvous;
 pub mod store;
 pub mod wire;
 
-pub use client::{PeerAddr, PeerClient, PeerError, PeerSpace};
+pub use client::{PeerAddr, PeerClient, PeerError, PeerSpace, Via};
 pub use daemon::{Daemon, DaemonConfig, DaemonError, Limits, RunningDaemon};
 pub use link::{LinkError, NullLink, RecordingLink, ServerLink};
 pub use store::{ChunkStore, StoreError};

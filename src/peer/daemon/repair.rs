@@ -62,7 +62,14 @@ pub(super) async fn worker(
         };
         if client.is_none() {
             match PeerClient::new() {
-                Ok(c) => client = Some(c.with_connect_timeout(CONNECT_TIMEOUT)),
+                Ok(c) => {
+                    // Repairs reach holders behind NAT like any client does.
+                    let c = match &shared.rendezvous {
+                        Some(r) => c.with_rendezvous(r.clone()),
+                        None => c,
+                    };
+                    client = Some(c.with_connect_timeout(CONNECT_TIMEOUT))
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start a QUIC client for repairs");
                     continue;
