@@ -367,6 +367,10 @@ pub struct ConfirmRequest {
 pub struct ConfirmResponse {
     /// Locations committed by this confirm.
     pub committed: usize,
+    /// Chunks the server did not expect on this daemon (no pending placement, no
+    /// location): the daemon must tell the uploader they are not stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unexpected: Vec<ChunkId>,
 }
 
 /// Ask for holders of chunks the requester owns.

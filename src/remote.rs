@@ -557,11 +557,14 @@ fn link_error(e: ClientError) -> LinkError {
 
 impl ServerLink for HttpLink {
     async fn confirm(&self, req: ConfirmRequest) -> Result<(), LinkError> {
-        self.server
-            .confirm(&req)
-            .await
-            .map(|_| ())
-            .map_err(link_error)
+        let done = self.server.confirm(&req).await.map_err(link_error)?;
+        match done.unexpected.len() {
+            0 => Ok(()),
+            n => Err(LinkError(format!(
+                "the server expected {n} of these {} chunks nowhere (placement expired)",
+                req.chunks.len()
+            ))),
+        }
     }
 
     async fn report(&self, req: ReportRequest) -> Result<(), LinkError> {

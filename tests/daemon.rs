@@ -1260,6 +1260,30 @@ async fn a_full_disk_fails_only_that_chunk() {
     d.shutdown().await;
 }
 
+/// A confirm the server does not take (it expected the chunk nowhere: the placement was
+/// swept after its token expired) makes the daemon answer that chunk with an error, so
+/// the uploader places it again instead of counting it stored.
+#[tokio::test]
+async fn a_chunk_the_server_does_not_confirm_is_not_reported_stored() {
+    let p = TestPeer::new();
+    let link = Arc::new(RecordingLink::new());
+    link.refuse_confirms(true);
+    let d = p.start(1 << 30, link.clone()).await;
+    let peer = p.addr(&d);
+    let client = PeerClient::new().unwrap();
+    let c = random_chunk(10_000);
+    let token = p.token(TxKind::Put, &refs(std::slice::from_ref(&c)));
+    let r = put_one(&client, &peer, &token, &c).await;
+    assert!(r.is_err(), "an unconfirmed chunk was reported stored");
+    assert!(!link.confirms().is_empty());
+    // Once the server takes confirms again, the same kind of put succeeds.
+    link.refuse_confirms(false);
+    let c = random_chunk(10_000);
+    let token = p.token(TxKind::Put, &refs(std::slice::from_ref(&c)));
+    assert_eq!(put_one(&client, &peer, &token, &c).await, Ok(()));
+    d.shutdown().await;
+}
+
 /// A holder daemon, and a target daemon whose heartbeats (every 100 ms) go to a recording
 /// link, so a test can hand it repair orders.
 async fn holder_and_repairing_target() -> (

@@ -398,7 +398,7 @@ pub(crate) fn put(st: &State, peer: PeerId, req: PutRequest) -> Result<PutRespon
 pub(crate) type QueuedConfirm = (
     PeerId,
     ConfirmRequest,
-    std::sync::mpsc::Sender<Result<usize, Refusal>>,
+    std::sync::mpsc::Sender<Result<store::Confirmed, Refusal>>,
 );
 
 /// `POST /v1/confirm` (from the target).
@@ -445,13 +445,16 @@ pub(crate) fn confirm(
     }
     // Our item was queued before we took the lock, so whoever drained the queue — us or
     // an earlier holder — has answered by now.
-    let committed = rx
+    let done = rx
         .recv()
         .map_err(|_| Refusal::internal("a queued confirm got no answer"))??;
     st.metrics
         .confirmed
-        .fetch_add(committed as u64, Ordering::Relaxed);
-    Ok(ConfirmResponse { committed })
+        .fetch_add(done.committed as u64, Ordering::Relaxed);
+    Ok(ConfirmResponse {
+        committed: done.committed,
+        unexpected: done.unexpected,
+    })
 }
 
 /// `POST /v1/get`.

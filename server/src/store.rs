@@ -370,6 +370,16 @@ pub fn quota_for(lend: u64, audited: u64, ratio: f64, grace: Option<u64>) -> u64
     }
 }
 
+/// What one confirm did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    /// Locations it committed.
+    pub committed: usize,
+    /// Chunks with neither a pending placement for this holder nor a location on it: the
+    /// daemon must not tell their owner they are stored.
+    pub unexpected: Vec<ChunkId>,
+}
+
 /// Figures for `/metrics`, read from the database.
 #[derive(Debug, Default)]
 pub struct DbFigures {
@@ -922,7 +932,7 @@ impl Store {
         txid: TransactionId,
         chunks: &[ChunkId],
     ) -> rusqlite::Result<usize> {
-        Ok(self.confirm_batch(&[(holder, txid, chunks)])?[0])
+        Ok(self.confirm_batch(&[(holder, txid, chunks)])?[0].committed)
     }
 
     /// Several confirms in one database transaction (one fsync instead of one each): how
@@ -931,7 +941,7 @@ impl Store {
     pub fn confirm_batch(
         &mut self,
         batch: &[(PeerId, TransactionId, &[ChunkId])],
-    ) -> rusqlite::Result<Vec<usize>> {
+    ) -> rusqlite::Result<Vec<Confirmed>> {
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(batch.len());
         let mut repaired = 0;
@@ -953,11 +963,14 @@ impl Store {
             let mut undrop =
                 tx.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?;
             let mut held = tx.prepare_cached(HELD_OR_COMING)?;
+            let mut located =
+                tx.prepare_cached("SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2")?;
             let mut drop =
                 tx.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?;
             for (holder, txid, chunks) in batch {
                 let (holder, txid) = (*holder, *txid);
                 let mut committed = 0;
+                let mut unexpected = Vec::new();
                 for c in chunks.iter() {
                     let cb = c.0.to_vec();
                     let row: Option<(i64, i64, Option<i64>)> = find
@@ -982,13 +995,21 @@ impl Store {
                             undrop.execute(params![pid(holder), cb])?;
                         }
                         None => {
+                            // No placement (swept after its token expired, or never made)
+                            // and no location here: whoever stored it must not count it.
+                            if !located.exists(params![pid(holder), cb])? {
+                                unexpected.push(*c);
+                            }
                             if !held.exists(params![pid(holder), cb])? {
                                 drop.execute(params![pid(holder), cb])?;
                             }
                         }
                     }
                 }
-                out.push(committed);
+                out.push(Confirmed {
+                    committed,
+                    unexpected,
+                });
             }
         }
         tx.commit()?;

@@ -78,6 +78,7 @@ struct Recorded {
     inventories: Vec<InventoryRequest>,
     unknown: Vec<ChunkId>,
     reconcile: (u64, u64),
+    refuse_confirms: bool,
 }
 
 impl RecordingLink {
@@ -93,6 +94,12 @@ impl RecordingLink {
     /// Confirms received so far.
     pub fn confirms(&self) -> Vec<ConfirmRequest> {
         self.lock().confirms.clone()
+    }
+
+    /// Fail every confirm from now on (as the server's answer naming the chunks
+    /// unexpected does), or stop failing them.
+    pub fn refuse_confirms(&self, refuse: bool) {
+        self.lock().refuse_confirms = refuse;
     }
 
     /// Reports received so far.
@@ -131,7 +138,11 @@ impl RecordingLink {
 
 impl ServerLink for RecordingLink {
     async fn confirm(&self, req: ConfirmRequest) -> Result<(), LinkError> {
-        self.lock().confirms.push(req);
+        let mut r = self.lock();
+        r.confirms.push(req);
+        if r.refuse_confirms {
+            return Err(LinkError("the server expected these chunks nowhere".into()));
+        }
         Ok(())
     }
     async fn report(&self, req: ReportRequest) -> Result<(), LinkError> {

@@ -483,6 +483,48 @@ mod tests {
     use super::tests_support::*;
     use super::*;
 
+    /// A confirm names what it cannot record: a chunk with no pending placement and no
+    /// location on that holder (its placement swept after the token expired) comes back
+    /// `unexpected`, so the daemon tells the uploader it is not stored; a confirm repeated
+    /// after it committed does not.
+    #[test]
+    fn a_confirm_after_its_placement_was_swept_names_the_chunk_unexpected() {
+        let (_d, mut s, owner, _peers, now) = four_peers_and_an_owner();
+        let c = ChunkRef {
+            id: ChunkId([7; 32]),
+            size: 1000,
+        };
+        let plan = s.put(owner, &[c], 1, &[], &policy(now)).unwrap();
+        let p = &plan.placements[0];
+        let ids = [c.id];
+        for round in 0..2 {
+            let done = s.confirm_batch(&[(p.target, p.txid, &ids[..])]).unwrap();
+            let want = super::super::Confirmed {
+                committed: usize::from(round == 0),
+                unexpected: Vec::new(),
+            };
+            assert_eq!(done, vec![want], "round {round}");
+        }
+        let late = ChunkRef {
+            id: ChunkId([8; 32]),
+            size: 1000,
+        };
+        let plan = s.put(owner, &[late], 1, &[], &policy(now)).unwrap();
+        let p = &plan.placements[0];
+        // Swept: its token expired more than a token lifetime ago.
+        s.sweep_pending(now / 1000 + 1_201, 600).unwrap();
+        let ids = [late.id];
+        let done = s.confirm_batch(&[(p.target, p.txid, &ids[..])]).unwrap();
+        assert_eq!(
+            done,
+            vec![super::super::Confirmed {
+                committed: 0,
+                unexpected: vec![late.id],
+            }]
+        );
+        assert!(holders(&s, owner, late.id).is_empty());
+    }
+
     /// Two owners with the same chunk id on one holder (an attacker who learnt the id):
     /// one releasing it never has the holder drop what the other's placement is about to
     /// store; a new placement cancels a drop queued earlier; and once nobody expects the
