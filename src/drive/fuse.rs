@@ -192,7 +192,8 @@ impl MountHandle {
         &self.mountpoint
     }
 
-    /// Unmount and wait for the session to end (pending uploads resume at the next mount).
+    /// Unmount and wait for the session to end: the drive first uploads what is pending,
+    /// while it makes progress (see [`Model::finish_uploads`]).
     /// The unmount is lazy: a process still inside the mount keeps it alive until it leaves.
     pub fn unmount(mut self) -> io::Result<()> {
         self.unmount_inner()
@@ -315,7 +316,8 @@ pub fn mount(cfg: DriveConfig) -> Result<MountHandle, MountError> {
     })
 }
 
-/// Mount and serve until SIGINT or SIGTERM (then unmount cleanly) or until unmounted
+/// Mount and serve until SIGINT or SIGTERM (then unmount cleanly, upload what is
+/// pending, and on a second signal stop without waiting for that) or until unmounted
 /// from outside (`fusermount3 -u`, `umount`).
 ///
 /// Call it from the main thread before other threads (e.g. a tokio runtime) exist: it

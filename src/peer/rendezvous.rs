@@ -661,7 +661,7 @@ const BIND_RETRY: Duration = Duration::from_millis(250);
 /// wrapped in DATA and sent to the relay; DATA from the relay is unwrapped and handed to
 /// the local side. `inner_peer` is the local QUIC endpoint's address when known (the
 /// daemon's); otherwise the first local sender is taken (the client's endpoint). Returns
-/// the inner socket's address. The proxy ends after [`PROXY_IDLE`] of silence.
+/// the inner socket's address. The proxy ends after 30 s of silence.
 pub async fn start_proxy(
     relay: SocketAddr,
     grant: &RelayGrant,
