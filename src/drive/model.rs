@@ -344,6 +344,11 @@ enum StageContent {
 }
 
 impl State {
+    /// Files closed but not uploaded yet.
+    fn pending_count(&self) -> usize {
+        index::pending(&self.db, usize::MAX).map_or(0, |p| p.len())
+    }
+
     /// Open the content of pending stage `stage`.
     fn stage_content(&self, staging: &Staging, stage: u64) -> FsResult<StageContent> {
         Ok(match index::stage_data(&self.db, stage)? {
@@ -626,8 +631,7 @@ impl Model {
     /// Returns how many files are left pending.
     pub fn finish_uploads(&self, quiet: Duration) -> usize {
         let mut st = self.lock();
-        let pending = |st: &State| index::pending(&st.db, usize::MAX).map_or(0, |p| p.len());
-        let mut left = pending(&st);
+        let mut left = st.pending_count();
         if left == 0 {
             return 0;
         }
@@ -642,7 +646,7 @@ impl Model {
                 .wait_timeout(st, Duration::from_millis(200))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
-            let now_left = pending(&st);
+            let now_left = st.pending_count();
             if now_left == 0 {
                 tracing::info!("every pending file is uploaded");
                 return 0;
@@ -660,7 +664,7 @@ impl Model {
 
     /// Files closed but not uploaded yet.
     pub fn pending_uploads(&self) -> usize {
-        index::pending(&self.lock().db, usize::MAX).map_or(0, |p| p.len())
+        self.lock().pending_count()
     }
 
     // ---- names and attributes ------------------------------------------------------
