@@ -110,6 +110,7 @@ pub struct DirBackend {
     capacity: Mutex<u64>,
     unavailable: AtomicBool,
     fail_puts: AtomicU32,
+    pass_puts: AtomicU32,
     get_delay_ms: AtomicU32,
     bytes_put: std::sync::atomic::AtomicU64,
     // Serializes usage accounting with the files it counts.
@@ -137,6 +138,7 @@ impl DirBackend {
             capacity: Mutex::new(capacity),
             unavailable: AtomicBool::new(false),
             fail_puts: AtomicU32::new(0),
+            pass_puts: AtomicU32::new(0),
             get_delay_ms: AtomicU32::new(0),
             bytes_put: std::sync::atomic::AtomicU64::new(0),
             used: Mutex::new(used),
@@ -150,6 +152,12 @@ impl DirBackend {
 
     /// Make the next `n` puts fail with [`BackendError::Unavailable`].
     pub fn fail_next_puts(&self, n: u32) {
+        self.fail_puts_after(0, n);
+    }
+
+    /// Let the next `ok` puts through, then fail `n` (a crash between two puts).
+    pub fn fail_puts_after(&self, ok: u32, n: u32) {
+        self.pass_puts.store(ok, Ordering::SeqCst);
         self.fail_puts.store(n, Ordering::SeqCst);
     }
 
@@ -228,11 +236,11 @@ fn io_unavailable(e: std::io::Error) -> BackendError {
 impl ChunkBackend for DirBackend {
     fn put(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<(), BackendError> {
         self.check_up()?;
-        if self
-            .fail_puts
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
+        let dec = |a: &AtomicU32| {
+            a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        if !dec(&self.pass_puts) && dec(&self.fail_puts) {
             return Err(BackendError::Unavailable("injected put failure".into()));
         }
         let offered: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
+use super::crypto::SEAL_OVERHEAD;
 use crate::ids::ChunkId;
 
 /// How long a writer waits for another connection's lock (a `status` reader can hold the
@@ -68,8 +69,11 @@ CREATE TABLE IF NOT EXISTS file_chunks (
     chunk BLOB NOT NULL,
     len INTEGER NOT NULL,
     stored INTEGER NOT NULL,
+    at INTEGER NOT NULL DEFAULT 0,  -- where the piece starts in the chunk's plaintext (packs)
     PRIMARY KEY (ino, offset)
 ) WITHOUT ROWID;
+-- Pieces of packs (a chunk holding several small files): which files a pack still serves.
+CREATE INDEX IF NOT EXISTS file_chunks_packed ON file_chunks(chunk) WHERE len + 28 < stored;
 CREATE TABLE IF NOT EXISTS chunks (
     id BLOB PRIMARY KEY,
     stored INTEGER NOT NULL,
@@ -230,17 +234,46 @@ pub struct Attr {
     pub committed_stage: u64,
 }
 
-/// One chunk of a file version.
+// The schema's `len + 28 < stored` (a piece of a pack) spells out the seal's overhead.
+const _: () = assert!(SEAL_OVERHEAD == 28);
+
+/// One piece of a file version: `len` bytes at `at` in the plaintext of chunk `id`. A
+/// chunk of its own is one whole piece (`at` 0, `len` its plaintext); a pack (several
+/// small files sealed as one chunk) has one piece per file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRef {
-    /// Offset of the chunk's first byte in the file.
+    /// Offset of the piece's first byte in the file.
     pub offset: u64,
     /// Chunk id.
     pub id: ChunkId,
-    /// Plaintext length.
+    /// Length of the piece.
     pub len: u32,
-    /// Stored (sealed) size.
+    /// Stored (sealed) size of the whole chunk.
     pub stored: u32,
+    /// Offset of the piece in the chunk's plaintext.
+    pub at: u32,
+}
+
+impl ChunkRef {
+    /// The chunk's whole plaintext length.
+    pub fn plain_len(&self) -> usize {
+        (self.stored as usize).saturating_sub(SEAL_OVERHEAD)
+    }
+
+    /// Whether this piece is part of a pack (shorter than its chunk).
+    pub fn is_packed(&self) -> bool {
+        (self.len as usize) < self.plain_len()
+    }
+
+    /// This piece's bytes within its chunk's plaintext, or `None` when they do not fit
+    /// (a damaged index or a chunk that is not this one).
+    pub fn piece<'a>(&self, plain: &'a [u8]) -> Option<&'a [u8]> {
+        if plain.len() != self.plain_len() {
+            return None;
+        }
+        let from = self.at as usize;
+        plain.get(from..from.checked_add(self.len as usize)?)
+    }
 }
 
 /// Run a statement from the connection's cache: the drive runs the same few dozen
@@ -279,7 +312,7 @@ pub fn open(path: &std::path::Path, uid: u32, gid: u32) -> rusqlite::Result<Conn
     tx.execute_batch(SCHEMA)?;
     exec(
         &tx,
-        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 2)",
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 3)",
         [],
     )?;
     let now = Ts::now();
@@ -302,29 +335,34 @@ pub fn open_reader(path: &std::path::Path) -> rusqlite::Result<Connection> {
 }
 
 /// Bring an index written by an earlier version up to the current schema (schema 1 had
-/// no snapshot columns on `chunks`; its chunks are named by no retained snapshot).
+/// no snapshot columns on `chunks`: its chunks are named by no retained snapshot; schema
+/// 2 no packs: every piece starts at 0).
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_chunks: bool = row(
-        conn,
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_chunks {
+    let has = |sql: &str| -> rusqlite::Result<bool> { row(conn, sql, [], |r| r.get(0)) };
+    if !has("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks')")?
+    {
         return Ok(());
     }
-    let cols: Vec<String> = conn
-        .prepare("SELECT name FROM pragma_table_info('chunks')")?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    for col in ["first_snap", "last_snap"] {
-        if !cols.iter().any(|c| c == col) {
-            conn.execute_batch(&format!("ALTER TABLE chunks ADD COLUMN {col} INTEGER"))?;
+    // Schema 2: snapshot columns on `chunks`; schema 3: pieces of packs.
+    let added = [
+        ("chunks", "first_snap", "INTEGER"),
+        ("chunks", "last_snap", "INTEGER"),
+        ("file_chunks", "at", "INTEGER NOT NULL DEFAULT 0"),
+    ];
+    for (table, col, decl) in added {
+        let q = format!(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{col}')"
+        );
+        let table_there = format!(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{table}')"
+        );
+        if has(&table_there)? && !has(&q)? {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {col} {decl}"))?;
         }
     }
     exec(
         conn,
-        "UPDATE meta SET value = 2 WHERE key = 'schema' AND value < 2",
+        "UPDATE meta SET value = 3 WHERE key = 'schema' AND value < 3",
         [],
     )?;
     Ok(())
@@ -501,6 +539,47 @@ pub fn stage_data(c: &Connection, stage: u64) -> rusqlite::Result<Option<Vec<u8>
         .optional()
 }
 
+/// Packs whose live pieces add up to less than half their plaintext (at most `limit`):
+/// worth packing their files again so the mostly dead pack can be released.
+pub fn sparse_packs(c: &Connection, limit: usize) -> rusqlite::Result<Vec<ChunkId>> {
+    let mut st = c.prepare_cached(
+        "SELECT chunk FROM file_chunks WHERE len + 28 < stored
+         GROUP BY chunk HAVING SUM(len) * 2 < MAX(stored) - 28 LIMIT ?1",
+    )?;
+    let rows = st.query_map([limit as i64], |r| id_at(r, 0))?;
+    rows.collect()
+}
+
+/// The files a pack still serves, each with its piece, for those whose whole committed
+/// content is that one piece and that have nothing pending.
+pub fn settled_pieces_of(c: &Connection, pack: &ChunkId) -> rusqlite::Result<Vec<(u64, ChunkRef)>> {
+    let mut st = c.prepare_cached(
+        "SELECT f.offset, f.chunk, f.len, f.stored, f.at, f.ino FROM file_chunks f
+         JOIN inodes i ON i.ino = f.ino
+         WHERE f.chunk = ?1 AND f.len + 28 < f.stored AND i.stage IS NULL AND i.nlink > 0
+           AND f.offset = 0 AND i.size = f.len
+           AND (SELECT COUNT(*) FROM file_chunks g WHERE g.ino = f.ino) = 1",
+    )?;
+    let rows = st.query_map([&pack.0[..]], |r| {
+        Ok((r.get::<_, i64>(5)? as u64, row_chunk(r)?))
+    })?;
+    rows.collect()
+}
+
+/// Make a settled file pending again with its unchanged content kept in the index (to
+/// be packed anew), unless something else staged it meanwhile. Whether it did.
+pub fn restage(tx: &Transaction<'_>, ino: u64, stage: u64, data: &[u8]) -> rusqlite::Result<bool> {
+    let n = exec(
+        tx,
+        "UPDATE inodes SET stage = ?2 WHERE ino = ?1 AND stage IS NULL AND nlink > 0",
+        params![ino as i64, stage as i64],
+    )?;
+    if n == 1 {
+        put_stage_data(tx, stage, data)?;
+    }
+    Ok(n == 1)
+}
+
 /// Forget the content of stages nothing references any more (`stages`), or with `None`
 /// of every stage no inode names (after a crash).
 pub fn drop_stage_data(c: &Connection, stages: Option<&[u64]>) -> rusqlite::Result<()> {
@@ -627,7 +706,7 @@ pub fn symlink_target(c: &Connection, ino: u64) -> rusqlite::Result<Option<Vec<u
 /// The committed chunk list of a file, in offset order.
 pub fn chunks_of(c: &Connection, ino: u64) -> rusqlite::Result<Vec<ChunkRef>> {
     let mut st = c.prepare_cached(
-        "SELECT offset, chunk, len, stored FROM file_chunks WHERE ino = ?1 ORDER BY offset",
+        "SELECT offset, chunk, len, stored, at FROM file_chunks WHERE ino = ?1 ORDER BY offset",
     )?;
     let rows = st.query_map([ino as i64], row_chunk)?;
     rows.collect()
@@ -642,22 +721,29 @@ pub fn chunks_in_range(
 ) -> rusqlite::Result<Vec<ChunkRef>> {
     // The chunk containing `start` begins at the greatest offset <= start.
     let mut st = c.prepare_cached(
-        "SELECT offset, chunk, len, stored FROM file_chunks WHERE ino = ?1 AND offset < ?3 AND offset >= COALESCE(
+        "SELECT offset, chunk, len, stored, at FROM file_chunks WHERE ino = ?1 AND offset < ?3 AND offset >= COALESCE(
             (SELECT MAX(offset) FROM file_chunks WHERE ino = ?1 AND offset <= ?2), 0) ORDER BY offset",
     )?;
     let rows = st.query_map(params![ino as i64, start as i64, end as i64], row_chunk)?;
     rows.collect()
 }
 
+/// The chunk id in column `i` (a damaged index is an error, not a panic).
+fn id_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<ChunkId> {
+    let v: Vec<u8> = r.get(i)?;
+    let b: [u8; 32] = v.as_slice().try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(i, "chunk id".into(), rusqlite::types::Type::Blob)
+    })?;
+    Ok(ChunkId(b))
+}
+
 fn row_chunk(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChunkRef> {
-    let id: Vec<u8> = r.get(1)?;
-    let mut b = [0u8; 32];
-    b.copy_from_slice(&id[..32.min(id.len())]);
     Ok(ChunkRef {
         offset: r.get::<_, i64>(0)? as u64,
-        id: ChunkId(b),
+        id: id_at(r, 1)?,
         len: r.get::<_, i64>(2)? as u32,
         stored: r.get::<_, i64>(3)? as u32,
+        at: r.get::<_, i64>(4)? as u32,
     })
 }
 
@@ -682,7 +768,7 @@ pub fn drop_chunks(tx: &Transaction<'_>, ino: u64) -> rusqlite::Result<()> {
 pub fn replace_chunks(tx: &Transaction<'_>, ino: u64, list: &[ChunkRef]) -> rusqlite::Result<()> {
     drop_chunks(tx, ino)?;
     let mut ins = tx.prepare_cached(
-        "INSERT INTO file_chunks (ino, offset, chunk, len, stored) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO file_chunks (ino, offset, chunk, len, stored, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     let mut refc = tx.prepare_cached(
         "INSERT INTO chunks (id, stored, refcount, confirmed) VALUES (?1, ?2, 1, 1)
@@ -694,7 +780,8 @@ pub fn replace_chunks(tx: &Transaction<'_>, ino: u64, list: &[ChunkRef]) -> rusq
             c.offset as i64,
             &c.id.0[..],
             c.len,
-            c.stored
+            c.stored,
+            c.at
         ])?;
         refc.execute(params![&c.id.0[..], c.stored])?;
     }
@@ -752,12 +839,7 @@ pub fn free_chunks(c: &Connection, limit: usize) -> rusqlite::Result<Vec<ChunkId
     let mut st = c.prepare_cached(&format!(
         "SELECT id FROM chunks WHERE refcount <= 0 AND {UNRETAINED} LIMIT ?1"
     ))?;
-    let rows = st.query_map([limit as i64], |r| {
-        let v: Vec<u8> = r.get(0)?;
-        let mut b = [0u8; 32];
-        b.copy_from_slice(&v[..32.min(v.len())]);
-        Ok(ChunkId(b))
-    })?;
+    let rows = st.query_map([limit as i64], |r| id_at(r, 0))?;
     rows.collect()
 }
 
@@ -834,12 +916,7 @@ pub fn named_chunks(c: &Connection) -> rusqlite::Result<Vec<(ChunkId, u32)>> {
         "SELECT DISTINCT chunk, stored FROM file_chunks WHERE ino IN
             (SELECT ino FROM inodes WHERE nlink > 0 AND (kind <> 1 OR committed_stage > 0 OR stage IS NULL))",
     )?;
-    let rows = st.query_map([], |r| {
-        let v: Vec<u8> = r.get(0)?;
-        let mut b = [0u8; 32];
-        b.copy_from_slice(&v[..32.min(v.len())]);
-        Ok((ChunkId(b), r.get::<_, i64>(1)? as u32))
-    })?;
+    let rows = st.query_map([], |r| Ok((id_at(r, 0)?, r.get::<_, i64>(1)? as u32)))?;
     rows.collect()
 }
 

@@ -46,10 +46,13 @@
 //! inodes(ino PK AUTOINCREMENT, kind, perm, uid, gid, size, atime_s/ns, mtime_s/ns,
 //!        ctime_s/ns, nlink, rdev, parent /*dirs*/, target /*symlinks*/,
 //!        stage /*pending upload or NULL*/, committed_stage)
-//! stage_data(stage PK, data BLOB)   -- a pending small file's content (≤ 64 KiB)
+//! stage_data(stage PK, data BLOB)   -- a pending small file's content (≤ 64 KiB, or a
+//!                                     -- settled file staged again to be repacked)
 //! dentries(parent, name BLOB, ino, PK(parent, name))
 //! xattrs(ino, name BLOB, value BLOB, PK(ino, name))          -- user.* only
-//! file_chunks(ino, offset, chunk BLOB, len, stored, PK(ino, offset))
+//! file_chunks(ino, offset, chunk BLOB, len, stored, at, PK(ino, offset))
+//!                                     -- a piece: len bytes at `at` of the chunk's
+//!                                     -- plaintext; a pack's pieces have len + 28 < stored
 //! chunks(id BLOB PK, stored, refcount, confirmed,
 //!        first_snap, last_snap)       -- versions of the snapshots naming it
 //!                                     -- release: refcount 0, no retained snapshot in range

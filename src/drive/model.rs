@@ -25,7 +25,7 @@ use rusqlite::Connection;
 use super::backend::{BackendError, ChunkBackend, Quota};
 use super::chunks::Chunks;
 use super::crypto::ChunkSealer;
-use super::index::{self, Attr, Kind, Meta, Ts, ROOT_INO};
+use super::index::{self, Attr, ChunkRef, Kind, Meta, Ts, ROOT_INO};
 use super::staging::Staging;
 use crate::keys::DataKey;
 
@@ -461,6 +461,11 @@ impl State {
         *self.open_count.entry(h.ino).or_default() += 1;
         self.handles.insert(fh, h);
         fh
+    }
+
+    /// Whether `ino` has unsealed writes (a working file).
+    pub(crate) fn being_written(&self, ino: u64) -> bool {
+        self.working.contains_key(&ino)
     }
 
     /// Bytes staged but not yet stored (pending stages plus working files).
@@ -1299,7 +1304,7 @@ impl Model {
                     } else {
                         for c in &chunks {
                             let plain = self.shared.chunks.fetch(c)?;
-                            f.write_all_at(&plain, c.offset)?;
+                            f.write_all_at(piece_of(c, &plain)?, c.offset)?;
                         }
                         f.set_len(a.size)?;
                     }
@@ -1500,6 +1505,7 @@ impl Model {
                     None => return Ok(None),
                 }
             };
+            let piece = piece_of(c, &plain)?;
             let c_end = c.offset + c.len as u64;
             let from = offset.max(c.offset);
             let to = end.min(c_end);
@@ -1507,7 +1513,7 @@ impl Model {
                 continue;
             }
             buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&plain[(from - c.offset) as usize..(to - c.offset) as usize]);
+                .copy_from_slice(&piece[(from - c.offset) as usize..(to - c.offset) as usize]);
         }
         Ok(Some(buf))
     }
@@ -1778,6 +1784,13 @@ impl Drop for Model {
     fn drop(&mut self) {
         self.stop_uploader();
     }
+}
+
+/// A file's piece of a fetched chunk (the chunk room checked it fits; a cached chunk
+/// named by a damaged index may not).
+fn piece_of<'a>(c: &ChunkRef, plain: &'a [u8]) -> FsResult<&'a [u8]> {
+    c.piece(plain)
+        .ok_or(FsError::Backend(BackendError::Corrupt(c.id)))
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {

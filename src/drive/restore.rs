@@ -314,7 +314,8 @@ impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
             return self.finish(k);
         }
         for c in chunks {
-            self.queued_bytes += u64::from(c.stored);
+            // A pack is fetched once per window for all the files it serves.
+            self.queued_bytes += u64::from(if c.is_packed() { c.len } else { c.stored });
             self.queue.push((k, c));
         }
         if self.queued_bytes >= WINDOW_BYTES || self.files.len() >= WINDOW_FILES {
@@ -327,27 +328,46 @@ impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
     fn flush(&mut self) -> Result<(), RestoreError> {
         let queue = std::mem::take(&mut self.queue);
         self.queued_bytes = 0;
-        let wants: Vec<(ChunkId, u32)> = queue.iter().map(|(_, c)| (c.id, c.stored)).collect();
-        get_in_order(self.backend, &wants, WINDOW_BYTES, |i, stored| {
-            let (k, c) = &queue[i];
+        // Each want with the queue entries it serves: a pack once for all its files (a
+        // file's own chunks stay one want each, in file order).
+        let mut wants: Vec<(ChunkId, u32)> = Vec::new();
+        let mut users: Vec<Vec<usize>> = Vec::new();
+        let mut packs: HashMap<ChunkId, usize> = HashMap::new();
+        for (q, (_, c)) in queue.iter().enumerate() {
+            if c.is_packed() {
+                if let Some(&w) = packs.get(&c.id) {
+                    users[w].push(q);
+                    continue;
+                }
+                packs.insert(c.id, wants.len());
+            }
+            wants.push((c.id, c.stored));
+            users.push(vec![q]);
+        }
+        get_in_order(self.backend, &wants, WINDOW_BYTES, |w, stored| {
+            let id = wants[w].0;
             let plain = self
                 .sealer
-                .open(c.id, &stored)
-                .map_err(|e| RestoreError::Damaged(format!("chunk {}: {e}", c.id)))?;
-            let p = self.files[*k].as_mut().expect("a queued file is pending");
-            if plain.len() != c.len as usize || c.offset != p.written {
-                return Err(RestoreError::Damaged(format!(
-                    "chunk {} of {} does not fit",
-                    c.id,
-                    p.dest.display()
-                )));
-            }
-            p.file.write_all(&plain).map_err(io(&p.tmp))?;
-            p.written += plain.len() as u64;
-            self.stats.bytes += plain.len() as u64;
-            p.chunks_left -= 1;
-            if p.chunks_left == 0 {
-                self.finish(*k)?;
+                .open(id, &stored)
+                .map_err(|e| RestoreError::Damaged(format!("chunk {id}: {e}")))?;
+            for &q in &users[w] {
+                let (k, c) = &queue[q];
+                let p = self.files[*k].as_mut().expect("a queued file is pending");
+                let piece = c.piece(&plain).filter(|_| c.offset == p.written);
+                let Some(piece) = piece else {
+                    return Err(RestoreError::Damaged(format!(
+                        "chunk {} of {} does not fit",
+                        c.id,
+                        p.dest.display()
+                    )));
+                };
+                p.file.write_all(piece).map_err(io(&p.tmp))?;
+                p.written += piece.len() as u64;
+                self.stats.bytes += piece.len() as u64;
+                p.chunks_left -= 1;
+                if p.chunks_left == 0 {
+                    self.finish(*k)?;
+                }
             }
             Ok(())
         })?;

@@ -24,6 +24,8 @@
 //!   'D' parent u64, name_len u16 (1..=255), name bytes, ino u64
 //!   'X' ino u64, name_len u16 (1..=255), name bytes, value_len u32 (<= 64 KiB), value
 //!   'C' ino u64, offset u64, chunk id 32 bytes, len u32, stored u32
+//!   'P' ino u64, offset u64, chunk id 32 bytes, len u32, stored u32, at u32
+//!       (a piece of a pack: `len` bytes at `at` in the chunk's plaintext)
 //! 'E' records u64                    the number of records before it; nothing follows
 //! ```
 //!
@@ -64,7 +66,7 @@ use rusqlite::{params, Connection};
 
 use super::backend::{get_in_order, BackendError, ChunkBackend};
 use super::chunker;
-use super::crypto::ChunkSealer;
+use super::crypto::{ChunkSealer, SEAL_OVERHEAD};
 use super::index::{self, Meta, ROOT_INO};
 use super::model::Shared;
 use crate::ids::ChunkId;
@@ -274,7 +276,7 @@ pub fn serialize(c: &Connection) -> rusqlite::Result<Vec<u8>> {
     }
     {
         let mut st = c.prepare(&format!(
-            "SELECT ino, offset, chunk, len, stored FROM file_chunks
+            "SELECT ino, offset, chunk, len, stored, at FROM file_chunks
              WHERE ino IN (SELECT ino FROM inodes WHERE {KEEP}) ORDER BY ino, offset"
         ))?;
         let mut rows = st.query([])?;
@@ -283,12 +285,17 @@ pub fn serialize(c: &Connection) -> rusqlite::Result<Vec<u8>> {
             if id.len() != 32 {
                 continue;
             }
-            out.push(b'C');
+            let at = r.get::<_, i64>(5)? as u32;
+            // 'C': a chunk of the file's own; 'P': a piece of a pack (one more field).
+            out.push(if at == 0 { b'C' } else { b'P' });
             out.extend_from_slice(&(r.get::<_, i64>(0)? as u64).to_be_bytes());
             out.extend_from_slice(&(r.get::<_, i64>(1)? as u64).to_be_bytes());
             out.extend_from_slice(&id);
             out.extend_from_slice(&(r.get::<_, i64>(3)? as u32).to_be_bytes());
             out.extend_from_slice(&(r.get::<_, i64>(4)? as u32).to_be_bytes());
+            if at != 0 {
+                out.extend_from_slice(&at.to_be_bytes());
+            }
             records += 1;
         }
     }
@@ -446,7 +453,7 @@ pub fn load(
                 )
                 .map_err(|e| bad(format!("xattr: {e}")))?;
             }
-            b'C' => {
+            kind @ (b'C' | b'P') => {
                 let ino = r.ino()?;
                 let offset = r.u64()?;
                 if offset > i64::MAX as u64 {
@@ -454,9 +461,13 @@ pub fn load(
                 }
                 let id = r.id()?;
                 let (len, stored) = (r.u32()?, r.u32()?);
+                let at = if kind == b'P' { r.u32()? } else { 0 };
+                if u64::from(at) + u64::from(len) + SEAL_OVERHEAD as u64 > u64::from(stored) {
+                    return Err(bad("a piece past the end of its chunk"));
+                }
                 tx.execute(
-                    "INSERT INTO file_chunks (ino, offset, chunk, len, stored) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![ino, offset as i64, &id[..], len, stored],
+                    "INSERT INTO file_chunks (ino, offset, chunk, len, stored, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![ino, offset as i64, &id[..], len, stored, at],
                 )
                 .map_err(|e| bad(format!("chunk list: {e}")))?;
                 tx.execute(
@@ -1059,7 +1070,7 @@ mod tests {
             .unwrap();
         }
         let c = index::open(&p, 0, 0).unwrap();
-        assert_eq!(index::get_meta(&c, Meta::Schema).unwrap(), Some(2));
+        assert_eq!(index::get_meta(&c, Meta::Schema).unwrap(), Some(3));
         assert_eq!(index::free_chunks(&c, 10).unwrap(), vec![ChunkId([0; 32])]);
         index::mark_named(&c, 5, &[(ChunkId([0; 32]), 5)]).unwrap();
         index::retain_snapshot(&c, 5, 1).unwrap();
@@ -1109,10 +1120,14 @@ mod tests {
                VALUES (3, 3, 511, 1, 2, 1, 2, 3, 4, 5, 6, 1, 0, X'6162');
              INSERT INTO inodes (ino, kind, perm, uid, gid, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, parent, stage)
                VALUES (4, 1, 420, 1, 2, 9, 1, 2, 3, 4, 5, 6, 1, 0, 8);
-             INSERT INTO dentries VALUES (1, X'61', 2), (1, X'62', 2), (1, X'63', 3), (1, X'64', 4);
+             INSERT INTO inodes (ino, kind, perm, uid, gid, size, atime_s, atime_ns, mtime_s, mtime_ns, ctime_s, ctime_ns, nlink, parent, committed_stage)
+               VALUES (5, 1, 420, 1, 2, 7, 1, 2, 3, 4, 5, 6, 1, 0, 9);
+             INSERT INTO dentries VALUES (1, X'61', 2), (1, X'62', 2), (1, X'63', 3), (1, X'64', 4), (1, X'65', 5);
              INSERT INTO xattrs VALUES (2, X'757365722E78', X'01');
-             INSERT INTO file_chunks VALUES (2, 0, zeroblob(32), 5, 33);
-             INSERT INTO chunks (id, stored, refcount, confirmed) VALUES (zeroblob(32), 33, 1, 1);",
+             INSERT INTO file_chunks VALUES (2, 0, zeroblob(32), 5, 33, 0);
+             INSERT INTO file_chunks VALUES (5, 0, randomblob(32), 7, 60, 20);
+             INSERT INTO chunks (id, stored, refcount, confirmed) VALUES (zeroblob(32), 33, 1, 1);
+             INSERT INTO chunks (id, stored, refcount, confirmed) SELECT chunk, 60, 1, 1 FROM file_chunks WHERE ino = 5;",
         )
         .unwrap();
         let data = serialize(&a).unwrap();
@@ -1130,5 +1145,15 @@ mod tests {
         assert_eq!(index::lookup(&b, 1, b"b").unwrap(), Some(2));
         assert_eq!(index::symlink_target(&b, 3).unwrap().unwrap(), b"ab");
         assert_eq!(index::chunks_of(&b, 2).unwrap().len(), 1);
+        // A piece of a pack keeps where it starts.
+        let piece = index::chunks_of(&b, 5).unwrap();
+        assert_eq!((piece[0].at, piece[0].len, piece[0].stored), (20, 7, 60));
+        assert!(piece[0].is_packed());
+        // A piece past the end of its pack is refused.
+        let mut bad = data.clone();
+        let at = bad.len() - 9 - 4;
+        bad[at..at + 4].copy_from_slice(&26u32.to_be_bytes());
+        let c = index::open(Path::new(":memory:"), 0, 0).unwrap();
+        assert!(load(&c, &bad, |_| {}).is_err(), "a piece past its pack");
     }
 }

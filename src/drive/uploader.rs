@@ -291,7 +291,53 @@ fn housekeeping(sh: &Shared, released_at: &mut Option<u64>) -> Result<(), Backen
     }
     if snapshot_current && *released_at != Some(sh.lock().db.total_changes()) {
         release_free(sh)?;
+        if let Err(e) = repack(sh) {
+            tracing::warn!("packing small files anew postponed: {e}");
+        }
         *released_at = Some(sh.lock().db.total_changes());
+    }
+    Ok(())
+}
+
+/// Most packs looked at per housekeeping pass.
+const REPACK_PER_PASS: usize = 8;
+
+/// Deleting or rewriting small files leaves their pack partly dead, and a pack is
+/// released only when no file uses it. Once less than half of a pack is alive, its
+/// files are staged again (their content unchanged, kept in the index) so the next
+/// rounds pack them with others, and the old pack is released like any other chunk.
+fn repack(sh: &Shared) -> Result<(), FsError> {
+    let packs = index::sparse_packs(&sh.lock().db, REPACK_PER_PASS)?;
+    for pack in packs {
+        let pieces = index::settled_pieces_of(&sh.lock().db, &pack)?;
+        let Some((_, first)) = pieces.first() else {
+            continue;
+        };
+        // Fetched without the drive's lock (usually from the peers).
+        let plain = sh.chunks.fetch(first)?;
+        let mut st = sh.lock();
+        let tx = index::write_tx(&st.db)?;
+        let mut moved = 0;
+        for (ino, c) in &pieces {
+            if st.being_written(*ino) {
+                continue; // being written: its close stages it anyway
+            }
+            let Some(data) = c.piece(&plain) else {
+                return Err(FsError::Backend(BackendError::Corrupt(c.id)));
+            };
+            // Only if the file still has exactly this piece.
+            if index::chunks_of(&tx, *ino)? != [*c] {
+                continue;
+            }
+            if index::restage(&tx, *ino, sh.staging.next_id(), data)? {
+                moved += 1;
+            }
+        }
+        tx.commit()?;
+        tracing::debug!("pack {pack}: {moved} files staged to be packed anew");
+        if moved > 0 {
+            st.kick = true;
+        }
     }
     Ok(())
 }
@@ -436,6 +482,9 @@ struct PutBuffer {
     chunks: Vec<(ChunkId, Vec<u8>)>,
     bytes: usize,
     seen: HashSet<ChunkId>,
+    /// Pieces of packs sealed this round: ((result index, at, len), (pack id, stored)).
+    #[allow(clippy::type_complexity)]
+    pieces: Vec<((usize, u32, u32), (ChunkId, u32))>,
     /// To the putter thread.
     out: std::sync::mpsc::SyncSender<PutBatch>,
 }
@@ -538,6 +587,7 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
             chunks: Vec::new(),
             bytes: 0,
             seen: HashSet::new(),
+            pieces: Vec::new(),
             out,
         };
         let sealed = seal_files(sh, batch, &mut buf).and_then(|d| buf.flush().map(|()| d));
@@ -589,8 +639,24 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
     Ok(())
 }
 
+/// Files this small are packed: sealed together with others of their round as one chunk
+/// (one placement, one stored file per holder, one fsync), each file a piece of it.
+pub(crate) const PACK_FILE_MAX: u64 = 128 << 10;
+/// A pack is sealed once it holds this much.
+const PACK_TARGET: usize = 1 << 20;
+
+/// The pack being filled during a round.
+#[derive(Default)]
+struct OpenPack {
+    plain: Vec<u8>,
+    /// (index in the round's results, where the piece starts, its length)
+    members: Vec<(usize, u32, u32)>,
+    /// Identical small files in one pack share one piece.
+    same: HashMap<blake3::Hash, u32>,
+}
+
 /// Cut and seal every file of the batch, handing new chunks to `buf`; each file's chunk
-/// list in order.
+/// list in order. Small files go into packs.
 #[allow(clippy::type_complexity)]
 fn seal_files(
     sh: &Shared,
@@ -598,9 +664,15 @@ fn seal_files(
     buf: &mut PutBuffer,
 ) -> Result<Vec<(u64, u64, Vec<ChunkRef>)>, UploadError> {
     let mut done = Vec::new();
+    let mut pack = OpenPack::default();
     for &(ino, stage) in batch {
         let inline = index::stage_data(&sh.lock().db, stage)?;
         let (content, len): (Box<dyn std::io::Read>, u64) = match inline {
+            Some(d) if !d.is_empty() && d.len() as u64 <= PACK_FILE_MAX => {
+                add_to_pack(sh, buf, &mut pack, done.len(), &d)?;
+                done.push((ino, stage, Vec::new()));
+                continue;
+            }
             Some(d) => {
                 let len = d.len() as u64;
                 (Box::new(std::io::Cursor::new(d)), len)
@@ -608,6 +680,19 @@ fn seal_files(
             None => match sh.staging.open_read(stage) {
                 Ok(f) => {
                     let len = f.metadata()?.len();
+                    if len > 0 && len <= PACK_FILE_MAX {
+                        let mut d = Vec::with_capacity(len as usize);
+                        std::io::Read::read_to_end(
+                            &mut std::io::Read::take(&f, PACK_FILE_MAX + 1),
+                            &mut d,
+                        )?;
+                        if d.len() as u64 == len {
+                            add_to_pack(sh, buf, &mut pack, done.len(), &d)?;
+                            done.push((ino, stage, Vec::new()));
+                            continue;
+                        }
+                        std::io::Seek::rewind(&mut &f)?;
+                    }
                     (Box::new(f), len)
                 }
                 // Superseded by a newer close, or the file was deleted: nothing to do.
@@ -620,23 +705,96 @@ fn seal_files(
             if sh.stop.load(Ordering::SeqCst) {
                 return Err(UploadError::Stopped);
             }
-            let sealed = sh.chunks.sealer().seal(&data);
+            let (id, stored) = seal_chunk(sh, buf, &data)?;
             list.push(ChunkRef {
                 offset,
-                id: sealed.id,
+                id,
                 len: data.len() as u32,
-                stored: sealed.stored.len() as u32,
+                stored,
+                at: 0,
             });
-            if buf.seen.insert(sealed.id) && !index::chunk_stored(&sh.lock().db, &sealed.id)? {
-                buf.bytes += sealed.stored.len();
-                buf.chunks.push((sealed.id, sealed.stored));
-                if buf.bytes >= sh.opts.put_batch_bytes {
-                    buf.flush()?;
-                }
-            }
             Ok(())
         })?;
         done.push((ino, stage, list));
     }
+    seal_pack(sh, buf, &mut pack, &mut done)?;
     Ok(done)
+}
+
+/// Add a small file's content to the open pack as the piece of result `slot`, sealing
+/// the pack first if it is full.
+fn add_to_pack(
+    sh: &Shared,
+    buf: &mut PutBuffer,
+    pack: &mut OpenPack,
+    slot: usize,
+    data: &[u8],
+) -> Result<(), UploadError> {
+    if sh.stop.load(Ordering::SeqCst) {
+        return Err(UploadError::Stopped);
+    }
+    let hash = blake3::hash(data);
+    let at = match pack.same.get(&hash) {
+        Some(&at) => at,
+        None => {
+            let at = pack.plain.len() as u32;
+            pack.plain.extend_from_slice(data);
+            pack.same.insert(hash, at);
+            at
+        }
+    };
+    pack.members.push((slot, at, data.len() as u32));
+    if pack.plain.len() >= PACK_TARGET {
+        // The results are filled in at once: the slot's list is the pack's only piece.
+        let mut early = Vec::new();
+        std::mem::swap(&mut early, &mut pack.members);
+        let id_stored = seal_chunk(sh, buf, &pack.plain)?;
+        pack.plain.clear();
+        pack.same.clear();
+        buf.pieces.extend(early.into_iter().map(|m| (m, id_stored)));
+    }
+    Ok(())
+}
+
+/// Seal what the open pack holds and give every file of the round its piece.
+#[allow(clippy::type_complexity)]
+fn seal_pack(
+    sh: &Shared,
+    buf: &mut PutBuffer,
+    pack: &mut OpenPack,
+    done: &mut [(u64, u64, Vec<ChunkRef>)],
+) -> Result<(), UploadError> {
+    if !pack.members.is_empty() {
+        let id_stored = seal_chunk(sh, buf, &pack.plain)?;
+        buf.pieces
+            .extend(pack.members.drain(..).map(|m| (m, id_stored)));
+    }
+    for ((slot, at, len), (id, stored)) in buf.pieces.drain(..) {
+        done[slot].2 = vec![ChunkRef {
+            offset: 0,
+            id,
+            len,
+            stored,
+            at,
+        }];
+    }
+    Ok(())
+}
+
+/// Seal one chunk and queue it for the backend unless it is stored already.
+fn seal_chunk(
+    sh: &Shared,
+    buf: &mut PutBuffer,
+    data: &[u8],
+) -> Result<(ChunkId, u32), UploadError> {
+    let sealed = sh.chunks.sealer().seal(data);
+    let (id, stored) = (sealed.id, sealed.stored.len() as u32);
+    if buf.seen.insert(id) && !index::chunk_stored(&sh.lock().db, &id)? {
+        buf.bytes += sealed.stored.len();
+        buf.chunks.push((id, sealed.stored));
+        if buf.bytes >= sh.opts.put_batch_bytes {
+            buf.flush()?;
+        }
+    }
+    Ok((id, stored))
 }
