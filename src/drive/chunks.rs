@@ -199,7 +199,7 @@ impl Chunks {
     fn open(&self, c: &ChunkRef, stored: Vec<u8>) -> Fetched {
         // A chunk that does not open, or opens to the wrong length, was sealed under
         // another key or is not this file's.
-        let plain = self.sealer.open(c.id, &stored).map_err(|e| {
+        let plain = self.sealer.open_owned(c.id, stored).map_err(|e| {
             tracing::error!("chunk {}: {e}", c.id);
             BackendError::Corrupt(c.id)
         })?;

@@ -348,7 +348,7 @@ impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
             let id = wants[w].0;
             let plain = self
                 .sealer
-                .open(id, &stored)
+                .open_owned(id, stored)
                 .map_err(|e| RestoreError::Damaged(format!("chunk {id}: {e}")))?;
             for &q in &users[w] {
                 let (k, c) = &queue[q];

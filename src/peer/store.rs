@@ -403,8 +403,11 @@ impl ChunkStore {
                 });
             }
             f.seek(io::SeekFrom::Start(offset))?;
-            let mut buf = vec![0u8; len];
-            f.read_exact(&mut buf)?;
+            let mut buf = Vec::with_capacity(len);
+            f.take(len as u64).read_to_end(&mut buf)?;
+            if buf.len() != len {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
             Ok(buf)
         })
         .await
