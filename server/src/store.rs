@@ -659,6 +659,41 @@ impl Store {
         exclude: &[PeerId],
         policy: &Policy,
     ) -> Result<PutPlan, Refusal> {
+        self.without_fsync(|s| s.plan_put(owner, chunks, stripes, replicas, exclude, policy))
+    }
+
+    /// Run `f`'s transactions without waiting for the disk (`synchronous = NORMAL`:
+    /// atomic, and durable against a killed process, not against a power cut). For
+    /// puts only: a pending placement lost to a power cut makes its target's confirm come
+    /// back `unexpected`, and the client stores that chunk again. A new transaction-id
+    /// mark is made durable before returning, so no id is ever handed out twice.
+    fn without_fsync<T>(
+        &mut self,
+        f: impl FnOnce(&mut Store) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
+        let mark = self.txid_hwm;
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let out = f(self);
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        if self.txid_hwm != mark {
+            // A committing write under FULL syncs the log, and the mark with it.
+            self.conn.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'txid_hwm'",
+                params![self.txid_hwm as i64],
+            )?;
+        }
+        out
+    }
+
+    fn plan_put(
+        &mut self,
+        owner: PeerId,
+        chunks: &[ChunkRef],
+        stripes: &[api::StripeRef],
+        replicas: u8,
+        exclude: &[PeerId],
+        policy: &Policy,
+    ) -> Result<PutPlan, Refusal> {
         let shard_count: usize = stripes.iter().map(|s| s.shards.len()).sum();
         let named = chunks.len() + shard_count;
         if named == 0 || named > api::MAX_CHUNKS_PER_REQUEST {

@@ -67,6 +67,9 @@
 //! # Known limits
 //!
 //! - Rewriting part of an uploaded file first fetches the whole file into staging.
+//! - Small files deduplicate by content only within a pack (identical files closed in
+//!   the same round); a second copy of a tree copied in later is stored again, in new
+//!   packs.
 //! - The ENOSPC check at write time counts staged bytes in full (it does not know about
 //!   deduplication), so a rewrite of a large file needs that much free quota.
 //! - Permission checks are the kernel's (`default_permissions`); the model checks none.

@@ -278,6 +278,22 @@ struct Handle {
     unflushed: bool,
     ahead: ReadAhead,
     dir: Option<Vec<DirEntry>>,
+    /// The committed chunk list last read through this handle, with the stage it holds:
+    /// a sequential read asks the index once, not at every request.
+    chunks: Option<(u64, Arc<Vec<ChunkRef>>)>,
+}
+
+/// Chunk lists of files up to this size are kept per read handle (~64 K entries).
+const LIST_CACHE_MAX_SIZE: u64 = 64 << 30;
+
+/// The pieces of `list` (sorted by offset, contiguous) overlapping `[start, end)`.
+fn pieces_in(list: &[ChunkRef], start: u64, end: u64) -> Vec<ChunkRef> {
+    let first = list.partition_point(|c| c.offset + u64::from(c.len) <= start);
+    list[first..]
+        .iter()
+        .take_while(|c| c.offset < end)
+        .copied()
+        .collect()
 }
 
 /// How far a handle reads sequentially, and how far ahead of it chunks were asked for.
@@ -1214,6 +1230,7 @@ impl Model {
             write: false,
             unflushed: false,
             ahead: ReadAhead::default(),
+            chunks: None,
             dir: Some(entries),
         }))
     }
@@ -1254,6 +1271,7 @@ impl Model {
             write,
             unflushed: write && flags & libc::O_TRUNC != 0,
             ahead: ReadAhead::default(),
+            chunks: None,
             dir: None,
         });
         if write && flags & libc::O_TRUNC != 0 && a.kind == Kind::File {
@@ -1485,9 +1503,30 @@ impl Model {
                 Some(h) => h.ahead.on_read(offset, end, a.size, max_window),
                 None => None,
             };
-            let chunks = index::chunks_in_range(&st.db, ino, offset, end)?;
+            let cached = st
+                .handles
+                .get(&fh)
+                .and_then(|h| h.chunks.clone())
+                .filter(|(stage, _)| *stage == a.committed_stage)
+                .map(|(_, l)| l);
+            let list = match cached {
+                Some(l) => Some(l),
+                None if a.size <= LIST_CACHE_MAX_SIZE => {
+                    let l = Arc::new(index::chunks_of(&st.db, ino)?);
+                    if let Some(h) = st.handles.get_mut(&fh) {
+                        h.chunks = Some((a.committed_stage, l.clone()));
+                    }
+                    Some(l)
+                }
+                None => None,
+            };
+            let range = |from, to| match &list {
+                Some(l) => Ok(pieces_in(l, from, to)),
+                None => index::chunks_in_range(&st.db, ino, from, to),
+            };
+            let chunks = range(offset, end)?;
             let ahead = match window {
-                Some((from, to)) => index::chunks_in_range(&st.db, ino, from, to)?,
+                Some((from, to)) => range(from, to)?,
                 None => Vec::new(),
             };
             (chunks, end, ahead)
@@ -1495,7 +1534,8 @@ impl Model {
         if !ahead.is_empty() {
             self.shared.chunks.read_ahead(ahead);
         }
-        let mut buf = vec![0u8; (end - offset) as usize];
+        // Pieces come in order: each extends the buffer (no zero-filling first).
+        let mut buf = Vec::with_capacity((end - offset) as usize);
         for c in &chunks {
             let plain = if fetch {
                 self.shared.chunks.fetch(c)?
@@ -1512,9 +1552,10 @@ impl Model {
             if from >= to {
                 continue;
             }
-            buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&piece[(from - c.offset) as usize..(to - c.offset) as usize]);
+            buf.resize((from - offset) as usize, 0);
+            buf.extend_from_slice(&piece[(from - c.offset) as usize..(to - c.offset) as usize]);
         }
+        buf.resize((end - offset) as usize, 0);
         Ok(Some(buf))
     }
 

@@ -1,9 +1,11 @@
 //! The uploader: one background thread that turns pending stages into stored chunks.
 //!
-//! For a batch of closed files it chunks (FastCDC) and seals each staging file, stores the
-//! chunks the backend does not hold yet (recording them first as "intent" rows with
-//! refcount 0, so a crash leaves them to be released, never leaked; marked confirmed once
-//! stored), and then commits every file's new chunk list in one transaction. Chunks whose
+//! For a batch of closed files it chunks (FastCDC) and seals each staging file (files of
+//! at most `PACK_FILE_MAX` are laid end to end into packs instead, one chunk for many
+//! files), stores the chunks the backend does not hold yet (recording them first as
+//! "intent" rows with refcount 0, so a crash leaves them to be released, never leaked;
+//! marked confirmed once stored), and then commits every file's new chunk list in one
+//! transaction. Chunks whose
 //! refcount fell to zero are released when no upload is pending. Being the only thread
 //! that stores, commits and releases chunks is what makes "skip a chunk the backend
 //! already holds" safe: nothing can release it between the check and the commit.
