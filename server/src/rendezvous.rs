@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use peerstash::api::Route;
 use peerstash::control::{now_ms, ControlSigner, Direction, MessageKind};
+use peerstash::peer::portmap::Method;
 use peerstash::peer::rendezvous::{
     self as rv, op, relay_op, Mode, Reach, RelayGrant, Status, BIND_LEN, DATA_HEADER,
     MAX_RELAY_PAYLOAD,
@@ -79,6 +80,8 @@ struct Entry {
     public: SocketAddr,
     /// A port mapping its router made, once the server reached the daemon through it.
     mapped: Option<SocketAddr>,
+    /// The protocol the daemon says its router made the mapping with.
+    mapped_by: Option<Method>,
 }
 
 impl Entry {
@@ -132,6 +135,14 @@ impl Registry {
         d.get(&peer)
             .filter(|e| e.conn.close_reason().is_none())
             .map(|e| (e.reach(), e.mapped.unwrap_or(e.public)))
+    }
+
+    /// The protocol `peer`'s router mapped its port with, once the mapping is checked.
+    pub fn mapped_by(&self, peer: PeerId) -> Option<Method> {
+        let d = self.daemons.lock().expect("not poisoned");
+        d.get(&peer)
+            .filter(|e| e.conn.close_reason().is_none() && e.mapped.is_some())
+            .and_then(|e| e.mapped_by)
     }
 
     /// Where clients connect to `peer`'s daemon when its router mapped a port for it.
@@ -368,10 +379,15 @@ async fn answer(
             let reach = Reach::from_u8(b)
                 .filter(|r| *r != Reach::Mapped)
                 .ok_or((Status::Malformed, 0))?;
+            // The mapping, then (from newer daemons) the protocol that made it.
             let mapping = match rest {
                 [] => None,
                 r => match rv::decode_addr(r) {
-                    Ok((a, n)) if n == r.len() => Some(a),
+                    Ok((a, n)) if n == r.len() => Some((a, None)),
+                    Ok((a, n)) if n + 1 == r.len() => match Method::from_u8(r[n]) {
+                        Some(m) => Some((a, Some(m))),
+                        None => return Err((Status::Malformed, 0)),
+                    },
                     _ => return Err((Status::Malformed, 0)),
                 },
             };
@@ -383,9 +399,10 @@ async fn answer(
                     reach,
                     public,
                     mapped: None,
+                    mapped_by: mapping.and_then(|m| m.1),
                 },
             );
-            if let Some(m) = mapping {
+            if let Some((m, _)) = mapping {
                 tokio::spawn(check_mapping(st.clone(), peer, conn.stable_id(), m));
             }
             if let Some(old) = old {
