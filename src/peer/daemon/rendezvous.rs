@@ -139,7 +139,14 @@ async fn session(
         };
         let r = match renewed {
             Ok(m) => Ok(m),
-            Err((_, prefer)) => portmap::map_udp(local.port(), prefer).await,
+            Err((_, prefer)) => {
+                // The router lost it or refuses to renew it: delete what may be left
+                // before asking anew, so no stale mapping outlives the daemon.
+                if let Some(old) = held.take() {
+                    let _ = tokio::time::timeout(UNMAP_FOR, portmap::unmap(&old)).await;
+                }
+                portmap::map_udp(local.port(), prefer).await
+            }
         };
         match r {
             Ok(m) => {

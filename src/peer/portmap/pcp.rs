@@ -232,4 +232,39 @@ mod tests {
         assert_eq!(m.public, "192.0.1.14:7401".parse().unwrap());
         assert_eq!(m.method, Method::Pcp);
     }
+
+    /// A renewal repeats the request with the same nonce (RFC 6887 §11.2.1: a server
+    /// ties the mapping to it), and the deletion at shutdown is that request with
+    /// lifetime 0.
+    #[tokio::test]
+    async fn renewals_and_the_deletion_reuse_the_nonce() {
+        let gw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = gw.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let mut buf = [0u8; 128];
+                let (n, from) = gw.recv_from(&mut buf).unwrap();
+                assert_eq!(n, MAP_LEN);
+                let nonce: [u8; 12] = buf[24..36].try_into().unwrap();
+                let lifetime = u32::from_be_bytes(buf[4..8].try_into().unwrap());
+                let mut a = answer(nonce, 0, Ipv4Addr::new(192, 0, 1, 14), 7401);
+                a[4..8].copy_from_slice(&lifetime.to_be_bytes());
+                gw.send_to(&a, from).unwrap();
+                seen.push((nonce, lifetime));
+            }
+            seen
+        });
+        let m = map(at, 7401).await.unwrap();
+        let renewed = super::super::renew(&m).await.unwrap();
+        assert_eq!(renewed, m);
+        super::super::unmap(&renewed).await.unwrap();
+        let seen = server.join().unwrap();
+        assert_eq!(seen[0].0, seen[1].0);
+        assert_eq!(seen[1].0, seen[2].0);
+        assert_eq!(
+            seen.iter().map(|s| s.1).collect::<Vec<_>>(),
+            [LIFETIME_SECS, LIFETIME_SECS, 0]
+        );
+    }
 }
