@@ -515,13 +515,18 @@ pub struct StatusResponse {
     #[serde(default)]
     pub standing: Option<PeerStanding>,
     /// How other peers reach its storage daemon, as the daemon's live rendezvous
-    /// connection tells the server: `public`, `punch` (behind NAT, hole punching) or
+    /// connection tells the server: `public`, `mapped` (its router forwards a port, and
+    /// the server reached the daemon through it), `punch` (behind NAT, hole punching) or
     /// `relay` (behind a symmetric NAT). Absent while the daemon has no such connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reach: Option<String>,
     /// The address the server sees that connection come from (the daemon's public side).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reach_addr: Option<String>,
+    /// With `mapped`: the protocol the router made the mapping with (`PCP`, `NAT-PMP`,
+    /// `UPnP-IGD`), as the daemon says; absent from daemons that do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_by: Option<String>,
 }
 
 /// A storage daemon's audit record and standing (see `docs/SECURITY.md`, audits).

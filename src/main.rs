@@ -963,12 +963,13 @@ async fn login(home: &Home, a: LoginArgs) -> Result<()> {
 /// `peerstash status`. With `ride_out` (from `--wait`), an unreachable server is retried
 /// with backoff for that long before giving up: a server restarting must not end a wait.
 /// How other peers reach this peer's storage daemon, for `status`.
-fn reach_line(reach: Option<&str>, public: Option<&str>) -> String {
+fn reach_line(reach: Option<&str>, public: Option<&str>, mapped_by: Option<&str>) -> String {
     let at = public.unwrap_or("?");
     match reach {
         Some("public") => format!("public (others connect straight to {at})"),
         Some("mapped") => format!(
-            "mapped (the router forwards a port by NAT-PMP; others connect straight to {at})"
+            "mapped ({}; the router forwards a port; others connect straight to {at})",
+            mapped_by.unwrap_or("port mapping")
         ),
         Some("punch") => format!(
             "hole-punched only (behind NAT, public side {at}; the server coordinates each connection)"
@@ -1039,7 +1040,11 @@ async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()
     }
     println!(
         "reach:    {}",
-        reach_line(s.reach.as_deref(), s.reach_addr.as_deref())
+        reach_line(
+            s.reach.as_deref(),
+            s.reach_addr.as_deref(),
+            s.mapped_by.as_deref()
+        )
     );
     if let Some(a) = &s.standing {
         println!(

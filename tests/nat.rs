@@ -21,6 +21,15 @@ use peerstash::peer::rendezvous::{self as rv, op, NatError, Status};
 use peerstash::peer::{PeerAddr, PeerClient, PeerError, Via};
 use peerstash::Fingerprint;
 
+/// Whether `tool` is on the PATH.
+fn installed(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Why the namespaced test cannot run here, if it cannot.
 fn cannot_make_namespaces() -> Option<String> {
     let uid = run(Command::new("id").arg("-u"));
@@ -28,12 +37,7 @@ fn cannot_make_namespaces() -> Option<String> {
         return Some("not root: network namespaces and iptables need root".into());
     }
     for tool in ["ip", "iptables", "nsenter", "fusermount3"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
+        if !installed(tool) {
             return Some(format!("{tool} is not installed (.ci/run installs it)"));
         }
     }
@@ -74,9 +78,10 @@ enum Nat {
 }
 
 impl Topology {
-    fn new() -> Topology {
+    /// A topology whose names carry this process and `test` (tests run in parallel).
+    fn new(test: &str) -> Topology {
         Topology {
-            tag: format!("psnt{}", std::process::id()),
+            tag: format!("psnt{}{test}", std::process::id()),
             made: Vec::new(),
         }
     }
@@ -132,12 +137,17 @@ impl Topology {
         sh(&mut self.ip(ns, &["link", "set", "wan0", "up"]))
     }
 
-    /// Home `n` (1..): router `rN` at 203.0.113.(10+n) outside, host `hN` at
+    /// Home `n` (1..=4): router `rN` at 203.0.113.(10+n) outside, host `hN` at
     /// 198.51.100.(64(n-1)+2) inside.
     fn home(&mut self, n: u8, nat: Nat) -> Result<String, String> {
+        self.home_at(n, nat, &format!("203.0.113.{}", 10 + n))
+    }
+
+    /// Home `n` with its router at `wan` outside.
+    fn home_at(&mut self, n: u8, nat: Nat, wan: &str) -> Result<String, String> {
         let (r, h) = (format!("r{n}"), format!("h{n}"));
         let base = 64 * (n as u32 - 1);
-        self.attach(&r, &format!("203.0.113.{}", 10 + n))?;
+        self.attach(&r, wan)?;
         self.add(&h)?;
         sh(Command::new("ip").args([
             "link",
@@ -195,12 +205,42 @@ impl Topology {
         Ok(me)
     }
 
+    /// The internet: a bridge in namespace `inet` that the others attach to.
+    fn internet(&mut self) -> Result<(), String> {
+        self.add("inet")?;
+        sh(&mut self.ip("inet", &["link", "add", "br0", "type", "bridge"]))?;
+        sh(&mut self.ip("inet", &["link", "set", "br0", "up"]))
+    }
+
+    /// The topology of the router-software test: the server, homes 1 to 3 behind
+    /// routers that run miniupnpd, the user in home 4 behind a plain cone NAT.
+    /// miniupnpd will not serve behind an outside address in a reserved range (the
+    /// documentation ranges included), so those three routers take 192.0.1.11-13: like
+    /// every address here, they exist only on this test's bridge, in namespaces with no
+    /// way out.
+    fn build_igd(&mut self) -> Result<[String; 4], String> {
+        self.internet()?;
+        self.attach("srv", "203.0.113.1")?;
+        let homes = [
+            self.home_at(1, Nat::Cone, "192.0.1.11")?,
+            self.home_at(2, Nat::Cone, "192.0.1.12")?,
+            self.home_at(3, Nat::Cone, "192.0.1.13")?,
+            self.home(4, Nat::Cone)?,
+        ];
+        // Both ranges share the bridge: each side reaches the other on-link.
+        for ns in ["srv", "r4"] {
+            sh(&mut self.ip(ns, &["route", "add", "192.0.1.0/24", "dev", "wan0"]))?;
+        }
+        for ns in ["r1", "r2", "r3"] {
+            sh(&mut self.ip(ns, &["route", "add", "203.0.113.0/24", "dev", "wan0"]))?;
+        }
+        Ok(homes)
+    }
+
     /// The whole topology of the issue: server and public peer on the internet, homes 1
     /// and 2 behind cone NATs, home 3 behind a symmetric NAT, the user in home 4.
     fn build(&mut self) -> Result<[String; 4], String> {
-        self.add("inet")?;
-        sh(&mut self.ip("inet", &["link", "add", "br0", "type", "bridge"]))?;
-        sh(&mut self.ip("inet", &["link", "set", "br0", "up"]))?;
+        self.internet()?;
         self.attach("srv", "203.0.113.1")?;
         self.attach("pub", "203.0.113.2")?;
         Ok([
@@ -385,7 +425,7 @@ fn peers_behind_nat_store_and_read_back_through_punching_and_the_relay() {
         eprintln!("SKIPPED: peers behind NAT need network namespaces here: {why}");
         return;
     }
-    let mut top = Topology::new();
+    let mut top = Topology::new("a");
     let hosts = match top.build() {
         Ok(h) => h,
         Err(e) => {
@@ -429,7 +469,7 @@ fn peers_behind_nat_store_and_read_back_through_punching_and_the_relay() {
     let expected = [
         "public (others connect straight to 203.0.113.2:7401)",
         "hole-punched only (behind NAT, public side 203.0.113.11:7401",
-        "mapped (the router forwards a port by NAT-PMP; others connect straight to 203.0.113.12:7401)",
+        "mapped (NAT-PMP; the router forwards a port; others connect straight to 203.0.113.12:7401)",
         "relayed (behind a symmetric NAT, public side 203.0.113.13:",
     ];
     for ((ns, name, _), want) in peers.iter().zip(expected) {
@@ -505,25 +545,7 @@ fn peers_behind_nat_store_and_read_back_through_punching_and_the_relay() {
         .iter()
         .filter(|c| held[0].contains(*c) && !held[1].contains(*c) && !held[2].contains(*c))
         .count();
-    let url = server.url.clone();
-    let fp: Fingerprint = server.fingerprint.parse().unwrap();
-    let srv = top.path("srv");
-    let metrics = move || {
-        let url = url.clone();
-        in_netns(srv.clone(), move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                ServerClient::new(&url, fp)
-                    .unwrap()
-                    .metrics()
-                    .await
-                    .unwrap()
-            })
-        })
-    };
+    let metrics = || server_metrics(&top, &server);
     let m1 = metrics();
     let relayed = metric(&m1, "peerstash_relay_bytes_total");
     assert!(relayed > 0, "nothing went through the relay:\n{m1}");
@@ -632,6 +654,328 @@ fn peers_behind_nat_store_and_read_back_through_punching_and_the_relay() {
     for d in &mut daemons {
         d.terminate(Duration::from_secs(20));
     }
+    drop(server.proc);
+}
+
+/// The server's /metrics, fetched from inside the server's namespace.
+fn server_metrics(top: &Topology, server: &Server) -> String {
+    let url = server.url.clone();
+    let fp: Fingerprint = server.fingerprint.parse().unwrap();
+    in_netns(top.path("srv"), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            ServerClient::new(&url, fp)
+                .unwrap()
+                .metrics()
+                .await
+                .unwrap()
+        })
+    })
+}
+
+/// The `reach:` line of `peerstash status` for the peer at `home`, run in namespace `ns`.
+fn reach_of(top: &Topology, ns: &str, home: &Path) -> String {
+    let out = run(top
+        .cmd(ns, bin("peerstash"))
+        .arg("--home")
+        .arg(home)
+        .arg("status"));
+    out.lines()
+        .find(|l| l.starts_with("reach:"))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Why a real miniupnpd cannot run here, if it cannot.
+fn why_no_miniupnpd() -> Option<String> {
+    ["miniupnpd", "iptables-legacy"]
+        .into_iter()
+        .find(|tool| !installed(tool))
+        .map(|tool| format!("{tool} is not installed (.ci/run installs miniupnpd)"))
+}
+
+/// Which protocol a router's miniupnpd offers.
+#[derive(Clone, Copy, PartialEq)]
+enum Igd {
+    /// UPnP-IGD only (SSDP and SOAP; NAT-PMP and PCP off).
+    Upnp,
+    /// PCP only: miniupnpd serves NAT-PMP and PCP under one switch, so the router drops
+    /// NAT-PMP datagrams (version 0) before they reach it.
+    Pcp,
+}
+
+/// A real miniupnpd (Debian's package) on a home router: its own config and lease file
+/// in the test's directory, in the foreground (`-d`), stopped at drop (SIGTERM: it
+/// removes its rules; the namespace's deletion takes whatever is left).
+struct Miniupnpd {
+    proc: Proc,
+}
+
+impl Miniupnpd {
+    /// Start it on `router` for the LAN `lan` (CIDR); `ext_ip` makes it announce that
+    /// address as its public one instead of its own.
+    fn start(
+        top: &Topology,
+        router: &str,
+        lan: &str,
+        igd: Igd,
+        ext_ip: Option<&str>,
+        dir: &Path,
+    ) -> Miniupnpd {
+        // The chains it fills, as Debian's iptables_init.sh makes them. Debian's
+        // miniupnpd-iptables writes through libiptc, i.e. into the legacy tables, which
+        // the kernel runs beside the nftables ones the routers' MASQUERADE lives in.
+        let legacy = |args: &[&str]| {
+            sh(top.cmd(router, "iptables-legacy").args(args)).unwrap();
+        };
+        for (table, chain, hook, dir) in [
+            ("nat", "MINIUPNPD", "PREROUTING", "-i"),
+            ("nat", "MINIUPNPD-POSTROUTING", "POSTROUTING", "-o"),
+            ("mangle", "MINIUPNPD", "PREROUTING", "-i"),
+        ] {
+            legacy(&["-t", table, "-N", chain]);
+            legacy(&["-t", table, "-I", hook, dir, "wan0", "-j", chain]);
+        }
+        legacy(&["-N", "MINIUPNPD"]);
+        legacy(&[
+            "-I",
+            "FORWARD",
+            "-i",
+            "wan0",
+            "!",
+            "-o",
+            "wan0",
+            "-j",
+            "MINIUPNPD",
+        ]);
+        if igd == Igd::Pcp {
+            // The first byte of the UDP payload is the version: 0 NAT-PMP, 2 PCP.
+            sh(top.cmd(router, "iptables").args([
+                "-I",
+                "INPUT",
+                "-i",
+                "lan0",
+                "-p",
+                "udp",
+                "--dport",
+                "5351",
+                "-m",
+                "u32",
+                "--u32",
+                "0>>22&0x3C@8>>24=0",
+                "-j",
+                "DROP",
+            ]))
+            .unwrap();
+        }
+        let (upnp, natpmp) = match igd {
+            Igd::Upnp => ("yes", "no"),
+            Igd::Pcp => ("no", "yes"),
+        };
+        let conf = dir.join(format!("miniupnpd-{router}.conf"));
+        let mut text = format!(
+            "ext_ifname=wan0\nlistening_ip=lan0\nport=0\nenable_upnp={upnp}\n\
+             enable_natpmp={natpmp}\nsecure_mode=yes\nsystem_uptime=no\n\
+             lease_file={}\nuuid=3d3c4e5a-1b2c-4d5e-8f90-{:012}\n\
+             allow 1024-65535 {lan} 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+            dir.join(format!("miniupnpd-{router}.leases")).display(),
+            router.trim_start_matches('r').parse::<u64>().unwrap(),
+        );
+        if let Some(ip) = ext_ip {
+            text.push_str(&format!("ext_ip={ip}\n"));
+        }
+        fs::write(&conf, text).unwrap();
+        let log = dir.join(format!("miniupnpd-{router}.log"));
+        let mut cmd = top.cmd(router, "miniupnpd");
+        cmd.arg("-d").arg("-f").arg(&conf).arg("-P");
+        cmd.arg(dir.join(format!("miniupnpd-{router}.pid")));
+        cmd.stdout(Stdio::null());
+        cmd.stderr(fs::File::create(&log).unwrap());
+        let mut proc = Proc::spawn(&format!("miniupnpd {router}"), cmd);
+        // Daemons ask for their mapping when they first reach the server: the router
+        // must listen by then.
+        let ready = match igd {
+            Igd::Upnp => "HTTP listening on port",
+            Igd::Pcp => "Listening for NAT-PMP/PCP traffic",
+        };
+        wait_for("miniupnpd", Duration::from_secs(10), || {
+            if let Ok(Some(s)) = proc.child.try_wait() {
+                panic!(
+                    "miniupnpd exited: {s}: {}",
+                    fs::read_to_string(&log).unwrap()
+                );
+            }
+            fs::read_to_string(&log)
+                .unwrap()
+                .contains(ready)
+                .then_some(())
+        });
+        Miniupnpd { proc }
+    }
+}
+
+impl Drop for Miniupnpd {
+    fn drop(&mut self) {
+        self.proc.terminate(Duration::from_secs(5));
+    }
+}
+
+/// The DNAT rules miniupnpd installed on `router`.
+fn mapping_rules(top: &Topology, router: &str) -> String {
+    run(top
+        .cmd(router, "iptables-legacy")
+        .args(["-t", "nat", "-S", "MINIUPNPD"]))
+}
+
+#[test]
+fn routers_running_miniupnpd_map_ports_by_upnp_igd_and_pcp() {
+    if let Some(why) = cannot_make_namespaces().or_else(why_no_miniupnpd) {
+        eprintln!("SKIPPED: home routers running miniupnpd need: {why}");
+        return;
+    }
+    let mut top = Topology::new("b");
+    let hosts = match top.build_igd() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot build the namespaced network: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Home 1's router offers UPnP-IGD only, home 2's PCP only, home 3's UPnP-IGD but
+    // lies about its public address (192.0.1.99 is nobody's).
+    let _routers = [
+        Miniupnpd::start(&top, "r1", "198.51.100.0/26", Igd::Upnp, None, dir.path()),
+        Miniupnpd::start(&top, "r2", "198.51.100.64/26", Igd::Pcp, None, dir.path()),
+        Miniupnpd::start(
+            &top,
+            "r3",
+            "198.51.100.128/26",
+            Igd::Upnp,
+            Some("192.0.1.99"),
+            dir.path(),
+        ),
+    ];
+    let server = start_server(
+        top.cmd("srv", bin("peerstash-server")),
+        dir.path(),
+        "203.0.113.1:7400",
+    );
+    let peers = [("h1", "upnp"), ("h2", "pcp"), ("h3", "liar")];
+    let mut daemons = Vec::new();
+    for ((ns, name), host) in peers.iter().zip(&hosts) {
+        let home = dir.path().join(name);
+        let listen = format!("{host}:7401");
+        register(top.cmd(ns, bin("peerstash")), &server, &home, name, &listen);
+        let mut serve = top.cmd(ns, bin("peerstash"));
+        serve.arg("--home").arg(&home).arg("serve");
+        serve.env("RUST_LOG", "info,peerstash::peer::portmap=debug");
+        serve.stderr(fs::File::create(dir.path().join(format!("{name}.log"))).unwrap());
+        daemons.push(Proc::spawn(name, serve));
+    }
+
+    // The server reached homes 1 and 2 through their mappings; `status` names the
+    // protocol. Home 3's mapping (made, but announced at the address its router lied
+    // about) led nowhere: it stays hole-punched only.
+    let expected = [
+        "mapped (UPnP-IGD; the router forwards a port; others connect straight to 192.0.1.11:7401)",
+        "mapped (PCP; the router forwards a port; others connect straight to 192.0.1.12:7401)",
+    ];
+    for ((ns, name), want) in peers.iter().zip(expected) {
+        let home = dir.path().join(name);
+        wait_for(name, Duration::from_secs(30), || {
+            reach_of(&top, ns, &home).contains(want).then_some(())
+        });
+    }
+    let m = wait_for("the lying router's check", Duration::from_secs(30), || {
+        let m = server_metrics(&top, &server);
+        let failed = "peerstash_rendezvous_total{kind=\"mapping\",outcome=\"unreachable\"}";
+        (metric(&m, failed) >= 1).then_some(m)
+    });
+    let liar = reach_of(&top, "h3", &dir.path().join("liar"));
+    assert!(
+        liar.contains("hole-punched only (behind NAT, public side 192.0.1.13:"),
+        "{liar}"
+    );
+    let log = fs::read_to_string(dir.path().join("liar.log")).unwrap();
+    assert!(
+        log.contains("192.0.1.99:7401"),
+        "the lie was never told:\n{log}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "peerstash_rendezvous_total{kind=\"mapping\",outcome=\"ok\"}"
+        ),
+        2,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "peerstash_peers_reachable{reach=\"mapped\"}"), 2);
+    assert_eq!(metric(&m, "peerstash_peers_reachable{reach=\"punch\"}"), 1);
+
+    // Each mapping is a real DNAT rule in its router's kernel for the daemon's port (the
+    // legacy iptables tool cannot print the target revision miniupnpd writes, so the
+    // destination is read from miniupnpd's lease file: the daemon's own address).
+    for (router, host) in [("r1", &hosts[0]), ("r2", &hosts[1]), ("r3", &hosts[2])] {
+        let rules = mapping_rules(&top, router);
+        assert!(
+            rules.lines().any(|l| l.contains("-p udp")
+                && l.contains("--dport 7401")
+                && l.contains("-j DNAT")),
+            "{router}: {rules}"
+        );
+        let leases = dir.path().join(format!("miniupnpd-{router}.leases"));
+        let leases = fs::read_to_string(leases).unwrap_or_default();
+        let to = format!("UDP:7401:{host}:7401:");
+        assert!(
+            leases.lines().any(|l| l.starts_with(&to)),
+            "{router}: {leases}"
+        );
+    }
+
+    // The user behind its own NAT connects straight to the mapped addresses: a client
+    // with no rendezvous at all (no punching, no relay), pinning each daemon's
+    // certificate.
+    let targets: Vec<_> = peers[..2]
+        .iter()
+        .zip(["192.0.1.11:7401", "192.0.1.12:7401"])
+        .map(|((_, name), at)| {
+            let cert = Home::new(dir.path().join(name)).load_peer_cert();
+            PeerAddr::direct(at.parse().unwrap(), cert.unwrap().unwrap().fingerprint())
+        })
+        .collect();
+    in_netns(top.path("h4"), move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = PeerClient::new().unwrap();
+            for t in &targets {
+                let r = client.open_raw(t).await;
+                assert!(r.is_ok(), "{}: {:?}", t.addr, r.err());
+            }
+            client.close();
+        })
+    });
+    let m = server_metrics(&top, &server);
+    for kind in ["punch", "relay"] {
+        let asked = format!("peerstash_rendezvous_total{{kind=\"{kind}\",outcome=\"ok\"}}");
+        assert_eq!(metric(&m, &asked), 0, "{m}");
+    }
+
+    // A daemon that stops deletes its mapping: the rule goes (by UPnP's
+    // DeletePortMapping, by PCP's zero-lifetime MAP).
+    for (d, router) in daemons.iter_mut().zip(["r1", "r2"]) {
+        d.terminate(Duration::from_secs(20));
+        wait_for("the mapping's deletion", Duration::from_secs(10), || {
+            (!mapping_rules(&top, router).contains("--dport 7401")).then_some(())
+        });
+    }
+    daemons[2].terminate(Duration::from_secs(20));
     drop(server.proc);
 }
 

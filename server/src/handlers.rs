@@ -567,6 +567,10 @@ pub(crate) fn status(
         }),
         reach: reach.map(|(r, _)| r.as_str().to_string()),
         reach_addr: reach.map(|(_, a)| a.to_string()),
+        mapped_by: st
+            .rendezvous
+            .mapped_by(peer)
+            .map(|m| m.as_str().to_string()),
     })
 }
 

@@ -89,6 +89,9 @@ struct Cli {
     /// Bytes per second one relay session may move (K, M, G suffixes: 8M).
     #[arg(long, default_value = "8M", value_parser = parse_rate)]
     relay_rate: u64,
+    /// Bytes per second all relay sessions together may move (0: no overall cap).
+    #[arg(long, default_value = "32M", value_parser = parse_cap)]
+    relay_total_rate: u64,
     /// UDP port of the relay (0: any free port, printed at start); fix it to open it in
     /// a firewall.
     #[arg(long, default_value_t = 0)]
@@ -258,6 +261,7 @@ fn main() -> anyhow::Result<()> {
         relay: peerstash_server::rendezvous::RelayLimits {
             sessions: cli.relay_sessions,
             rate: cli.relay_rate,
+            total_rate: cli.relay_total_rate,
             port: cli.relay_port,
             probe_port: cli.probe_port,
             ..Default::default()
@@ -312,6 +316,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `8M`, `512K`, `1G` or plain bytes, per second.
+/// A rate like [`parse_rate`], or 0 for none.
+fn parse_cap(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_rate(s)
+    }
+}
+
 fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim().trim_end_matches("/s");
     let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {

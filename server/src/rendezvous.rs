@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use peerstash::api::Route;
 use peerstash::control::{now_ms, ControlSigner, Direction, MessageKind};
+use peerstash::peer::portmap::Method;
 use peerstash::peer::rendezvous::{
     self as rv, op, relay_op, Mode, Reach, RelayGrant, Status, BIND_LEN, DATA_HEADER,
     MAX_RELAY_PAYLOAD,
@@ -53,6 +54,8 @@ pub struct RelayLimits {
     pub sessions: usize,
     /// Bytes per second one session may move (both directions together).
     pub rate: u64,
+    /// Bytes per second all sessions together may move (0: no overall cap).
+    pub total_rate: u64,
     /// Longest life of a session; the client opens a new one after it.
     pub max_age: Duration,
     /// UDP port of the relay (0: any free one).
@@ -66,6 +69,7 @@ impl Default for RelayLimits {
         RelayLimits {
             sessions: 256,
             rate: 8 << 20,
+            total_rate: 32 << 20,
             max_age: Duration::from_secs(3600),
             port: 0,
             probe_port: 0,
@@ -79,6 +83,8 @@ struct Entry {
     public: SocketAddr,
     /// A port mapping its router made, once the server reached the daemon through it.
     mapped: Option<SocketAddr>,
+    /// The protocol the daemon says its router made the mapping with.
+    mapped_by: Option<Method>,
 }
 
 impl Entry {
@@ -99,9 +105,73 @@ struct Session {
     created: Instant,
     /// Last datagram either way (idle expiry).
     last: Instant,
-    /// Token bucket: bytes it may still send, refilled at the rate since `refilled`.
+    /// Its share of the relay's bandwidth.
+    bucket: Bucket,
+}
+
+/// A token bucket: bytes that may still pass, refilled at a rate since `refilled`, with
+/// at most one second's worth banked (a burst, then the rate).
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
     allowance: f64,
     refilled: Instant,
+}
+
+impl Bucket {
+    fn full(rate: u64, now: Instant) -> Bucket {
+        Bucket {
+            allowance: rate as f64,
+            refilled: now,
+        }
+    }
+
+    /// Refill up to `now`; whether `n` bytes fit (`rate` 0: always).
+    fn fits(&mut self, n: usize, rate: u64, now: Instant) -> bool {
+        let rate = rate as f64;
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.allowance = (self.allowance + elapsed * rate).min(rate);
+        self.refilled = now;
+        rate == 0.0 || self.allowance >= n as f64
+    }
+
+    fn take(&mut self, n: usize) {
+        self.allowance -= n as f64;
+    }
+}
+
+/// Why the relay dropped a datagram (the label of `peerstash_relay_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    /// Not a relay datagram, or no such session.
+    Unknown,
+    /// A BIND whose MAC is wrong, or that would move a bound side.
+    BadBind,
+    /// DATA from an address that is not a bound side.
+    Unbound,
+    /// Over the session's rate.
+    SessionRate,
+    /// Over the relay's overall rate.
+    TotalRate,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::Unknown,
+        Refusal::BadBind,
+        Refusal::Unbound,
+        Refusal::SessionRate,
+        Refusal::TotalRate,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Unknown => "unknown",
+            Refusal::BadBind => "bad_bind",
+            Refusal::Unbound => "unbound",
+            Refusal::SessionRate => "session_rate",
+            Refusal::TotalRate => "total_rate",
+        }
+    }
 }
 
 /// Daemons' hello connections and relay sessions, with their counters.
@@ -117,6 +187,10 @@ pub struct Registry {
     /// Datagrams the relay dropped: over the rate, from an unbound address, unknown
     /// session.
     pub relay_dropped: AtomicU64,
+    /// The same, by reason (indexed like [`Refusal::ALL`]).
+    refused: [AtomicU64; 5],
+    /// The relay's overall bandwidth (`None` until the first datagram).
+    total: Mutex<Option<Bucket>>,
 }
 
 impl Registry {
@@ -132,6 +206,14 @@ impl Registry {
         d.get(&peer)
             .filter(|e| e.conn.close_reason().is_none())
             .map(|e| (e.reach(), e.mapped.unwrap_or(e.public)))
+    }
+
+    /// The protocol `peer`'s router mapped its port with, once the mapping is checked.
+    pub fn mapped_by(&self, peer: PeerId) -> Option<Method> {
+        let d = self.daemons.lock().expect("not poisoned");
+        d.get(&peer)
+            .filter(|e| e.conn.close_reason().is_none() && e.mapped.is_some())
+            .and_then(|e| e.mapped_by)
     }
 
     /// Where clients connect to `peer`'s daemon when its router mapped a port for it.
@@ -199,6 +281,45 @@ impl Registry {
         let _ = writeln!(o, "# HELP peerstash_relay_sessions Relay sessions open.\n# TYPE peerstash_relay_sessions gauge\npeerstash_relay_sessions {sessions}");
         let _ = writeln!(o, "# HELP peerstash_relay_bytes_total Bytes the relay forwarded (end-to-end encrypted QUIC datagrams).\n# TYPE peerstash_relay_bytes_total counter\npeerstash_relay_bytes_total {}", self.relay_bytes.load(Ordering::Relaxed));
         let _ = writeln!(o, "# HELP peerstash_relay_dropped_total Datagrams the relay dropped (over the rate, unbound sender, unknown session).\n# TYPE peerstash_relay_dropped_total counter\npeerstash_relay_dropped_total {}", self.relay_dropped.load(Ordering::Relaxed));
+        let _ = writeln!(o, "# HELP peerstash_relay_refused_total Datagrams the relay dropped, by reason.\n# TYPE peerstash_relay_refused_total counter");
+        for (r, n) in Refusal::ALL.iter().zip(&self.refused) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "peerstash_relay_refused_total{{reason=\"{}\"}} {n}",
+                r.as_str()
+            );
+        }
+    }
+
+    /// Count a dropped datagram.
+    fn refuse(&self, why: Refusal) {
+        self.relay_dropped.fetch_add(1, Ordering::Relaxed);
+        let i = Refusal::ALL.iter().position(|r| *r == why).expect("listed");
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether `n` bytes of `s`'s may pass now: within the session's rate and the
+    /// relay's overall one (both checked before either is charged, so a datagram the
+    /// overall cap refuses costs the session nothing).
+    fn admit(
+        &self,
+        s: &mut Session,
+        n: usize,
+        now: Instant,
+        limits: &RelayLimits,
+    ) -> Result<(), Refusal> {
+        if !s.bucket.fits(n, limits.rate, now) {
+            return Err(Refusal::SessionRate);
+        }
+        let mut total = self.total.lock().expect("not poisoned");
+        let total = total.get_or_insert_with(|| Bucket::full(limits.total_rate, now));
+        if !total.fits(n, limits.total_rate, now) {
+            return Err(Refusal::TotalRate);
+        }
+        s.bucket.take(n);
+        total.take(n);
+        Ok(())
     }
 
     fn open_session(&self, requester: PeerId, target: PeerId) -> Result<RelayGrant, Status> {
@@ -226,8 +347,7 @@ impl Registry {
                 sides: [None, None],
                 created: now,
                 last: now,
-                allowance: limits.rate as f64,
-                refilled: now,
+                bucket: Bucket::full(limits.rate, now),
             },
         );
         Ok(grant)
@@ -368,10 +488,15 @@ async fn answer(
             let reach = Reach::from_u8(b)
                 .filter(|r| *r != Reach::Mapped)
                 .ok_or((Status::Malformed, 0))?;
+            // The mapping, then (from newer daemons) the protocol that made it.
             let mapping = match rest {
                 [] => None,
                 r => match rv::decode_addr(r) {
-                    Ok((a, n)) if n == r.len() => Some(a),
+                    Ok((a, n)) if n == r.len() => Some((a, None)),
+                    Ok((a, n)) if n + 1 == r.len() => match Method::from_u8(r[n]) {
+                        Some(m) => Some((a, Some(m))),
+                        None => return Err((Status::Malformed, 0)),
+                    },
                     _ => return Err((Status::Malformed, 0)),
                 },
             };
@@ -383,9 +508,10 @@ async fn answer(
                     reach,
                     public,
                     mapped: None,
+                    mapped_by: mapping.and_then(|m| m.1),
                 },
             );
-            if let Some(m) = mapping {
+            if let Some((m, _)) = mapping {
                 tokio::spawn(check_mapping(st.clone(), peer, conn.stable_id(), m));
             }
             if let Some(old) = old {
@@ -495,18 +621,15 @@ async fn relay_loop(st: Arc<State>, sock: UdpSocket) {
                 .retain(|_, s| !expired(s, now, &limits));
         }
         let d = &buf[..n];
-        let dropped = || {
-            reg.relay_dropped.fetch_add(1, Ordering::Relaxed);
-        };
         if n < DATA_HEADER {
-            dropped();
+            reg.refuse(Refusal::Unknown);
             continue;
         }
         let id = u64::from_be_bytes(d[1..9].try_into().expect("8 bytes"));
         let send_to = {
             let mut sessions = reg.sessions.lock().expect("not poisoned");
             let Some(s) = sessions.get_mut(&id) else {
-                dropped();
+                reg.refuse(Refusal::Unknown);
                 continue;
             };
             match d[0] {
@@ -515,14 +638,14 @@ async fn relay_loop(st: Arc<State>, sock: UdpSocket) {
                     if !(role == rv::ROLE_CLIENT || role == rv::ROLE_DAEMON)
                         || !rv::bind_mac_ok(&s.grant.secret, id, role, &d[10..])
                     {
-                        dropped();
+                        reg.refuse(Refusal::BadBind);
                         continue;
                     }
                     let side = &mut s.sides[role as usize - 1];
                     // The first proof binds a side; a replayed BIND from elsewhere
                     // cannot move it.
                     if side.is_some_and(|a| a != src) {
-                        dropped();
+                        reg.refuse(Refusal::BadBind);
                         continue;
                     }
                     *side = Some(src);
@@ -542,25 +665,19 @@ async fn relay_loop(st: Arc<State>, sock: UdpSocket) {
                         [Some(c), Some(t)] if c == src => t,
                         [Some(c), Some(t)] if t == src => c,
                         _ => {
-                            dropped();
+                            reg.refuse(Refusal::Unbound);
                             continue;
                         }
                     };
-                    let elapsed = now.duration_since(s.refilled).as_secs_f64();
-                    let rate = limits.rate as f64;
-                    // At most one second's worth banked: a burst, then the rate.
-                    s.allowance = (s.allowance + elapsed * rate).min(rate);
-                    s.refilled = now;
                     s.last = now;
-                    if s.allowance < n as f64 {
-                        dropped();
+                    if let Err(why) = reg.admit(s, n, now, &limits) {
+                        reg.refuse(why);
                         continue;
                     }
-                    s.allowance -= n as f64;
                     other
                 }
                 _ => {
-                    dropped();
+                    reg.refuse(Refusal::Unknown);
                     continue;
                 }
             }
@@ -622,3 +739,85 @@ async fn check_mapping(st: Arc<State>, peer: PeerId, conn_id: usize, at: SocketA
 
 /// How long the server tries to reach a daemon through its port mapping.
 const MAPPING_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(now: Instant, limits: &RelayLimits) -> Session {
+        Session {
+            grant: RelayGrant::random(1).unwrap(),
+            requester: PeerId(1),
+            target: PeerId(2),
+            sides: [None, None],
+            created: now,
+            last: now,
+            bucket: Bucket::full(limits.rate, now),
+        }
+    }
+
+    /// Ten sessions each offering their full rate for ten simulated seconds: together
+    /// they pass no more than the overall cap allows (one second's burst plus the rate
+    /// over the time), the cap is used, and what it refuses is counted by reason.
+    #[test]
+    fn the_overall_relay_rate_holds_across_sessions() {
+        let limits = RelayLimits {
+            rate: 100_000,
+            total_rate: 300_000,
+            ..Default::default()
+        };
+        let reg = Registry::default();
+        let start = Instant::now();
+        let mut sessions: Vec<Session> = (0..10).map(|_| session(start, &limits)).collect();
+        let (mut passed, mut refused) = (0u64, 0u64);
+        // 1000-byte datagrams every millisecond from each session: 1 MB/s each.
+        for ms in 0..10_000u64 {
+            let now = start + Duration::from_millis(ms);
+            for s in &mut sessions {
+                match reg.admit(s, 1000, now, &limits) {
+                    Ok(()) => passed += 1000,
+                    Err(why) => {
+                        reg.refuse(why);
+                        refused += 1
+                    }
+                }
+            }
+        }
+        let cap = limits.total_rate * 11;
+        assert!(passed <= cap, "{passed} bytes passed, cap {cap}");
+        assert!(
+            passed >= limits.total_rate * 9,
+            "the cap starved the relay: {passed}"
+        );
+        let mut m = String::new();
+        reg.render(&mut m);
+        assert!(
+            m.contains(&format!("peerstash_relay_dropped_total {refused}")),
+            "{m}"
+        );
+        let total_refusals = m
+            .lines()
+            .find_map(|l| l.strip_prefix("peerstash_relay_refused_total{reason=\"total_rate\"} "))
+            .unwrap();
+        assert!(total_refusals.parse::<u64>().unwrap() > 0, "{m}");
+
+        // With no overall cap, the sessions' own rates are the limit.
+        let unlimited = RelayLimits {
+            total_rate: 0,
+            ..limits
+        };
+        let reg = Registry::default();
+        let mut sessions: Vec<Session> = (0..10).map(|_| session(start, &unlimited)).collect();
+        let mut passed = 0u64;
+        for ms in 0..10_000u64 {
+            let now = start + Duration::from_millis(ms);
+            for s in &mut sessions {
+                if reg.admit(s, 1000, now, &unlimited).is_ok() {
+                    passed += 1000;
+                }
+            }
+        }
+        assert!(passed > cap, "{passed}");
+        assert!(passed <= 10 * unlimited.rate * 11, "{passed}");
+    }
+}

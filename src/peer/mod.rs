@@ -6,7 +6,7 @@
 //! - [`daemon`]: the daemon itself ([`Daemon::run`]).
 //! - [`link`]: what the daemon needs from the coordination server ([`ServerLink`]).
 //! - [`client`]: [`PeerClient`], used by the drive to talk to daemons.
-//! - [`portmap`]: asking the home router for a port mapping (NAT-PMP).
+//! - [`portmap`]: asking the home router for a port mapping (PCP, NAT-PMP, UPnP-IGD).
 //! - [`rendezvous`]: reaching peers behind NAT (hole punching coordinated by the server,
 //!   the server's relay of last resort).
 //!

@@ -37,7 +37,12 @@ pub struct Reachability {
     pub public: SocketAddr,
     /// The port mapping its router made, if any.
     pub mapped: Option<SocketAddr>,
+    /// The protocol the router made it with.
+    pub mapped_by: Option<portmap::Method>,
 }
+
+/// How long the daemon waits for its router to delete a mapping when it stops.
+const UNMAP_FOR: Duration = Duration::from_secs(3);
 
 /// Run until `stop`: keep a hello connection to the server up, reconnecting with backoff.
 pub(super) async fn run(
@@ -49,11 +54,25 @@ pub(super) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_secs(1);
+    // The router's port mapping, kept across sessions (each renews it) and deleted when
+    // the daemon stops.
+    let mut held: Option<portmap::Mapping> = None;
+    let unmap = |held: Option<portmap::Mapping>| async move {
+        if let Some(m) = held {
+            let r = tokio::time::timeout(UNMAP_FOR, portmap::unmap(&m)).await;
+            tracing::info!(method = m.method.as_str(), public = %m.public, ok = matches!(r, Ok(Ok(()))), "deleted the router's port mapping");
+        }
+    };
     loop {
-        let session = session(&endpoint, &shared, &cfg, advertised, &published);
-        let outcome = tokio::select! {
-            r = session => r,
-            _ = stop.changed() => return,
+        let outcome = {
+            let session = session(&endpoint, &shared, &cfg, advertised, &published, &mut held);
+            tokio::select! {
+                r = session => Some(r),
+                _ = stop.changed() => None,
+            }
+        };
+        let Some(outcome) = outcome else {
+            return unmap(held).await;
         };
         published.send_replace(None);
         match outcome {
@@ -66,7 +85,7 @@ pub(super) async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => return unmap(held).await,
         }
     }
 }
@@ -78,6 +97,7 @@ async fn session(
     cfg: &RendezvousConfig,
     advertised: Option<SocketAddr>,
     published: &watch::Sender<Option<Reachability>>,
+    held: &mut Option<portmap::Mapping>,
 ) -> Result<(), NatError> {
     let server = cfg.resolve().await?;
     let conn = rv::dial(endpoint, server, cfg.fingerprint, KEEP_ALIVE).await?;
@@ -111,11 +131,34 @@ async fn session(
     let mapped = if reach == Reach::Public {
         None
     } else {
-        match portmap::map_udp(local.port()).await {
+        // Renew the mapping held (same protocol, same request), else try them all,
+        // starting with the one that worked last.
+        let renewed = match held.as_ref() {
+            Some(m) => portmap::renew(m).await.map_err(|e| (e, Some(m.method))),
+            None => Err((portmap::PortMapError::NoGateway, None)),
+        };
+        let r = match renewed {
+            Ok(m) => Ok(m),
+            Err((_, prefer)) => {
+                // The router lost it or refuses to renew it: delete what may be left
+                // before asking anew, so no stale mapping outlives the daemon.
+                if let Some(old) = held.take() {
+                    let _ = tokio::time::timeout(UNMAP_FOR, portmap::unmap(&old)).await;
+                }
+                portmap::map_udp(local.port(), prefer).await
+            }
+        };
+        match r {
             Ok(m) => {
                 rv::encode_addr(m.public.into(), &mut body);
-                renew = Duration::from_secs(u64::from(m.lifetime / 2).max(30));
-                Some(SocketAddr::from(m.public))
+                body.push(m.method as u8);
+                // Renew at half the lifetime (a permanent UPnP mapping: once a day).
+                if m.lifetime > 0 {
+                    renew = Duration::from_secs(u64::from(m.lifetime / 2).max(30));
+                }
+                let seen = (SocketAddr::from(m.public), m.method);
+                *held = Some(m);
+                Some(seen)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "no port mapping from the router");
@@ -125,11 +168,12 @@ async fn session(
     };
     let hello = rv::signed(op::HELLO, &cfg.signer(), MessageKind::Rendezvous, &body);
     rv::request(&conn, &hello, Duration::from_secs(10)).await?;
-    tracing::info!(reach = reach.as_str(), public = %seen.addr, ?mapped, "reachable through the server's rendezvous");
+    tracing::info!(reach = reach.as_str(), public = %seen.addr, mapped = ?mapped.map(|m| m.0), by = mapped.map(|m| m.1.as_str()), "reachable through the server's rendezvous");
     published.send_replace(Some(Reachability {
         reach,
         public: seen.addr,
-        mapped,
+        mapped: mapped.map(|m| m.0),
+        mapped_by: mapped.map(|m| m.1),
     }));
     // A mapping is renewed by starting over (a new hello with what the router says then).
     let renewal = tokio::time::sleep(renew);
