@@ -13,6 +13,9 @@
 #      for peerstash, a cp -a out of the remounted mount for the others
 #   5. the mount process's peak RSS (VmHWM) over the whole run
 #   6. (plain and peerstash) rsync of the big file after changing 1% of it
+#   7. CPU time (user + system) of the target's own processes (the FUSE process, and for
+#      peerstash its peers and server too) per MiB, writing until durable and reading
+#      cold: what the machine spends, whatever else shares its cores
 # Usage: examples/bench-drive.sh [SIZE_MIB (default 1024)] [FILES (default 5000)]
 # BENCH_ERASURE=2+1 stores the drive erasure-coded instead of as 2 replicas.
 # BENCH_ONLY="plain peerstash" limits the columns. Needs root (drop_caches) and fuse3;
@@ -152,15 +155,31 @@ for i in range(n):
 PY
 BYTES=$((SIZE_MIB << 20))
 
+# CPU ticks (user + system) so far of every process whose command line names this
+# target's directory: its FUSE process and, for peerstash, the peers and server as well.
+stack_ticks() {
+  local sum=0 p
+  for p in $(pgrep -f "$W/$1/"); do
+    [ -r "/proc/$p/stat" ] && sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$sum"
+}
+cpu_per_mib() { # ticks before, ticks after → ms of CPU per MiB
+  echo "($2 - $1) * 1000 / $(getconf CLK_TCK) / $SIZE_MIB" | bc -l | xargs printf '%.1f'
+}
+
 declare -A R
 for t in $TARGETS; do
   echo "measuring $t…"
   drop_caches
   "${t}_up"
   # 1. big write
+  c0=$(stack_ticks "$t")
   t0=$(now); cp "$SRC/big.bin" "$MNT/"; t1=$(now); "${t}_durable"; t2=$(now)
+  c1=$(stack_ticks "$t")
   note_rss "$t" "$("${t}_pid")"
   R[$t,write]=$(mbps $BYTES "$t0" "$t1"); R[$t,write_durable]=$(mbps $BYTES "$t0" "$t2")
+  [ "$t" = plain ] || R[$t,write_cpu]=$(cpu_per_mib "$c0" "$c1")
   # 3. small files (before the remount, so the cold read below is cold for both)
   # rclone refuses chmod (cp -a says "preserving permissions … Input/output error"):
   # the contents are copied and checked below all the same.
@@ -170,9 +189,12 @@ for t in $TARGETS; do
   R[$t,small]=$(secs "$t0" "$t1"); R[$t,small_durable]=$(secs "$t0" "$t2")
   # 2. cold read
   "${t}_down"; drop_caches; "${t}_up"
+  c0=$(stack_ticks "$t")
   t0=$(now); cat "$MNT/big.bin" > /dev/null; t1=$(now)
+  c1=$(stack_ticks "$t")
   note_rss "$t" "$("${t}_pid")"
   R[$t,read]=$(mbps $BYTES "$t0" "$t1")
+  [ "$t" = plain ] || R[$t,read_cpu]=$(cpu_per_mib "$c0" "$c1")
   cmp "$SRC/big.bin" "$MNT/big.bin"
   # 4. everything back into an empty directory, cold
   "${t}_down"; drop_caches; "${t}_up"
@@ -221,6 +243,8 @@ row "cp -a $FILES × 4 KiB, until it returns" "s" small
 row "cp -a $FILES × 4 KiB, until durable" "s" small_durable
 row "everything back, cold (peerstash: restore)" "s" restore
 row "rsync after a 1% change, until durable" "s" rsync
+row "CPU per MiB written, until durable" "ms" write_cpu
+row "CPU per MiB read cold" "ms" read_cpu
 printf '%-46s' "mount process peak RSS"
 for t in $TARGETS; do
   if [ "$t" = plain ]; then printf ' %12s' "-"; else printf ' %12s' "$((${RSS[$t]:-0} / 1024)) MiB"; fi
