@@ -1536,3 +1536,62 @@ fn a_crash_mid_pack_loses_nothing_and_leaks_nothing() {
         assert_eq!(&read_file(&m, name).unwrap(), data, "{name} from storage");
     }
 }
+
+/// `cp -a` sets a copied file's times and permission bits while it still holds it open:
+/// they show at once, reach the index with the close, survive a restart, and an empty
+/// file opened with O_TRUNC keeps the times set on it though nothing was written.
+#[test]
+fn times_and_modes_set_while_writing_show_at_once_and_stick() {
+    use peerstash::drive::index::Ts;
+    use peerstash::drive::model::TimeSet;
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    let (t1, t2) = (
+        Ts {
+            sec: 1_500_000_000,
+            nsec: 7,
+        },
+        Ts {
+            sec: 1_400_000_000,
+            nsec: 9,
+        },
+    );
+    let set = |mode: u32, at: Ts| SetAttr {
+        mode: Some(mode),
+        atime: Some(TimeSet::At(at)),
+        mtime: Some(TimeSet::At(at)),
+        ..Default::default()
+    };
+    let fh = open_path(&m, "copied", true).unwrap();
+    m.write(fh, 0, b"some content").unwrap();
+    let ino = m.resolve(Path::new("copied")).unwrap().ino;
+    let a = m.setattr(ino, set(0o640, t1)).unwrap();
+    assert_eq!((a.perm, a.mtime, a.atime), (0o640, t1, t1));
+    let seen = m.getattr(ino).unwrap();
+    assert_eq!((seen.perm, seen.mtime, seen.atime), (0o640, t1, t1));
+    m.flush(fh).unwrap();
+    m.release(fh).unwrap();
+    // An empty file truncated on open, its times set, closed without a write.
+    write_file(&m, "empty", b"").unwrap();
+    let e = m.resolve(Path::new("empty")).unwrap().ino;
+    let fh = m.open(e, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    m.setattr(e, set(0o600, t2)).unwrap();
+    m.flush(fh).unwrap();
+    m.release(fh).unwrap();
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    m.shutdown();
+    let m = env.open();
+    let a = m.getattr(ino).unwrap();
+    assert_eq!(
+        (a.perm, a.mtime, a.atime),
+        (0o640, t1, t1),
+        "after a restart"
+    );
+    assert_eq!(read_file(&m, "copied").unwrap(), b"some content");
+    let a = m.getattr(e).unwrap();
+    assert_eq!(
+        (a.perm, a.mtime, a.atime),
+        (0o600, t2, t2),
+        "the empty file's"
+    );
+}

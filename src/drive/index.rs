@@ -521,6 +521,16 @@ pub fn seal_stage(
     Ok(())
 }
 
+/// Set a file's permission bits and atime (kept with a file being written until its seal).
+pub fn set_perm_atime(c: &Connection, ino: u64, perm: u16, atime: Ts) -> rusqlite::Result<()> {
+    exec(
+        c,
+        "UPDATE inodes SET perm = ?2, atime_s = ?3, atime_ns = ?4 WHERE ino = ?1",
+        params![ino as i64, perm, atime.sec, atime.nsec],
+    )?;
+    Ok(())
+}
+
 /// Keep a small closed file's content as stage `stage`, in the transaction that seals
 /// it: the record and the content become durable together, with no fsync of their own.
 pub fn put_stage_data(c: &Connection, stage: u64, data: &[u8]) -> rusqlite::Result<()> {

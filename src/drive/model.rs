@@ -263,6 +263,11 @@ pub(crate) struct Working {
     mtime: Ts,
     ctime: Ts,
     dirty: bool,
+    /// Permission bits and atime set while the file is open for writing: written with
+    /// the seal (a copied file's chmod and times cost no transaction of their own).
+    meta: Option<(u16, Ts)>,
+    /// Times or permissions changed since the last write to the index.
+    meta_dirty: bool,
     /// Bumped by every change; `synced` is the value last made durable (fsync of the
     /// staging file), so a close can sync without holding the model's lock.
     gen: u64,
@@ -455,6 +460,10 @@ impl State {
             a.size = w.size;
             a.mtime = w.mtime;
             a.ctime = w.ctime;
+            if let Some((perm, atime)) = w.meta {
+                a.perm = perm;
+                a.atime = atime;
+            }
         }
         Ok(a)
     }
@@ -750,11 +759,19 @@ impl Model {
             None => {}
         }
         a.ctime = set.ctime.unwrap_or(now);
+        let owner_kept = set.uid.is_none() && set.gid.is_none();
         if let Some(w) = st.working.get_mut(&ino) {
             // Keep size/mtime with the unclosed content: if we crash before close, the
             // old content keeps its old mtime (rsync compares size and mtime).
             w.mtime = a.mtime;
             w.ctime = a.ctime;
+            w.meta_dirty = true;
+            if owner_kept {
+                // Written at the close, with the content (as a crash would lose both).
+                w.meta = Some((a.perm, a.atime));
+                return Ok(a);
+            }
+            w.meta = None;
             let committed = index::get_attr(&st.db, ino)?.ok_or(FsError::NotFound)?;
             let mut b = a.clone();
             b.size = committed.size;
@@ -1364,6 +1381,8 @@ impl Model {
                     mtime: a.mtime,
                     ctime: a.ctime,
                     dirty: empty && a.size != 0,
+                    meta: None,
+                    meta_dirty: false,
                     gen: 1,
                     synced: 0,
                 },
@@ -1564,12 +1583,28 @@ impl Model {
         let Some(w) = st.working.get(&ino) else {
             return Ok(());
         };
-        if !w.dirty {
+        if !w.dirty && !w.meta_dirty {
             return Ok(());
         }
         let a = index::get_attr(&st.db, ino)?.ok_or(FsError::NotFound)?;
         if a.nlink == 0 {
             return Ok(()); // unlinked: nobody will ever read this content
+        }
+        if !w.dirty {
+            // Only times or permissions changed: no new content to stage.
+            let now = st.attr(ino)?;
+            index::put_attr(
+                &st.db,
+                &Attr {
+                    size: a.size,
+                    ..now
+                },
+            )?;
+            if let Some(w) = st.working.get_mut(&ino) {
+                w.meta = None;
+                w.meta_dirty = false;
+            }
+            return Ok(());
         }
         let inline = if w.size <= INLINE_MAX {
             let mut data = vec![0u8; w.size as usize];
@@ -1582,9 +1617,12 @@ impl Model {
             }
             None
         };
-        let (stage, size, mtime, ctime) = (w.stage, w.size, w.mtime, w.ctime);
+        let (stage, size, mtime, ctime, meta) = (w.stage, w.size, w.mtime, w.ctime, w.meta);
         let tx = index::write_tx(&st.db)?;
         index::seal_stage(&tx, ino, stage, size, mtime, ctime)?;
+        if let Some((perm, atime)) = meta {
+            index::set_perm_atime(&tx, ino, perm, atime)?;
+        }
         if let Some(data) = &inline {
             index::put_stage_data(&tx, stage, data)?;
         }
