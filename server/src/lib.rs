@@ -17,6 +17,8 @@ pub mod ratelimit;
 pub mod rendezvous;
 pub mod repair;
 pub mod secrets;
+#[doc(hidden)]
+pub mod sim;
 pub mod store;
 
 use std::collections::HashMap;
