@@ -15,12 +15,12 @@ fn desktops_at_two_replicas_lose_nothing_and_repair_every_departure() {
         tempfile::tempdir().unwrap()
     };
     let mut p = Params::new(200, 2.0, Model::DESKTOP, Redundancy::Replicas(2));
-    // Less data than the defaults, to keep it quick; three peers leave for good at set
+    // Less data than the defaults, to keep it quick; two peers leave for good at set
     // times on top of the model's (rare) departures, so that repair of a departure is
     // exercised every run.
     p.initial_chunks = 8;
     p.chunk_size = 1 << 20;
-    p.leave_at_h = vec![6.0, 16.0, 26.0];
+    p.leave_at_h = vec![4.0, 20.0];
     let r = sim::run(&p, dir.path()).unwrap();
     assert!(r.chunks_written > 1000, "{r:?}");
     assert!(r.departures > 0 && r.repairs_done > 0, "{r:?}");
