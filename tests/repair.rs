@@ -354,17 +354,14 @@ fn a_peer_that_deletes_what_it_holds_is_caught_by_audits_and_replaced() {
     );
 }
 
-/// The server's `/metrics` lines (its certificate is self-signed: python's unverified
-/// context, as curl -k would).
+/// The server's `/metrics` lines, from its metrics listener (plain HTTP, loopback).
 fn metric_lines(net: &Net) -> Vec<String> {
     let out = run(Command::new("python3")
         .arg("-c")
         .arg(
-            "import ssl,sys,urllib.request\n\
-         ctx=ssl._create_unverified_context()\n\
-         print(urllib.request.urlopen(sys.argv[1]+'/metrics',context=ctx).read().decode())",
+            "import sys,urllib.request\nprint(urllib.request.urlopen(sys.argv[1]).read().decode())",
         )
-        .arg(&net.url));
+        .arg(&net.metrics_url));
     out.lines().map(str::to_string).collect()
 }
 

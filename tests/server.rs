@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -29,6 +29,8 @@ const PASSWORD: &str = "correct horse battery";
 struct Server {
     proc: Proc,
     url: String,
+    /// Its metrics listener's `/metrics` (plain HTTP; empty with `--metrics-listen off`).
+    metrics_url: String,
     fingerprint: Fingerprint,
     data_dir: PathBuf,
 }
@@ -55,6 +57,9 @@ impl Server {
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped());
+        if !args.contains(&"--metrics-listen") {
+            cmd.args(["--metrics-listen", "127.0.0.1:0"]);
+        }
         let mut proc = Proc::spawn("peerstash-server", cmd);
         let stdout = proc.child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -64,8 +69,9 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
-        let (mut fp, mut url) = (None, None);
-        while fp.is_none() || url.is_none() {
+        let (mut fp, mut url, mut metrics_url) = (None, None, None);
+        let metrics_off = args.contains(&"off");
+        while fp.is_none() || url.is_none() || (metrics_url.is_none() && !metrics_off) {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("the server prints its fingerprint and address");
@@ -74,11 +80,14 @@ impl Server {
                 fp = Some(v.parse().unwrap());
             } else if let Some(v) = line.strip_prefix("listening: ") {
                 url = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("metrics: ") {
+                metrics_url = Some(v.to_string());
             }
         }
         Server {
             proc,
             url: url.unwrap(),
+            metrics_url: metrics_url.unwrap_or_default(),
             fingerprint: fp.unwrap(),
             data_dir: data_dir.to_path_buf(),
         }
@@ -111,9 +120,16 @@ impl Server {
         codes
     }
 
+    /// `/metrics`, from the metrics listener.
+    fn metrics(&self) -> String {
+        let (status, body) = http_get(&self.metrics_url);
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// One metric's value, summed over its label sets that contain `labels`.
     async fn metric(&self, name: &str, labels: &str) -> u64 {
-        let text = self.client().metrics().await.unwrap();
+        let text = self.metrics();
         text.lines()
             .filter(|l| !l.starts_with('#'))
             .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
@@ -121,6 +137,23 @@ impl Server {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
+}
+
+/// `GET url` in plain HTTP/1.0: (status, body).
+fn http_get(url: &str) -> (u16, String) {
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').expect("http://host/path");
+    let mut tcp = std::net::TcpStream::connect(host).unwrap();
+    write!(tcp, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
 }
 
 /// A registered peer, with its client and key.
@@ -1513,7 +1546,7 @@ async fn made_up_report_reasons_and_ids_do_not_grow_the_metrics() {
         })
         .await
         .unwrap();
-    let text = s.client().metrics().await.unwrap();
+    let text = s.metrics();
     let mut want = vec![
         format!(
             "peerstash_reports_total{{peer=\"{}\",kind=\"rejected\",reason=\"bad_mac\"}} 1",
@@ -1539,7 +1572,7 @@ async fn made_up_report_reasons_and_ids_do_not_grow_the_metrics() {
 
     // Another hundred new reasons and ids: the same five series, only the counts move.
     flood(&a, 100).await;
-    let text = s.client().metrics().await.unwrap();
+    let text = s.metrics();
     assert_eq!(series(&text).len(), 5);
     assert_eq!(
         s.metric("peerstash_reports_total", "peer=\"unknown\"")
@@ -1903,4 +1936,41 @@ async fn a_chunk_stored_but_never_confirmed_is_reconciled_away_and_nothing_live_
         .await
         .unwrap();
     assert_eq!(g.placements[0].target, holder.id);
+}
+
+/// `/metrics` is unauthenticated: it is served on its own address (loopback by default,
+/// `--metrics-listen`), not on the public one, unless `--public-metrics` says so.
+#[tokio::test]
+async fn metrics_are_served_on_their_own_address_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--open-registration"]);
+    assert!(
+        s.metrics_url.starts_with("http://127.0.0.1:"),
+        "{}",
+        s.metrics_url
+    );
+    assert!(s.metrics().contains("peerstash_peers_registered"));
+    let health = http_get(&s.metrics_url.replace("/metrics", "/healthz"));
+    assert_eq!(health, (200, "ok\n".to_string()));
+    assert_eq!(
+        http_get(&s.metrics_url.replace("/metrics", "/v1/put")).0,
+        404
+    );
+    let public = s.client().metrics().await.unwrap();
+    assert!(
+        public.contains("not_found") && !public.contains("peerstash_"),
+        "{public}"
+    );
+    drop(s);
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--public-metrics"]);
+    let public = s.client().metrics().await.unwrap();
+    assert!(public.contains("peerstash_peers_registered"), "{public}");
+    drop(s);
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--metrics-listen", "off"]);
+    assert!(s.metrics_url.is_empty());
+    assert!(s.client().metrics().await.unwrap().contains("not_found"));
 }

@@ -107,6 +107,56 @@ fn spawn_sweeper(st: Arc<State>) {
     });
 }
 
+/// The Prometheus text of `/metrics`.
+async fn metrics(st: &Arc<State>) -> Result<Resp, Refusal> {
+    let s = st.clone();
+    let figures = blocking(move || {
+        let cutoff = now_ms().saturating_sub(s.cfg.online_timeout_secs * 1000);
+        Ok(s.store.lock().expect("not poisoned").figures(cutoff)?)
+    })
+    .await?;
+    let mut m = st.metrics.render(&figures);
+    st.rendezvous.render(&mut m);
+    Ok(text(m, "text/plain; version=0.0.4"))
+}
+
+/// Serve `GET /metrics` and `GET /healthz`, in plain HTTP, on `listener` (the
+/// `--metrics-listen` address: loopback by default, since nothing here is
+/// authenticated). Everything else is 404.
+pub async fn serve_metrics(state: Arc<State>, listener: TcpListener) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept (metrics): {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let st = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let st = st.clone();
+                async move {
+                    let p = req.uri().path().to_string();
+                    let r = match (req.method() == Method::GET, p.as_str()) {
+                        (true, path::METRICS) => metrics(&st).await,
+                        (true, path::HEALTHZ) => Ok(text("ok\n".into(), "text/plain")),
+                        _ => Err(not_found(&p)),
+                    };
+                    Ok::<_, Infallible>(r.unwrap_or_else(|e| json(e.status, &e.body())))
+                }
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            if let Err(e) = b.serve_connection(TokioIo::new(tcp), svc).await {
+                tracing::debug!(%remote, "metrics connection: {e}");
+            }
+        });
+    }
+}
+
 fn route_name(p: &str) -> &'static str {
     match p {
         path::REGISTER => path::REGISTER,
@@ -281,22 +331,8 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
     if method == Method::GET {
         return match p.as_str() {
             path::HEALTHZ => Ok(text("ok\n".into(), "text/plain")),
-            path::METRICS => {
-                let s = st.clone();
-                let figures = blocking(move || {
-                    let cutoff = now_ms().saturating_sub(s.cfg.online_timeout_secs * 1000);
-                    Ok(s.store.lock().expect("not poisoned").figures(cutoff)?)
-                })
-                .await?;
-                Ok(text(
-                    {
-                        let mut m = st.metrics.render(&figures);
-                        st.rendezvous.render(&mut m);
-                        m
-                    },
-                    "text/plain; version=0.0.4",
-                ))
-            }
+            // Unauthenticated: on the public address only when the operator says so.
+            path::METRICS if st.cfg.public_metrics => metrics(st).await,
             _ => Err(not_found(&p)),
         };
     }

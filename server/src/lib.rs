@@ -17,6 +17,8 @@ pub mod ratelimit;
 pub mod rendezvous;
 pub mod repair;
 pub mod secrets;
+#[doc(hidden)]
+pub mod sim;
 pub mod store;
 
 use std::collections::HashMap;
@@ -54,6 +56,8 @@ pub mod files {
 /// minutes), so a peer holding a dozen chunks sees a few audits an hour.
 pub const DEFAULT_AUDIT_INTERVAL_SECS: u64 = 6 * 3600;
 
+/// Where `/metrics` is served by default: loopback only, since it is unauthenticated.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 /// Default starting quota (1 GiB): what a new peer may store before the audits show it
 /// holds anything for others. Someone has to store first for anyone to earn.
 pub const DEFAULT_QUOTA_GRACE: u64 = 1 << 30;
@@ -107,6 +111,10 @@ pub struct Config {
     pub audit_interval_secs: u64,
     /// The relay of last resort for peers behind NAT.
     pub relay: rendezvous::RelayLimits,
+    /// Where `/metrics` is served in plain HTTP (None: nowhere of its own).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve `/metrics` on the public listener too (unauthenticated).
+    pub public_metrics: bool,
 }
 
 impl Config {
@@ -132,6 +140,8 @@ impl Config {
             reconcile_interval_secs: 3600,
             orphan_grace_secs: 86400,
             audit_interval_secs: DEFAULT_AUDIT_INTERVAL_SECS,
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid address")),
+            public_metrics: false,
             relay: rendezvous::RelayLimits::default(),
         }
     }

@@ -100,8 +100,30 @@ struct Cli {
     /// port, printed at start).
     #[arg(long, default_value_t = 0)]
     probe_port: u16,
+    /// Where to serve `/metrics` (and `/healthz`) in plain HTTP, or `off`. It is
+    /// unauthenticated: keep it on loopback or a private network. Port 0 picks a free
+    /// port; the chosen address is printed.
+    #[arg(long, default_value = peerstash_server::DEFAULT_METRICS_LISTEN, value_parser = parse_metrics_listen)]
+    metrics_listen: MetricsListen,
+    /// Also serve `/metrics` on the public --listen address, unauthenticated, as
+    /// releases before --metrics-listen did.
+    #[arg(long)]
+    public_metrics: bool,
     #[command(subcommand)]
     command: Option<Cmd>,
+}
+
+/// A `--metrics-listen` value: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MetricsListen(Option<SocketAddr>);
+
+fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
+    if s == "off" {
+        return Ok(MetricsListen(None));
+    }
+    s.parse()
+        .map(|a| MetricsListen(Some(a)))
+        .map_err(|_| format!("{s:?} is neither an address (127.0.0.1:9464) nor off"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -258,6 +280,8 @@ fn main() -> anyhow::Result<()> {
         reconcile_interval_secs: cli.reconcile_interval,
         orphan_grace_secs: cli.orphan_grace.max(1),
         audit_interval_secs: cli.audit_interval,
+        metrics_listen: cli.metrics_listen.0,
+        public_metrics: cli.public_metrics,
         relay: peerstash_server::rendezvous::RelayLimits {
             sessions: cli.relay_sessions,
             rate: cli.relay_rate,
@@ -292,6 +316,22 @@ fn main() -> anyhow::Result<()> {
             out.flush()?;
         }
         let state = Arc::new(state);
+        // The metrics listener is for the operator's monitoring: a busy port there is a
+        // warning, not a reason to keep peers from their server.
+        if let Some(at) = state.cfg.metrics_listen {
+            match tokio::net::TcpListener::bind(at).await {
+                Ok(l) => {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "metrics: http://{}{}", l.local_addr()?, peerstash::api::path::METRICS)?;
+                    out.flush()?;
+                    if !at.ip().is_loopback() {
+                        tracing::warn!(%at, "/metrics is unauthenticated and served beyond loopback");
+                    }
+                    tokio::spawn(http::serve_metrics(state.clone(), l));
+                }
+                Err(e) => tracing::warn!(%at, error = %e, "no /metrics listener (pick --metrics-listen, or off)"),
+            }
+        }
         // QUIC for peers behind NAT, on the same port number over UDP; the server works
         // without it (peers then need public addresses), so a busy port is a warning.
         match peerstash_server::rendezvous::start(state.clone(), addr, state.cfg.relay) {

@@ -21,7 +21,7 @@ use crate::placement::{self, Candidate, Shortfall, Want};
 mod audit;
 mod repair;
 pub use audit::{AuditRecord, AuditTarget, Standing, Verdict};
-pub use repair::{RepairPlan, RepairScan};
+pub use repair::{RepairPlan, RepairScan, SCAN_BATCH};
 
 /// Transaction ids are reserved in blocks of this size: the high-water mark on disk is
 /// always above every id handed out, so ids never repeat, even across a crash.
@@ -439,6 +439,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        conn.execute_batch(repair::SCHEMA)?;
         let hwm: i64 = conn
             .query_row("SELECT value FROM meta WHERE key = 'txid_hwm'", [], |r| {
                 r.get(0)

@@ -96,6 +96,8 @@ impl Drop for Mount {
 pub struct Net {
     pub dir: tempfile::TempDir,
     pub url: String,
+    /// Where the server serves `/metrics` (plain HTTP, loopback).
+    pub metrics_url: String,
     pub fingerprint: String,
     pub password: PathBuf,
     pub _server: Proc,
@@ -103,11 +105,12 @@ pub struct Net {
     pub peers: Vec<Proc>,
 }
 
-fn spawn_server(dir: &Path, listen: &str, args: &[&str]) -> Proc {
+fn spawn_server(dir: &Path, listen: &str, metrics: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("peerstash-server"));
     cmd.arg("--data-dir")
         .arg(dir.join("server"))
         .args(["--listen", listen, "--open-registration"])
+        .args(["--metrics-listen", metrics])
         .args(args)
         .stdout(Stdio::piped());
     Proc::spawn("server", cmd)
@@ -120,7 +123,7 @@ impl Net {
 
     pub fn start_with(peers: usize, server_args: &[&str]) -> Net {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = spawn_server(dir.path(), "127.0.0.1:0", server_args);
+        let mut server = spawn_server(dir.path(), "127.0.0.1:0", "127.0.0.1:0", server_args);
         let out = server.child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -128,8 +131,9 @@ impl Net {
                 let _ = tx.send(line);
             }
         });
-        let (mut fingerprint, mut url) = (String::new(), String::new());
-        while fingerprint.is_empty() || url.is_empty() {
+        let (mut fingerprint, mut url, mut metrics_url) =
+            (String::new(), String::new(), String::new());
+        while fingerprint.is_empty() || url.is_empty() || metrics_url.is_empty() {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("server start-up lines");
@@ -137,6 +141,8 @@ impl Net {
                 fingerprint = f.trim().to_string();
             } else if let Some(u) = line.strip_prefix("listening: ") {
                 url = u.trim().to_string();
+            } else if let Some(u) = line.strip_prefix("metrics: ") {
+                metrics_url = u.trim().to_string();
             }
         }
         let password = dir.path().join("password");
@@ -144,6 +150,7 @@ impl Net {
         let mut net = Net {
             dir,
             url,
+            metrics_url,
             fingerprint,
             password,
             _server: server,
@@ -180,7 +187,13 @@ impl Net {
             .trim_start_matches("https://")
             .trim_end_matches('/');
         let args: Vec<&str> = self.server_args.iter().map(String::as_str).collect();
-        self._server = spawn_server(self.dir.path(), addr, &args);
+        let metrics = self
+            .metrics_url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or("127.0.0.1:0");
+        self._server = spawn_server(self.dir.path(), addr, metrics, &args);
         let out = self._server.child.stdout.take().unwrap();
         std::thread::spawn(move || for _ in BufReader::new(out).lines().map_while(Result::ok) {});
     }

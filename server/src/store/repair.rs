@@ -10,13 +10,53 @@
 //! holder's location goes, and it is told to drop its copy if it ever comes back. An order
 //! that fails simply expires with its token, and the next scan queues the repair again.
 
-use std::collections::HashMap;
-
 use peerstash::api::StripeRef;
 use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
 use rusqlite::{params, OptionalExtension};
 
 use super::{blob32, peer_row, pid, reserve_txids, to_pid, Planned, Policy, Store, PEER_COLS};
+
+/// Tables of the incremental scan (created with the rest of the schema).
+///
+/// `repair_cursors` holds one row per lost holder: how far the scan has read its
+/// locations, in `(chunk, owner)` order (the `locations_by_holder` index), and the
+/// `last_seen_ms` it had when found lost, so a holder that came back and left again
+/// (and may hold new locations) is read again from the start. The partial index keeps
+/// the locations that failed an audit, on holders that are not lost, cheap to find; the
+/// last lets a heartbeat take the oldest repairs without sorting the whole queue.
+///
+/// `repair_ready` is the part of the queue that had a live copy to read (or is a shard,
+/// rebuilt from others) at the last scan, oldest first: what heartbeats hand out. The
+/// scan rebuilds it, so each heartbeat reads only repairs it can likely give, instead of
+/// walking past every repair whose holders are all offline (under heavy churn, most of
+/// the queue) on every heartbeat of every peer.
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS repair_cursors (
+    holder INTEGER PRIMARY KEY,
+    seen_ms INTEGER NOT NULL,
+    after_chunk BLOB NOT NULL,
+    after_owner INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS locations_audit_failed ON locations (holder)
+    WHERE audit_failed != 0;
+CREATE INDEX IF NOT EXISTS repairs_by_age ON repairs (queued_ms);
+CREATE TABLE IF NOT EXISTS repair_ready (
+    owner INTEGER NOT NULL,
+    chunk BLOB NOT NULL,
+    replaces INTEGER NOT NULL,
+    queued_ms INTEGER NOT NULL,
+    PRIMARY KEY (owner, chunk, replaces)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repair_ready_by_age ON repair_ready (queued_ms);
+";
+
+/// Most locations of lost holders one scan reads: the scan holds the store's lock, so a
+/// holder with a million chunks is read over several scans instead of in one long stall.
+pub const SCAN_BATCH: usize = 20_000;
+
+/// Which holders count as lost: silent since `?1`, or suspended or disqualified.
+const LOST: &str = "(p.last_seen_ms < ?1 OR p.standing != 0)";
 
 /// A live holder: id, address, certificate fingerprint.
 type Source = (i64, String, Vec<u8>);
@@ -53,8 +93,63 @@ pub struct RepairScan {
     pub queued: usize,
     /// Repairs waiting for a peer to take them (after this scan).
     pub waiting: usize,
-    /// Distinct chunks with fewer online holders than their owner's target.
+    /// Distinct chunks short of a holder with a repair queued or under way.
     pub below_target: usize,
+    /// Locations of lost holders this scan read (each is read once per time its holder
+    /// is lost).
+    pub read: usize,
+}
+
+/// The copies a location's chunk wants (`l` a location, `o` its owner's peer row): one
+/// for a shard of a stripe, the owner's replica target otherwise.
+const WANT: &str = "CASE WHEN EXISTS (SELECT 1 FROM stripe_shards s
+                                     WHERE s.owner = l.owner AND s.shard = l.chunk)
+                        THEN 1 ELSE o.replicas END";
+
+/// Queue a repair for each lost location in `todo` (owner, chunk, lost holder, size,
+/// copies wanted) whose chunk's online holders, copies under way and repairs already
+/// queued fall short of what it wants, unless one is queued for that holder already.
+/// Returns how many it queued.
+fn queue_short(
+    tx: &rusqlite::Transaction<'_>,
+    todo: &[(i64, Vec<u8>, i64, i64, i64)],
+    policy: &Policy,
+) -> rusqlite::Result<usize> {
+    let now_s = (policy.now_ms / 1000) as i64;
+    let online = policy.online_cutoff_ms as i64;
+    let mut live = tx.prepare_cached(
+        "SELECT COUNT(*) FROM locations l JOIN peers p ON p.id = l.holder
+         WHERE l.owner = ?1 AND l.chunk = ?2 AND p.last_seen_ms >= ?3
+           AND l.audit_failed = 0 AND p.standing = 0",
+    )?;
+    let mut under_way = tx.prepare_cached(
+        "SELECT COUNT(*) FROM pending
+         WHERE owner = ?1 AND chunk = ?2 AND expires_s > ?3 AND replaces IS NOT NULL",
+    )?;
+    let mut queued = tx.prepare_cached(
+        "SELECT COUNT(*), COALESCE(SUM(replaces = ?3), 0) FROM repairs
+         WHERE owner = ?1 AND chunk = ?2",
+    )?;
+    let mut queue = tx.prepare_cached(
+        "INSERT INTO repairs (owner, chunk, replaces, size, queued_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut n = 0;
+    for (owner, chunk, holder, size, want) in todo {
+        let l: i64 = live.query_row(params![owner, chunk, online], |r| r.get(0))?;
+        if l >= *want {
+            continue;
+        }
+        let u: i64 = under_way.query_row(params![owner, chunk, now_s], |r| r.get(0))?;
+        let (q, mine): (i64, i64) = queued.query_row(params![owner, chunk, holder], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        if mine == 0 && l + u + q < *want {
+            queue.execute(params![owner, chunk, holder, size, policy.now_ms as i64])?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 impl Store {
@@ -63,13 +158,28 @@ impl Store {
     /// holder — whose chunk has fewer online holders (seen since
     /// `policy.online_cutoff_ms`) plus copies under way than its owner's target; forget
     /// queued repairs that are moot (the holder came back, or the chunk was released).
+    ///
+    /// Incremental: each lost holder's locations are read once, in batches of at most
+    /// [`SCAN_BATCH`] a scan, behind a cursor ([`SCHEMA`]); later scans read only what is
+    /// new: holders newly lost, locations that failed an audit, and repair orders whose
+    /// token expired unconfirmed (queued again while their location is still lost).
     pub fn scan_repairs(
         &mut self,
         lost_before_ms: u64,
         policy: &Policy,
     ) -> rusqlite::Result<RepairScan> {
+        self.scan_repairs_bounded(lost_before_ms, policy, SCAN_BATCH)
+    }
+
+    /// [`Store::scan_repairs`] reading at most `batch` locations of lost holders.
+    pub fn scan_repairs_bounded(
+        &mut self,
+        lost_before_ms: u64,
+        policy: &Policy,
+        batch: usize,
+    ) -> rusqlite::Result<RepairScan> {
         let now_s = (policy.now_ms / 1000) as i64;
-        let online = policy.online_cutoff_ms as i64;
+        let lost_before = lost_before_ms as i64;
         let tx = self.conn.transaction()?;
         tx.execute(
             // Moot: the replaced location is gone, or no longer lost (its holder is back
@@ -79,63 +189,112 @@ impl Store {
                 WHERE l.owner = repairs.owner AND l.chunk = repairs.chunk
                   AND l.holder = repairs.replaces
                   AND (l.audit_failed != 0 OR p.last_seen_ms < ?1 OR p.standing != 0))",
-            [lost_before_ms as i64],
+            [lost_before],
         )?;
-        let lost: Vec<(i64, Vec<u8>, i64, i64, i64)> = {
-            let mut st = tx.prepare(
-                "SELECT l.owner, l.chunk, l.holder, l.size,
-                        CASE WHEN EXISTS (SELECT 1 FROM stripe_shards s
-                                          WHERE s.owner = l.owner AND s.shard = l.chunk)
-                             THEN 1 ELSE o.replicas END
-                 FROM peers p JOIN locations l ON l.holder = p.id
-                 JOIN peers o ON o.id = l.owner
-                 WHERE p.last_seen_ms < ?1 OR l.audit_failed != 0 OR p.standing != 0",
-            )?;
-            let rows = st.query_map([lost_before_ms as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
+        // Cursors: gone for holders that are back; (re)started for holders newly lost.
+        tx.execute(
+            &format!(
+                "DELETE FROM repair_cursors WHERE holder NOT IN
+                   (SELECT p.id FROM peers p WHERE {LOST})"
+            ),
+            [lost_before],
+        )?;
+        tx.execute(
+            &format!(
+                "INSERT OR REPLACE INTO repair_cursors (holder, seen_ms, after_chunk, after_owner)
+                 SELECT p.id, p.last_seen_ms, X'', -9223372036854775808 FROM peers p
+                 LEFT JOIN repair_cursors c ON c.holder = p.id
+                 WHERE {LOST} AND (c.holder IS NULL OR c.seen_ms != p.last_seen_ms)"
+            ),
+            [lost_before],
+        )?;
+        // What to look at: (owner, chunk, lost holder, size, copies wanted).
+        let mut todo: Vec<(i64, Vec<u8>, i64, i64, i64)> = Vec::new();
         let mut scan = RepairScan::default();
         {
-            let mut live = tx.prepare_cached(
-                "SELECT COUNT(*) FROM locations l JOIN peers p ON p.id = l.holder
-                 WHERE l.owner = ?1 AND l.chunk = ?2 AND p.last_seen_ms >= ?3
-                   AND l.audit_failed = 0 AND p.standing = 0",
+            let cursors: Vec<(i64, Vec<u8>, i64)> = {
+                let mut st = tx.prepare_cached(
+                    "SELECT holder, after_chunk, after_owner FROM repair_cursors
+                     WHERE done = 0 ORDER BY holder",
+                )?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut read = tx.prepare_cached(&format!(
+                "SELECT l.owner, l.chunk, l.size, {WANT} FROM locations l
+                 JOIN peers o ON o.id = l.owner
+                 WHERE l.holder = ?1 AND (l.chunk, l.owner) > (?2, ?3)
+                 ORDER BY l.chunk, l.owner LIMIT ?4"
+            ))?;
+            let mut advance = tx.prepare_cached(
+                "UPDATE repair_cursors SET after_chunk = ?2, after_owner = ?3, done = ?4
+                 WHERE holder = ?1",
             )?;
-            let mut under_way = tx.prepare_cached(
-                "SELECT COUNT(*) FROM pending
-                 WHERE owner = ?1 AND chunk = ?2 AND expires_s > ?3 AND replaces IS NOT NULL",
-            )?;
-            let mut queued = tx.prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(replaces = ?3), 0) FROM repairs
-                 WHERE owner = ?1 AND chunk = ?2",
-            )?;
-            let mut queue = tx.prepare_cached(
-                "INSERT INTO repairs (owner, chunk, replaces, size, queued_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            let mut below: HashMap<(i64, Vec<u8>), ()> = HashMap::new();
-            for (owner, chunk, holder, size, want) in lost {
-                let l: i64 = live.query_row(params![owner, chunk, online], |r| r.get(0))?;
-                if l >= want {
-                    continue;
+            for (holder, after_chunk, after_owner) in cursors {
+                let room = batch - scan.read;
+                if room == 0 {
+                    break;
                 }
-                below.insert((owner, chunk.clone()), ());
-                let u: i64 = under_way.query_row(params![owner, chunk, now_s], |r| r.get(0))?;
-                let (q, mine): (i64, i64) = queued
-                    .query_row(params![owner, chunk, holder], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })?;
-                if mine == 0 && l + u + q < want {
-                    queue.execute(params![owner, chunk, holder, size, policy.now_ms as i64])?;
-                    scan.queued += 1;
-                }
+                let rows: Vec<(i64, Vec<u8>, i64, i64)> = read
+                    .query_map(
+                        params![holder, after_chunk, after_owner, room as i64],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )?
+                    .collect::<rusqlite::Result<_>>()?;
+                scan.read += rows.len();
+                let done = rows.len() < room;
+                let (last_chunk, last_owner) = match rows.last() {
+                    Some((o, c, ..)) => (c.clone(), *o),
+                    None => (after_chunk, after_owner),
+                };
+                advance.execute(params![holder, last_chunk, last_owner, done])?;
+                todo.extend(
+                    rows.into_iter()
+                        .map(|(owner, chunk, size, want)| (owner, chunk, holder, size, want)),
+                );
             }
-            scan.below_target = below.len();
+            // Failed audits on holders that are not lost (a lost one's cursor covers it),
+            // and expired orders whose location is still lost: both few, read each scan.
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT l.owner, l.chunk, l.holder, l.size, {WANT} FROM locations l
+                 JOIN peers p ON p.id = l.holder JOIN peers o ON o.id = l.owner
+                 WHERE l.audit_failed != 0 AND NOT {LOST}
+                 UNION
+                 SELECT l.owner, l.chunk, l.holder, l.size, {WANT} FROM pending q
+                 JOIN locations l ON l.owner = q.owner AND l.chunk = q.chunk
+                   AND l.holder = q.replaces
+                 JOIN peers p ON p.id = l.holder JOIN peers o ON o.id = l.owner
+                 WHERE q.replaces IS NOT NULL AND q.expires_s <= ?2
+                   AND (l.audit_failed != 0 OR {LOST})"
+            ))?;
+            let rows = st.query_map(params![lost_before, now_s], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            for row in rows {
+                todo.push(row?);
+            }
         }
+        scan.queued = queue_short(&tx, &todo, policy)?;
+        tx.execute("DELETE FROM repair_ready", [])?;
+        tx.execute(
+            "INSERT INTO repair_ready (owner, chunk, replaces, queued_ms)
+             SELECT r.owner, r.chunk, r.replaces, r.queued_ms FROM repairs r
+             WHERE EXISTS (SELECT 1 FROM locations l JOIN peers p ON p.id = l.holder
+                           WHERE l.owner = r.owner AND l.chunk = r.chunk
+                             AND p.last_seen_ms >= ?1 AND l.audit_failed != 1
+                             AND p.standing < 2)
+                OR EXISTS (SELECT 1 FROM stripe_shards s
+                           WHERE s.owner = r.owner AND s.shard = r.chunk)",
+            [policy.online_cutoff_ms as i64],
+        )?;
         scan.waiting =
             tx.query_row("SELECT COUNT(*) FROM repairs", [], |r| r.get::<_, i64>(0))? as usize;
+        scan.below_target = tx.query_row(
+            "SELECT COUNT(*) FROM (SELECT owner, chunk FROM repairs UNION
+               SELECT owner, chunk FROM pending WHERE replaces IS NOT NULL AND expires_s > ?1)",
+            [now_s],
+            |r| r.get::<_, i64>(0),
+        )? as usize;
         tx.commit()?;
         Ok(scan)
     }
@@ -173,7 +332,9 @@ impl Store {
             .saturating_sub(pending_held);
         let candidates: Vec<(i64, Vec<u8>, i64, i64)> = {
             let mut st = tx.prepare_cached(
-                "SELECT r.owner, r.chunk, r.replaces, r.size FROM repairs r
+                "SELECT r.owner, r.chunk, r.replaces, r.size FROM repair_ready rr
+                 JOIN repairs r ON r.owner = rr.owner AND r.chunk = rr.chunk
+                   AND r.replaces = rr.replaces
                  WHERE r.owner != ?1
                    AND NOT EXISTS (SELECT 1 FROM locations l WHERE l.owner = r.owner
                                    AND l.chunk = r.chunk AND l.holder = ?1)
@@ -182,10 +343,12 @@ impl Store {
                    AND NOT EXISTS (SELECT 1 FROM universal_grants g WHERE g.chunk = r.chunk
                                    AND g.holder = ?1 AND g.requester != r.owner
                                    AND g.expires_s >= ?3)
-                 ORDER BY r.queued_ms LIMIT ?2",
+                 ORDER BY rr.queued_ms LIMIT ?2",
             )?;
             // Like a put's placements: not where another peer's universal grant could
-            // read the copy.
+            // read the copy. From the ready part of the queue (see SCHEMA): the oldest
+            // repairs are often those whose every holder is offline, and they must
+            // neither fill the window and starve the rest nor be read each heartbeat.
             let live = now_s - super::TOKEN_SKEW_S as i64;
             let rows = st.query_map(params![pid(target), (max * 4) as i64, live], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
@@ -309,6 +472,9 @@ impl Store {
             let mut dequeue = tx.prepare_cached(
                 "DELETE FROM repairs WHERE owner = ?1 AND chunk = ?2 AND replaces = ?3",
             )?;
+            let mut unready = tx.prepare_cached(
+                "DELETE FROM repair_ready WHERE owner = ?1 AND chunk = ?2 AND replaces = ?3",
+            )?;
             for (owner, chunk, replaces, size, sourcing) in chosen {
                 let put_txid = txid();
                 ins.execute(params![
@@ -321,6 +487,7 @@ impl Store {
                     replaces
                 ])?;
                 dequeue.execute(params![owner, chunk, replaces])?;
+                unready.execute(params![owner, chunk, replaces])?;
                 super::expect_on(&tx, pid(target), &chunk)?;
                 let id = ChunkId(blob32(chunk));
                 let grants = vec![(id, size as u32)];
@@ -354,6 +521,18 @@ impl Store {
         self.next_txid = r.next;
         self.txid_hwm = r.hwm;
         Ok(out)
+    }
+
+    /// Committed locations on `holder` (a peer that left for good should have none once
+    /// its chunks are repaired; the churn simulation checks this).
+    pub fn locations_on(&self, holder: PeerId) -> rusqlite::Result<u64> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM locations WHERE holder = ?1",
+                [pid(holder)],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
     }
 
     /// An owner's durability: (chunks stored, chunks below target, its replica target).
@@ -582,6 +761,87 @@ mod tests {
         assert_eq!(queued(&s), 0);
         assert!(!beat(&mut s, h, t0).contains(&d.id));
         assert!(s.unknown_on(h, &[d.id]).unwrap().is_empty());
+    }
+
+    /// The scan is incremental: a lost holder's locations are read once, in bounded
+    /// batches, each getting exactly one repair over the passes; a later scan reads none
+    /// of them again, yet an order whose token expired unconfirmed is queued again.
+    #[test]
+    fn a_lost_holder_is_read_once_in_batches_and_nothing_is_skipped() {
+        let (_dir, mut s, owner, ps, t0) = four_peers_and_an_owner();
+        let chunks: Vec<ChunkRef> = (0..25u8)
+            .map(|i| ChunkRef {
+                id: ChunkId([i + 1; 32]),
+                size: 1000,
+            })
+            .collect();
+        // Two replicas, on ps[0] and ps[1] only.
+        let plan = s.put(owner, &chunks, 2, &ps[2..], &policy(t0)).unwrap();
+        for p in &plan.placements {
+            let ids: Vec<ChunkId> = p.grants.iter().map(|g| g.0).collect();
+            s.confirm(p.target, p.txid, &ids).unwrap();
+        }
+        let lost = ps[0];
+        let t1 = t0 + 3_600_000;
+        for p in &ps[1..] {
+            beat(&mut s, *p, t1);
+        }
+        let pol = policy(t1);
+        let mut passes = Vec::new();
+        loop {
+            let scan = s.scan_repairs_bounded(t1 - 600_000, &pol, 10).unwrap();
+            passes.push((scan.read, scan.queued));
+            if scan.read == 0 {
+                break;
+            }
+        }
+        assert_eq!(passes, vec![(10, 10), (10, 10), (5, 5), (0, 0)]);
+        let queued: Vec<(Vec<u8>, i64)> = {
+            let mut st = s
+                .conn
+                .prepare("SELECT chunk, replaces FROM repairs ORDER BY chunk")
+                .unwrap();
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let want: Vec<(Vec<u8>, i64)> = chunks
+            .iter()
+            .map(|c| (c.id.0.to_vec(), pid(lost)))
+            .collect();
+        assert_eq!(queued, want, "every chunk of the lost holder, once");
+
+        // An order handed out and never confirmed: once its token expires, the next scan
+        // queues it again without reading the lost holder's locations again.
+        let orders = s.take_repairs(ps[2], &pol, 1).unwrap();
+        assert_eq!(orders.len(), 1);
+        let t2 = t1 + 700_000;
+        for p in &ps[1..] {
+            beat(&mut s, *p, t2);
+        }
+        let scan = s
+            .scan_repairs_bounded(t2 - 600_000, &policy(t2), 10)
+            .unwrap();
+        assert_eq!((scan.read, scan.queued, scan.waiting), (0, 1, 25));
+        assert_eq!(s.scan_repairs(t2 - 600_000, &policy(t2)).unwrap().queued, 0);
+
+        // Back, then lost again: read again from the start (it may hold new chunks), but
+        // nothing already queued is queued twice.
+        beat(&mut s, lost, t2);
+        let back = s.scan_repairs(t2 - 600_000, &policy(t2)).unwrap();
+        assert_eq!((back.read, back.waiting), (0, 0));
+        let t3 = t2 + 3_600_000;
+        for p in &ps[1..] {
+            beat(&mut s, *p, t3);
+        }
+        let scan = s.scan_repairs(t3 - 600_000, &policy(t3)).unwrap();
+        assert_eq!(scan.read, 25);
+        assert_eq!(
+            scan.queued, 25,
+            "queued again: the first ones went when it came back"
+        );
+        assert_eq!(s.scan_repairs(t3 - 600_000, &policy(t3)).unwrap().read, 0);
     }
 
     /// The whole life of a repair in the database: a holder is lost, the chunk is queued
