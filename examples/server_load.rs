@@ -160,6 +160,8 @@ async fn main() {
         .args(["--auth-burst", "100000", "--auth-per-minute", "100000"])
         // The simulated peers run no daemon to answer audits: the quota follows `--lend`.
         .args(["--audit-interval", "0"])
+        // Its figures are read over the simulated peers' own connection.
+        .args(["--public-metrics", "--metrics-listen", "off"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

@@ -366,6 +366,8 @@ fn start_server(mut cmd: Command, dir: &Path, listen: &str) -> Server {
     cmd.arg("--data-dir")
         .arg(dir.join("server"))
         .args(["--listen", listen, "--open-registration"])
+        // Read from inside the server's namespace, on the address the peers use.
+        .arg("--public-metrics")
         .stdout(Stdio::piped());
     let mut proc = Proc::spawn("server", cmd);
     let out = proc.child.stdout.take().unwrap();
@@ -990,7 +992,7 @@ fn rendezvous_of(home: &Path) -> rv::RendezvousConfig {
 
 #[test]
 fn forged_or_replayed_rendezvous_and_relay_messages_are_refused() {
-    let net = common::net::Net::start(1);
+    let net = common::net::Net::start_with(1, &["--public-metrics"]);
     let peer = net.home("peer-0");
     let pcfg = Home::new(&peer).load_config().unwrap();
     let target = pcfg.peer_id;
