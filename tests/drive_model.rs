@@ -1595,3 +1595,48 @@ fn times_and_modes_set_while_writing_show_at_once_and_stick() {
         "the empty file's"
     );
 }
+
+/// A file being written stays in memory while small and moves to a staging file once it
+/// grows past 64 KiB: what was written before the move (holes included) is kept, reads
+/// before the close see every write, and a truncate back down and regrowth read right.
+#[test]
+fn a_small_file_moves_to_disk_as_it_grows_and_loses_nothing() {
+    let env = Env::new(1 << 40);
+    let m = env.open();
+    let staged = || fs::read_dir(env.state.join("staging")).unwrap().count();
+    let fh = open_path(&m, "growing", true).unwrap();
+    let (a, b) = (bytes(41, 40_000), bytes(42, 20_000));
+    m.write(fh, 0, &a).unwrap();
+    assert_eq!(staged(), 0, "a 40 KB file being written is kept in memory");
+    m.write(fh, 60_000, &b).unwrap();
+    assert_eq!(staged(), 1, "past 64 KiB it has a staging file");
+    let mut want = a.clone();
+    want.resize(60_000, 0);
+    want.extend_from_slice(&b);
+    assert_eq!(read_fh(&m, fh).unwrap(), want, "before the close");
+    m.flush(fh).unwrap();
+    m.release(fh).unwrap();
+    assert_eq!(read_file(&m, "growing").unwrap(), want, "after the close");
+    // Rewritten: truncated to 10 bytes, then grown again with a hole.
+    let fh = open_path(&m, "growing", false).unwrap();
+    let ino = m.resolve(Path::new("growing")).unwrap().ino;
+    m.setattr(
+        ino,
+        SetAttr {
+            size: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    m.write(fh, 100, b"tail").unwrap();
+    want.truncate(10);
+    want.resize(100, 0);
+    want.extend_from_slice(b"tail");
+    assert_eq!(read_fh(&m, fh).unwrap(), want);
+    m.flush(fh).unwrap();
+    m.release(fh).unwrap();
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    m.shutdown();
+    let m = env.open();
+    assert_eq!(read_file(&m, "growing").unwrap(), want, "after a restart");
+}

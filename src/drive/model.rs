@@ -255,10 +255,76 @@ pub const RENAME_EXCHANGE: u32 = 2;
 const XATTR_CREATE: i32 = 1;
 const XATTR_REPLACE: i32 = 2;
 
-/// The mutable staging file of a file open for writing, with the attributes writes change.
+/// Where a file being written keeps its content: in memory while it is small (most files
+/// a tree copy makes never touch the disk before their close seals them into the index),
+/// in a staging file named by the working stage once larger. Changed only under the
+/// model's lock.
+enum Body {
+    Mem(Vec<u8>),
+    File(Arc<File>),
+}
+
+impl Body {
+    /// Move the content to the staging file `stage` unless it is there already.
+    fn spill(&mut self, staging: &Staging, stage: u64) -> std::io::Result<&File> {
+        if let Body::Mem(v) = self {
+            let f = staging.create(stage)?;
+            f.write_all_at(v, 0)?;
+            *self = Body::File(Arc::new(f));
+        }
+        match self {
+            Body::File(f) => Ok(f),
+            Body::Mem(_) => unreachable!("spilled above"),
+        }
+    }
+
+    fn write_at(
+        &mut self,
+        staging: &Staging,
+        stage: u64,
+        data: &[u8],
+        at: u64,
+    ) -> std::io::Result<()> {
+        let end = at + data.len() as u64;
+        match self {
+            Body::Mem(v) if end <= INLINE_MAX => {
+                if v.len() < end as usize {
+                    v.resize(end as usize, 0);
+                }
+                v[at as usize..end as usize].copy_from_slice(data);
+                Ok(())
+            }
+            _ => self.spill(staging, stage)?.write_all_at(data, at),
+        }
+    }
+
+    fn set_len(&mut self, staging: &Staging, stage: u64, size: u64) -> std::io::Result<()> {
+        match self {
+            Body::Mem(v) if size <= INLINE_MAX => {
+                v.resize(size as usize, 0);
+                Ok(())
+            }
+            _ => self.spill(staging, stage)?.set_len(size),
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+        match self {
+            Body::Mem(v) => {
+                let from = (at as usize).min(v.len());
+                let n = buf.len().min(v.len() - from);
+                buf[..n].copy_from_slice(&v[from..from + n]);
+                Ok(n)
+            }
+            Body::File(f) => read_full_at(f, buf, at),
+        }
+    }
+}
+
+/// The content of a file open for writing, with the attributes writes change.
 pub(crate) struct Working {
     stage: u64,
-    file: Arc<File>,
+    body: Body,
     size: u64,
     mtime: Ts,
     ctime: Ts,
@@ -784,14 +850,25 @@ impl Model {
     }
 
     fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
-        let file = self.working_file(ino, size == 0)?;
-        let mut st = self.lock();
+        // As in `write`: the working copy may be sealed between making it and locking.
+        let mut attempts = 0;
+        let mut st = loop {
+            let id = self.working_file(ino, size == 0)?;
+            let st = self.lock();
+            if st.working.get(&ino).is_some_and(|w| w.stage == id) {
+                break st;
+            }
+            attempts += 1;
+            if attempts >= 20 {
+                return Err(FsError::Io("file sealed during truncate".into()));
+            }
+        };
         let cur = st.working.get(&ino).map(|w| w.size).unwrap_or(0);
         if size > cur {
             self.check_quota(&mut st, size - cur)?;
         }
-        file.set_len(size)?;
         if let Some(w) = st.working.get_mut(&ino) {
+            w.body.set_len(&self.shared.staging, w.stage, size)?;
             let now = Ts::now();
             w.size = size;
             w.mtime = now;
@@ -1300,15 +1377,15 @@ impl Model {
         Ok(fh)
     }
 
-    /// The working (mutable) staging file of `ino`, creating it from the current content
-    /// (or empty when `empty`) if the file is not being written yet.
-    fn working_file(&self, ino: u64, empty: bool) -> FsResult<Arc<File>> {
+    /// The working copy of `ino` (its stage id), made from the current content (or empty
+    /// when `empty`) if the file is not being written yet.
+    fn working_file(&self, ino: u64, empty: bool) -> FsResult<u64> {
         for _attempt in 0..20 {
             // Phase 1 (locked): decide what the new working file starts from.
             let (src_stage, chunks, a, id) = {
                 let st = self.lock();
                 if let Some(w) = st.working.get(&ino) {
-                    return Ok(w.file.clone());
+                    return Ok(w.stage);
                 }
                 let a = st.attr(ino)?;
                 if a.kind != Kind::File {
@@ -1325,31 +1402,46 @@ impl Model {
                 };
                 (src, chunks, a.clone(), self.shared.staging.next_id())
             };
-            // Phase 2 (unlocked): build it — may copy a large stage or fetch chunks.
-            let built: FsResult<File> = (|| {
-                let f = self.shared.staging.create(id)?;
-                if !empty {
-                    if let Some(src) = src_stage {
-                        match src {
-                            StageContent::File(mut src) => {
-                                std::io::copy(&mut src, &mut &f)?;
-                            }
-                            StageContent::Inline(d) => f.write_all_at(&d, 0)?,
-                        }
-                    } else {
+            // Phase 2 (unlocked): build it — may copy a large stage or fetch chunks. Small
+            // content stays in memory.
+            let built: FsResult<Body> = (|| {
+                if empty {
+                    return Ok(Body::Mem(Vec::new()));
+                }
+                match src_stage {
+                    Some(StageContent::Inline(d)) if d.len() as u64 <= INLINE_MAX => {
+                        Ok(Body::Mem(d))
+                    }
+                    Some(StageContent::Inline(d)) => {
+                        let f = self.shared.staging.create(id)?;
+                        f.write_all_at(&d, 0)?;
+                        Ok(Body::File(Arc::new(f)))
+                    }
+                    Some(StageContent::File(mut src)) => {
+                        let f = self.shared.staging.create(id)?;
+                        std::io::copy(&mut src, &mut &f)?;
+                        Ok(Body::File(Arc::new(f)))
+                    }
+                    None => {
+                        let mut body = Body::Mem(Vec::new());
                         for c in &chunks {
                             let plain = self.shared.chunks.fetch(c)?;
-                            f.write_all_at(piece_of(c, &plain)?, c.offset)?;
+                            body.write_at(
+                                &self.shared.staging,
+                                id,
+                                piece_of(c, &plain)?,
+                                c.offset,
+                            )?;
                         }
-                        f.set_len(a.size)?;
+                        body.set_len(&self.shared.staging, id, a.size)?;
+                        Ok(body)
                     }
                 }
-                Ok(f)
             })();
             // Phase 3 (locked): install unless someone else did or the source changed.
             let mut st = self.lock();
-            let f = match built {
-                Ok(f) => f,
+            let body = match built {
+                Ok(b) => b,
                 Err(e) => {
                     self.shared.staging.remove(id);
                     match st.attr(ino) {
@@ -1364,19 +1456,18 @@ impl Model {
             };
             if let Some(w) = st.working.get(&ino) {
                 self.shared.staging.remove(id);
-                return Ok(w.file.clone());
+                return Ok(w.stage);
             }
             let now = st.attr(ino)?;
             if now.stage != a.stage || now.committed_stage != a.committed_stage {
                 self.shared.staging.remove(id);
                 continue;
             }
-            let file = Arc::new(f);
             st.working.insert(
                 ino,
                 Working {
                     stage: id,
-                    file: file.clone(),
+                    body,
                     size: if empty { 0 } else { a.size },
                     mtime: a.mtime,
                     ctime: a.ctime,
@@ -1387,7 +1478,7 @@ impl Model {
                     synced: 0,
                 },
             );
-            return Ok(file);
+            return Ok(id);
         }
         Err(FsError::Io(
             "file kept changing while being opened for writing".into(),
@@ -1413,15 +1504,11 @@ impl Model {
         // Another handle's close may seal the working file between getting it and taking
         // the lock: then write into the next one (it starts from what was sealed).
         let mut attempts = 0;
-        let (file, mut st) = loop {
-            let file = self.working_file(ino, false)?;
+        let mut st = loop {
+            let id = self.working_file(ino, false)?;
             let st = self.lock();
-            if st
-                .working
-                .get(&ino)
-                .is_some_and(|w| Arc::ptr_eq(&w.file, &file))
-            {
-                break (file, st);
+            if st.working.get(&ino).is_some_and(|w| w.stage == id) {
+                break st;
             }
             attempts += 1;
             if attempts >= 20 {
@@ -1434,8 +1521,9 @@ impl Model {
             self.check_quota(&mut st, grow)?;
         }
         // Written under the lock: a close that seals this file cannot interleave.
-        file.write_all_at(data, offset)?;
         let w = st.working.get_mut(&ino).expect("checked above");
+        w.body
+            .write_at(&self.shared.staging, w.stage, data, offset)?;
         let now = Ts::now();
         w.size = w.size.max(end);
         w.mtime = now;
@@ -1505,7 +1593,10 @@ impl Model {
                 Ok(Some(buf))
             };
             if let Some(w) = st.working.get(&ino) {
-                return local(&w.file);
+                let mut buf = vec![0u8; (end - offset) as usize];
+                let n = w.body.read_at(&mut buf, offset)?;
+                buf.truncate(n);
+                return Ok(Some(buf));
             }
             if let Some(s) = a.stage {
                 return match st.stage_content(&self.shared.staging, s)? {
@@ -1608,12 +1699,14 @@ impl Model {
         }
         let inline = if w.size <= INLINE_MAX {
             let mut data = vec![0u8; w.size as usize];
-            let n = read_full_at(&w.file, &mut data, 0)?;
+            let n = w.body.read_at(&mut data, 0)?;
             data.truncate(n);
             Some(data)
         } else {
-            if self.shared.opts.sync_on_close && w.synced != w.gen {
-                w.file.sync_data()?;
+            if let Body::File(f) = &w.body {
+                if self.shared.opts.sync_on_close && w.synced != w.gen {
+                    f.sync_data()?;
+                }
             }
             None
         };
@@ -1655,12 +1748,15 @@ impl Model {
             if !w.dirty || w.synced == w.gen || w.size <= INLINE_MAX {
                 return; // small files are sealed into the index, not synced
             }
-            (h.ino, w.file.clone(), w.gen)
+            let Body::File(f) = &w.body else {
+                return; // (never: a body past INLINE_MAX is a file)
+            };
+            (h.ino, f.clone(), w.gen)
         };
         if file.sync_data().is_ok() {
             let mut st = self.lock();
             if let Some(w) = st.working.get_mut(&ino) {
-                if Arc::ptr_eq(&w.file, &file) {
+                if matches!(&w.body, Body::File(f) if Arc::ptr_eq(f, &file)) {
                     w.synced = w.synced.max(gen);
                 }
             }
