@@ -102,6 +102,16 @@ fn write_file(m: &Model, path: &str, data: &[u8]) -> Result<(), FsError> {
     r
 }
 
+/// truncate(2) by path.
+fn truncate_path(m: &Model, path: &str, size: u64) {
+    let ino = m.resolve(Path::new(path)).unwrap().ino;
+    let set = SetAttr {
+        size: Some(size),
+        ..Default::default()
+    };
+    m.setattr(ino, set).unwrap();
+}
+
 fn read_fh(m: &Model, fh: u64) -> Result<Vec<u8>, FsError> {
     let mut out = Vec::new();
     loop {
@@ -1373,15 +1383,7 @@ fn small_files_pending_through_a_crash_read_back_and_leave_nothing_behind() {
     m.flush(fh).unwrap();
     m.release(fh).unwrap();
     want[19].1.extend_from_slice(&more);
-    let ino = m.resolve(Path::new("s18")).unwrap().ino;
-    m.setattr(
-        ino,
-        SetAttr {
-            size: Some(10),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    truncate_path(&m, "s18", 10);
     want[18].1.truncate(10);
     for (name, data) in &want {
         assert_eq!(
@@ -1619,15 +1621,7 @@ fn a_small_file_moves_to_disk_as_it_grows_and_loses_nothing() {
     assert_eq!(read_file(&m, "growing").unwrap(), want, "after the close");
     // Rewritten: truncated to 10 bytes, then grown again with a hole.
     let fh = open_path(&m, "growing", false).unwrap();
-    let ino = m.resolve(Path::new("growing")).unwrap().ino;
-    m.setattr(
-        ino,
-        SetAttr {
-            size: Some(10),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    truncate_path(&m, "growing", 10);
     m.write(fh, 100, b"tail").unwrap();
     want.truncate(10);
     want.resize(100, 0);
