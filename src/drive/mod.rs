@@ -21,9 +21,10 @@
 //!
 //! # Life of a file
 //!
-//! 1. Writes (and truncates) go to a *working* staging file, created empty or from the
-//!    current content (copied from a pending stage, or fetched chunk by chunk). Size and
-//!    mtime of unclosed content live in memory only.
+//! 1. Writes (and truncates) go to a *working* copy, created empty or from the current
+//!    content (copied from a pending stage, or fetched chunk by chunk): in memory while it
+//!    is at most 64 KiB, a staging file once larger. Size and mtime of unclosed content
+//!    live in memory only.
 //! 2. At close (flush/release), `fsync`, or a path truncate, the working file is synced
 //!    and becomes the inode's immutable *pending stage* (`inodes.stage`), with its size and
 //!    mtime, in one transaction. A file of at most 64 KiB is not synced: its content is
