@@ -13,7 +13,7 @@
 //! *stripe*) and places them on distinct peers. Rebuilding checks every fetched shard's
 //! hash (the fetcher does) and header, then the rebuilt chunk's hash against its id.
 
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, VerifiedChunk};
 use crate::token::MAX_CHUNK_SIZE;
 
 /// Shard lengths are multiples of this (the coder works on 64-byte blocks).
@@ -172,17 +172,14 @@ pub fn rebuild(
     g: &Geometry,
     shards: &[(usize, Vec<u8>)],
     id: &ChunkId,
-) -> Result<Vec<u8>, ErasureError> {
+) -> Result<VerifiedChunk, ErasureError> {
     let originals = originals(g, shards, id)?;
     let mut chunk = Vec::with_capacity(g.data as usize * g.shard_len as usize);
     for s in &originals {
         chunk.extend_from_slice(s);
     }
     chunk.truncate(g.chunk_len as usize);
-    if ChunkId::of(&chunk) != *id {
-        return Err(ErasureError::Mismatch);
-    }
-    Ok(chunk)
+    VerifiedChunk::check(*id, chunk).map_err(|_| ErasureError::Mismatch)
 }
 
 /// Recompute stored shard `index` (data or parity) of chunk `chunk` from at least `k`
@@ -294,7 +291,7 @@ mod tests {
                     .filter(|i| lost & (1 << i) == 0)
                     .map(|i| (i, shards[i].clone()))
                     .collect();
-                assert_eq!(rebuild(&g, &kept, &id).unwrap(), chunk);
+                assert_eq!(rebuild(&g, &kept, &id).unwrap().into_bytes(), chunk);
                 for i in (0..total).filter(|i| lost & (1 << i) != 0) {
                     let sid = ChunkId::of(&shards[i]);
                     assert_eq!(rebuild_shard(&g, &kept, &id, i, &sid).unwrap(), shards[i]);

@@ -104,6 +104,53 @@ impl ChunkId {
     }
 }
 
+/// Stored bytes found to hash to their [`ChunkId`]. [`VerifiedChunk::check`] is the only
+/// way to make one, so whoever is handed one (a chunk opened for a read) need not hash it
+/// again: every fetch hashes once, where the bytes arrive.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VerifiedChunk {
+    id: ChunkId,
+    bytes: Vec<u8>,
+}
+
+impl VerifiedChunk {
+    /// `bytes` if they hash to `id`; otherwise the id they do hash to.
+    pub fn check(id: ChunkId, bytes: Vec<u8>) -> Result<VerifiedChunk, ChunkId> {
+        let got = ChunkId::of(&bytes);
+        if got == id {
+            Ok(VerifiedChunk { id, bytes })
+        } else {
+            Err(got)
+        }
+    }
+
+    /// The id the bytes hash to.
+    pub fn id(&self) -> ChunkId {
+        self.id
+    }
+
+    /// The stored bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The stored bytes, owned.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+impl fmt::Debug for VerifiedChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "VerifiedChunk({:?}, {} bytes)",
+            self.id,
+            self.bytes.len()
+        )
+    }
+}
+
 impl fmt::Display for ChunkId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex::encode(self.0))

@@ -30,6 +30,6 @@ pub mod size;
 pub mod tls;
 pub mod token;
 
-pub use ids::{ChunkId, Fingerprint, PeerId, TransactionId};
+pub use ids::{ChunkId, Fingerprint, PeerId, TransactionId, VerifiedChunk};
 pub use keys::{DataKey, MasterSecret, TransactionKey};
 pub use token::{Token, TokenClaims, TokenError, TxKind};

@@ -21,7 +21,7 @@ use crate::api::{
 use crate::client::{ClientError, ServerClient};
 use crate::drive::backend::{BackendError, ChunkBackend, GetDone, Quota};
 use crate::erasure::{self, Geometry};
-use crate::ids::{ChunkId, PeerId};
+use crate::ids::{ChunkId, PeerId, VerifiedChunk};
 use crate::peer::client::{PeerAddr, PeerClient, PeerError};
 use crate::peer::link::{LinkError, ServerLink};
 
@@ -358,7 +358,7 @@ impl RemoteBackend {
         st: &StripeRef,
         size: u32,
         holders: &Holders<'_>,
-    ) -> Result<Vec<u8>, BackendError> {
+    ) -> Result<VerifiedChunk, BackendError> {
         let stored_len = st.shards.first().map_or(0, |s| s.size);
         if st.chunk_size != size {
             return Err(BackendError::Corrupt(st.chunk));
@@ -390,7 +390,7 @@ impl RemoteBackend {
         let first = order.iter().take(k).map(|&i| fetch(i));
         for (i, r) in futures_util::future::join_all(first).await {
             match r {
-                Ok(b) => got.push((i, b)),
+                Ok(b) => got.push((i, b.into_bytes())),
                 Err(e) => last = Some(e),
             }
         }
@@ -399,7 +399,7 @@ impl RemoteBackend {
                 break;
             }
             match fetch(i).await {
-                (i, Ok(b)) => got.push((i, b)),
+                (i, Ok(b)) => got.push((i, b.into_bytes())),
                 (_, Err(e)) => last = Some(e),
             }
         }
@@ -421,7 +421,7 @@ impl RemoteBackend {
         holders: &Holders<'_>,
         id: ChunkId,
         size: u32,
-    ) -> Result<Vec<u8>, BackendError> {
+    ) -> Result<VerifiedChunk, BackendError> {
         let mut last = None;
         let mut holders: Vec<&Placement> = holders.get(&id).cloned().unwrap_or_default();
         {
@@ -501,7 +501,7 @@ impl ChunkBackend for RemoteBackend {
         })
     }
 
-    fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError> {
+    fn get(&self, id: ChunkId, size: u32) -> Result<VerifiedChunk, BackendError> {
         let mut out = Err(BackendError::NotFound(id));
         self.get_many(&[(id, size)], &mut |_, r| out = r);
         out

@@ -204,7 +204,7 @@ async fn store_and_fetch_single_and_batch() {
         )
         .await
         .unwrap();
-    assert_eq!(got, one.1);
+    assert_eq!(got.as_bytes(), &one.1[..]);
 
     // A batch of 9 chunks (spread over several streams) under one batch token.
     let batch: Vec<_> = (0..9).map(|i| random_chunk(1000 + i * 70_000)).collect();
@@ -213,7 +213,14 @@ async fn store_and_fetch_single_and_batch() {
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
     let gt = p.token(TxKind::Get, &refs(&batch));
     for (c, b) in &batch {
-        assert_eq!(&client.get(&peer, &gt, c, b.len() as u32).await.unwrap(), b);
+        assert_eq!(
+            client
+                .get(&peer, &gt, c, b.len() as u32)
+                .await
+                .unwrap()
+                .as_bytes(),
+            &b[..]
+        );
     }
     assert_eq!(d.chunk_count(), 10);
     let expected_used: u64 = 100_000 + batch.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
@@ -273,7 +280,14 @@ async fn store_and_fetch_single_and_batch() {
         Err(PeerError::BadToken(TokenReason::Replayed))
     );
     let ut = p.token(TxKind::Universal, &[]);
-    assert_eq!(client.get(&peer, &ut, &any.0, 3000).await.unwrap(), any.1);
+    assert_eq!(
+        client
+            .get(&peer, &ut, &any.0, 3000)
+            .await
+            .unwrap()
+            .into_bytes(),
+        any.1
+    );
     // It never deletes: the server would go on listing a chunk that is gone.
     let ut = p.token(TxKind::Universal, &[]);
     let r = client.delete(&peer, &ut, &[(any.0, 3000)]).await.unwrap();
@@ -621,7 +635,7 @@ async fn many_clients_at_once() {
                 .into_iter()
                 .zip(&chunks)
             {
-                assert_eq!(&got.unwrap(), b);
+                assert_eq!(got.unwrap().as_bytes(), &b[..]);
             }
         }));
     }
@@ -1124,7 +1138,11 @@ async fn kill9_during_an_upload_leaves_no_partial_chunk() {
     put_one(&client, &peer, &t2, &chunk).await.unwrap();
     let gt = p.token(TxKind::Get, &refs(std::slice::from_ref(&chunk)));
     assert_eq!(
-        client.get(&peer, &gt, &chunk.0, 8 << 20).await.unwrap(),
+        client
+            .get(&peer, &gt, &chunk.0, 8 << 20)
+            .await
+            .unwrap()
+            .into_bytes(),
         chunk.1
     );
     assert_eq!(p.files().len(), 1);
@@ -1256,7 +1274,7 @@ async fn a_full_disk_fails_only_that_chunk() {
     let got = client
         .get(&peer, &p.token(TxKind::Get, &[(*c, 200_000)]), c, 200_000)
         .await;
-    assert_eq!(&got.unwrap(), b);
+    assert_eq!(got.unwrap().as_bytes(), &b[..]);
     d.shutdown().await;
 }
 

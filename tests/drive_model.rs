@@ -1296,6 +1296,30 @@ fn the_uploader_publishes_why_uploads_are_held_up() {
     );
 }
 
+/// The heartbeat that tells `status --wait` a drive is mounted goes on while one upload
+/// round takes long (a large file on a slow network): it used to beat only between
+/// rounds, and `status --wait` then said the drive was not mounted while it uploaded.
+#[test]
+fn the_heartbeat_goes_on_through_a_long_upload_round() {
+    use peerstash::drive::health;
+    let env = Env::new(1 << 30);
+    let m = env.open();
+    env.backend.hold_puts(true);
+    write_file(&m, "big", &bytes(2, 300_000)).unwrap();
+    common_wait("a put under way", || env.backend.puts_held() > 0);
+    let before = health::read(&env.state)
+        .expect("a mounted drive's health")
+        .updated;
+    // A beat is due every HEARTBEAT; the wait is far longer, so only a missing beat fails.
+    common_wait("a heartbeat during the round", || {
+        health::read(&env.state).is_some_and(|h| h.updated > before)
+    });
+    env.backend.hold_puts(false);
+    assert!(m.wait_idle(Duration::from_secs(30)));
+    assert_eq!(read_file(&m, "big").unwrap(), bytes(2, 300_000));
+    m.shutdown();
+}
+
 /// A sequential read whose read-ahead window holds a corrupt chunk: the reads that need
 /// that chunk fail as corrupt (EIO at the FUSE edge) at once, every other read — before
 /// and after it, fetched in the same windows — returns the right bytes, and no read

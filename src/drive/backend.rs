@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, VerifiedChunk};
 
 /// Space the user may use on the network and how much of it is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,16 +44,17 @@ pub enum BackendError {
 
 /// Where [`ChunkBackend::get_many`] hands each chunk: its index in the request and its
 /// stored bytes (hash checked) or why it could not be had.
-pub type GetDone<'a> = dyn FnMut(usize, Result<Vec<u8>, BackendError>) + 'a;
+pub type GetDone<'a> = dyn FnMut(usize, Result<VerifiedChunk, BackendError>) + 'a;
 
 /// Blocking chunk storage, shared by the FUSE threads and the uploader.
 pub trait ChunkBackend: Send + Sync {
     /// Store every chunk. Returns only when all are durably stored (on the configured
     /// number of peers); storing a chunk that is already there is not an error.
     fn put(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<(), BackendError>;
-    /// Fetch a chunk's stored bytes. `size` is its stored size, so a backend can ask for
-    /// the right token; the caller verifies the hash.
-    fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError>;
+    /// Fetch a chunk's stored bytes, checked against its id where they arrive (a wrong
+    /// hash is [`BackendError::Corrupt`]). `size` is its stored size, so a backend can ask
+    /// for the right token.
+    fn get(&self, id: ChunkId, size: u32) -> Result<VerifiedChunk, BackendError>;
     /// Fetch several chunks, handing each result to `done` (with its index in `wants`)
     /// as it arrives, in any order; every index is handed over exactly once. A network
     /// backend asks for all their tokens at once and keeps several transfers in flight;
@@ -77,7 +78,7 @@ pub fn get_in_order<E: From<BackendError>>(
     backend: &dyn ChunkBackend,
     wants: &[(ChunkId, u32)],
     window_bytes: u64,
-    mut each: impl FnMut(usize, Vec<u8>) -> Result<(), E>,
+    mut each: impl FnMut(usize, VerifiedChunk) -> Result<(), E>,
 ) -> Result<(), E> {
     let mut start = 0;
     while start < wants.len() {
@@ -87,7 +88,7 @@ pub fn get_in_order<E: From<BackendError>>(
             bytes += u64::from(wants[end].1);
             end += 1;
         }
-        let mut got: Vec<Option<Result<Vec<u8>, BackendError>>> = vec![None; end - start];
+        let mut got: Vec<Option<Result<VerifiedChunk, BackendError>>> = vec![None; end - start];
         backend.get_many(&wants[start..end], &mut |i, r| {
             if let Some(slot) = got.get_mut(i) {
                 *slot = Some(r);
@@ -112,6 +113,9 @@ pub struct DirBackend {
     fail_puts: AtomicU32,
     pass_puts: AtomicU32,
     get_delay_ms: AtomicU32,
+    /// While set, puts wait (a slow network), counted in `puts_held`.
+    hold_puts: AtomicBool,
+    puts_held: AtomicU32,
     bytes_put: std::sync::atomic::AtomicU64,
     // Serializes usage accounting with the files it counts.
     used: Mutex<u64>,
@@ -140,6 +144,8 @@ impl DirBackend {
             fail_puts: AtomicU32::new(0),
             pass_puts: AtomicU32::new(0),
             get_delay_ms: AtomicU32::new(0),
+            hold_puts: AtomicBool::new(false),
+            puts_held: AtomicU32::new(0),
             bytes_put: std::sync::atomic::AtomicU64::new(0),
             used: Mutex::new(used),
         })
@@ -168,6 +174,17 @@ impl DirBackend {
             delay.as_millis().min(u32::MAX as u128) as u32,
             Ordering::SeqCst,
         );
+    }
+
+    /// Make puts wait until released (`false`): an upload round as slow as a large file
+    /// on a slow network.
+    pub fn hold_puts(&self, hold: bool) {
+        self.hold_puts.store(hold, Ordering::SeqCst);
+    }
+
+    /// How many puts are waiting under [`DirBackend::hold_puts`].
+    pub fn puts_held(&self) -> u32 {
+        self.puts_held.load(Ordering::SeqCst)
     }
 
     /// Change the quota.
@@ -236,6 +253,13 @@ fn io_unavailable(e: std::io::Error) -> BackendError {
 impl ChunkBackend for DirBackend {
     fn put(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<(), BackendError> {
         self.check_up()?;
+        if self.hold_puts.load(Ordering::SeqCst) {
+            self.puts_held.fetch_add(1, Ordering::SeqCst);
+            while self.hold_puts.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            self.puts_held.fetch_sub(1, Ordering::SeqCst);
+        }
         let dec = |a: &AtomicU32| {
             a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
@@ -284,7 +308,7 @@ impl ChunkBackend for DirBackend {
         self.syncfs()
     }
 
-    fn get(&self, id: ChunkId, size: u32) -> Result<Vec<u8>, BackendError> {
+    fn get(&self, id: ChunkId, size: u32) -> Result<VerifiedChunk, BackendError> {
         self.check_up()?;
         let delay = self.get_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
@@ -297,10 +321,10 @@ impl ChunkBackend for DirBackend {
             }
             Err(e) => return Err(io_unavailable(e)),
         };
-        if bytes.len() != size as usize || ChunkId::of(&bytes) != id {
+        if bytes.len() != size as usize {
             return Err(BackendError::Corrupt(id));
         }
-        Ok(bytes)
+        VerifiedChunk::check(id, bytes).map_err(|_| BackendError::Corrupt(id))
     }
 
     fn release(&self, ids: &[ChunkId]) -> Result<(), BackendError> {

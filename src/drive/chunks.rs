@@ -14,9 +14,9 @@ use std::time::Duration;
 use lru::LruCache;
 
 use super::backend::{BackendError, ChunkBackend};
-use super::crypto::ChunkSealer;
+use super::crypto::{ChunkSealer, Plaintext};
 use super::index::ChunkRef;
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, VerifiedChunk};
 
 /// Read-ahead workers: two keep a window in flight while the previous batch is opened.
 const AHEAD_WORKERS: usize = 2;
@@ -27,17 +27,17 @@ const IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// Decrypted chunks, bounded by bytes.
 struct ChunkCache {
-    lru: LruCache<ChunkId, Arc<Vec<u8>>>,
+    lru: LruCache<ChunkId, Arc<Plaintext>>,
     bytes: usize,
     cap: usize,
 }
 
 impl ChunkCache {
-    fn get(&mut self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+    fn get(&mut self, id: &ChunkId) -> Option<Arc<Plaintext>> {
         self.lru.get(id).cloned()
     }
 
-    fn put(&mut self, id: ChunkId, data: Arc<Vec<u8>>) {
+    fn put(&mut self, id: ChunkId, data: Arc<Plaintext>) {
         self.bytes += data.len();
         if let Some(old) = self.lru.put(id, data) {
             self.bytes -= old.len();
@@ -51,7 +51,7 @@ impl ChunkCache {
     }
 }
 
-type Fetched = Result<Arc<Vec<u8>>, BackendError>;
+type Fetched = Result<Arc<Plaintext>, BackendError>;
 
 /// Where a chunk being fetched is.
 enum FlightState {
@@ -154,13 +154,13 @@ impl Chunks {
     }
 
     /// A chunk's plaintext if it is in the cache.
-    pub(crate) fn cached(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+    pub(crate) fn cached(&self, id: &ChunkId) -> Option<Arc<Plaintext>> {
         self.cache.lock().unwrap().get(id)
     }
 
     /// A chunk's plaintext: from the cache, from a fetch already on its way, or fetched,
     /// verified and opened now.
-    pub(crate) fn fetch(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, BackendError> {
+    pub(crate) fn fetch(&self, c: &ChunkRef) -> Result<Arc<Plaintext>, BackendError> {
         if let Some(hit) = self.cache.lock().unwrap().get(&c.id) {
             return Ok(hit);
         }
@@ -196,10 +196,14 @@ impl Chunks {
     }
 
     /// Open fetched bytes (the backend checked their hash) and cache the plaintext.
-    fn open(&self, c: &ChunkRef, stored: Vec<u8>) -> Fetched {
+    fn open(&self, c: &ChunkRef, stored: VerifiedChunk) -> Fetched {
         // A chunk that does not open, or opens to the wrong length, was sealed under
         // another key or is not this file's.
-        let plain = self.sealer.open_owned(c.id, stored).map_err(|e| {
+        if stored.id() != c.id {
+            tracing::error!("chunk {} came back as {}", c.id, stored.id());
+            return Err(BackendError::Corrupt(c.id));
+        }
+        let plain = self.sealer.open_verified(stored).map_err(|e| {
             tracing::error!("chunk {}: {e}", c.id);
             BackendError::Corrupt(c.id)
         })?;

@@ -7,7 +7,7 @@ use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce, Tag};
 use zeroize::Zeroizing;
 
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, VerifiedChunk};
 use crate::keys::DataKey;
 
 const NONCE_CONTEXT: &str = "peerstash 2026-11 chunk nonce v1";
@@ -42,6 +42,35 @@ pub struct SealedChunk {
     pub id: ChunkId,
     /// `nonce || AES-256-GCM-SIV(plaintext)`.
     pub stored: Vec<u8>,
+}
+
+/// A chunk's plaintext, decrypted where it arrived: the nonce stays in front of it in the
+/// buffer, since moving the whole chunk down by 12 bytes cost a copy per chunk read.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Plaintext {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Plaintext {
+    /// The plaintext as a vector of its own (moving it to the front of the buffer).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        self.buf.drain(..self.start);
+        self.buf
+    }
+}
+
+impl std::ops::Deref for Plaintext {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl std::fmt::Debug for Plaintext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Plaintext({} bytes)", self.len())
+    }
 }
 
 /// Seals and opens chunks for one data key.
@@ -93,11 +122,15 @@ impl ChunkSealer {
 
     /// [`open`](Self::open), decrypting in the buffer it is given (no second copy of
     /// the chunk).
-    pub fn open_owned(&self, id: ChunkId, mut stored: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
-        let got = ChunkId::of(&stored);
-        if got != id {
-            return Err(CryptoError::IdMismatch { expected: id, got });
-        }
+    pub fn open_owned(&self, id: ChunkId, stored: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
+        let chunk = VerifiedChunk::check(id, stored)
+            .map_err(|got| CryptoError::IdMismatch { expected: id, got })?;
+        self.open_verified(chunk).map(Plaintext::into_vec)
+    }
+
+    /// Decrypt a chunk whose hash was checked where it arrived, in its own buffer.
+    pub fn open_verified(&self, chunk: VerifiedChunk) -> Result<Plaintext, CryptoError> {
+        let mut stored = chunk.into_bytes();
         if stored.len() < SEAL_OVERHEAD {
             return Err(CryptoError::TooShort(stored.len()));
         }
@@ -110,8 +143,10 @@ impl ChunkSealer {
             .decrypt_inout_detached(&Nonce::from(nonce), &[], (&mut body[12..]).into(), &tag)
             .map_err(|_| CryptoError::Decrypt)?;
         stored.truncate(end);
-        stored.drain(..12);
-        Ok(stored)
+        Ok(Plaintext {
+            buf: stored,
+            start: 12,
+        })
     }
 }
 

@@ -735,10 +735,11 @@ impl Filesystem for DriveFs {
             None => {}
         }
         let model = self.model.clone();
-        self.pool.run(move || match model.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(e)),
-        });
+        self.pool
+            .run(move || match model.read_data(fh.0, offset, size) {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            });
     }
 
     fn write(

@@ -24,7 +24,7 @@ use rusqlite::Connection;
 
 use super::backend::{BackendError, ChunkBackend, Quota};
 use super::chunks::Chunks;
-use super::crypto::ChunkSealer;
+use super::crypto::{ChunkSealer, Plaintext};
 use super::index::{self, Attr, ChunkRef, Kind, Meta, Ts, ROOT_INO};
 use super::staging::Staging;
 use crate::keys::DataKey;
@@ -1538,10 +1538,16 @@ impl Model {
 
     /// Read up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.read_data(fh, offset, size).map(ReadData::into_vec)
+    }
+
+    /// [`Model::read`], answering a read inside one cached chunk with that chunk's
+    /// plaintext itself (no copy): what the FUSE layer replies from.
+    pub fn read_data(&self, fh: u64, offset: u64, size: u32) -> FsResult<ReadData> {
         for attempt in 0..3 {
             match self
                 .read_once(fh, offset, size, true)
-                .map(|r| r.unwrap_or_default())
+                .map(|r| r.unwrap_or(ReadData::Owned(Vec::new())))
             {
                 // A newer version may have been committed and the old chunks released
                 // between listing and fetching them: look again.
@@ -1555,7 +1561,7 @@ impl Model {
     /// [`Model::read`] if it needs nothing from the network (local content, or chunks in
     /// the cache, as a read-ahead leaves them); `None` if it would have to wait for a
     /// fetch. The FUSE layer answers such reads on its own thread.
-    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Vec<u8>>> {
+    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<ReadData>> {
         self.read_once(fh, offset, size, false).transpose()
     }
 
@@ -1574,7 +1580,13 @@ impl Model {
     }
 
     /// A read; `Ok(None)` when `fetch` is false and a chunk is not in the cache.
-    fn read_once(&self, fh: u64, offset: u64, size: u32, fetch: bool) -> FsResult<Option<Vec<u8>>> {
+    fn read_once(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        fetch: bool,
+    ) -> FsResult<Option<ReadData>> {
         let (chunks, end, ahead) = {
             let mut st = self.lock();
             let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
@@ -1584,19 +1596,19 @@ impl Model {
             }
             let end = a.size.min(offset.saturating_add(size as u64));
             if end <= offset {
-                return Ok(Some(Vec::new()));
+                return Ok(Some(ReadData::Owned(Vec::new())));
             }
-            let local = |f: &File| -> FsResult<Option<Vec<u8>>> {
+            let local = |f: &File| -> FsResult<Option<ReadData>> {
                 let mut buf = vec![0u8; (end - offset) as usize];
                 let n = read_full_at(f, &mut buf, offset)?;
                 buf.truncate(n);
-                Ok(Some(buf))
+                Ok(Some(ReadData::Owned(buf)))
             };
             if let Some(w) = st.working.get(&ino) {
                 let mut buf = vec![0u8; (end - offset) as usize];
                 let n = w.body.read_at(&mut buf, offset)?;
                 buf.truncate(n);
-                return Ok(Some(buf));
+                return Ok(Some(ReadData::Owned(buf)));
             }
             if let Some(s) = a.stage {
                 return match st.stage_content(&self.shared.staging, s)? {
@@ -1604,7 +1616,7 @@ impl Model {
                     StageContent::Inline(d) => {
                         let from = (offset as usize).min(d.len());
                         let to = (end as usize).min(d.len());
-                        Ok(Some(d[from..to].to_vec()))
+                        Ok(Some(ReadData::Owned(d[from..to].to_vec())))
                     }
                 };
             }
@@ -1662,11 +1674,17 @@ impl Model {
             if from >= to {
                 continue;
             }
+            if chunks.len() == 1 && from == offset && to == end {
+                // The whole read lies in this chunk: answer from the cached plaintext.
+                let at = c.at as usize;
+                let range = at + (from - c.offset) as usize..at + (to - c.offset) as usize;
+                return Ok(Some(ReadData::Shared(plain, range)));
+            }
             buf.resize((from - offset) as usize, 0);
             buf.extend_from_slice(&piece[(from - c.offset) as usize..(to - c.offset) as usize]);
         }
         buf.resize((end - offset) as usize, 0);
-        Ok(Some(buf))
+        Ok(Some(ReadData::Owned(buf)))
     }
 
     /// Turn the working file of `ino` into a pending stage (the "close" point).
@@ -1963,6 +1981,35 @@ impl Drop for Model {
 
 /// A file's piece of a fetched chunk (the chunk room checked it fits; a cached chunk
 /// named by a damaged index may not).
+/// What a read returns: bytes of its own, or a range of a cached chunk's plaintext (a
+/// read inside one chunk, the common case, is answered without copying it).
+pub enum ReadData {
+    /// Assembled for this read.
+    Owned(Vec<u8>),
+    /// `range` of a chunk's plaintext, kept alive by the cache's `Arc`.
+    Shared(Arc<Plaintext>, std::ops::Range<usize>),
+}
+
+impl ReadData {
+    /// The bytes as a vector of their own.
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            ReadData::Owned(v) => v,
+            ReadData::Shared(p, r) => p[r].to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for ReadData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadData::Owned(v) => v,
+            ReadData::Shared(p, r) => &p[r.clone()],
+        }
+    }
+}
+
 fn piece_of<'a>(c: &ChunkRef, plain: &'a [u8]) -> FsResult<&'a [u8]> {
     c.piece(plain)
         .ok_or(FsError::Backend(BackendError::Corrupt(c.id)))

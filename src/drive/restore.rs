@@ -346,9 +346,14 @@ impl<P: FnMut(&RestoreStats)> Writer<'_, P> {
         }
         get_in_order(self.backend, &wants, WINDOW_BYTES, |w, stored| {
             let id = wants[w].0;
+            if stored.id() != id {
+                return Err(RestoreError::Damaged(format!(
+                    "chunk {id} came back as another"
+                )));
+            }
             let plain = self
                 .sealer
-                .open_owned(id, stored)
+                .open_verified(stored)
                 .map_err(|e| RestoreError::Damaged(format!("chunk {id}: {e}")))?;
             for &q in &users[w] {
                 let (k, c) = &queue[q];

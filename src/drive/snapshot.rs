@@ -629,7 +629,12 @@ pub fn fetch_snapshot(
     let wants: Vec<(ChunkId, u32)> = root.chunks.iter().map(|c| (c.id, c.stored)).collect();
     get_in_order(backend, &wants, FETCH_WINDOW, |i, stored| {
         let c = &root.chunks[i];
-        let plain = sealer.open(c.id, &stored).map_err(|e| bad(e.to_string()))?;
+        if stored.id() != c.id {
+            return Err(bad(format!("snapshot chunk {} came back as another", c.id)));
+        }
+        let plain = sealer
+            .open_verified(stored)
+            .map_err(|e| bad(e.to_string()))?;
         if plain.len() != 8 + c.len as usize || &plain[..8] != PIECE_MAGIC {
             return Err(bad(format!("snapshot chunk {} has the wrong form", c.id)));
         }

@@ -15,7 +15,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::backend::BackendError;
@@ -59,13 +60,37 @@ impl From<std::io::Error> for UploadError {
 
 /// The uploader thread's body; returns when `shared.stop` is set.
 pub(crate) fn run(sh: Arc<Shared>) {
-    let mut health = Publisher::new(&sh.state_dir);
-    run_until_stopped(&sh, &mut health);
+    let health = Mutex::new(Publisher::new(&sh.state_dir));
+    std::thread::scope(|scope| {
+        // The heartbeat says "mounted", so it must not wait for an upload round: one
+        // round of a large file can outlast the freshness window (`status --wait` then
+        // said the drive was not mounted while it was uploading).
+        let (done, stopped) = std::sync::mpsc::channel::<()>();
+        let health = &health;
+        let ticker = std::thread::Builder::new()
+            .name("peerstash-health".into())
+            .spawn_scoped(scope, move || {
+                while let Err(RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(Duration::from_secs(1))
+                {
+                    lock_health(health).tick();
+                }
+            });
+        run_until_stopped(&sh, health);
+        drop(done);
+        if let Ok(t) = ticker {
+            let _ = t.join();
+        }
+    });
     // Unmounted: `status --wait` must not wait for this drive.
-    health.remove();
+    lock_health(&health).remove();
 }
 
-fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
+fn lock_health(h: &Mutex<Publisher>) -> std::sync::MutexGuard<'_, Publisher> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run_until_stopped(sh: &Shared, health: &Mutex<Publisher>) {
     let mut backoff = Duration::ZERO;
     let mut retry_at: HashMap<u64, Instant> = HashMap::new();
     let mut last_quota = Instant::now();
@@ -82,7 +107,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
         if sh.stop.load(Ordering::SeqCst) {
             return;
         }
-        health.tick();
+        lock_health(health).tick();
         {
             let mut st = sh.lock();
             let wait = if backoff > Duration::ZERO {
@@ -144,7 +169,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
             batch.push((ino, stage));
         }
         if batch.is_empty() && retry_at.is_empty() {
-            health.set(UploadState::Ok, "");
+            lock_health(health).set(UploadState::Ok, "");
         }
         // Closes come in bursts (a tree being copied): a round that is far from full waits
         // a moment for more files, so one placement, one set of confirms, one index commit
@@ -186,7 +211,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
         match upload(sh, &batch) {
             Ok(()) => {
                 backoff = Duration::ZERO;
-                health.set(UploadState::Ok, "");
+                lock_health(health).set(UploadState::Ok, "");
                 let mut st = sh.lock();
                 st.kick = true; // maybe more pending
                 st.stalled = false;
@@ -197,7 +222,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
             Err(UploadError::Stopped) => return,
             Err(UploadError::Backend(BackendError::Unavailable(msg))) => {
                 tracing::warn!("upload postponed, storage unavailable: {msg}");
-                health.set(
+                lock_health(health).set(
                     UploadState::Unavailable,
                     &format!("storage unavailable: {msg}"),
                 );
@@ -249,7 +274,7 @@ fn run_until_stopped(sh: &Shared, health: &mut Publisher) {
                         FsError::NoSpace => UploadState::OverQuota,
                         _ => UploadState::Failing,
                     };
-                    health.set(state, &err.to_string());
+                    lock_health(health).set(state, &err.to_string());
                     st.upload_error.insert(ino, err);
                     st.stalled = true;
                     retry_at.insert(ino, Instant::now() + Duration::from_secs(5));
@@ -570,21 +595,41 @@ fn wait_for_work<'a>(
     st
 }
 
+/// Put batches stored at once: while one waits on its holders' fsyncs and the server's
+/// answers, the other keeps the network busy.
+const PUTTERS: usize = 2;
+
 /// Upload a batch of `(ino, stage)` and commit it in one transaction. Files are cut and
-/// sealed on this thread while a putter thread stores the previous batch: the network
-/// and the CPU work overlap (one batch queued, one in flight).
+/// sealed on this thread while putter threads store the previous batches: the network
+/// and the CPU work overlap (one batch queued, [`PUTTERS`] in flight).
 fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
+    let (out, batches) = std::sync::mpsc::sync_channel::<PutBatch>(1);
+    // Dropped by the first putter that fails: the sealer's next hand-over fails at once
+    // and the other putters stop.
+    let batches = Mutex::new(Some(batches));
+    let batches = &batches;
     let done = std::thread::scope(|scope| {
-        let (out, batches) = std::sync::mpsc::sync_channel::<PutBatch>(1);
-        let putter = std::thread::Builder::new()
-            .name("peerstash-putter".into())
-            .spawn_scoped(scope, move || -> Result<(), UploadError> {
-                for b in batches {
-                    b.put(sh)?;
-                }
-                Ok(())
-            })
-            .map_err(|e| UploadError::Local(FsError::Io(format!("starting the putter: {e}"))))?;
+        let mut putters = Vec::with_capacity(PUTTERS);
+        for _ in 0..PUTTERS {
+            let putter = std::thread::Builder::new()
+                .name("peerstash-putter".into())
+                .spawn_scoped(scope, move || -> Result<(), UploadError> {
+                    let lock = || batches.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        // The lock is held only to take the next batch, not while storing it.
+                        let next = lock().as_ref().and_then(|rx| rx.recv().ok());
+                        let Some(b) = next else {
+                            return Ok(());
+                        };
+                        if let Err(e) = b.put(sh) {
+                            lock().take();
+                            return Err(e);
+                        }
+                    }
+                })
+                .map_err(|e| UploadError::Local(FsError::Io(format!("starting a putter: {e}"))))?;
+            putters.push(putter);
+        }
         let mut buf = PutBuffer {
             chunks: Vec::new(),
             bytes: 0,
@@ -594,7 +639,13 @@ fn upload(sh: &Shared, batch: &[(u64, u64)]) -> Result<(), UploadError> {
         };
         let sealed = seal_files(sh, batch, &mut buf).and_then(|d| buf.flush().map(|()| d));
         drop(buf);
-        let put = putter.join().expect("the putter thread panicked");
+        let mut put = Ok(());
+        for p in putters {
+            let r = p.join().expect("a putter thread panicked");
+            if put.is_ok() {
+                put = r;
+            }
+        }
         match (sealed, put) {
             (_, Err(e)) | (Err(e), Ok(())) => Err(e),
             (Ok(d), Ok(())) => Ok(d),

@@ -121,8 +121,8 @@ pub async fn verify(
                 };
                 let checked = match got {
                     Ok(_) if striped => Ok(()),
-                    Ok(bytes) => sealer
-                        .open(*id, &bytes)
+                    Ok(chunk) => sealer
+                        .open_verified(chunk)
                         .map(|_| ())
                         .map_err(|e| (false, e.to_string())),
                     // The holder could not be reached: that says nothing about the copy.

@@ -14,7 +14,7 @@ use super::wire::{self, ControlReason, Op, Refusal, TokenReason};
 use crate::api::Route;
 use crate::audit::{Answer, Challenge, MAX_ANSWER_LEN};
 use crate::control::ControlAuth;
-use crate::ids::{ChunkId, Fingerprint, PeerId};
+use crate::ids::{ChunkId, Fingerprint, PeerId, VerifiedChunk};
 use crate::tls::pinned_client_config;
 use crate::token::{ByteRange, Token, MAX_CHUNK_SIZE, MAX_ENTRIES, MAX_TOKEN_LEN};
 
@@ -491,17 +491,13 @@ impl PeerClient {
         token: &Token,
         chunk: &ChunkId,
         size: u32,
-    ) -> Result<Vec<u8>, PeerError> {
+    ) -> Result<VerifiedChunk, PeerError> {
         self.timed(async {
             let (_, bytes) = self.fetch(peer, Op::Get, token, chunk, size).await?;
-            let got = ChunkId::of(&bytes);
-            if &got != chunk {
-                return Err(PeerError::CorruptChunk {
-                    expected: *chunk,
-                    got,
-                });
-            }
-            Ok(bytes)
+            VerifiedChunk::check(*chunk, bytes).map_err(|got| PeerError::CorruptChunk {
+                expected: *chunk,
+                got,
+            })
         })
         .await
     }

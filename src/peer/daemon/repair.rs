@@ -155,7 +155,10 @@ async fn repair_one(
             }
             let holder = PeerAddr::of_placement(src).await?;
             // `get` checks the bytes hash to the chunk id: a lying holder is caught here.
-            client.get(&holder, &src.token, &o.chunk, o.size).await?
+            client
+                .get(&holder, &src.token, &o.chunk, o.size)
+                .await?
+                .into_bytes()
         }
         (None, Some(rb)) => rebuild(shared.me, client, o, rb).await?,
         _ => {
@@ -214,7 +217,7 @@ async fn rebuild(
                 continue;
             }
             match client.get(&holder, &p.token, id, o.size).await {
-                Ok(bytes) => got.push((j, bytes)),
+                Ok(bytes) => got.push((j, bytes.into_bytes())),
                 Err(e) => last = Some(e),
             }
         }
