@@ -540,6 +540,35 @@ mod tests {
     }
 
     #[test]
+    fn a_list_in_the_settings_file_is_the_flag_repeated() {
+        let cmd = clap::Command::new("p").subcommand(
+            clap::Command::new("login").arg(
+                clap::Arg::new("server")
+                    .long("server")
+                    .value_delimiter(',')
+                    .action(clap::ArgAction::Append),
+            ),
+        );
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("p.toml");
+        fs::write(
+            &file,
+            "[login]\nserver = [\"https://a:1\", \"https://b:2\"]\n",
+        )
+        .unwrap();
+        let m = apply_config_file(cmd, &file)
+            .unwrap()
+            .get_matches_from(["p", "login"]);
+        let got: Vec<&String> = m
+            .subcommand_matches("login")
+            .unwrap()
+            .get_many("server")
+            .unwrap()
+            .collect();
+        assert_eq!(got, ["https://a:1", "https://b:2"]);
+    }
+
+    #[test]
     fn passphrase_key_depends_on_peer() {
         let a = derive_passphrase_key("correct horse", PeerId(1)).unwrap();
         assert_eq!(
