@@ -76,9 +76,11 @@ enum KeyModeArg {
 
 #[derive(Args, Debug)]
 struct ServerArgs {
-    /// The coordination server, e.g. https://backup.example.org:7400.
-    #[arg(long)]
-    server: String,
+    /// The coordination server, e.g. https://backup.example.org:7400. Several instances of
+    /// it: repeat the flag or separate the URLs with commas; they are tried in this order
+    /// when one cannot be reached (one --server-fingerprint pins them all).
+    #[arg(long, required = true, value_delimiter = ',', value_name = "URL")]
+    server: Vec<String>,
     /// The server certificate's SHA-256 (printed by peerstash-server at start); colons and
     /// a `sha256:` prefix are optional.
     #[arg(long)]
@@ -314,7 +316,8 @@ fn serve(home: &Home) -> Result<()> {
         })?;
     let rt = runtime()?;
     rt.block_on(async {
-        let link = HttpLink::new(home.server_client()?);
+        let server = home.server_client()?;
+        prefer_live(&server).await;
         let mut dc = DaemonConfig::new(
             cfg.peer_id,
             key,
@@ -329,8 +332,8 @@ fn serve(home: &Home) -> Result<()> {
         // Behind NAT the daemon is reached through the server's rendezvous (QUIC on the
         // server's port): it learns there how it can be reached, and takes punch and relay
         // orders.
-        dc.rendezvous = home.server_client()?.rendezvous();
-        let daemon = Daemon::run(dc, link)
+        dc.rendezvous = server.rendezvous();
+        let daemon = Daemon::run(dc, HttpLink::new(server))
             .await
             .with_context(|| format!("starting the storage daemon on {listen}"))?;
         println!(
@@ -365,6 +368,7 @@ fn mount(home: &Home, a: MountArgs) -> Result<()> {
     }
     let rt = std::sync::Arc::new(runtime()?);
     let server = home.server_client()?;
+    rt.block_on(prefer_live(&server));
     let mut backend =
         RemoteBackend::new(rt.clone(), server, cfg.replicas).context("starting the QUIC client")?;
     if let Some(e) = cfg.erasure {
@@ -604,6 +608,7 @@ fn restore(home: &Home, a: RestoreArgs) -> Result<()> {
     let sealer = ChunkSealer::new(&home.load_data_key()?);
     let client = home.server_client()?;
     let rt = std::sync::Arc::new(runtime()?);
+    // The snapshot's fetch has found a live instance: the backend's rendezvous uses it.
     let (rec, kept) = fetch_root(&rt, &client, version)?;
     let Some(rec) = rec else {
         match version {
@@ -685,6 +690,7 @@ fn verify(home: &Home, a: VerifyArgs) -> Result<()> {
     let chunks = verify::sample(all, a.sample.unwrap_or(100.0))?;
     let rt = runtime()?;
     let report = rt.block_on(async {
+        prefer_live(&client).await;
         let peers = PeerClient::new().context("starting the QUIC client")?;
         let peers = match client.rendezvous() {
             Some(r) => peers.with_rendezvous(r),
@@ -727,6 +733,18 @@ fn verify(home: &Home, a: VerifyArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// With several server instances, settle on one that answers before its URL is handed
+/// on: the rendezvous (QUIC to the same host and port) is built from the URL in use, and
+/// does not move later. Nothing answering is not an error here: the calls that need the
+/// server say so.
+async fn prefer_live(client: &ServerClient) {
+    if client.urls().len() > 1 {
+        if let Err(e) = client.healthz().await {
+            tracing::warn!("no server instance answers yet: {e}");
+        }
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -779,7 +797,13 @@ fn fingerprint(home: &Home, a: &ServerArgs) -> Result<Fingerprint> {
             .map_err(|e| anyhow::anyhow!("--server-fingerprint {f:?}: {e}; pass the 64 hex digits peerstash-server printed at start"));
     }
     if let Ok(cfg) = home.load_config() {
-        if cfg.server_url.trim_end_matches('/') == a.server.trim_end_matches('/') {
+        // The pin this home trusts holds for the URLs it already knows.
+        let known = |u: &String| {
+            cfg.server_urls
+                .iter()
+                .any(|k| k.trim_end_matches('/') == u.trim().trim_end_matches('/'))
+        };
+        if a.server.iter().all(known) {
             return Ok(cfg.server_fingerprint);
         }
     }
@@ -833,7 +857,7 @@ async fn register(home: &Home, a: RegisterArgs) -> Result<()> {
     let cert = home
         .ensure_peer_cert(&["localhost", "127.0.0.1", "peerstash-peer"])
         .context("creating the storage daemon's certificate")?;
-    let client = ServerClient::new(&a.server.server, pin)?;
+    let client = ServerClient::with_urls(&a.server.server, pin)?;
     let resp = client
         .register(&RegisterRequest {
             name: a.server.name.clone(),
@@ -859,7 +883,7 @@ async fn register(home: &Home, a: RegisterArgs) -> Result<()> {
     std::fs::create_dir_all(&a.storage_dir)
         .with_context(|| format!("creating the storage directory {}", a.storage_dir.display()))?;
     home.save_config(&HomeConfig {
-        server_url: client.base_url().to_string(),
+        server_urls: client.urls().to_vec(),
         server_fingerprint: pin,
         peer_id: resp.peer_id,
         name: a.server.name.clone(),
@@ -904,7 +928,7 @@ fn data_key(
 async fn login(home: &Home, a: LoginArgs) -> Result<()> {
     let pin = fingerprint(home, &a.server)?;
     let password = secret(&a.server.password_file, "password", false)?;
-    let client = ServerClient::new(&a.server.server, pin)?;
+    let client = ServerClient::with_urls(&a.server.server, pin)?;
     let resp = client
         .login(&LoginRequest {
             name: a.server.name.clone(),
@@ -940,7 +964,7 @@ async fn login(home: &Home, a: LoginArgs) -> Result<()> {
     std::fs::create_dir_all(&storage_dir)
         .with_context(|| format!("creating the storage directory {}", storage_dir.display()))?;
     home.save_config(&HomeConfig {
-        server_url: client.base_url().to_string(),
+        server_urls: client.urls().to_vec(),
         server_fingerprint: pin,
         peer_id: resp.peer_id,
         name: a.server.name.clone(),
@@ -1013,7 +1037,10 @@ async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()
         }
     };
     println!("peer:     {} ({})", s.name, s.peer_id);
-    println!("server:   {}", cfg.server_url);
+    println!(
+        "server:   {}",
+        server_line(&cfg.server_urls, client.base_url())
+    );
     println!(
         "peers:    {} online of {} registered",
         s.peers_online, s.peers_total
@@ -1084,6 +1111,24 @@ async fn status(home: &Home, ride_out: Option<std::time::Duration>) -> Result<()
         _ => println!("safety:   the server sent no figures"),
     }
     print_drive_summary(home)
+}
+
+/// The server's URLs for `status`, the one that answered marked.
+fn server_line(urls: &[String], in_use: &str) -> String {
+    if urls.len() == 1 {
+        return urls[0].clone();
+    }
+    let list: Vec<String> = urls
+        .iter()
+        .map(|u| {
+            if u.trim_end_matches('/') == in_use {
+                format!("{u} (in use)")
+            } else {
+                u.clone()
+            }
+        })
+        .collect();
+    list.join(", ")
 }
 
 /// Progress on a terminal (indicatif); plain lines on stderr otherwise, so logs and

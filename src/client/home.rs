@@ -2,7 +2,7 @@
 //! `~/.local/share/peerstash`. Several peers can live on one machine, one home each.
 //!
 //! ```text
-//! config.toml      server url and fingerprint, peer id, name, lend, storage dir, ...
+//! config.toml      server urls and fingerprint, peer id, name, lend, storage dir, ...
 //! transaction.key  hex, 0600: authenticates this peer to the server
 //! data.key         hex, 0600: encrypts this user's chunks
 //! peer-cert.der    the storage daemon's QUIC certificate
@@ -74,8 +74,15 @@ pub enum HomeError {
 /// The contents of `config.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HomeConfig {
-    /// The coordination server, `https://host:port`.
-    pub server_url: String,
+    /// The coordination server's instances, `https://host:port`, in the order they are
+    /// tried (one fingerprint pins them all). Written as `server_urls = [...]`; a config
+    /// from before failover, with one `server_url = "..."`, reads as a list of one.
+    #[serde(
+        rename = "server_urls",
+        alias = "server_url",
+        deserialize_with = "one_or_many"
+    )]
+    pub server_urls: Vec<String>,
     /// Its pinned certificate fingerprint.
     pub server_fingerprint: Fingerprint,
     /// This peer's id.
@@ -142,6 +149,20 @@ impl From<ErasureSpec> for String {
     fn from(e: ErasureSpec) -> String {
         e.to_string()
     }
+}
+
+/// A string (the old `server_url`) or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 fn default_replicas() -> u8 {
@@ -305,8 +326,10 @@ impl Home {
     pub fn server_client(&self) -> Result<ServerClient, ClientOrHomeError> {
         let cfg = self.load_config()?;
         let key = self.load_transaction_key()?;
-        Ok(ServerClient::new(&cfg.server_url, cfg.server_fingerprint)?
-            .with_identity(cfg.peer_id, key))
+        Ok(
+            ServerClient::with_urls(&cfg.server_urls, cfg.server_fingerprint)?
+                .with_identity(cfg.peer_id, key),
+        )
     }
 }
 
@@ -401,9 +424,16 @@ fn config_defaults(
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
+            // A list (`server = ["https://a:7400", "https://b:7400"]`) as the flag's
+            // comma-separated form.
+            toml::Value::Array(items) if items.iter().all(|v| v.is_str()) => items
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             _ => {
                 return Err(format!(
-                    "{}: {key} must be a string, number or boolean",
+                    "{}: {key} must be a string, number, boolean or list of strings",
                     path.display()
                 ))
             }
@@ -469,7 +499,7 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         let cfg = HomeConfig {
-            server_url: "https://127.0.0.1:1".into(),
+            server_urls: vec!["https://127.0.0.1:1".into(), "https://127.0.0.2:1".into()],
             server_fingerprint: Fingerprint([7; 32]),
             peer_id: PeerId(42),
             name: "ann".into(),
@@ -482,6 +512,21 @@ mod tests {
         };
         h.save_config(&cfg).unwrap();
         assert_eq!(h.load_config().unwrap(), cfg);
+        let text = fs::read_to_string(h.path(files::CONFIG)).unwrap();
+        assert!(text.contains("server_urls = ["), "{text}");
+        // A config written before failover names one server_url: read unchanged.
+        let mut table: toml::Table = text.parse().unwrap();
+        table.remove("server_urls");
+        table.insert("server_url".into(), "https://127.0.0.1:1".into());
+        let old = toml::to_string(&table).unwrap();
+        fs::write(h.path(files::CONFIG), old).unwrap();
+        assert_eq!(
+            h.load_config().unwrap(),
+            HomeConfig {
+                server_urls: vec!["https://127.0.0.1:1".into()],
+                ..cfg.clone()
+            }
+        );
         let ck = h.ensure_peer_cert(&["localhost"]).unwrap();
         assert_eq!(
             h.ensure_peer_cert(&["localhost"]).unwrap().fingerprint(),
@@ -492,6 +537,35 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_list_in_the_settings_file_is_the_flag_repeated() {
+        let cmd = clap::Command::new("p").subcommand(
+            clap::Command::new("login").arg(
+                clap::Arg::new("server")
+                    .long("server")
+                    .value_delimiter(',')
+                    .action(clap::ArgAction::Append),
+            ),
+        );
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("p.toml");
+        fs::write(
+            &file,
+            "[login]\nserver = [\"https://a:1\", \"https://b:2\"]\n",
+        )
+        .unwrap();
+        let m = apply_config_file(cmd, &file)
+            .unwrap()
+            .get_matches_from(["p", "login"]);
+        let got: Vec<&String> = m
+            .subcommand_matches("login")
+            .unwrap()
+            .get_many("server")
+            .unwrap()
+            .collect();
+        assert_eq!(got, ["https://a:1", "https://b:2"]);
     }
 
     #[test]

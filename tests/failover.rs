@@ -1,0 +1,200 @@
+//! Clients fail over between several server URLs. Two server instances cannot share state
+//! yet, so two plain TCP relays on loopback ports stand in front of one real
+//! `peerstash-server` (TLS passes through them untouched, so one pinned fingerprint holds
+//! for both), and the clients get both URLs; killing a relay is a dead instance. What a
+//! user sees: registering and logging in with the first URL dead works, a copy into the
+//! mounted drive completes and becomes durable while the instance it uses dies, every file
+//! reads back after a remount, and the storage daemon keeps heartbeating.
+
+mod common;
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::net::*;
+use common::relay::Relay;
+use common::{bin, bytes, free_tcp_port, free_udp_port, wait_for, Proc};
+
+/// A peer with no heartbeat for this long counts as offline (the server is told so, and
+/// asks for a heartbeat every 2 s).
+const ONLINE_TIMEOUT_SECS: u64 = 12;
+/// Files the copy writes; the instance dies once a third of them are in.
+const FILES: usize = 450;
+
+fn server_addr(net: &Net) -> SocketAddr {
+    net.url
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
+}
+
+/// `peerstash register` (or `login`) with `servers` as the `--server` arguments.
+fn account(net: &Net, verb: &str, name: &str, home: &Path, servers: &[String]) -> String {
+    let mut cmd = Command::new(bin("peerstash"));
+    cmd.arg("--home").arg(home).arg(verb);
+    for s in servers {
+        cmd.args(["--server", s]);
+    }
+    cmd.args(["--server-fingerprint", &net.fingerprint, "--name", name])
+        .arg("--password-file")
+        .arg(&net.password);
+    if verb == "register" {
+        cmd.args(["--lend", "1G"])
+            .arg("--storage-dir")
+            .arg(home.join("storage"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_udp_port())]);
+    }
+    run(&mut cmd)
+}
+
+/// The server URLs a home's config keeps, in order.
+fn configured_urls(home: &Path) -> Vec<String> {
+    let text = fs::read_to_string(home.join("config.toml")).unwrap();
+    let cfg: toml::Table = text.parse().unwrap();
+    cfg["server_urls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no server_urls list in {text}"))
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn file_of(i: usize) -> (PathBuf, Vec<u8>) {
+    // Mostly small files (packed), every 40th one spanning several chunks.
+    let len = if i % 40 == 0 {
+        (3 << 20) + i
+    } else {
+        1 + (i * 997) % (48 << 10)
+    };
+    (
+        PathBuf::from(format!("d{}/f{i}.bin", i % 9)),
+        bytes(i as u64, len),
+    )
+}
+
+#[test]
+fn clients_fail_over_to_the_next_server_url() {
+    let net = Net::start_with(
+        3,
+        &[
+            "--heartbeat-interval",
+            "2",
+            "--online-timeout",
+            &ONLINE_TIMEOUT_SECS.to_string(),
+        ],
+    );
+    let server = server_addr(&net);
+    let dead = format!("https://127.0.0.1:{}", free_tcp_port());
+    let mut a = Relay::start(server);
+    let b = Relay::start(server);
+
+    // (1) The first URL is dead (nothing listens): register and login move on to the
+    // next. Repeated --server flags and a comma-separated list both work.
+    let user = net.home("alice");
+    let out = account(
+        &net,
+        "register",
+        "alice",
+        &user,
+        &[dead.clone(), format!("{},{}", a.url(), b.url())],
+    );
+    assert!(out.contains("registered alice"), "{out}");
+    assert_eq!(configured_urls(&user), [dead.clone(), a.url(), b.url()]);
+    let again = net.home("alice-again");
+    let out = account(&net, "login", "alice", &again, &[dead.clone(), b.url()]);
+    assert!(out.contains("logged in as alice"), "{out}");
+    assert_eq!(configured_urls(&again), [dead.clone(), b.url()]);
+    let st = peerstash_ok(&user, &["status"]);
+    assert!(
+        st.contains(&format!(
+            "server:   {dead}, {} (in use), {}",
+            a.url(),
+            b.url()
+        )),
+        "{st}"
+    );
+
+    // (3) A storage daemon behind its own pair of relays, so that what reaches the second
+    // one is the daemon's.
+    let mut c = Relay::start(server);
+    let e = Relay::start(server);
+    let lender = net.home("lender");
+    account(&net, "register", "lender", &lender, &[c.url(), e.url()]);
+    let mut cmd = Command::new(bin("peerstash"));
+    cmd.arg("--home").arg(&lender).arg("serve");
+    let mut serve = Proc::spawn("lender", cmd);
+    wait_for("the lender online", Duration::from_secs(60), || {
+        peerstash_ok(&user, &["status"])
+            .contains("4 online")
+            .then_some(())
+    });
+    assert!(c.accepted() > 0 && e.accepted() == 0, "the daemon uses c");
+
+    // (2) A copy into the mount; the instance the mount uses dies a third of the way in,
+    // cutting every connection it carries (and the daemon's instance with it).
+    let mnt = net.dir.path().join("mnt");
+    let m = Mount::start(&user, &mnt);
+    assert!(a.accepted() > 0, "the mount settled on the first live URL");
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (mnt, written) = (mnt.clone(), written.clone());
+        std::thread::spawn(move || {
+            for i in 0..FILES {
+                let (p, data) = file_of(i);
+                let p = mnt.join(p);
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(&p, &data).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                written.store(i + 1, Ordering::SeqCst);
+            }
+        })
+    };
+    wait_for("a third of the copy", Duration::from_secs(300), || {
+        (written.load(Ordering::SeqCst) >= FILES / 3).then_some(())
+    });
+    a.kill();
+    c.kill();
+    let killed = Instant::now();
+    writer.join().expect("the copy completes");
+
+    // Everything becomes durable through the second URL.
+    let waited = peerstash_ok(&user, &["status", "--wait", "--wait-limit", "120"]);
+    assert!(
+        waited.contains("every file is confirmed on peers"),
+        "{waited}"
+    );
+    let st = peerstash_ok(&user, &["status"]);
+    assert!(st.contains("pending:  0 uploads"), "{st}");
+    assert!(st.contains(&format!("{} (in use)", b.url())), "{st}");
+    assert!(b.accepted() > 0);
+
+    // (3) The daemon kept heartbeating through e: still online well past the online
+    // timeout after c died, and e keeps carrying answers to it.
+    let carried = e.answered();
+    assert!(carried > 0, "the daemon moved to e");
+    let past = Duration::from_secs(ONLINE_TIMEOUT_SECS + 3);
+    if let Some(rest) = past.checked_sub(killed.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    wait_for("a heartbeat through e", Duration::from_secs(60), || {
+        (e.answered() > carried).then_some(())
+    });
+    let st = peerstash_ok(&user, &["status"]);
+    assert!(st.contains("4 online"), "{st}");
+
+    // Every file reads back after a remount (which finds the live URL by itself).
+    m.stop();
+    let m = Mount::start(&user, &mnt);
+    for i in 0..FILES {
+        let (p, data) = file_of(i);
+        let got = fs::read(mnt.join(&p)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(got == data, "{} differs after the remount", p.display());
+    }
+    m.stop();
+    serve.terminate(Duration::from_secs(10));
+}
