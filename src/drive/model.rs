@@ -850,19 +850,7 @@ impl Model {
     }
 
     fn truncate(&self, ino: u64, size: u64) -> FsResult<()> {
-        // As in `write`: the working copy may be sealed between making it and locking.
-        let mut attempts = 0;
-        let mut st = loop {
-            let id = self.working_file(ino, size == 0)?;
-            let st = self.lock();
-            if st.working.get(&ino).is_some_and(|w| w.stage == id) {
-                break st;
-            }
-            attempts += 1;
-            if attempts >= 20 {
-                return Err(FsError::Io("file sealed during truncate".into()));
-            }
-        };
+        let mut st = self.locked_working(ino, size == 0, "truncate")?;
         let cur = st.working.get(&ino).map(|w| w.size).unwrap_or(0);
         if size > cur {
             self.check_quota(&mut st, size - cur)?;
@@ -1379,6 +1367,20 @@ impl Model {
 
     /// The working copy of `ino` (its stage id), made from the current content (or empty
     /// when `empty`) if the file is not being written yet.
+    /// The lock, with `ino`'s working file in place. Another handle's close may seal the
+    /// working file between making it and taking the lock: then make the next one (it
+    /// starts from what was sealed).
+    fn locked_working(&self, ino: u64, empty: bool, what: &str) -> FsResult<MutexGuard<'_, State>> {
+        for _attempt in 0..20 {
+            let id = self.working_file(ino, empty)?;
+            let st = self.lock();
+            if st.working.get(&ino).is_some_and(|w| w.stage == id) {
+                return Ok(st);
+            }
+        }
+        Err(FsError::Io(format!("file sealed during {what}")))
+    }
+
     fn working_file(&self, ino: u64, empty: bool) -> FsResult<u64> {
         for _attempt in 0..20 {
             // Phase 1 (locked): decide what the new working file starts from.
@@ -1501,20 +1503,7 @@ impl Model {
         if end > MAX_FILE_SIZE {
             return Err(FsError::Os(libc::EFBIG));
         }
-        // Another handle's close may seal the working file between getting it and taking
-        // the lock: then write into the next one (it starts from what was sealed).
-        let mut attempts = 0;
-        let mut st = loop {
-            let id = self.working_file(ino, false)?;
-            let st = self.lock();
-            if st.working.get(&ino).is_some_and(|w| w.stage == id) {
-                break st;
-            }
-            attempts += 1;
-            if attempts >= 20 {
-                return Err(FsError::Io("file sealed during write".into()));
-            }
-        };
+        let mut st = self.locked_working(ino, false, "write")?;
         let w = st.working.get(&ino).expect("checked above");
         if end > w.size {
             let grow = end - w.size;
