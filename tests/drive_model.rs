@@ -1191,14 +1191,9 @@ fn index_writers_wait_for_a_lock_held_by_another_connection() {
     m.shutdown();
 }
 
-/// Near the quota, a delete gives its space back: a new file as large as the deleted one
-/// fits, at write time and at upload, although a retained snapshot named the deleted file
-/// (the drive stores a snapshot covering the delete, thins the earlier one and releases).
-/// Before, the write failed with ENOSPC and the drive stayed wedged: the release waited for
-/// a snapshot, and the snapshot for the space the release would free.
-#[test]
-fn deleting_near_the_quota_gives_the_space_back() {
-    let env = Env::new(2_500_000);
+/// A drive that snapshots as soon as uploads settle (into the returned root store), with
+/// no upload at close: for the tests of giving space back near the quota.
+fn snapshotting_drive(env: &Env) -> (Model, Arc<MemRoots>) {
     let roots = Arc::new(MemRoots::default());
     let opts = DriveOptions {
         fsync_timeout: Duration::from_secs(30),
@@ -1208,6 +1203,18 @@ fn deleting_near_the_quota_gives_the_space_back() {
         ..DriveOptions::default()
     };
     let m = Model::new(&env.state, &env.key, env.backend.clone(), opts).unwrap();
+    (m, roots)
+}
+
+/// Near the quota, a delete gives its space back: a new file as large as the deleted one
+/// fits, at write time and at upload, although a retained snapshot named the deleted file
+/// (the drive stores a snapshot covering the delete, thins the earlier one and releases).
+/// Before, the write failed with ENOSPC and the drive stayed wedged: the release waited for
+/// a snapshot, and the snapshot for the space the release would free.
+#[test]
+fn deleting_near_the_quota_gives_the_space_back() {
+    let env = Env::new(2_500_000);
+    let (m, roots) = snapshotting_drive(&env);
     let (first, second) = (bytes(1, 1_400_000), bytes(2, 1_400_000));
     write_file(&m, "first", &first).unwrap();
     assert!(m.wait_idle(Duration::from_secs(30)));
@@ -1234,6 +1241,42 @@ fn deleting_near_the_quota_gives_the_space_back() {
     // After a restart the drive still reads the file back.
     let m = env.open();
     assert_eq!(read_file(&m, "second").unwrap(), second);
+}
+
+/// One reclaim thins as many retained snapshots as the new data needs. Each thinning
+/// changes the index, so a snapshot covering it is stored before the release; before, those
+/// snapshots counted against a budget of three meant for an index changing under writes,
+/// the reclaim gave up after the third thinning, and the upload failed with ENOSPC with the
+/// deleted files' space still held (first seen as a flaky run of the test above).
+#[test]
+fn one_reclaim_thins_as_many_snapshots_as_it_needs() {
+    let env = Env::new(10_000_000);
+    let (m, _roots) = snapshotting_drive(&env);
+    // Five files of 300 kB, each named by its own retained snapshot, then deleted: 1.5 MB
+    // held only for earlier snapshots.
+    for i in 0..5u8 {
+        let name = format!("old{i}");
+        write_file(&m, &name, &bytes(10 + i as u64, 300_000)).unwrap();
+        assert!(m.wait_idle(Duration::from_secs(30)));
+        common_wait("a snapshot naming the file", || {
+            let s = peerstash::drive::summary_of(&env.state).unwrap();
+            s.snapshot_current && s.chunks > 0
+        });
+        m.unlink(ROOT_INO, OsStr::new(&name)).unwrap();
+    }
+    // Written under a large quota, so nothing is given back while it is written; then the
+    // quota shrinks and 2.15 MB more fits only once four of the five are given back, all
+    // in the reclaim that follows the refused upload.
+    let big = bytes(3, 2_150_000);
+    let fh = open_path(&m, "big", true).unwrap();
+    for (i, piece) in big.chunks(128 * 1024).enumerate() {
+        m.write(fh, (i * 128 * 1024) as u64, piece).unwrap();
+    }
+    env.backend.set_capacity(2_500_000);
+    assert_eq!(m.fsync(fh), Ok(()), "the new file is stored");
+    m.release(fh).unwrap();
+    assert_eq!(read_file(&m, "big").unwrap(), big);
+    m.shutdown();
 }
 
 /// A size past the largest file (pjdfstest's truncate/12: 999,999,999,999,999 bytes) is

@@ -154,6 +154,7 @@ fn run_until_stopped(sh: &Shared, health: &Mutex<Publisher>) {
                 continue;
             }
         };
+        let listed = pending.len();
         let now = Instant::now();
         retry_at.retain(|_, t| *t > now);
         let mut batch = Vec::new();
@@ -187,10 +188,10 @@ fn run_until_stopped(sh: &Shared, health: &Mutex<Publisher>) {
         lingered = false;
         sh.lock().hurry = false;
         if batch.is_empty() {
-            // Settled: snapshot if due, and release what no file references. Releases
-            // wait for idle so that a file replaced by a new version (rsync's temp file +
-            // rename) keeps its chunks for the new version to reuse.
-            match housekeeping(sh, &mut released_at) {
+            // Settled (but for files held back for a retry): snapshot if due, and release
+            // what no file references.
+            let gate = Gate::WhileIdle { waiting: listed };
+            match housekeeping(sh, &mut released_at, gate) {
                 Ok(()) => backoff = Duration::ZERO,
                 Err(e) => {
                     tracing::warn!("releasing chunks: {e}");
@@ -203,7 +204,7 @@ fn run_until_stopped(sh: &Shared, health: &Mutex<Publisher>) {
         // Under a steady stream of closes the drive is never idle: snapshot and release
         // anyway now and then, so deleted and rewritten files give their space back.
         if last_housekeeping.elapsed() >= BUSY_HOUSEKEEPING.max(sh.opts.snapshot_interval) {
-            if let Err(e) = housekeeping(sh, &mut released_at) {
+            if let Err(e) = housekeeping(sh, &mut released_at, Gate::Always) {
                 tracing::warn!("releasing chunks: {e}");
             }
             last_housekeeping = Instant::now();
@@ -295,8 +296,12 @@ fn stalled(sh: &Shared) {
 
 /// Snapshot the index if it changed and a snapshot is due (then apply retention), and
 /// release the chunks nothing references once the latest snapshot covers every commit.
-/// `released_at` is the index's change count after the last complete release pass.
-fn housekeeping(sh: &Shared, released_at: &mut Option<u64>) -> Result<(), BackendError> {
+/// `released_at` is the index's change count before the last complete release pass.
+fn housekeeping(
+    sh: &Shared,
+    released_at: &mut Option<u64>,
+    gate: Gate,
+) -> Result<(), BackendError> {
     let mut snapshot_current = true;
     if sh.opts.roots.is_some() {
         let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
@@ -316,12 +321,15 @@ fn housekeeping(sh: &Shared, released_at: &mut Option<u64>) -> Result<(), Backen
         // it covers every commit (it then names no unreferenced chunk).
         snapshot_current = snap.changes == Some(sh.lock().db.total_changes());
     }
-    if snapshot_current && *released_at != Some(sh.lock().db.total_changes()) {
-        release_free(sh)?;
+    // Counted before the pass: a delete while it runs is not taken as seen (the pass may
+    // have listed the free chunks before it), so the next idle pass releases its chunks.
+    let changes = sh.lock().db.total_changes();
+    if snapshot_current && *released_at != Some(changes) && release_free(sh, gate)? == Released::All
+    {
         if let Err(e) = repack(sh) {
             tracing::warn!("packing small files anew postponed: {e}");
         }
-        *released_at = Some(sh.lock().db.total_changes());
+        *released_at = Some(changes);
     }
     Ok(())
 }
@@ -387,13 +395,15 @@ fn reclaim(sh: &Shared) -> (bool, bool) {
     refresh_quota(sh);
     let before = sh.lock().quota.map(|q| q.used_bytes);
     let mut snap = sh.snap.lock().unwrap_or_else(|e| e.into_inner());
+    // Stuck only when a full pass found the drive short and nothing left to thin; a pass
+    // cut short (the index kept changing, an error) is not: the next pressure retries.
     let mut stuck = false;
+    // Snapshots taken since the last thinning: writes going on may change the index while
+    // it is read, and thinning itself changes it (each thinning needs one more).
     let mut attempts = 0;
     loop {
         let current = sh.opts.roots.is_none() || snap.changes == Some(sh.lock().db.total_changes());
         if !current {
-            // A snapshot covering the deletes first (a few tries: the index may change
-            // while it is read).
             attempts += 1;
             if attempts > 3 {
                 break;
@@ -406,7 +416,7 @@ fn reclaim(sh: &Shared) -> (bool, bool) {
             }
             continue;
         }
-        if let Err(e) = release_free(sh) {
+        if let Err(e) = release_free(sh, Gate::Always) {
             tracing::warn!("releasing chunks: {e}");
             break;
         }
@@ -420,14 +430,20 @@ fn reclaim(sh: &Shared) -> (bool, bool) {
                 _ => false,
             }
         };
-        stuck = short;
+        if !short {
+            break;
+        }
         // Thin only snapshots that hold something: history is not given up for nothing.
-        if !short || index::held_for_earlier_bytes(&sh.lock().db).unwrap_or(0) == 0 {
+        if index::held_for_earlier_bytes(&sh.lock().db).unwrap_or(0) == 0 {
+            stuck = true;
             break;
         }
         match super::snapshot::thin_oldest(sh, &mut snap) {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
+            Ok(Some(_)) => attempts = 0,
+            Ok(None) => {
+                stuck = true;
+                break;
+            }
             Err(e) => {
                 tracing::warn!("dropping an earlier snapshot to give space back failed: {e}");
                 break;
@@ -478,29 +494,56 @@ fn delete_doomed(sh: &Shared) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// When a release pass may run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Only while no more files wait for upload than the `waiting` ones held back for a
+    /// retry: a file closed meanwhile, such as a new version about to replace an old one
+    /// (rsync's temp file + rename), keeps the old version's chunks to reuse.
+    WhileIdle { waiting: usize },
+    /// Regardless (quota pressure, or a steady stream of closes).
+    Always,
+}
+
+/// How a release pass ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Released {
+    /// Every free chunk was released.
+    All,
+    /// A file was closed meanwhile (with [`Gate::WhileIdle`]): the rest waits for idle.
+    GaveWay,
+}
+
 /// Release chunks no committed file version and no retained snapshot references.
-fn release_free(sh: &Shared) -> Result<(), BackendError> {
+fn release_free(sh: &Shared, gate: Gate) -> Result<Released, BackendError> {
+    let index_err = |e: rusqlite::Error| BackendError::Unavailable(format!("index: {e}"));
     let mut synced = false;
     loop {
-        let ids = match index::free_chunks(&sh.lock().db, 1000) {
-            Ok(ids) => ids,
-            Err(e) => return Err(BackendError::Unavailable(format!("index: {e}"))),
+        // Checked under the lock that lists the chunks: closes and renames take it too.
+        let ids = {
+            let st = sh.lock();
+            if let Gate::WhileIdle { waiting } = gate {
+                if index::pending(&st.db, waiting + 1)
+                    .map_err(index_err)?
+                    .len()
+                    > waiting
+                {
+                    return Ok(Released::GaveWay);
+                }
+            }
+            index::free_chunks(&st.db, 1000).map_err(index_err)?
         };
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Released::All);
         }
         if !synced {
             // The commits that dropped these references must survive a power cut before
             // the chunks are gone.
-            if let Err(e) = index::make_durable(&sh.lock().db) {
-                return Err(BackendError::Unavailable(format!("index: {e}")));
-            }
+            index::make_durable(&sh.lock().db).map_err(index_err)?;
             synced = true;
         }
         sh.chunks.backend().release(&ids)?;
-        if let Err(e) = index::forget_chunks(&sh.lock().db, &ids) {
-            return Err(BackendError::Unavailable(format!("index: {e}")));
-        }
+        index::forget_chunks(&sh.lock().db, &ids).map_err(index_err)?;
     }
 }
 
