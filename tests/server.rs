@@ -569,10 +569,25 @@ async fn placement_spreads_replicas_over_distinct_online_peers_with_room() {
         per_target.get(&e.id).copied().unwrap_or(0) <= 1,
         "erin had room for one"
     );
-    for p in [&b, &c, &d] {
-        let n = per_target[&p.id];
-        assert!((40..=46).contains(&n), "load spread evenly: {per_target:?}");
-    }
+    // One target per copy (one token, one transfer, one confirm each), among the peers
+    // with the most room; the next put ranks them lower by the room this one took.
+    assert_eq!(per_target.len(), 2, "{per_target:?}");
+    assert!(per_target.values().all(|n| *n == 64), "{per_target:?}");
+    assert!(
+        per_target.keys().all(|t| [b.id, c.id, d.id].contains(t)),
+        "{per_target:?}"
+    );
+    let next = a
+        .client
+        .put(&put_req(&chunks("next", 1, MIB as u32), 2))
+        .await
+        .unwrap();
+    assert!(
+        next.placements
+            .iter()
+            .any(|p| !per_target.contains_key(&p.target)),
+        "the peer the first put left alone comes first"
+    );
 
     // Exclusion: a peer the client wants to avoid gets nothing.
     let more = chunks("exclude", 4, 1000);

@@ -379,14 +379,22 @@ fn seal_kinds(
 /// `POST /v1/put`.
 pub(crate) fn put(st: &State, peer: PeerId, req: PutRequest) -> Result<PutResponse, Refusal> {
     let pol = policy(st);
-    let plan = st.store.lock().expect("not poisoned").put_with_stripes(
-        peer,
-        &req.chunks,
-        &req.stripes,
-        req.replicas,
-        &req.exclude,
-        &pol,
-    )?;
+    let (plan, barrier) = {
+        let mut store = st.store.lock().expect("not poisoned");
+        let plan = store.put_with_stripes(
+            peer,
+            &req.chunks,
+            &req.stripes,
+            req.replicas,
+            &req.exclude,
+            &pol,
+        )?;
+        let barrier = plan.found_locations.then(|| store.barrier());
+        (plan, barrier)
+    };
+    if let Some(b) = barrier {
+        durable(&b);
+    }
     let placements = seal_for_owner(st, peer, TxKind::Put, plan.placements, &pol)?;
     Ok(PutResponse {
         placements,
@@ -400,6 +408,17 @@ pub(crate) type QueuedConfirm = (
     ConfirmRequest,
     std::sync::mpsc::Sender<Result<store::Confirmed, Refusal>>,
 );
+
+/// Wait until deferred commits are on disk (outside the store lock). If that fails, stop
+/// the server: after a failed fsync the kernel may have dropped the dirty pages, and a
+/// later fsync can succeed without them, so what is durable is unknown and only a restart
+/// reads back what the disk really holds. Nothing resting on them has been answered.
+fn durable(wal: &store::WalSync) {
+    if let Err(e) = wal.sync() {
+        tracing::error!("syncing the database log failed: {e}; stopping");
+        std::process::abort();
+    }
+}
 
 /// `POST /v1/confirm` (from the target).
 ///
@@ -419,28 +438,35 @@ pub(crate) fn confirm(
         .lock()
         .expect("not poisoned")
         .push((peer, req, tx));
-    {
+    let written = {
         let mut store = st.store.lock().expect("not poisoned");
         let batch = std::mem::take(&mut *st.confirm_queue.lock().expect("not poisoned"));
         // Empty when an earlier lock holder already wrote ours.
-        if !batch.is_empty() {
+        if batch.is_empty() {
+            None
+        } else {
             let items: Vec<(PeerId, peerstash::TransactionId, &[peerstash::ChunkId])> = batch
                 .iter()
                 .map(|(p, r, _)| (*p, r.txid, r.chunks.as_slice()))
                 .collect();
-            match store.confirm_batch(&items) {
-                Ok(counts) => {
-                    for ((_, _, reply), n) in batch.iter().zip(counts) {
-                        let _ = reply.send(Ok(n));
-                    }
-                }
+            match store.confirm_batch_deferred(&items) {
+                Ok((counts, wal)) => Some((batch, counts, wal)),
                 Err(e) => {
                     let refusal = Refusal::from(e);
                     for (_, _, reply) in &batch {
                         let _ = reply.send(Err(refusal.clone()));
                     }
+                    None
                 }
             }
+        }
+    };
+    // The fsync, outside the store lock: puts and gets go on while the disk works, and
+    // confirms arriving meanwhile form the next group.
+    if let Some((batch, counts, wal)) = written {
+        durable(&wal);
+        for ((_, _, reply), n) in batch.iter().zip(counts) {
+            let _ = reply.send(Ok(n));
         }
     }
     // Our item was queued before we took the lock, so whoever drained the queue — us or
@@ -460,11 +486,12 @@ pub(crate) fn confirm(
 /// `POST /v1/get`.
 pub(crate) fn get(st: &State, peer: PeerId, req: GetRequest) -> Result<GetResponse, Refusal> {
     let pol = policy(st);
-    let (planned, missing, stripes) =
-        st.store
-            .lock()
-            .expect("not poisoned")
-            .get(peer, &req.chunks, pol.online_cutoff_ms)?;
+    let (planned, missing, stripes, barrier) = {
+        let mut store = st.store.lock().expect("not poisoned");
+        let (planned, missing, stripes) = store.get(peer, &req.chunks, pol.online_cutoff_ms)?;
+        (planned, missing, stripes, store.barrier())
+    };
+    durable(&barrier);
     let placements = seal_for_owner(st, peer, TxKind::Get, planned, &pol)?;
     Ok(GetResponse {
         placements,

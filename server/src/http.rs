@@ -41,6 +41,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
         .map_err(std::io::Error::other)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     spawn_sweeper(state.clone());
+    spawn_checkpointer(&state)?;
     crate::probe::spawn_prober(state.clone());
     crate::repair::spawn_repairer(state.clone());
     crate::audit::spawn_auditor(state.clone());
@@ -105,6 +106,36 @@ fn spawn_sweeper(st: Arc<State>) {
             .await;
         }
     });
+}
+
+/// How often the write-ahead log is copied into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// Checkpoint the database from a connection of its own, so that confirms and puts do not
+/// copy the log into the database file under the store lock.
+fn spawn_checkpointer(st: &Arc<State>) -> std::io::Result<()> {
+    let ck = st
+        .store
+        .lock()
+        .expect("not poisoned")
+        .checkpointer()
+        .map_err(std::io::Error::other)?;
+    let ck = Arc::new(std::sync::Mutex::new(ck));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ck = ck.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = ck.lock().expect("not poisoned").run() {
+                    tracing::warn!("checkpointing the database: {e}");
+                }
+            })
+            .await;
+        }
+    });
+    Ok(())
 }
 
 /// The Prometheus text of `/metrics`.

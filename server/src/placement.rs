@@ -57,23 +57,28 @@ pub enum Shortfall {
     },
 }
 
-/// Each copy goes to the distinct candidate that needs credit, then has the most room
-/// left, which spreads load and fills nobody past its room. Returns, per candidate index
-/// (into `cands`, whose `room` is consumed), the chunks it takes, in `wants` order.
+/// The candidates are ranked once per put: those that need credit first, then by most
+/// room. Each copy goes to the first distinct candidate in that ranking with room left
+/// for it, so a put's chunks go to as few peers as their copies need (one token, one
+/// transfer and one confirm per target, not one per chunk), and nobody is filled past
+/// its room. Load spreads across puts: the peers a put chose rank lower in the next one,
+/// their room shrunk by what they were given. Returns, per candidate index (into
+/// `cands`, whose `room` is consumed), the chunks it takes, in `wants` order.
 pub fn place(
     cands: &mut [Candidate],
     wants: &[Want],
 ) -> Result<HashMap<usize, Vec<(ChunkId, u32)>>, Shortfall> {
     let mut assign: HashMap<usize, Vec<(ChunkId, u32)>> = HashMap::new();
     let mut order: Vec<usize> = (0..cands.len()).collect();
+    // Stable: equal candidates keep the store's order.
+    order.sort_by(|a, b| {
+        let (a, b) = (&cands[*a], &cands[*b]);
+        b.needs_credit
+            .cmp(&a.needs_credit)
+            .then(b.room.cmp(&a.room))
+    });
     let mut stripe_used: HashMap<usize, HashSet<PeerId>> = HashMap::new();
     for w in wants {
-        order.sort_by(|a, b| {
-            let (a, b) = (&cands[*a], &cands[*b]);
-            b.needs_credit
-                .cmp(&a.needs_credit)
-                .then(b.room.cmp(&a.room))
-        });
         let mut got = 0;
         for &i in &order {
             if got == w.copies {
@@ -141,6 +146,32 @@ mod tests {
         who.sort_unstable();
         assert_eq!(who, vec![1, 2], "the needy peer, then the roomiest");
         assert_eq!((c[0].room, c[1].room, c[2].room), (100, 490, 40));
+    }
+
+    #[test]
+    fn a_put_goes_to_as_few_peers_as_its_copies_need() {
+        let mut c: Vec<Candidate> = (1..=10).map(|i| cand(i, 1_000_000, false)).collect();
+        let wants: Vec<Want> = (0..64).map(|i| want(i, 1000, 2, None)).collect();
+        let a = place(&mut c, &wants).unwrap();
+        assert_eq!(a.len(), 2, "{:?}", a.keys());
+        assert!(a.values().all(|list| list.len() == 64));
+        // The next put ranks the peers this one filled last.
+        let b = place(&mut c, &wants).unwrap();
+        assert!(b.keys().all(|i| !a.contains_key(i)), "{:?}", b.keys());
+    }
+
+    #[test]
+    fn a_peer_out_of_room_passes_the_rest_of_the_put_on() {
+        let mut c = vec![
+            cand(1, 2500, false),
+            cand(2, 1500, false),
+            cand(3, 1000, false),
+        ];
+        let wants: Vec<Want> = (0..3).map(|i| want(i, 1000, 1, None)).collect();
+        let a = place(&mut c, &wants).unwrap();
+        assert_eq!(a[&0].len(), 2);
+        assert_eq!(a[&1].len(), 1);
+        assert!(!a.contains_key(&2));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! between users, so knowing a chunk id never gives anyone a token for someone else's data.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use peerstash::api::{self, ChunkRef, HeartbeatRequest, KeyMode, ReportRequest};
 use peerstash::keys::random_u64;
@@ -26,6 +28,12 @@ pub use repair::{RepairPlan, RepairScan, SCAN_BATCH};
 /// Transaction ids are reserved in blocks of this size: the high-water mark on disk is
 /// always above every id handed out, so ids never repeat, even across a crash.
 const TXID_BLOCK: u64 = 1024;
+/// SQLite's page cache for the store's connection, KiB.
+const CACHE_KIB: i64 = 32 * 1024;
+/// Log size (pages of 4 KiB) past which the store's own connection checkpoints after a
+/// commit: normally the [`Checkpointer`] has copied nearly all of it by then, and this
+/// checkpoint, between two commits, lets the log start over instead of growing.
+const BACKSTOP_CHECKPOINT_PAGES: i64 = 4096;
 /// Most drop orders sent in one heartbeat response.
 const MAX_DROPS_PER_HEARTBEAT: usize = 1024;
 /// The subject of failure reports about a peer id that is not registered (ids are never
@@ -333,6 +341,9 @@ pub struct PutPlan {
     pub placements: Vec<Planned>,
     /// Chunks already committed with enough replicas.
     pub already_stored: Vec<ChunkId>,
+    /// Some chunk had a location already: the answer rests on committed locations (see
+    /// [`Store::barrier`]).
+    pub found_locations: bool,
 }
 
 /// The server's rules for one request, fixed by its configuration and clock.
@@ -415,6 +426,69 @@ pub struct Store {
     next_txid: u64,
     txid_hwm: u64,
     repairs_done: u64,
+    /// The database file: its write-ahead log is `<path>-wal`.
+    path: PathBuf,
+    /// The write-ahead log, opened once it exists, for syncs made outside the store lock.
+    wal: Option<Arc<Wal>>,
+}
+
+/// The write-ahead log, and how much of what was committed into it is known durable.
+#[derive(Debug)]
+struct Wal {
+    file: std::fs::File,
+    /// Commits made without waiting for the disk ([`Store::confirm_batch_deferred`]).
+    committed: AtomicU64,
+    /// Every commit up to this count is on disk.
+    synced: AtomicU64,
+}
+
+/// Copies the write-ahead log into the database file from its own connection, so that
+/// the store's commits do not wait for it (see [`Store::checkpointer`]).
+pub struct Checkpointer(Connection);
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Checkpointer")
+    }
+}
+
+impl Checkpointer {
+    /// One passive checkpoint: copies what it can without waiting for writers or readers
+    /// (a checkpoint never loses anything; the log keeps every frame until copied).
+    /// Returns the frames in the log and how many of them are copied now.
+    pub fn run(&self) -> rusqlite::Result<(i64, i64)> {
+        self.0.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(1)?, r.get(2)?))
+        })
+    }
+}
+
+/// Committed transactions that may not be durable yet: [`WalSync::sync`] makes them so.
+/// Nothing they wrote may be acknowledged, or answered from, before.
+#[must_use = "a deferred commit is not durable until synced"]
+#[derive(Debug, Clone)]
+pub struct WalSync {
+    wal: Option<Arc<Wal>>,
+    upto: u64,
+}
+
+impl WalSync {
+    /// Flush the write-ahead log to disk, unless a flush that began after these commits
+    /// already did. The store lock need not be held: an fsync covers every frame written
+    /// to the file before it, whoever wrote them.
+    pub fn sync(&self) -> std::io::Result<()> {
+        let Some(w) = &self.wal else {
+            return Ok(());
+        };
+        if w.synced.load(Ordering::Acquire) >= self.upto {
+            return Ok(());
+        }
+        // Every commit counted here has written its frames already.
+        let covered = w.committed.load(Ordering::Acquire);
+        w.file.sync_data()?;
+        w.synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 impl Store {
@@ -437,6 +511,14 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Placements and locations are keyed by random chunk ids, so a busy server touches
+        // pages all over the file: keep more of them than SQLite's default 2 MiB.
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        // Checkpoints run on their own connection ([`Checkpointer`]), outside the store
+        // lock; this one checkpoints only when the log grew this large anyway (under a
+        // steady stream of commits a checkpoint beside them never finds the whole log
+        // copied, and only a checkpoint between two commits lets the log start over).
+        conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         conn.execute_batch(repair::SCHEMA)?;
@@ -453,7 +535,19 @@ impl Store {
             next_txid: hwm as u64,
             txid_hwm: hwm as u64,
             repairs_done: 0,
+            path: path.to_path_buf(),
+            wal: None,
         })
+    }
+
+    /// A second connection to the same database, for checkpoints made outside the store
+    /// lock.
+    pub fn checkpointer(&self) -> rusqlite::Result<Checkpointer> {
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // A checkpoint syncs the log before copying it and the database after.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(Checkpointer(conn))
     }
 
     /// The current transaction-id high-water mark (for tests and metrics).
@@ -752,6 +846,18 @@ impl Store {
         // The last field groups a stripe's shards: they must land on distinct peers.
         let mut plan = PutPlan::default();
         let mut wanted: Vec<(ChunkRef, usize, HashSet<PeerId>, Option<usize>)> = Vec::new();
+        // Universal grants exist only in peak-load mode: without any, no chunk needs
+        // looking up.
+        let any_grants = tx
+            .prepare_cached("SELECT 1 FROM universal_grants LIMIT 1")?
+            .exists([])?;
+        let granted = |id: &ChunkId| -> rusqlite::Result<HashSet<PeerId>> {
+            if any_grants {
+                granted_to_others(&tx, owner, id, now_s)
+            } else {
+                Ok(HashSet::new())
+            }
+        };
         {
             let mut st =
                 tx.prepare_cached("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2")?;
@@ -761,12 +867,13 @@ impl Store {
                         Ok(to_pid(r.get(0)?))
                     })?
                     .collect::<rusqlite::Result<_>>()?;
+                plan.found_locations |= !holders.is_empty();
                 if holders.len() >= replicas as usize {
                     plan.already_stored.push(c.id);
                 } else {
                     let need = replicas as usize - holders.len();
                     let mut avoid = holders;
-                    avoid.extend(granted_to_others(&tx, owner, &c.id, now_s)?);
+                    avoid.extend(granted(&c.id)?);
                     wanted.push((*c, need, avoid, None));
                 }
             }
@@ -779,6 +886,7 @@ impl Store {
                             Ok(to_pid(r.get(0)?))
                         })?
                         .collect::<rusqlite::Result<_>>()?;
+                    plan.found_locations |= !holders.is_empty();
                     stripe_holders.extend(holders.iter().copied());
                     per_shard.push(holders.is_empty());
                 }
@@ -790,7 +898,7 @@ impl Store {
                 for (sh, missing) in stripe.shards.iter().zip(per_shard) {
                     if missing {
                         let mut avoid = stripe_holders.clone();
-                        avoid.extend(granted_to_others(&tx, owner, &sh.id, now_s)?);
+                        avoid.extend(granted(&sh.id)?);
                         wanted.push((*sh, 1, avoid, Some(g)));
                     }
                 }
@@ -927,6 +1035,7 @@ impl Store {
                 "INSERT INTO pending (txid, chunk, holder, owner, size, expires_s)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
+            let mut drops = Drops::default();
             for (k, i) in targets.iter().enumerate() {
                 let txid = TransactionId(first + k as u64);
                 let p = &cands[*i].0;
@@ -940,7 +1049,7 @@ impl Store {
                         i64::from(*size),
                         policy.expires_s as i64
                     ])?;
-                    expect_on(&tx, pid(p.id), &c.0)?;
+                    drops.cancel(&tx, pid(p.id), &c.0)?;
                 }
                 plan.placements.push(Planned {
                     target: p.id,
@@ -978,57 +1087,132 @@ impl Store {
         &mut self,
         batch: &[(PeerId, TransactionId, &[ChunkId])],
     ) -> rusqlite::Result<Vec<Confirmed>> {
+        let (out, wal) = self.confirm_batch_deferred(batch)?;
+        wal.sync().map_err(|e| {
+            // As SQLite reports its own failed fsyncs.
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+                Some(e.to_string()),
+            )
+        })?;
+        Ok(out)
+    }
+
+    /// [`Store::confirm_batch`], committed without waiting for the disk: the caller
+    /// syncs the returned [`WalSync`] (after releasing the store lock, so that puts and
+    /// gets go on meanwhile) and only then acknowledges the confirms.
+    ///
+    /// Why this is as durable as `synchronous = FULL`: in WAL mode a commit appends the
+    /// transaction's frames to the log, and FULL only adds an fsync of the log before
+    /// returning. Here that fsync comes later but still before any acknowledgement.
+    /// Frames the fsync should cover cannot have been overwritten meanwhile: SQLite
+    /// rewrites the log from its start only after a checkpoint has copied every frame
+    /// into the database file and synced it (which it does under NORMAL too). The log is
+    /// deleted only when the last connection closes, and the store's stays open.
+    pub fn confirm_batch_deferred(
+        &mut self,
+        batch: &[(PeerId, TransactionId, &[ChunkId])],
+    ) -> rusqlite::Result<(Vec<Confirmed>, WalSync)> {
+        let Some(wal) = self.wal_file() else {
+            // No log yet to sync by hand: commit as everything else does.
+            let out = self.write_confirms(batch)?;
+            return Ok((out, self.barrier()));
+        };
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let out = self.write_confirms(batch);
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        let out = out?;
+        let upto = wal.committed.fetch_add(1, Ordering::AcqRel) + 1;
+        Ok((
+            out,
+            WalSync {
+                wal: Some(wal),
+                upto,
+            },
+        ))
+    }
+
+    /// What must be synced before answering from what the store holds now: deferred
+    /// confirms committed and perhaps not durable yet. A no-op to sync when there are
+    /// none. A put that found locations, or a get, syncs it before answering, so that no
+    /// answer rests on a location a power cut could still take back.
+    pub fn barrier(&self) -> WalSync {
+        WalSync {
+            wal: self.wal.clone(),
+            upto: self
+                .wal
+                .as_ref()
+                .map_or(0, |w| w.committed.load(Ordering::Acquire)),
+        }
+    }
+
+    /// The write-ahead log, opened on first use (it exists once anything was written).
+    fn wal_file(&mut self) -> Option<Arc<Wal>> {
+        if self.wal.is_none() {
+            let mut p = self.path.clone().into_os_string();
+            p.push("-wal");
+            self.wal = std::fs::File::open(p).ok().map(|file| {
+                Arc::new(Wal {
+                    file,
+                    committed: AtomicU64::new(0),
+                    synced: AtomicU64::new(0),
+                })
+            });
+        }
+        self.wal.clone()
+    }
+
+    fn write_confirms(
+        &mut self,
+        batch: &[(PeerId, TransactionId, &[ChunkId])],
+    ) -> rusqlite::Result<Vec<Confirmed>> {
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(batch.len());
         let mut repaired = 0;
         {
-            let mut find = tx.prepare_cached(
-                "SELECT owner, size, replaces FROM pending
-                 WHERE txid = ?1 AND chunk = ?2 AND holder = ?3",
+            // Finding and deleting the placement in one statement.
+            let mut take = tx.prepare_cached(
+                "DELETE FROM pending WHERE txid = ?1 AND chunk = ?2 AND holder = ?3
+                 RETURNING owner, size, replaces",
             )?;
-            let mut del =
-                tx.prepare_cached("DELETE FROM pending WHERE txid = ?1 AND chunk = ?2")?;
             let mut ins = tx.prepare_cached(
                 "INSERT OR IGNORE INTO locations (owner, chunk, holder, size) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            let mut add = tx.prepare_cached(
-                "UPDATE peers SET stored_bytes = stored_bytes + ?2 WHERE id = ?1",
-            )?;
-            let mut add_held =
-                tx.prepare_cached("UPDATE peers SET held_bytes = held_bytes + ?2 WHERE id = ?1")?;
-            let mut undrop =
-                tx.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?;
             let mut held = tx.prepare_cached(HELD_OR_COMING)?;
             let mut located =
                 tx.prepare_cached("SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2")?;
             let mut drop =
                 tx.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?;
+            // Byte counts are added up per peer and written once per confirm, not once per
+            // chunk; see `Counts`.
+            let mut counts = Counts::default();
+            let mut drops = Drops::default();
             for (holder, txid, chunks) in batch {
                 let (holder, txid) = (*holder, *txid);
                 let mut committed = 0;
                 let mut unexpected = Vec::new();
                 for c in chunks.iter() {
                     let cb = c.0.to_vec();
-                    let row: Option<(i64, i64, Option<i64>)> = find
+                    let row: Option<(i64, i64, Option<i64>)> = take
                         .query_row(params![txid.0 as i64, cb, pid(holder)], |r| {
                             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                         })
                         .optional()?;
                     match row {
                         Some((owner, size, replaces)) => {
-                            del.execute(params![txid.0 as i64, cb])?;
                             if ins.execute(params![owner, cb, pid(holder), size])? == 1 {
-                                add.execute(params![owner, size])?;
-                                add_held.execute(params![pid(holder), size])?;
+                                counts.add(owner, pid(holder), size);
                                 committed += 1;
                                 // A repair copy takes the lost holder's place: that
                                 // holder drops its copy if it ever comes back.
                                 if let Some(lost) = replaces {
+                                    counts.write(&tx)?;
                                     remove_location(&tx, owner, &cb, lost)?;
+                                    drops.queued(lost);
                                     repaired += 1;
                                 }
                             }
-                            undrop.execute(params![pid(holder), cb])?;
+                            drops.cancel(&tx, pid(holder), &cb)?;
                         }
                         None => {
                             // No placement (swept after its token expired, or never made)
@@ -1038,10 +1222,12 @@ impl Store {
                             }
                             if !held.exists(params![pid(holder), cb])? {
                                 drop.execute(params![pid(holder), cb])?;
+                                drops.queued(pid(holder));
                             }
                         }
                     }
                 }
+                counts.write(&tx)?;
                 out.push(Confirmed {
                     committed,
                     unexpected,
@@ -1547,6 +1733,70 @@ impl Store {
 /// Whether a holder keeps a chunk for some owner (a location), or is about to (a pending
 /// placement, expired or not, until swept: its confirm still commits). Parameters: holder,
 /// chunk. A holder is never told to drop, and never reconciles away, such a chunk.
+/// Bytes committed in a confirm, added up per peer: the owners' `stored_bytes` and the
+/// holder's `held_bytes` are each updated once per confirm instead of once per chunk.
+#[derive(Default)]
+struct Counts {
+    stored: HashMap<i64, i64>,
+    held: HashMap<i64, i64>,
+}
+
+impl Counts {
+    fn add(&mut self, owner: i64, holder: i64, size: i64) {
+        *self.stored.entry(owner).or_default() += size;
+        *self.held.entry(holder).or_default() += size;
+    }
+
+    /// Write what was added up. Also called before any decrement of the same counters
+    /// (they clamp at zero), so the order of additions and removals stays as it was.
+    fn write(&mut self, c: &Connection) -> rusqlite::Result<()> {
+        let mut st =
+            c.prepare_cached("UPDATE peers SET stored_bytes = stored_bytes + ?2 WHERE id = ?1")?;
+        for (owner, n) in self.stored.drain() {
+            st.execute(params![owner, n])?;
+        }
+        let mut st =
+            c.prepare_cached("UPDATE peers SET held_bytes = held_bytes + ?2 WHERE id = ?1")?;
+        for (holder, n) in self.held.drain() {
+            st.execute(params![holder, n])?;
+        }
+        Ok(())
+    }
+}
+
+/// Which holders have drop orders queued, asked once per holder and transaction: drop
+/// orders are rare, and most placements and confirms need not look for one per chunk.
+#[derive(Default)]
+struct Drops(HashMap<i64, bool>);
+
+impl Drops {
+    fn any(&mut self, c: &Connection, holder: i64) -> rusqlite::Result<bool> {
+        if let Some(any) = self.0.get(&holder) {
+            return Ok(*any);
+        }
+        let any = c
+            .prepare_cached("SELECT 1 FROM drops WHERE holder = ?1 LIMIT 1")?
+            .exists([holder])?;
+        self.0.insert(holder, any);
+        Ok(any)
+    }
+
+    /// A drop order for `holder` was queued in this transaction.
+    fn queued(&mut self, holder: i64) {
+        self.0.insert(holder, true);
+    }
+
+    /// `chunk` is (or is about to be) expected on `holder`: a drop order for it, queued
+    /// earlier, would delete a chunk the server counts there.
+    fn cancel(&mut self, c: &Connection, holder: i64, chunk: &[u8]) -> rusqlite::Result<()> {
+        if self.any(c, holder)? {
+            c.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?
+                .execute(params![holder, chunk])?;
+        }
+        Ok(())
+    }
+}
+
 const HELD_OR_COMING: &str = "SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2
                               UNION ALL
                               SELECT 1 FROM pending WHERE holder = ?1 AND chunk = ?2

@@ -657,10 +657,45 @@ pub(super) mod tests_support {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use peerstash::api::ChunkRef;
 
     use super::tests_support::*;
     use super::*;
+
+    /// A confirm committed without waiting for the disk leaves a barrier that answers
+    /// resting on its locations must sync, and that a put which found the location asks
+    /// for; once synced, by whoever, the barrier costs nothing.
+    #[test]
+    fn deferred_confirms_are_synced_before_anything_answers_from_them() {
+        let (_d, mut s, owner, _peers, now) = four_peers_and_an_owner();
+        let chunk = |b: u8| ChunkRef {
+            id: ChunkId([b; 32]),
+            size: 1000,
+        };
+        // The first commit creates the log; the next confirm can defer its sync.
+        let plan = s.put(owner, &[chunk(1)], 1, &[], &policy(now)).unwrap();
+        assert!(!plan.found_locations);
+        let p = &plan.placements[0];
+        let (done, wal) = s
+            .confirm_batch_deferred(&[(p.target, p.txid, &[chunk(1).id][..])])
+            .unwrap();
+        assert_eq!(done[0].committed, 1);
+        let w = s.wal.clone().expect("the log is open");
+        let barrier = s.barrier();
+        assert!(
+            barrier.upto > w.synced.load(Ordering::Acquire),
+            "not synced yet"
+        );
+        wal.sync().unwrap();
+        assert!(w.synced.load(Ordering::Acquire) >= barrier.upto);
+        // Stored again: the answer rests on that location.
+        let again = s.put(owner, &[chunk(1)], 1, &[], &policy(now)).unwrap();
+        assert!(again.found_locations);
+        assert_eq!(again.already_stored, vec![chunk(1).id]);
+        barrier.sync().unwrap();
+    }
 
     /// A confirm names what it cannot record: a chunk with no pending placement and no
     /// location on that holder (its placement swept after the token expired) comes back
