@@ -32,6 +32,15 @@ fn chunks_on(storage: &Path) -> BTreeSet<String> {
     out
 }
 
+/// The daemon holding the most chunks. A put's copies go to as few peers as they need,
+/// so with a small tree one daemon may hold little or nothing: the tests that lose or
+/// corrupt a holder pick this one, which holds enough to fail several audits.
+fn busiest(stores: &[std::path::PathBuf]) -> usize {
+    (0..stores.len())
+        .max_by_key(|i| chunks_on(&stores[*i]).len())
+        .expect("peers")
+}
+
 fn status(home: &Path) -> String {
     peerstash_ok(home, &["status"])
 }
@@ -109,19 +118,23 @@ fn a_lost_peer_is_repaired_back_to_two_replicas_and_a_second_loss_loses_nothing(
     );
 
     let stores = net.storage_dirs();
-    let lost_chunks = chunks_on(&stores[0]);
-    assert!(!lost_chunks.is_empty(), "peer 0 holds nothing to lose");
+    let lost = busiest(&stores);
+    let lost_chunks = chunks_on(&stores[lost]);
+    assert!(!lost_chunks.is_empty(), "no peer holds anything to lose");
     let mut peers = net.peers.drain(..).collect::<Vec<Proc>>();
 
-    // Lose peer 0 for good: every file still reads, from the other holder; the server
+    // Lose that peer for good: every file still reads, from the other holder; the server
     // notices it is offline, then lost, and repairs.
-    let repaired = lose_and_wait_for_repair(&mut peers[0], &user, &mnt, &src);
+    let repaired = lose_and_wait_for_repair(&mut peers[lost], &user, &mnt, &src);
     assert!(
         repaired.contains("on at least 2 online peers"),
         "{repaired}"
     );
     // On the daemons' disks too: each chunk the lost peer held is on two live peers.
-    let live: Vec<BTreeSet<String>> = stores[1..].iter().map(|d| chunks_on(d)).collect();
+    let live: Vec<BTreeSet<String>> = (0..stores.len())
+        .filter(|i| *i != lost)
+        .map(|i| chunks_on(&stores[i]))
+        .collect();
     let mut copies: HashMap<&String, usize> = HashMap::new();
     for c in &lost_chunks {
         copies.insert(c, live.iter().filter(|s| s.contains(c)).count());
@@ -134,13 +147,15 @@ fn a_lost_peer_is_repaired_back_to_two_replicas_and_a_second_loss_loses_nothing(
 
     // The lost peer comes back: the copies that were replaced are surplus and go.
     let mut cmd = Command::new(bin("peerstash"));
-    cmd.arg("--home").arg(net.home("peer-0")).arg("serve");
-    peers.push(Proc::spawn("peer-0 again", cmd));
+    cmd.arg("--home")
+        .arg(net.home(&format!("peer-{lost}")))
+        .arg("serve");
+    peers.push(Proc::spawn("the lost peer again", cmd));
     wait_for(
         "the returning peer to drop its replaced copies",
         Duration::from_secs(60),
         || {
-            let left: Vec<String> = chunks_on(&stores[0])
+            let left: Vec<String> = chunks_on(&stores[lost])
                 .intersection(&lost_chunks)
                 .cloned()
                 .collect();
@@ -154,7 +169,7 @@ fn a_lost_peer_is_repaired_back_to_two_replicas_and_a_second_loss_loses_nothing(
     );
 
     // A second peer lost: every chunk still has an online holder.
-    peers[1].kill9();
+    peers[(lost + 1) % 4].kill9();
     read_back(&user, &mnt, &src);
 }
 
@@ -198,14 +213,18 @@ fn erasure_coded_chunks_survive_a_lost_peer_are_rebuilt_and_survive_another() {
         (1.4..1.7).contains(&ratio),
         "expected about 1.5× on peers, found {ratio:.2}×"
     );
-    let lost_shards = chunks_on(&stores[0]);
+    let lost = busiest(&stores);
+    let lost_shards = chunks_on(&stores[lost]);
     assert!(!lost_shards.is_empty());
     let mut peers = net.peers.drain(..).collect::<Vec<Proc>>();
 
     // Lose a peer: every chunk rebuilds from the two shards left; its shards are then
     // recomputed on the live peer that holds none of their stripe.
-    lose_and_wait_for_repair(&mut peers[0], &user, &mnt, &src);
-    let live: BTreeSet<String> = stores[1..].iter().flat_map(|d| chunks_on(d)).collect();
+    lose_and_wait_for_repair(&mut peers[lost], &user, &mnt, &src);
+    let live: BTreeSet<String> = (0..stores.len())
+        .filter(|i| *i != lost)
+        .flat_map(|i| chunks_on(&stores[i]))
+        .collect();
     let missing: Vec<_> = lost_shards.difference(&live).collect();
     assert!(
         missing.is_empty(),
@@ -213,7 +232,7 @@ fn erasure_coded_chunks_survive_a_lost_peer_are_rebuilt_and_survive_another() {
     );
 
     // A second loss: two shards of every stripe are left, enough to read everything.
-    peers[1].kill9();
+    peers[(lost + 1) % 4].kill9();
     read_back(&user, &mnt, &src);
 }
 
@@ -325,16 +344,20 @@ fn a_peer_that_deletes_what_it_holds_is_caught_by_audits_and_replaced() {
     let user = net.register("alice", "1G");
     let (src, mnt) = back_up_a_tree(&net, &user, 6);
     let stores = net.storage_dirs();
-    let (partner, affected) = partner_of(&stores, 0);
-    assert!(!affected.is_empty(), "peer 0 shares nothing with anyone");
+    let bad = busiest(&stores);
+    let (partner, affected) = partner_of(&stores, bad);
+    assert!(
+        !affected.is_empty(),
+        "the bad peer shares nothing with anyone"
+    );
     let mut peers = net.peers.drain(..).collect::<Vec<Proc>>();
 
-    fs::remove_dir_all(stores[0].join("chunks")).unwrap();
-    fs::create_dir_all(stores[0].join("chunks")).unwrap();
+    fs::remove_dir_all(stores[bad].join("chunks")).unwrap();
+    fs::create_dir_all(stores[bad].join("chunks")).unwrap();
     caught_replaced_and_survives(
-        &net, &stores, &mut peers, &user, 0, partner, &affected, &src, &mnt,
+        &net, &stores, &mut peers, &user, bad, partner, &affected, &src, &mnt,
     );
-    let s = status(&net.home("peer-0"));
+    let s = status(&net.home(&format!("peer-{bad}")));
     assert!(
         s.contains("standing suspended") || s.contains("standing disqualified"),
         "{s}"
@@ -373,20 +396,24 @@ fn a_peer_with_corrupt_chunks_is_caught_by_audits_and_they_are_replaced() {
     let user = net.register("alice", "1G");
     let (src, mnt) = back_up_a_tree(&net, &user, 6);
     let stores = net.storage_dirs();
-    let (partner, shared) = partner_of(&stores, 0);
+    let bad = busiest(&stores);
+    let (partner, shared) = partner_of(&stores, bad);
     let affected: BTreeSet<String> = shared.into_iter().take(3).collect();
-    assert!(!affected.is_empty(), "peer 0 shares nothing with anyone");
+    assert!(
+        !affected.is_empty(),
+        "the bad peer shares nothing with anyone"
+    );
     let mut peers = net.peers.drain(..).collect::<Vec<Proc>>();
 
     for c in &affected {
-        let p = chunk_path(&stores[0], c);
+        let p = chunk_path(&stores[bad], c);
         let mut bytes = fs::read(&p).unwrap();
         let at = bytes.len() / 2;
         bytes[at] ^= 0x01;
         fs::write(&p, bytes).unwrap();
     }
     caught_replaced_and_survives(
-        &net, &stores, &mut peers, &user, 0, partner, &affected, &src, &mnt,
+        &net, &stores, &mut peers, &user, bad, partner, &affected, &src, &mnt,
     );
 }
 
@@ -400,21 +427,25 @@ fn a_peer_that_keeps_only_hashes_is_caught_by_audits_and_replaced() {
     let user = net.register("alice", "1G");
     let (src, mnt) = back_up_a_tree(&net, &user, 6);
     let stores = net.storage_dirs();
-    let (partner, affected) = partner_of(&stores, 0);
-    assert!(!affected.is_empty(), "peer 0 shares nothing with anyone");
+    let bad = busiest(&stores);
+    let (partner, affected) = partner_of(&stores, bad);
+    assert!(
+        !affected.is_empty(),
+        "the bad peer shares nothing with anyone"
+    );
     let mut peers = net.peers.drain(..).collect::<Vec<Proc>>();
 
-    // Peer 0 restarts as a cheat: it still has its files (the hashes it computes come
-    // from them), but answers with zeroed bytes and serves no reads.
-    peers[0].kill9();
+    // The bad peer restarts as a cheat: it still has its files (the hashes it computes
+    // come from them), but answers with zeroed bytes and serves no reads.
+    peers[bad].kill9();
     let mut cmd = Command::new(bin("peerstash"));
     cmd.arg("--home")
-        .arg(net.home("peer-0"))
+        .arg(net.home(&format!("peer-{bad}")))
         .arg("serve")
         .env("PEERSTASH_TEST_CHEAT", "hashes-only");
-    peers[0] = Proc::spawn("peer-0 cheating", cmd);
+    peers[bad] = Proc::spawn("the bad peer cheating", cmd);
     caught_replaced_and_survives(
-        &net, &stores, &mut peers, &user, 0, partner, &affected, &src, &mnt,
+        &net, &stores, &mut peers, &user, bad, partner, &affected, &src, &mnt,
     );
 }
 
@@ -470,17 +501,18 @@ fn verify_finds_a_corrupt_copy_and_a_missing_chunk_and_the_corrupt_copy_is_repla
     let clean = peerstash_ok(&user, &["verify"]);
     assert!(clean.contains("0 bad copies"), "{clean}");
 
-    let on0 = chunks_on(&stores[0]);
-    let corrupt = on0.iter().next().expect("peer 0 holds a chunk").clone();
-    let p = chunk_path(&stores[0], &corrupt);
+    let bad = busiest(&stores);
+    let corrupt = chunks_on(&stores[bad])
+        .into_iter()
+        .next()
+        .expect("a peer holds a chunk");
+    let p = chunk_path(&stores[bad], &corrupt);
     let mut bytes = fs::read(&p).unwrap();
     bytes[0] ^= 0xff;
     fs::write(&p, bytes).unwrap();
-    // Another chunk, from peer 1 if it holds one (small files are packed: there may be
-    // only a few chunks, and peer 1 may hold only the one just corrupted).
-    let lost = stores[1..]
+    // Another chunk (small files are packed: there may be only a few chunks).
+    let lost = stores
         .iter()
-        .chain(&stores[..1])
         .flat_map(|d| chunks_on(d))
         .find(|c| *c != corrupt)
         .expect("the peers hold another chunk");
