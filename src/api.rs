@@ -75,6 +75,100 @@ pub fn kind_for_path(p: &str) -> Option<MessageKind> {
     })
 }
 
+/// Defines [`Reason`] with one wire name per variant, so the name is written once.
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)*) => {
+        /// Why the server refused a request: the `reason` of an [`ApiError`]. The server
+        /// sends it and clients act on it through this one type, never a string literal.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Reason {
+            /// Every reason, in declaration order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            /// Its name on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// The request is not what the endpoint takes.
+    BadRequest = "bad_request",
+    /// The body is not valid JSON for the endpoint.
+    BadJson = "bad_json",
+    /// A field or header is malformed.
+    Malformed = "malformed",
+    /// The body or a list in it is past its bound.
+    TooLarge = "too_large",
+    /// No such endpoint (or object).
+    NotFound = "not_found",
+    /// The endpoint takes another HTTP method.
+    MethodNotAllowed = "method_not_allowed",
+    /// The request took too long.
+    Timeout = "timeout",
+    /// Too many requests from this address or peer: retry later.
+    RateLimited = "rate_limited",
+    /// The server failed; the detail is in its log.
+    Internal = "internal",
+    /// Registration needs a valid, unspent invite.
+    BadInvite = "bad_invite",
+    /// The peer name is taken.
+    NameTaken = "name_taken",
+    /// The peer name is not acceptable.
+    BadName = "bad_name",
+    /// The password is not acceptable.
+    BadPassword = "bad_password",
+    /// The lent size is not acceptable.
+    BadLend = "bad_lend",
+    /// The storage address is not acceptable.
+    BadAddress = "bad_address",
+    /// Wrong name or password.
+    BadCredentials = "bad_credentials",
+    /// The peer is not registered.
+    UnknownPeer = "unknown_peer",
+    /// A control message in the wrong direction.
+    WrongDirection = "wrong_direction",
+    /// A control message for another kind of endpoint.
+    WrongKind = "wrong_kind",
+    /// A control message whose MAC does not verify under the peer's key.
+    BadMac = "bad_mac",
+    /// A control message outside the accepted clock window.
+    Stale = "stale",
+    /// A control message seen before.
+    Replayed = "replayed",
+    /// Storing this would exceed the user's quota.
+    OverQuota = "over_quota",
+    /// Not enough distinct online peers with room for the copies asked for.
+    NotEnoughPeers = "not_enough_peers",
+    /// A root version not above the latest stored one.
+    StaleRoot = "stale_root",
+    /// The latest root cannot be dropped.
+    LatestRoot = "latest_root",
+    /// A root record past its bound.
+    RootTooLarge = "root_too_large",
+}
+
+impl Reason {
+    /// The reason named `name`, if this build knows it (a newer server may send others).
+    pub fn parse(name: &str) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| r.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error body: a stable machine-readable reason and a sentence for the user.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {
@@ -604,4 +698,21 @@ pub struct DropRootsRequest {
 pub struct DropRootsResponse {
     /// Versions kept, newest first.
     pub kept: Vec<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reason;
+
+    #[test]
+    fn every_reason_has_its_own_name_and_parses_back() {
+        let mut names: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        for r in Reason::ALL {
+            assert_eq!(Reason::parse(r.as_str()), Some(*r));
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len(), "two reasons share a name");
+        assert_eq!(Reason::parse("made_up"), None);
+    }
 }

@@ -144,15 +144,16 @@ pub enum ControlError {
 
 impl ControlError {
     /// A short stable name for metrics and HTTP error bodies.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::api::Reason {
+        use crate::api::Reason;
         match self {
-            ControlError::Malformed(_) => "malformed",
-            ControlError::UnknownPeer(_) => "unknown_peer",
-            ControlError::WrongDirection => "wrong_direction",
-            ControlError::WrongKind { .. } => "wrong_kind",
-            ControlError::BadMac => "bad_mac",
-            ControlError::Stale { .. } => "stale",
-            ControlError::Replayed { .. } => "replayed",
+            ControlError::Malformed(_) => Reason::Malformed,
+            ControlError::UnknownPeer(_) => Reason::UnknownPeer,
+            ControlError::WrongDirection => Reason::WrongDirection,
+            ControlError::WrongKind { .. } => Reason::WrongKind,
+            ControlError::BadMac => Reason::BadMac,
+            ControlError::Stale { .. } => Reason::Stale,
+            ControlError::Replayed { .. } => Reason::Replayed,
         }
     }
 }

@@ -815,15 +815,20 @@ fn fingerprint(home: &Home, a: &ServerArgs) -> Result<Fingerprint> {
 
 /// Turn a client error into a message that says what to do next.
 fn explain(e: ClientError, action: &str) -> anyhow::Error {
-    let hint = match e.reason() {
-        Some("bad_invite") => " (ask the server's operator for an invite: peerstash-server invite)",
-        Some("name_taken") => " (pick another --name, or `peerstash login` if it is yours)",
-        Some("bad_credentials") => " (check --name and the password)",
-        Some("rate_limited") => " (wait a minute, then try again)",
-        Some("bad_mac") | Some("unknown_peer") => {
+    use peerstash::api::Reason;
+    let hint = match (e.reason(), e.refused()) {
+        (_, Some(Reason::BadInvite)) => {
+            " (ask the server's operator for an invite: peerstash-server invite)"
+        }
+        (_, Some(Reason::NameTaken)) => {
+            " (pick another --name, or `peerstash login` if it is yours)"
+        }
+        (_, Some(Reason::BadCredentials)) => " (check --name and the password)",
+        (_, Some(Reason::RateLimited)) => " (wait a minute, then try again)",
+        (_, Some(Reason::BadMac | Reason::UnknownPeer)) => {
             " (this home's keys do not match the server: run `peerstash login`)"
         }
-        None => {
+        (None, _) => {
             " (is the server running at that URL, and is --server-fingerprint the one it printed?)"
         }
         _ => "",

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::api::{
     ChunkRef, ConfirmRequest, GetRequest, HeartbeatRequest, HeartbeatResponse, Placement,
-    PutRequest, ReleaseRequest, ReportRequest, StripeRef, MAX_CHUNKS_PER_REQUEST,
+    PutRequest, Reason, ReleaseRequest, ReportRequest, StripeRef, MAX_CHUNKS_PER_REQUEST,
 };
 use crate::client::{ClientError, ServerClient};
 use crate::drive::backend::{BackendError, ChunkBackend, GetDone, Quota};
@@ -210,7 +210,7 @@ impl RemoteBackend {
                 .await;
             let resp = match resp {
                 Ok(r) => r,
-                Err(e) if e.reason() == Some("over_quota") => {
+                Err(e) if e.refused() == Some(Reason::OverQuota) => {
                     // The drive turns this into ENOSPC; the numbers are for its logs.
                     let needed = todo.iter().map(|c| u64::from(c.size)).sum::<u64>()
                         + stripes.iter().map(|s| u64::from(s.chunk_size)).sum::<u64>();
@@ -598,7 +598,7 @@ impl crate::drive::RootStore for RemoteBackend {
             }))
             .map(|r| r.kept)
             .map_err(|e| {
-                if e.reason() == Some("stale_root") {
+                if e.refused() == Some(Reason::StaleRoot) {
                     crate::drive::RootError::Stale
                 } else {
                     crate::drive::RootError::Unavailable(e.to_string())

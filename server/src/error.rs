@@ -1,6 +1,6 @@
 //! The server's refusals: an HTTP status, a stable reason and a sentence for the user.
 
-use peerstash::api::ApiError;
+use peerstash::api::{ApiError, Reason};
 
 /// A request the server refuses (or failed to serve). Becomes an HTTP status with an
 /// [`ApiError`] body.
@@ -9,8 +9,8 @@ use peerstash::api::ApiError;
 pub struct Refusal {
     /// HTTP status code.
     pub status: u16,
-    /// Stable machine-readable reason (`over_quota`, `bad_mac`, ...).
-    pub reason: String,
+    /// Why: its stable name goes on the wire.
+    pub reason: Reason,
     /// What went wrong and what to do next.
     pub message: String,
     /// Seconds after which a retry may succeed (sent as `Retry-After`).
@@ -19,10 +19,10 @@ pub struct Refusal {
 
 impl Refusal {
     /// A refusal with `status`, `reason` and `message`.
-    pub fn new(status: u16, reason: &str, message: impl Into<String>) -> Refusal {
+    pub fn new(status: u16, reason: Reason, message: impl Into<String>) -> Refusal {
         Refusal {
             status,
-            reason: reason.to_string(),
+            reason,
             message: message.into(),
             retry_after: None,
         }
@@ -36,7 +36,7 @@ impl Refusal {
 
     /// 400 with reason `bad_request`.
     pub fn bad_request(message: impl Into<String>) -> Refusal {
-        Refusal::new(400, "bad_request", message)
+        Refusal::new(400, Reason::BadRequest, message)
     }
 
     /// 500 with reason `internal`; the detail goes to the log, not to the client.
@@ -44,7 +44,7 @@ impl Refusal {
         tracing::error!("internal error: {detail}");
         Refusal::new(
             500,
-            "internal",
+            Reason::Internal,
             "the server failed to handle this request; try again, and tell the operator if it persists",
         )
     }
@@ -52,7 +52,7 @@ impl Refusal {
     /// The body sent to the client.
     pub fn body(&self) -> ApiError {
         ApiError {
-            reason: self.reason.clone(),
+            reason: self.reason.as_str().to_string(),
             message: self.message.clone(),
         }
     }

@@ -1,6 +1,7 @@
 //! What each endpoint does, once the request is read (and, for all but register and login,
 //! authenticated). These run on the blocking pool: they hash passwords and touch SQLite.
 
+use peerstash::api::Reason;
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
@@ -53,7 +54,7 @@ fn valid_name(name: &str) -> Result<(), Refusal> {
     } else {
         Err(Refusal::new(
             400,
-            "bad_name",
+            Reason::BadName,
             format!(
                 "a name is 1 to {} characters of A-Z, a-z, 0-9, '.', '_' and '-', starting \
                  with a letter or a digit",
@@ -100,7 +101,7 @@ fn valid_addr(addr: &str) -> Result<(), Refusal> {
     } else {
         Err(Refusal::new(
             400,
-            "bad_address",
+            Reason::BadAddress,
             "the daemon address must be host:port, where host is an IPv4 address, an IPv6 \
              address in brackets or a DNS name, and port is 1 to 65535 (e.g. \
              203.0.113.5:7420 or [2001:db8::5]:7420)",
@@ -137,7 +138,7 @@ fn dummy_hash() -> &'static str {
 fn bad_credentials() -> Refusal {
     Refusal::new(
         401,
-        "bad_credentials",
+        Reason::BadCredentials,
         "unknown name or wrong password; check both (names are case-sensitive)",
     )
 }
@@ -148,14 +149,14 @@ pub(crate) fn register(st: &State, req: RegisterRequest) -> Result<RegisterRespo
     if req.password.len() < MIN_PASSWORD || req.password.len() > MAX_PASSWORD {
         return Err(Refusal::new(
             400,
-            "bad_password",
+            Reason::BadPassword,
             format!("a password is {MIN_PASSWORD} to {MAX_PASSWORD} bytes long"),
         ));
     }
     if req.lend_bytes == 0 || req.lend_bytes > i64::MAX as u64 {
         return Err(Refusal::new(
             400,
-            "bad_lend",
+            Reason::BadLend,
             "lend some space (e.g. --lend 10G): what you may store depends on it",
         ));
     }
@@ -568,8 +569,8 @@ pub(crate) fn status(
             store.audit_record(peer)?,
         )
     };
-    let (rec, pending, online, total) =
-        found.ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
+    let (rec, pending, online, total) = found
+        .ok_or_else(|| Refusal::new(401, Reason::UnknownPeer, "this peer is not registered"))?;
     let reach = st.rendezvous.reach(peer);
     Ok(StatusResponse {
         peer_id: rec.id,
@@ -610,7 +611,7 @@ pub(crate) fn put_root(
     if req.sealed.len() > 2 * api::MAX_ROOT_BYTES {
         return Err(Refusal::new(
             413,
-            "root_too_large",
+            Reason::RootTooLarge,
             format!("a sealed root is at most {} bytes", api::MAX_ROOT_BYTES),
         ));
     }
@@ -675,7 +676,7 @@ pub(crate) fn drop_roots(
 
 #[cfg(test)]
 mod tests {
-    use super::{valid_addr, valid_name};
+    use super::{valid_addr, valid_name, Reason};
 
     #[test]
     fn addresses_are_host_and_a_real_port() {
@@ -713,7 +714,7 @@ mod tests {
         ] {
             assert_eq!(
                 valid_addr(bad).unwrap_err().reason,
-                "bad_address",
+                Reason::BadAddress,
                 "{bad:?}"
             );
         }
@@ -735,7 +736,11 @@ mod tests {
             "a b",
             &"a".repeat(65),
         ] {
-            assert_eq!(valid_name(bad).unwrap_err().reason, "bad_name", "{bad:?}");
+            assert_eq!(
+                valid_name(bad).unwrap_err().reason,
+                Reason::BadName,
+                "{bad:?}"
+            );
         }
     }
 }

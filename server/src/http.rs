@@ -1,6 +1,7 @@
 //! HTTPS serving: TLS (rustls, ring) in front of hyper (HTTP/1.1 and HTTP/2), routing,
 //! body limits, control-message authentication, JSON in and out, metrics per request.
 
+use peerstash::api::Reason;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -215,7 +216,7 @@ async fn handle(st: Arc<State>, remote: SocketAddr, req: Request<Incoming>) -> R
     let resp = match dispatch(&st, remote.ip(), req).await {
         Ok(r) => r,
         Err(refusal) => {
-            st.metrics.reject(&refusal.reason);
+            st.metrics.reject(refusal.reason.as_str());
             let mut r = json(refusal.status, &refusal.body());
             if let Some(secs) = refusal.retry_after {
                 r.headers_mut().insert(RETRY_AFTER, secs.into());
@@ -247,7 +248,7 @@ fn text(body: String, content_type: &'static str) -> Resp {
 fn too_large() -> Refusal {
     Refusal::new(
         413,
-        "too_large",
+        Reason::TooLarge,
         format!(
             "request bodies are limited to {} bytes; split the request",
             api::MAX_BODY_BYTES
@@ -276,7 +277,7 @@ async fn read_body(req: Request<Incoming>) -> Result<(Parts, Bytes), Refusal> {
     .map_err(|_| {
         Refusal::new(
             408,
-            "timeout",
+            Reason::Timeout,
             format!(
                 "the request body did not arrive within {} s",
                 BODY_TIMEOUT.as_secs()
@@ -299,7 +300,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
     serde_json::from_slice(body).map_err(|e| {
         Refusal::new(
             400,
-            "bad_json",
+            Reason::BadJson,
             format!("the request body is not valid: {e}"),
         )
     })
@@ -331,7 +332,7 @@ fn authenticate(
         .ok_or_else(|| {
             Refusal::new(
                 401,
-                "malformed",
+                Reason::Malformed,
                 format!("this endpoint needs a control message in the {AUTH_HEADER} header"),
             )
         })?
@@ -370,7 +371,7 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
     if method != Method::POST {
         return Err(Refusal::new(
             405,
-            "method_not_allowed",
+            Reason::MethodNotAllowed,
             "use POST (GET for /healthz and /metrics)",
         ));
     }
@@ -379,7 +380,7 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
             st.limiter.check(ip).map_err(|secs| {
                 Refusal::new(
                     429,
-                    "rate_limited",
+                    Reason::RateLimited,
                     format!(
                         "too many registrations or logins from your address; retry in {secs} s"
                     ),
@@ -496,5 +497,5 @@ async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result
 }
 
 fn not_found(p: &str) -> Refusal {
-    Refusal::new(404, "not_found", format!("no endpoint {p}"))
+    Refusal::new(404, Reason::NotFound, format!("no endpoint {p}"))
 }

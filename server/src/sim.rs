@@ -837,7 +837,7 @@ impl Sim<'_> {
             let plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
-                    *self.refused.entry(e.reason).or_default() += 1;
+                    *self.refused.entry(e.reason.to_string()).or_default() += 1;
                     continue;
                 }
             };

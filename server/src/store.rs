@@ -6,6 +6,7 @@
 //! A chunk location is keyed by its owner as well as by its id: chunks are never shared
 //! between users, so knowing a chunk id never gives anyone a token for someone else's data.
 
+use peerstash::api::Reason;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -833,7 +834,7 @@ impl Store {
                 peer_row,
             )
             .optional()?
-            .ok_or_else(|| Refusal::new(401, "unknown_peer", "this peer is not registered"))?;
+            .ok_or_else(|| Refusal::new(401, Reason::UnknownPeer, "this peer is not registered"))?;
 
         // The owner's replica target is what repair restores.
         if !chunks.is_empty() {
@@ -935,7 +936,7 @@ impl Store {
             };
             return Err(Refusal::new(
                 507,
-                "over_quota",
+                Reason::OverQuota,
                 format!(
                     "storing this needs {needed} bytes (every replica counted) but you use \
                      {used} of your {quota}-byte quota ({why}), or release data you no \
@@ -997,7 +998,7 @@ impl Store {
             Err(Shortfall::Stripe { others }) => {
                 return Err(Refusal::new(
                     503,
-                    "not_enough_peers",
+                    Reason::NotEnoughPeers,
                     format!(
                         "an erasure-coded stripe needs each shard on its own peer, but \
                          only {others} other peer(s) online have room; use fewer shards \
@@ -1014,7 +1015,7 @@ impl Store {
             }) => {
                 return Err(Refusal::new(
                     503,
-                    "not_enough_peers",
+                    Reason::NotEnoughPeers,
                     format!(
                         "chunk {chunk} needs {need} more replica(s) of {size} bytes but only \
                          {got} distinct online peer(s) with room could take it ({others} \
@@ -1355,7 +1356,7 @@ impl Store {
             if version as i64 <= latest {
                 return Err(Refusal::new(
                     409,
-                    "stale_root",
+                    Reason::StaleRoot,
                     format!("root version {version} is not newer than the kept version {latest}"),
                 ));
             }
@@ -1383,7 +1384,7 @@ impl Store {
         if let Some(l) = latest.filter(|l| versions.contains(l)) {
             return Err(Refusal::new(
                 409,
-                "latest_root",
+                Reason::LatestRoot,
                 format!("root version {l} is the latest: it cannot be dropped"),
             ));
         }
@@ -1965,7 +1966,7 @@ fn known_reason(r: &str) -> &'static str {
 pub fn name_taken_refusal(name: &str) -> Refusal {
     Refusal::new(
         409,
-        "name_taken",
+        Reason::NameTaken,
         format!("the name {name:?} is already registered; pick another, or log in if it is yours"),
     )
 }
@@ -1975,14 +1976,14 @@ pub fn bad_invite_refusal(given: bool) -> Refusal {
     if given {
         Refusal::new(
             403,
-            "bad_invite",
+            Reason::BadInvite,
             "this invite code is unknown or already used; ask the operator for a new one \
              (peerstash-server invite)",
         )
     } else {
         Refusal::new(
             403,
-            "bad_invite",
+            Reason::BadInvite,
             "this server registers by invitation: pass --invite CODE (the operator prints \
              codes with peerstash-server invite)",
         )

@@ -94,6 +94,11 @@ impl ClientError {
         }
     }
 
+    /// Why the server refused, when it did for a reason this build knows.
+    pub fn refused(&self) -> Option<crate::api::Reason> {
+        self.reason().and_then(crate::api::Reason::parse)
+    }
+
     /// The HTTP status, when the server refused.
     pub fn status(&self) -> Option<u16> {
         match self {
