@@ -64,18 +64,23 @@ pub(crate) fn run(sh: Arc<Shared>) {
     std::thread::scope(|scope| {
         // The heartbeat says "mounted", so it must not wait for an upload round: one
         // round of a large file can outlast the freshness window (`status --wait` then
-        // said the drive was not mounted while it was uploading).
+        // said the drive was not mounted while it was uploading). This thread alone beats.
         let (done, stopped) = std::sync::mpsc::channel::<()>();
         let health = &health;
         let ticker = std::thread::Builder::new()
             .name("peerstash-health".into())
-            .spawn_scoped(scope, move || {
-                while let Err(RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(Duration::from_secs(1))
-                {
-                    lock_health(health).tick();
+            .spawn_scoped(scope, move || loop {
+                lock_health(health).tick();
+                if !matches!(
+                    stopped.recv_timeout(Duration::from_secs(1)),
+                    Err(RecvTimeoutError::Timeout)
+                ) {
+                    return;
                 }
             });
+        if let Err(e) = &ticker {
+            tracing::error!("starting the heartbeat thread (status will not see the mount): {e}");
+        }
         run_until_stopped(&sh, health);
         drop(done);
         if let Ok(t) = ticker {
@@ -107,7 +112,6 @@ fn run_until_stopped(sh: &Shared, health: &Mutex<Publisher>) {
         if sh.stop.load(Ordering::SeqCst) {
             return;
         }
-        lock_health(health).tick();
         {
             let mut st = sh.lock();
             let wait = if backoff > Duration::ZERO {
