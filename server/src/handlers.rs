@@ -2,7 +2,6 @@
 //! authenticated). These run on the blocking pool: they hash passwords and touch SQLite.
 
 use peerstash::api::Reason;
-use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -193,7 +192,7 @@ pub(crate) fn register(st: &State, req: RegisterRequest) -> Result<RegisterRespo
         .write()
         .expect("not poisoned")
         .insert(peer, key.clone());
-    st.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+    st.metrics.registrations.inc();
     tracing::info!(peer = %peer, name = %req.name, "registered");
     Ok(RegisterResponse {
         peer_id: peer,
@@ -222,7 +221,7 @@ pub(crate) fn login(st: &State, req: LoginRequest) -> Result<LoginResponse, Refu
         return Err(bad_credentials());
     }
     let key = st.at_rest.open(peer.id, &blob).map_err(Refusal::internal)?;
-    st.metrics.logins.fetch_add(1, Ordering::Relaxed);
+    st.metrics.logins.inc();
     tracing::info!(peer = %peer.id, "login");
     Ok(LoginResponse {
         peer_id: peer.id,
@@ -281,9 +280,7 @@ pub(crate) fn heartbeat(
     }
     if !repairs.is_empty() {
         tracing::info!(peer = %peer, orders = repairs.len(), "repair orders sent");
-        st.metrics
-            .repair_orders
-            .fetch_add(repairs.len() as u64, Ordering::Relaxed);
+        st.metrics.repair_orders.inc_by(repairs.len() as u64);
     }
     Ok(HeartbeatResponse {
         drop,
@@ -475,9 +472,7 @@ pub(crate) fn confirm(
     let done = rx
         .recv()
         .map_err(|_| Refusal::internal("a queued confirm got no answer"))??;
-    st.metrics
-        .confirmed
-        .fetch_add(done.committed as u64, Ordering::Relaxed);
+    st.metrics.confirmed.inc_by(done.committed as u64);
     Ok(ConfirmResponse {
         committed: done.committed,
         unexpected: done.unexpected,

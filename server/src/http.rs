@@ -1,18 +1,25 @@
-//! HTTPS serving: TLS (rustls, ring) in front of hyper (HTTP/1.1 and HTTP/2), routing,
-//! body limits, control-message authentication, JSON in and out, metrics per request.
+//! HTTPS serving: TLS (rustls, ring) in front of hyper (HTTP/1.1 and HTTP/2), requests
+//! routed by axum; body limits, control-message authentication, JSON in and out, metrics
+//! per request.
 
 use peerstash::api::Reason;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State as With};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::http::request::Parts;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use peerstash::api::{self, path};
 use peerstash::control::{now_ms, ControlAuth, ControlError, MessageKind, AUTH_HEADER};
@@ -21,11 +28,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 use crate::error::Refusal;
 use crate::{handlers, State};
-
-type Resp = Response<Full<Bytes>>;
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +52,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
     crate::probe::spawn_prober(state.clone());
     crate::repair::spawn_repairer(state.clone());
     crate::audit::spawn_auditor(state.clone());
+    let app = api_routes(state);
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,
@@ -58,7 +65,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let st = state.clone();
+        let app = app.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -68,17 +75,16 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
                 }
                 Err(_) => return,
             };
-            let svc = hyper::service::service_fn(move |req| {
-                let st = st.clone();
-                async move { Ok::<_, Infallible>(handle(st, remote, req).await) }
-            });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // A client that trickles its headers (slowloris) is cut off.
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(tls), service(app, remote))
+                .await
+            {
                 tracing::debug!(%remote, "connection: {e}");
             }
         });
@@ -139,54 +145,66 @@ fn spawn_checkpointer(st: &Arc<State>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The Prometheus text of `/metrics`.
-async fn metrics(st: &Arc<State>) -> Result<Resp, Refusal> {
-    let s = st.clone();
-    let figures = blocking(move || {
-        let cutoff = now_ms().saturating_sub(s.cfg.online_timeout_secs * 1000);
-        Ok(s.store.lock().expect("not poisoned").figures(cutoff)?)
+/// The router as a hyper service for one connection from `remote` (which the
+/// register/login rate limit reads as [`ConnectInfo`]).
+fn service(
+    app: Router,
+    remote: SocketAddr,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = Response,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(remote));
+        app.clone().oneshot(req.map(Body::new))
     })
-    .await?;
-    let mut m = st.metrics.render(&figures);
-    st.rendezvous.render(&mut m);
-    Ok(text(m, "text/plain; version=0.0.4"))
 }
 
-/// Serve `GET /metrics` and `GET /healthz`, in plain HTTP, on `listener` (the
-/// `--metrics-listen` address: loopback by default, since nothing here is
-/// authenticated). Everything else is 404.
-pub async fn serve_metrics(state: Arc<State>, listener: TcpListener) {
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("accept (metrics): {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let st = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let st = st.clone();
-                async move {
-                    let p = req.uri().path().to_string();
-                    let r = match (req.method() == Method::GET, p.as_str()) {
-                        (true, path::METRICS) => metrics(&st).await,
-                        (true, path::HEALTHZ) => Ok(text("ok\n".into(), "text/plain")),
-                        _ => Err(not_found(&p)),
-                    };
-                    Ok::<_, Infallible>(r.unwrap_or_else(|e| json(e.status, &e.body())))
-                }
-            });
-            let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
-            if let Err(e) = b.serve_connection(TokioIo::new(tcp), svc).await {
-                tracing::debug!(%remote, "metrics connection: {e}");
-            }
-        });
+/// Every endpoint of the public API. An unknown path is 404, a known one asked with the
+/// wrong method 405, both with a JSON refusal like every other.
+fn api_routes(st: Arc<State>) -> Router {
+    use handlers as h;
+    Router::new()
+        .route(path::HEALTHZ, get(healthz))
+        .route(path::METRICS, get(public_metrics))
+        .route(path::REGISTER, password(h::register))
+        .route(path::LOGIN, password(h::login))
+        .route(
+            path::HEARTBEAT,
+            control(MessageKind::Heartbeat, h::heartbeat),
+        )
+        .route(path::PUT, control(MessageKind::Put, h::put))
+        .route(path::CONFIRM, control(MessageKind::Confirm, h::confirm))
+        .route(path::GET, control(MessageKind::Get, h::get))
+        .route(path::RELEASE, control(MessageKind::Release, h::release))
+        .route(path::REPORT, control(MessageKind::Report, report))
+        .route(path::ROOT, control(MessageKind::Root, h::put_root))
+        .route(path::ROOT_DROP, control(MessageKind::Root, h::drop_roots))
+        .route(path::ROOT_GET, control(MessageKind::Root, h::get_root))
+        .route(
+            path::INVENTORY,
+            control(MessageKind::Inventory, h::inventory),
+        )
+        .route(path::STATUS, control(MessageKind::Status, h::status))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn_with_state(st.clone(), observe))
+        .with_state(st)
+}
+
+/// Time every request under its route, and count refusals by reason.
+async fn observe(With(st): With<Arc<State>>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = route_name(req.uri().path());
+    let resp = next.run(req).await;
+    if let Some(reason) = resp.extensions().get::<Reason>() {
+        st.metrics.reject(reason.as_str());
     }
+    st.metrics
+        .observe(route, resp.status().as_u16(), start.elapsed());
+    resp
 }
 
 fn route_name(p: &str) -> &'static str {
@@ -210,38 +228,208 @@ fn route_name(p: &str) -> &'static str {
     }
 }
 
-async fn handle(st: Arc<State>, remote: SocketAddr, req: Request<Incoming>) -> Resp {
-    let start = Instant::now();
-    let route = route_name(req.uri().path());
-    let resp = match dispatch(&st, remote.ip(), req).await {
-        Ok(r) => r,
-        Err(refusal) => {
-            st.metrics.reject(refusal.reason.as_str());
-            let mut r = json(refusal.status, &refusal.body());
-            if let Some(secs) = refusal.retry_after {
-                r.headers_mut().insert(RETRY_AFTER, secs.into());
-            }
-            r
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut r = json(self.status, &self.body());
+        if let Some(secs) = self.retry_after {
+            r.headers_mut().insert(RETRY_AFTER, secs.into());
         }
-    };
-    st.metrics
-        .observe(route, resp.status().as_u16(), start.elapsed());
-    resp
+        // For `observe`, which counts refusals by reason.
+        r.extensions_mut().insert(self.reason);
+        r
+    }
 }
 
-fn json<T: Serialize>(status: u16, body: &T) -> Resp {
+async fn healthz() -> Response {
+    text("ok\n".into(), "text/plain")
+}
+
+/// `/metrics` on the public address: only when the operator says so (unauthenticated).
+async fn public_metrics(With(st): With<Arc<State>>) -> Result<Response, Refusal> {
+    if !st.cfg.public_metrics {
+        return Err(not_found(path::METRICS));
+    }
+    metrics(&st).await
+}
+
+/// The Prometheus text of `/metrics`.
+async fn metrics(st: &Arc<State>) -> Result<Response, Refusal> {
+    let s = st.clone();
+    let figures = blocking(move || {
+        let cutoff = now_ms().saturating_sub(s.cfg.online_timeout_secs * 1000);
+        Ok(s.store.lock().expect("not poisoned").figures(cutoff)?)
+    })
+    .await?;
+    let m = st.metrics.render(figures, st.rendezvous.figures());
+    Ok(text(m, "text/plain; version=0.0.4"))
+}
+
+async fn unknown_path(req: Request) -> Refusal {
+    not_found(req.uri().path())
+}
+
+async fn wrong_method() -> Refusal {
+    Refusal::new(
+        405,
+        Reason::MethodNotAllowed,
+        "use POST (GET for /healthz and /metrics)",
+    )
+}
+
+/// Serve `GET /metrics` and `GET /healthz`, in plain HTTP, on `listener` (the
+/// `--metrics-listen` address: loopback by default, since nothing here is
+/// authenticated). Everything else is 404.
+pub async fn serve_metrics(state: Arc<State>, listener: TcpListener) {
+    let app = Router::new()
+        .route(
+            path::METRICS,
+            get(|With(st): With<Arc<State>>| async move { metrics(&st).await }),
+        )
+        .route(path::HEALTHZ, get(healthz))
+        .fallback(unknown_path)
+        .with_state(state);
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accept (metrics): {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            if let Err(e) = b
+                .serve_connection(TokioIo::new(tcp), service(app, remote))
+                .await
+            {
+                tracing::debug!(%remote, "metrics connection: {e}");
+            }
+        });
+    }
+}
+
+/// The route of an unauthenticated endpoint (register, login): rate-limited per
+/// address, one Argon2 hash at a time per slot (see [`hash_slot`]), `handle` on the
+/// blocking pool.
+fn password<R, O>(
+    handle: fn(&State, R) -> Result<O, Refusal>,
+) -> axum::routing::MethodRouter<Arc<State>>
+where
+    R: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+{
+    post(
+        move |With(st): With<Arc<State>>,
+              ConnectInfo(remote): ConnectInfo<SocketAddr>,
+              req: Request| async move {
+            let _slot = hash_slot(&st, remote).await?;
+            let r: R = parse(&read_body(req).await?.1)?;
+            let s = st.clone();
+            let out = blocking(move || handle(&s, r)).await?;
+            Ok::<_, Refusal>(json(200, &out))
+        },
+    )
+}
+
+/// The rate limit of one address, then one of the few slots for an Argon2 hash: each
+/// takes ~19 MiB and a core for a while, so bound how many run at once, whatever the
+/// number of addresses asking.
+async fn hash_slot(
+    st: &State,
+    remote: SocketAddr,
+) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
+    st.limiter.check(remote.ip()).map_err(|secs| {
+        Refusal::new(
+            429,
+            Reason::RateLimited,
+            format!("too many registrations or logins from your address; retry in {secs} s"),
+        )
+        .retry_after(secs)
+    })?;
+    st.hash_slots.acquire().await.map_err(Refusal::internal)
+}
+
+/// The route of an endpoint that takes a control message of `kind`: read the body,
+/// authenticate it, parse it, and run `handle` on the blocking pool (SQLite).
+fn control<R, O>(
+    kind: MessageKind,
+    handle: fn(&State, PeerId, R) -> Result<O, Refusal>,
+) -> axum::routing::MethodRouter<Arc<State>>
+where
+    R: Body2Request + Send + 'static,
+    O: Serialize + Send + 'static,
+{
+    post(move |With(st): With<Arc<State>>, req: Request| async move {
+        let (parts, body) = read_body(req).await?;
+        let peer = authenticate(&st, &parts, kind, &body)?;
+        let r = R::from_body(&body)?;
+        let out = blocking(move || handle(&st, peer, r)).await?;
+        Ok::<_, Refusal>(json(200, &out))
+    })
+}
+
+/// How a request type is read from a body.
+trait Body2Request: Sized {
+    fn from_body(body: &[u8]) -> Result<Self, Refusal>;
+}
+
+macro_rules! json_requests {
+    ($($t:ty),* $(,)?) => {
+        $(impl Body2Request for $t {
+            fn from_body(body: &[u8]) -> Result<Self, Refusal> {
+                parse(body)
+            }
+        })*
+    };
+}
+
+json_requests!(
+    api::HeartbeatRequest,
+    api::PutRequest,
+    api::ConfirmRequest,
+    api::GetRequest,
+    api::ReleaseRequest,
+    api::ReportRequest,
+    api::PutRootRequest,
+    api::DropRootsRequest,
+    api::GetRootRequest,
+    api::InventoryRequest,
+);
+
+impl Body2Request for api::StatusRequest {
+    /// An empty body (older clients) asks for everything.
+    fn from_body(body: &[u8]) -> Result<Self, Refusal> {
+        if body.is_empty() {
+            Ok(api::StatusRequest { figures: true })
+        } else {
+            parse(body)
+        }
+    }
+}
+
+/// A report is answered with an empty object.
+fn report(st: &State, peer: PeerId, r: api::ReportRequest) -> Result<serde_json::Value, Refusal> {
+    handlers::report(st, peer, r)?;
+    Ok(serde_json::json!({}))
+}
+
+fn json<T: Serialize>(status: u16, body: &T) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(bytes)))
+        .body(Body::from(bytes))
         .expect("valid response")
 }
 
-fn text(body: String, content_type: &'static str) -> Resp {
+fn text(body: String, content_type: &'static str) -> Response {
     Response::builder()
         .header(CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from(body)))
+        .body(Body::from(body))
         .expect("valid response")
 }
 
@@ -257,7 +445,7 @@ fn too_large() -> Refusal {
 }
 
 /// Read the whole body, refusing (before reading it) anything over the limit.
-async fn read_body(req: Request<Incoming>) -> Result<(Parts, Bytes), Refusal> {
+async fn read_body(req: Request) -> Result<(Parts, Bytes), Refusal> {
     if let Some(len) = req.headers().get(CONTENT_LENGTH) {
         let len: usize = len
             .to_str()
@@ -357,145 +545,84 @@ async fn blocking<T: Send + 'static>(
         .map_err(Refusal::internal)?
 }
 
-async fn dispatch(st: &Arc<State>, ip: IpAddr, req: Request<Incoming>) -> Result<Resp, Refusal> {
-    let p = req.uri().path().to_string();
-    let method = req.method().clone();
-    if method == Method::GET {
-        return match p.as_str() {
-            path::HEALTHZ => Ok(text("ok\n".into(), "text/plain")),
-            // Unauthenticated: on the public address only when the operator says so.
-            path::METRICS if st.cfg.public_metrics => metrics(st).await,
-            _ => Err(not_found(&p)),
-        };
-    }
-    if method != Method::POST {
-        return Err(Refusal::new(
-            405,
-            Reason::MethodNotAllowed,
-            "use POST (GET for /healthz and /metrics)",
-        ));
-    }
-    match p.as_str() {
-        path::REGISTER | path::LOGIN => {
-            st.limiter.check(ip).map_err(|secs| {
-                Refusal::new(
-                    429,
-                    Reason::RateLimited,
-                    format!(
-                        "too many registrations or logins from your address; retry in {secs} s"
-                    ),
-                )
-                .retry_after(secs)
-            })?;
-            // Each Argon2 hash takes ~19 MiB and a core for a while: bound how many run at
-            // once, whatever the number of addresses asking.
-            let _slot = st.hash_slots.acquire().await.map_err(Refusal::internal)?;
-            let (_, body) = read_body(req).await?;
-            let s = st.clone();
-            if p == path::REGISTER {
-                let r: api::RegisterRequest = parse(&body)?;
-                let out = blocking(move || handlers::register(&s, r)).await?;
-                Ok(json(200, &out))
-            } else {
-                let r: api::LoginRequest = parse(&body)?;
-                let out = blocking(move || handlers::login(&s, r)).await?;
-                Ok(json(200, &out))
-            }
-        }
-        _ => {
-            let Some(kind) = api::kind_for_path(&p) else {
-                return Err(not_found(&p));
-            };
-            let (parts, body) = read_body(req).await?;
-            let peer = authenticate(st, &parts, kind, &body)?;
-            let s = st.clone();
-            match kind {
-                MessageKind::Heartbeat => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::heartbeat(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Put => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::put(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Confirm => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::confirm(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Get => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::get(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Release => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::release(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Report => {
-                    let r = parse(&body)?;
-                    blocking(move || handlers::report(&s, peer, r)).await?;
-                    Ok(json(200, &serde_json::json!({})))
-                }
-                MessageKind::Root if p == path::ROOT => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::put_root(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Root if p == path::ROOT_DROP => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::drop_roots(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Root => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::get_root(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Inventory => {
-                    let r = parse(&body)?;
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::inventory(&s, peer, r)).await?,
-                    ))
-                }
-                MessageKind::Status => {
-                    // An empty body (older clients) asks for everything.
-                    let r = if body.is_empty() {
-                        api::StatusRequest { figures: true }
-                    } else {
-                        parse(&body)?
-                    };
-                    Ok(json(
-                        200,
-                        &blocking(move || handlers::status(&s, peer, r)).await?,
-                    ))
-                }
-                _ => Err(not_found(&p)),
-            }
-        }
-    }
-}
-
 fn not_found(p: &str) -> Refusal {
     Refusal::new(404, Reason::NotFound, format!("no endpoint {p}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The router alone (no TLS, no socket), as one connection from `REMOTE` sees it.
+    async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (u16, String) {
+        const REMOTE: ([u8; 4], u16) = ([192, 0, 2, 7], 40000);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(uri)
+            .extension(ConnectInfo(SocketAddr::from(REMOTE)))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let retry = resp.headers().get(RETRY_AFTER).is_some();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&body).to_string();
+        assert_eq!(retry, status == 429, "Retry-After only on 429: {text}");
+        (status, text)
+    }
+
+    fn reason(text: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|_| panic!("{text}"));
+        v["reason"].as_str().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_json_counted_and_rate_limited_per_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Arc::new(
+            crate::init(crate::Config {
+                auth_burst: 3.0,
+                auth_per_minute: 1.0,
+                ..crate::Config::new(dir.path().into())
+            })
+            .unwrap(),
+        );
+        let app = api_routes(st.clone());
+        assert_eq!(
+            call(&app, "GET", "/healthz", "").await,
+            (200, "ok\n".into())
+        );
+
+        let (s, t) = call(&app, "GET", path::PUT, "").await;
+        assert_eq!((s, reason(&t).as_str()), (405, "method_not_allowed"), "{t}");
+        let (s, t) = call(&app, "POST", "/v1/nope", "{}").await;
+        assert_eq!((s, reason(&t).as_str()), (404, "not_found"), "{t}");
+        // Unauthenticated /metrics is off on the public address by default.
+        let (s, t) = call(&app, "GET", path::METRICS, "").await;
+        assert_eq!((s, reason(&t).as_str()), (404, "not_found"), "{t}");
+        let (s, t) = call(&app, "POST", path::PUT, "{}").await;
+        assert_eq!((s, reason(&t).as_str()), (401, "malformed"), "{t}");
+
+        // Three logins from one address get as far as their (bad) body; the fourth is
+        // refused before it, with a Retry-After.
+        for _ in 0..3 {
+            let (s, t) = call(&app, "POST", path::LOGIN, "{").await;
+            assert_eq!((s, reason(&t).as_str()), (400, "bad_json"), "{t}");
+        }
+        let (s, t) = call(&app, "POST", path::REGISTER, "{").await;
+        assert_eq!((s, reason(&t).as_str()), (429, "rate_limited"), "{t}");
+
+        let m = st
+            .metrics
+            .render(Default::default(), st.rendezvous.figures());
+        for line in [
+            "peerstash_rejections_total{reason=\"rate_limited\"} 1",
+            "peerstash_rejections_total{reason=\"bad_json\"} 3",
+            "peerstash_rejections_total{reason=\"not_found\"} 2",
+            "peerstash_request_seconds_count{route=\"/v1/login\",status=\"400\"} 3",
+            "peerstash_request_seconds_count{route=\"other\",status=\"404\"} 1",
+        ] {
+            assert!(m.lines().any(|l| l == line), "no `{line}` in\n{m}");
+        }
+    }
 }

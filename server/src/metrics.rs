@@ -1,305 +1,380 @@
-//! In-memory counters for `/metrics` (Prometheus text format); gauges that live in the
-//! database are read at scrape time.
+//! The server's `/metrics`, through prometheus-client: counters kept in memory by the
+//! running server, and figures read at scrape time (the database's, the rendezvous's),
+//! written in Prometheus's text format.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::fmt;
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::store::DbFigures;
 
 /// Upper bounds (seconds) of the request-latency histogram buckets.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
+/// One label.
+type Label = [(&'static str, &'static str); 1];
+/// A request's route and status.
+type RouteStatus = [(&'static str, String); 2];
+/// A refusal's reason.
+type ReasonLabel = [(&'static str, String); 1];
 
-/// Counters kept by the running server.
-#[derive(Default)]
+/// Counters kept by the running server. Cloning a counter shares it.
 pub struct Metrics {
-    /// Put tokens issued.
-    pub put_tokens: AtomicU64,
-    /// Get tokens issued.
-    pub get_tokens: AtomicU64,
-    /// Universal tokens issued (peak-load mode).
-    pub universal_tokens: AtomicU64,
     /// Locations committed by confirms.
-    pub confirmed: AtomicU64,
+    pub confirmed: Counter,
     /// Registrations accepted.
-    pub registrations: AtomicU64,
+    pub registrations: Counter,
     /// Logins accepted.
-    pub logins: AtomicU64,
-    /// The server's own status checks of peers that answered.
-    pub probes_ok: AtomicU64,
-    /// The server's own status checks that got no valid answer.
-    pub probes_failed: AtomicU64,
+    pub logins: Counter,
     /// Repair orders handed to peers.
-    pub repair_orders: AtomicU64,
+    pub repair_orders: Counter,
     /// From the last repair scan: repairs waiting for a peer to take them.
-    pub repairs_waiting: AtomicU64,
+    pub repairs_waiting: Gauge,
     /// From the last repair scan: chunks on a lost holder with fewer online holders than
     /// their target.
-    pub chunks_below_target: AtomicU64,
-    /// Nanoseconds the server spent verifying audit answers.
-    pub audit_verify_ns: AtomicU64,
-    /// Bytes of audit answers received.
-    pub audit_answer_bytes: AtomicU64,
-    audits: Mutex<BTreeMap<&'static str, u64>>,
-    rejections: Mutex<BTreeMap<String, u64>>,
-    latency: Mutex<BTreeMap<(&'static str, u16), Histogram>>,
+    pub chunks_below_target: Gauge,
+    tokens: Family<Label, Counter>,
+    probes: Family<Label, Counter>,
+    audits: Family<Label, Counter>,
+    audit_verify_seconds: Counter<f64>,
+    audit_answer_bytes: Counter,
+    rejections: Family<ReasonLabel, Counter>,
+    latency: Family<RouteStatus, Histogram, fn() -> Histogram>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
+    /// Every counter at zero, registered under `peerstash_`.
+    pub fn new() -> Metrics {
+        let m = Metrics {
+            confirmed: Counter::default(),
+            registrations: Counter::default(),
+            logins: Counter::default(),
+            repair_orders: Counter::default(),
+            repairs_waiting: Gauge::default(),
+            chunks_below_target: Gauge::default(),
+            tokens: Family::default(),
+            probes: Family::default(),
+            audits: Family::default(),
+            audit_verify_seconds: Counter::default(),
+            audit_answer_bytes: Counter::default(),
+            rejections: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(BUCKETS)),
+            registry: Registry::with_prefix("peerstash"),
+        };
+        // The series every scrape should show, even at zero.
+        for kind in ["put", "get", "universal"] {
+            let _ = m.tokens.get_or_create(&[("kind", kind)]);
+        }
+        for outcome in ["ok", "failed"] {
+            let _ = m.probes.get_or_create(&[("outcome", outcome)]);
+        }
+        for outcome in ["passed", "failed", "missing", "unanswered"] {
+            let _ = m.audits.get_or_create(&[("outcome", outcome)]);
+        }
+        let mut m = m;
+        let r = &mut m.registry;
+        r.register("tokens_issued", "Tokens issued, by kind", m.tokens.clone());
+        r.register(
+            "locations_confirmed",
+            "Locations committed by confirms",
+            m.confirmed.clone(),
+        );
+        r.register(
+            "registrations",
+            "Registrations accepted",
+            m.registrations.clone(),
+        );
+        r.register("logins", "Logins accepted", m.logins.clone());
+        r.register(
+            "status_checks",
+            "The server's own status checks of quiet peers, by outcome",
+            m.probes.clone(),
+        );
+        r.register(
+            "repairs_waiting",
+            "Repairs queued by the last scan and not yet handed to a peer",
+            m.repairs_waiting.clone(),
+        );
+        r.register(
+            "chunks_below_target",
+            "Chunks on a lost holder with fewer online holders than their target (last scan)",
+            m.chunks_below_target.clone(),
+        );
+        r.register("audits", "Storage audits, by outcome", m.audits.clone());
+        r.register(
+            "audit_verify_seconds",
+            "Server CPU time spent verifying audit answers",
+            m.audit_verify_seconds.clone(),
+        );
+        r.register(
+            "audit_answer_bytes",
+            "Bytes of audit answers received",
+            m.audit_answer_bytes.clone(),
+        );
+        r.register(
+            "rejections",
+            "Refused requests, by reason",
+            m.rejections.clone(),
+        );
+        r.register(
+            "request_seconds",
+            "Request handling time",
+            m.latency.clone(),
+        );
+        m
+    }
+
     /// Count one token sealed, by kind.
     pub fn count_token(&self, kind: peerstash::TxKind) {
-        let c = match kind {
-            peerstash::TxKind::Put => &self.put_tokens,
-            peerstash::TxKind::Get | peerstash::TxKind::Stream => &self.get_tokens,
-            peerstash::TxKind::Universal => &self.universal_tokens,
+        let kind = match kind {
+            peerstash::TxKind::Put => "put",
+            peerstash::TxKind::Get | peerstash::TxKind::Stream => "get",
+            peerstash::TxKind::Universal => "universal",
             // The server issues no delete tokens.
             peerstash::TxKind::Delete => return,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        self.tokens.get_or_create(&[("kind", kind)]).inc();
     }
 
     /// Count a refused request by reason.
     pub fn reject(&self, reason: &str) {
-        *self
-            .rejections
-            .lock()
-            .expect("not poisoned")
-            .entry(reason.to_string())
-            .or_default() += 1;
+        self.rejections
+            .get_or_create(&[("reason", reason.to_string())])
+            .inc();
     }
 
     /// Record one request's handling time under its route and status.
     pub fn observe(&self, route: &'static str, status: u16, took: Duration) {
-        let secs = took.as_secs_f64();
-        let mut l = self.latency.lock().expect("not poisoned");
-        let h = l.entry((route, status)).or_default();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += secs;
+        self.latency
+            .get_or_create(&[("route", route.to_string()), ("status", status.to_string())])
+            .observe(took.as_secs_f64());
     }
 
     /// Count one status check of a peer by the server (`ok` or `failed`).
-    pub fn probe(&self, outcome: &str) {
-        let c = if outcome == "ok" {
-            &self.probes_ok
-        } else {
-            &self.probes_failed
-        };
-        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    pub fn probe(&self, outcome: &'static str) {
+        self.probes.get_or_create(&[("outcome", outcome)]).inc();
     }
 
     /// Count one audit by outcome.
     pub fn audit(&self, outcome: &'static str) {
-        *self
-            .audits
-            .lock()
-            .expect("not poisoned")
-            .entry(outcome)
-            .or_default() += 1;
+        self.audits.get_or_create(&[("outcome", outcome)]).inc();
     }
 
     /// Count the time spent verifying one audit answer of `bytes` bytes.
     pub fn audit_cpu(&self, took: Duration, bytes: usize) {
-        self.audit_verify_ns
-            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        self.audit_answer_bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.audit_verify_seconds.inc_by(took.as_secs_f64());
+        self.audit_answer_bytes.inc_by(bytes as u64);
     }
 
-    /// How many audits ended with `outcome`.
-    pub fn audits(&self, outcome: &str) -> u64 {
-        self.audits
-            .lock()
-            .expect("not poisoned")
-            .get(outcome)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// How many requests were refused with `reason`.
-    pub fn rejections(&self, reason: &str) -> u64 {
-        self.rejections
-            .lock()
-            .expect("not poisoned")
-            .get(reason)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// The Prometheus text exposition, with the database figures `db`.
-    pub fn render(&self, db: &DbFigures) -> String {
+    /// The Prometheus text exposition: these counters, the database figures `db`, and
+    /// whatever `more` reads at scrape time.
+    pub fn render(&self, db: DbFigures, more: impl Collector) -> String {
+        let mut scraped = Registry::default();
+        scraped.register_collector(Box::new(Scraped {
+            db,
+            repair_orders: self.repair_orders.get(),
+        }));
+        scraped.register_collector(Box::new(more));
         let mut o = String::new();
-        let gauge = |o: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut o, &self.registry);
+        let _ = prometheus_text::encode(&mut o, &scraped);
+        o
+    }
+}
+
+/// One gauge without labels, named in full.
+pub fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let g = ConstGauge::new(v as i64);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// One counter without labels, named in full without its `_total`.
+pub fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// A labelled family of gauges or counters (`kind`), one series per item of `series`.
+pub fn series<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in series {
+        let s = m.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(v).encode(s)?,
+            _ => ConstGauge::new(v as i64).encode(s)?,
+        }
+    }
+    Ok(())
+}
+
+/// What `/metrics` reads from the database at scrape time.
+#[derive(Debug)]
+struct Scraped {
+    db: DbFigures,
+    repair_orders: u64,
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let db = &self.db;
+        let e = &mut e;
         gauge(
-            &mut o,
+            e,
             "peerstash_peers_online",
             "Peers with a recent heartbeat.",
             db.peers_online,
-        );
+        )?;
         gauge(
-            &mut o,
+            e,
             "peerstash_peers_registered",
             "Registered peers.",
             db.peers_total,
-        );
+        )?;
         gauge(
-            &mut o,
+            e,
             "peerstash_chunks",
             "Distinct stored chunks (per owner).",
             db.chunks,
-        );
+        )?;
         gauge(
-            &mut o,
+            e,
             "peerstash_chunk_locations",
             "Committed chunk locations (one per replica).",
             db.locations,
-        );
+        )?;
         gauge(
-            &mut o,
+            e,
             "peerstash_stored_bytes",
             "Committed bytes, every replica counted.",
             db.bytes,
-        );
+        )?;
         gauge(
-            &mut o,
+            e,
             "peerstash_pending_placements",
             "Placements awaiting a confirm.",
             db.pending,
-        );
+        )?;
         gauge(
-            &mut o,
+            e,
             "peerstash_invites_unused",
             "Unused invite codes.",
             db.invites,
-        );
+        )?;
         gauge(
-            &mut o,
+            e,
             "peerstash_drop_orders",
             "Chunks holders were told to drop, not yet acknowledged.",
             db.drops,
-        );
-
-        let _ = writeln!(o, "# HELP peerstash_tokens_issued_total Tokens issued, by kind.\n# TYPE peerstash_tokens_issued_total counter");
-        let _ = writeln!(
-            o,
-            "peerstash_tokens_issued_total{{kind=\"put\"}} {}",
-            self.put_tokens.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "peerstash_tokens_issued_total{{kind=\"get\"}} {}",
-            self.get_tokens.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "peerstash_tokens_issued_total{{kind=\"universal\"}} {}",
-            self.universal_tokens.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(o, "# HELP peerstash_locations_confirmed_total Locations committed by confirms.\n# TYPE peerstash_locations_confirmed_total counter\npeerstash_locations_confirmed_total {}", self.confirmed.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP peerstash_registrations_total Registrations accepted.\n# TYPE peerstash_registrations_total counter\npeerstash_registrations_total {}", self.registrations.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP peerstash_logins_total Logins accepted.\n# TYPE peerstash_logins_total counter\npeerstash_logins_total {}", self.logins.load(Ordering::Relaxed));
-
-        let _ = writeln!(o, "# HELP peerstash_status_checks_total The server's own status checks of quiet peers, by outcome.\n# TYPE peerstash_status_checks_total counter");
-        for (outcome, c) in [("ok", &self.probes_ok), ("failed", &self.probes_failed)] {
-            let _ = writeln!(
-                o,
-                "peerstash_status_checks_total{{outcome=\"{outcome}\"}} {}",
-                c.load(std::sync::atomic::Ordering::Relaxed)
-            );
-        }
+        )?;
         gauge(
-            &mut o,
-            "peerstash_repairs_waiting",
-            "Repairs queued by the last scan and not yet handed to a peer.",
-            self.repairs_waiting.load(Ordering::Relaxed),
-        );
-        gauge(
-            &mut o,
-            "peerstash_chunks_below_target",
-            "Chunks on a lost holder with fewer online holders than their target (last scan).",
-            self.chunks_below_target.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(o, "# HELP peerstash_repairs_total Repair copies, by stage.\n# TYPE peerstash_repairs_total counter");
-        let ordered = self.repair_orders.load(Ordering::Relaxed);
-        for (stage, n) in [("ordered", ordered), ("done", db.repairs_done)] {
-            let _ = writeln!(o, "peerstash_repairs_total{{stage=\"{stage}\"}} {n}");
-        }
-        let _ = writeln!(o, "# HELP peerstash_audits_total Storage audits, by outcome.\n# TYPE peerstash_audits_total counter");
-        {
-            let audits = self.audits.lock().expect("not poisoned");
-            for outcome in ["passed", "failed", "missing", "unanswered"] {
-                let n = audits.get(outcome).copied().unwrap_or(0);
-                let _ = writeln!(o, "peerstash_audits_total{{outcome=\"{outcome}\"}} {n}");
-            }
-        }
-        let _ = writeln!(o, "# HELP peerstash_audit_verify_seconds_total Server CPU time spent verifying audit answers.\n# TYPE peerstash_audit_verify_seconds_total counter\npeerstash_audit_verify_seconds_total {}", self.audit_verify_ns.load(Ordering::Relaxed) as f64 / 1e9);
-        let _ = writeln!(o, "# HELP peerstash_audit_answer_bytes_total Bytes of audit answers received.\n# TYPE peerstash_audit_answer_bytes_total counter\npeerstash_audit_answer_bytes_total {}", self.audit_answer_bytes.load(Ordering::Relaxed));
-        gauge(
-            &mut o,
+            e,
             "peerstash_peers_suspended",
             "Peers whose audit reputation fell below the threshold (no placements).",
             db.peers_suspended,
-        );
+        )?;
         gauge(
-            &mut o,
+            e,
             "peerstash_peers_disqualified",
             "Peers disqualified for failing audits.",
             db.peers_disqualified,
-        );
-        let _ = writeln!(o, "# HELP peerstash_rejections_total Refused requests, by reason.\n# TYPE peerstash_rejections_total counter");
-        for (reason, n) in self.rejections.lock().expect("not poisoned").iter() {
-            let _ = writeln!(o, "peerstash_rejections_total{{reason=\"{reason}\"}} {n}");
-        }
+        )?;
+        series(
+            e,
+            "peerstash_repairs",
+            "Repair copies, by stage.",
+            MetricType::Counter,
+            [
+                ([("stage", "ordered")], self.repair_orders),
+                ([("stage", "done")], db.repairs_done),
+            ],
+        )?;
+        series(
+            e,
+            "peerstash_reports",
+            "Failure reports, by the registered peer they are about (unknown: an id nobody registered).",
+            MetricType::Counter,
+            db.reports.iter().map(|(peer, kind, reason, n)| {
+                let peer = if *peer == crate::store::NO_PEER {
+                    "unknown".to_string()
+                } else {
+                    peer.to_string()
+                };
+                (
+                    [("peer", peer), ("kind", kind.clone()), ("reason", reason.clone())],
+                    *n,
+                )
+            }),
+        )
+    }
+}
 
-        let _ = writeln!(o, "# HELP peerstash_reports_total Failure reports, by the registered peer they are about (unknown: an id nobody registered).\n# TYPE peerstash_reports_total counter");
-        for (peer, kind, reason, n) in &db.reports {
-            let peer = if *peer == crate::store::NO_PEER {
-                "unknown".to_string()
-            } else {
-                peer.to_string()
-            };
-            let _ = writeln!(
-                o,
-                "peerstash_reports_total{{peer=\"{peer}\",kind=\"{kind}\",reason=\"{reason}\"}} {n}"
-            );
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-        let _ = writeln!(o, "# HELP peerstash_request_seconds Request handling time.\n# TYPE peerstash_request_seconds histogram");
-        for ((route, status), h) in self.latency.lock().expect("not poisoned").iter() {
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "peerstash_request_seconds_bucket{{route=\"{route}\",status=\"{status}\",le=\"{b}\"}} {}",
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(o, "peerstash_request_seconds_bucket{{route=\"{route}\",status=\"{status}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(
-                o,
-                "peerstash_request_seconds_sum{{route=\"{route}\",status=\"{status}\"}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                o,
-                "peerstash_request_seconds_count{{route=\"{route}\",status=\"{status}\"}} {}",
-                h.count
-            );
+    #[derive(Debug)]
+    struct Nothing;
+    impl Collector for Nothing {
+        fn encode(&self, _: DescriptorEncoder) -> fmt::Result {
+            Ok(())
         }
-        o
+    }
+
+    /// The names and labels operators' dashboards and our tests read.
+    #[test]
+    fn renders_the_documented_series() {
+        let m = Metrics::new();
+        m.count_token(peerstash::TxKind::Put);
+        m.count_token(peerstash::TxKind::Put);
+        m.reject("rate_limited");
+        m.observe("/v1/put", 200, Duration::from_millis(3));
+        m.registrations.inc();
+        m.repair_orders.inc_by(4);
+        let db = DbFigures {
+            peers_online: 7,
+            repairs_done: 2,
+            ..Default::default()
+        };
+        let text = m.render(db, Nothing);
+        for line in [
+            "peerstash_tokens_issued_total{kind=\"put\"} 2",
+            "peerstash_tokens_issued_total{kind=\"get\"} 0",
+            "peerstash_rejections_total{reason=\"rate_limited\"} 1",
+            "peerstash_registrations_total 1",
+            "peerstash_audits_total{outcome=\"missing\"} 0",
+            "peerstash_request_seconds_bucket{route=\"/v1/put\",status=\"200\",le=\"0.005\"} 1",
+            "peerstash_request_seconds_count{route=\"/v1/put\",status=\"200\"} 1",
+            "peerstash_peers_online 7",
+            "peerstash_repairs_total{stage=\"ordered\"} 4",
+            "peerstash_repairs_total{stage=\"done\"} 2",
+            "# TYPE peerstash_request_seconds histogram",
+            "# HELP peerstash_audits_total Storage audits, by outcome.",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
     }
 }

@@ -1,48 +1,53 @@
-//! Per-address token buckets for the unauthenticated endpoints (register, login), which
-//! cost an Argon2 hash each and are what a password guesser or a bot would hammer.
+//! Per-address rate limits for the unauthenticated endpoints (register, login), which
+//! cost an Argon2 hash each and are what a password guesser or a bot would hammer. The
+//! buckets are governor's (GCRA); this module only fixes the policy and bounds memory.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+/// Addresses remembered before the ones back at a full bucket are forgotten.
+const MAX_TRACKED: usize = 50_000;
 
 /// A token bucket per client address.
 pub struct RateLimiter {
-    per_sec: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    clock: DefaultClock,
 }
 
 impl RateLimiter {
-    /// Allow `burst` requests at once, refilled at `per_minute`.
+    /// Allow `burst` requests at once, refilled at `per_minute` (0: never refilled).
     pub fn new(per_minute: f64, burst: f64) -> RateLimiter {
+        let period = if per_minute > 0.0 {
+            Duration::from_secs_f64((60.0 / per_minute).min(1e9))
+        } else {
+            Duration::from_secs(1_000_000_000)
+        };
+        let burst =
+            NonZeroU32::new(burst.clamp(1.0, u32::MAX as f64) as u32).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
+            .expect("a period of at least 1 ns")
+            .allow_burst(burst);
         RateLimiter {
-            per_sec: per_minute / 60.0,
-            burst: burst.max(1.0),
-            buckets: Mutex::new(HashMap::new()),
+            limiter: DefaultKeyedRateLimiter::keyed(quota),
+            clock: DefaultClock::default(),
         }
     }
 
-    /// Take one token for `ip`; `Err(seconds)` says how long until the next is due.
+    /// Take one request's worth for `ip`; `Err(seconds)` says how long until the next.
     pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
-        let now = Instant::now();
-        let mut b = self.buckets.lock().expect("not poisoned");
-        if b.len() > 50_000 {
-            // Full buckets carry no information: forget them to bound memory.
-            let (per_sec, burst) = (self.per_sec, self.burst);
-            b.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * per_sec < burst);
+        if self.limiter.len() > MAX_TRACKED {
+            // A full bucket carries no information: forget those to bound memory.
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
         }
-        let (tokens, at) = b.entry(ip).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else if self.per_sec > 0.0 {
-            Err(((1.0 - *tokens) / self.per_sec).ceil() as u64)
-        } else {
-            Err(u64::MAX)
-        }
+        self.limiter.check_key(&ip).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.clock.now());
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
     }
 }
 
@@ -59,5 +64,13 @@ mod tests {
         assert!(r.check(a).is_ok());
         assert_eq!(r.check(a), Err(1));
         assert!(r.check(b).is_ok());
+    }
+
+    #[test]
+    fn no_refill_keeps_refusing() {
+        let r = RateLimiter::new(0.0, 1.0);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(r.check(a).is_ok());
+        assert!(r.check(a).unwrap_err() > 3600);
     }
 }

@@ -256,39 +256,33 @@ impl Registry {
             .sum()
     }
 
-    /// The Prometheus lines of the rendezvous and the relay.
-    pub fn render(&self, o: &mut String) {
-        use std::fmt::Write;
-        let mut by_reach: HashMap<&str, u64> = HashMap::new();
+    /// What `/metrics` shows of the rendezvous and the relay, read now.
+    pub fn figures(&self) -> Figures {
+        let mut reach: HashMap<&'static str, u64> = HashMap::new();
         for e in self.daemons.lock().expect("not poisoned").values() {
             if e.conn.close_reason().is_none() {
-                *by_reach.entry(e.reach().as_str()).or_default() += 1;
+                *reach.entry(e.reach().as_str()).or_default() += 1;
             }
         }
-        let _ = writeln!(o, "# HELP peerstash_peers_reachable Daemons with a live rendezvous connection, by how they are reached.\n# TYPE peerstash_peers_reachable gauge");
-        for r in ["public", "mapped", "punch", "relay"] {
-            let n = by_reach.get(r).copied().unwrap_or(0);
-            let _ = writeln!(o, "peerstash_peers_reachable{{reach=\"{r}\"}} {n}");
-        }
-        let _ = writeln!(o, "# HELP peerstash_rendezvous_total Rendezvous requests, by kind and outcome.\n# TYPE peerstash_rendezvous_total counter");
-        for ((what, outcome), n) in self.outcomes.lock().expect("not poisoned").iter() {
-            let _ = writeln!(
-                o,
-                "peerstash_rendezvous_total{{kind=\"{what}\",outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        let sessions = self.sessions.lock().expect("not poisoned").len();
-        let _ = writeln!(o, "# HELP peerstash_relay_sessions Relay sessions open.\n# TYPE peerstash_relay_sessions gauge\npeerstash_relay_sessions {sessions}");
-        let _ = writeln!(o, "# HELP peerstash_relay_bytes_total Bytes the relay forwarded (end-to-end encrypted QUIC datagrams).\n# TYPE peerstash_relay_bytes_total counter\npeerstash_relay_bytes_total {}", self.relay_bytes.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP peerstash_relay_dropped_total Datagrams the relay dropped (over the rate, unbound sender, unknown session).\n# TYPE peerstash_relay_dropped_total counter\npeerstash_relay_dropped_total {}", self.relay_dropped.load(Ordering::Relaxed));
-        let _ = writeln!(o, "# HELP peerstash_relay_refused_total Datagrams the relay dropped, by reason.\n# TYPE peerstash_relay_refused_total counter");
-        for (r, n) in Refusal::ALL.iter().zip(&self.refused) {
-            let n = n.load(Ordering::Relaxed);
-            let _ = writeln!(
-                o,
-                "peerstash_relay_refused_total{{reason=\"{}\"}} {n}",
-                r.as_str()
-            );
+        Figures {
+            reach: ["public", "mapped", "punch", "relay"]
+                .map(|r| (r, reach.get(r).copied().unwrap_or(0))),
+            outcomes: self
+                .outcomes
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .map(|(k, n)| (*k, *n))
+                .collect(),
+            sessions: self.sessions.lock().expect("not poisoned").len() as u64,
+            relay_bytes: self.relay_bytes.load(Ordering::Relaxed),
+            relay_dropped: self.relay_dropped.load(Ordering::Relaxed),
+            refused: std::array::from_fn(|i| {
+                (
+                    Refusal::ALL[i].as_str(),
+                    self.refused[i].load(Ordering::Relaxed),
+                )
+            }),
         }
     }
 
@@ -740,6 +734,69 @@ async fn check_mapping(st: Arc<State>, peer: PeerId, conn_id: usize, at: SocketA
 /// How long the server tries to reach a daemon through its port mapping.
 const MAPPING_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The rendezvous's and the relay's figures at one scrape of `/metrics`.
+#[derive(Debug)]
+pub struct Figures {
+    reach: [(&'static str, u64); 4],
+    outcomes: Vec<((&'static str, &'static str), u64)>,
+    sessions: u64,
+    relay_bytes: u64,
+    relay_dropped: u64,
+    refused: [(&'static str, u64); 5],
+}
+
+impl prometheus_client::collector::Collector for Figures {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::{counter, gauge, series};
+        use prometheus_client::metrics::MetricType::{Counter, Gauge};
+        let e = &mut e;
+        series(
+            e,
+            "peerstash_peers_reachable",
+            "Daemons with a live rendezvous connection, by how they are reached.",
+            Gauge,
+            self.reach.map(|(r, n)| ([("reach", r)], n)),
+        )?;
+        series(
+            e,
+            "peerstash_rendezvous",
+            "Rendezvous requests, by kind and outcome.",
+            Counter,
+            self.outcomes
+                .iter()
+                .map(|((what, outcome), n)| ([("kind", *what), ("outcome", *outcome)], *n)),
+        )?;
+        gauge(
+            e,
+            "peerstash_relay_sessions",
+            "Relay sessions open.",
+            self.sessions,
+        )?;
+        counter(
+            e,
+            "peerstash_relay_bytes",
+            "Bytes the relay forwarded (end-to-end encrypted QUIC datagrams).",
+            self.relay_bytes,
+        )?;
+        counter(
+            e,
+            "peerstash_relay_dropped",
+            "Datagrams the relay dropped (over the rate, unbound sender, unknown session).",
+            self.relay_dropped,
+        )?;
+        series(
+            e,
+            "peerstash_relay_refused",
+            "Datagrams the relay dropped, by reason.",
+            Counter,
+            self.refused.map(|(r, n)| ([("reason", r)], n)),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,8 +846,7 @@ mod tests {
             passed >= limits.total_rate * 9,
             "the cap starved the relay: {passed}"
         );
-        let mut m = String::new();
-        reg.render(&mut m);
+        let m = crate::metrics::Metrics::new().render(Default::default(), reg.figures());
         assert!(
             m.contains(&format!("peerstash_relay_dropped_total {refused}")),
             "{m}"

@@ -6,7 +6,6 @@
 //! checks the hash, stores and confirms, and its confirm retires the lost holder's
 //! location. A lost peer that returns is told to drop the copies that were replaced.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,12 +43,8 @@ pub(crate) fn scan(st: &State) {
                     "chunks lost a holder: repairs queued"
                 );
             }
-            st.metrics
-                .repairs_waiting
-                .store(s.waiting as u64, Ordering::Relaxed);
-            st.metrics
-                .chunks_below_target
-                .store(s.below_target as u64, Ordering::Relaxed);
+            st.metrics.repairs_waiting.set(s.waiting as i64);
+            st.metrics.chunks_below_target.set(s.below_target as i64);
         }
         Err(e) => tracing::warn!("repair scan: {e}"),
     }
