@@ -21,7 +21,7 @@ use peerstash::token::{Grant, TokenClaims};
 use peerstash::{PeerId, TransactionKey, TxKind};
 
 use crate::error::Refusal;
-use crate::store::{self, NewPeer, Planned, Policy};
+use crate::store::{self, NewPeer, Planned, Policy, StoreError};
 use crate::State;
 
 const MIN_PASSWORD: usize = 8;
@@ -165,10 +165,13 @@ pub(crate) fn register(st: &State, req: RegisterRequest) -> Result<RegisterRespo
     {
         let store = st.store.lock().expect("not poisoned");
         if store.name_taken(&req.name)? {
-            return Err(store::name_taken_refusal(&req.name));
+            return Err(StoreError::NameTaken(req.name.clone()).into());
         }
         if require_invite && !store.invite_exists(req.invite.as_deref().unwrap_or(""))? {
-            return Err(store::bad_invite_refusal(req.invite.is_some()));
+            return Err(StoreError::BadInvite {
+                given: req.invite.is_some(),
+            }
+            .into());
         }
     }
     let phc = hash_password(&req.password)?;
@@ -186,7 +189,11 @@ pub(crate) fn register(st: &State, req: RegisterRequest) -> Result<RegisterRespo
         req.invite.as_deref(),
         require_invite,
         now_ms(),
-        |id| st.at_rest.seal(id, &key).map_err(Refusal::internal),
+        |id| {
+            st.at_rest
+                .seal(id, &key)
+                .map_err(|e| StoreError::Internal(e.to_string()))
+        },
     )?;
     st.keys
         .write()

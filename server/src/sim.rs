@@ -270,7 +270,7 @@ pub enum SimError {
     Db(#[from] rusqlite::Error),
     /// The store refused something the simulation needs (a registration).
     #[error("refused: {0}")]
-    Refused(#[from] crate::Refusal),
+    Refused(#[from] crate::store::StoreError),
 }
 
 /// splitmix64: the simulation's own reproducible randomness.
@@ -837,7 +837,7 @@ impl Sim<'_> {
             let plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
-                    *self.refused.entry(e.reason.to_string()).or_default() += 1;
+                    *self.refused.entry(e.reason().to_string()).or_default() += 1;
                     continue;
                 }
             };

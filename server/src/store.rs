@@ -6,7 +6,6 @@
 //! A chunk location is keyed by its owner as well as by its id: chunks are never shared
 //! between users, so knowing a chunk id never gives anyone a token for someone else's data.
 
-use peerstash::api::Reason;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,12 +17,14 @@ use peerstash::token::MAX_CHUNK_SIZE;
 use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::error::Refusal;
-use crate::placement::{self, Candidate, Shortfall, Want};
+use crate::placement::{self, Candidate, Want};
 
 mod audit;
+mod error;
 mod repair;
+
 pub use audit::{AuditRecord, AuditTarget, Standing, Verdict};
+pub use error::StoreError;
 pub use repair::{RepairPlan, RepairScan, SCAN_BATCH};
 
 /// Transaction ids are reserved in blocks of this size: the high-water mark on disk is
@@ -601,8 +602,8 @@ impl Store {
         invite: Option<&str>,
         require_invite: bool,
         now_ms: u64,
-        seal_key: impl Fn(PeerId) -> Result<Vec<u8>, Refusal>,
-    ) -> Result<PeerId, Refusal> {
+        seal_key: impl Fn(PeerId) -> Result<Vec<u8>, StoreError>,
+    ) -> Result<PeerId, StoreError> {
         let tx = self.conn.transaction()?;
         let name_taken = tx
             .query_row(
@@ -613,17 +614,19 @@ impl Store {
             .optional()?
             .is_some();
         if name_taken {
-            return Err(name_taken_refusal(new.name));
+            return Err(StoreError::NameTaken(new.name.to_string()));
         }
         if require_invite {
             let code = invite.unwrap_or("");
             let used = tx.execute("DELETE FROM invites WHERE code = ?1", [code])?;
             if used != 1 {
-                return Err(bad_invite_refusal(invite.is_some()));
+                return Err(StoreError::BadInvite {
+                    given: invite.is_some(),
+                });
             }
         }
         let id = loop {
-            let candidate = PeerId(random_u64().map_err(Refusal::internal)?);
+            let candidate = PeerId(random_u64().map_err(|e| StoreError::Internal(e.to_string()))?);
             if candidate.0 == 0 {
                 continue;
             }
@@ -739,7 +742,7 @@ impl Store {
         replicas: u8,
         exclude: &[PeerId],
         policy: &Policy,
-    ) -> Result<PutPlan, Refusal> {
+    ) -> Result<PutPlan, StoreError> {
         self.put_with_stripes(owner, chunks, &[], replicas, exclude, policy)
     }
 
@@ -754,7 +757,7 @@ impl Store {
         replicas: u8,
         exclude: &[PeerId],
         policy: &Policy,
-    ) -> Result<PutPlan, Refusal> {
+    ) -> Result<PutPlan, StoreError> {
         self.without_fsync(|s| s.plan_put(owner, chunks, stripes, replicas, exclude, policy))
     }
 
@@ -765,8 +768,8 @@ impl Store {
     /// mark is made durable before returning, so no id is ever handed out twice.
     fn without_fsync<T>(
         &mut self,
-        f: impl FnOnce(&mut Store) -> Result<T, Refusal>,
-    ) -> Result<T, Refusal> {
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mark = self.txid_hwm;
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         let out = f(self);
@@ -789,42 +792,8 @@ impl Store {
         replicas: u8,
         exclude: &[PeerId],
         policy: &Policy,
-    ) -> Result<PutPlan, Refusal> {
-        let shard_count: usize = stripes.iter().map(|s| s.shards.len()).sum();
-        let named = chunks.len() + shard_count;
-        if named == 0 || named > api::MAX_CHUNKS_PER_REQUEST {
-            return Err(Refusal::bad_request(format!(
-                "a put names 1 to {} chunks and shards, not {named}",
-                api::MAX_CHUNKS_PER_REQUEST,
-            )));
-        }
-        for st in stripes {
-            check_stripe(st)?;
-        }
-        if replicas == 0 || replicas > MAX_REPLICAS {
-            return Err(Refusal::bad_request(format!(
-                "replicas must be 1 to {MAX_REPLICAS}, not {replicas}"
-            )));
-        }
-        let mut seen = HashSet::with_capacity(named);
-        for c in chunks
-            .iter()
-            .chain(stripes.iter().flat_map(|s| s.shards.iter()))
-        {
-            // A sealed chunk is never empty (nonce and tag alone are 28 bytes).
-            if c.size == 0 || c.size > MAX_CHUNK_SIZE {
-                return Err(Refusal::bad_request(format!(
-                    "chunk {} is {} bytes; chunks are 1 to {MAX_CHUNK_SIZE} bytes",
-                    c.id, c.size
-                )));
-            }
-            if !seen.insert(c.id) {
-                return Err(Refusal::bad_request(format!(
-                    "chunk {} is named twice",
-                    c.id
-                )));
-            }
-        }
+    ) -> Result<PutPlan, StoreError> {
+        check_put(chunks, stripes, replicas)?;
         let now_s = policy.now_ms / 1000;
         let tx = self.conn.transaction()?;
         let me = tx
@@ -834,8 +803,7 @@ impl Store {
                 peer_row,
             )
             .optional()?
-            .ok_or_else(|| Refusal::new(401, Reason::UnknownPeer, "this peer is not registered"))?;
-
+            .ok_or(StoreError::UnknownPeer)?;
         // The owner's replica target is what repair restores.
         if !chunks.is_empty() {
             tx.execute(
@@ -843,135 +811,13 @@ impl Store {
                 params![pid(owner), i64::from(replicas)],
             )?;
         }
-        // Which holders each chunk already has (committed), and what is still missing.
-        // The last field groups a stripe's shards: they must land on distinct peers.
         let mut plan = PutPlan::default();
-        let mut wanted: Vec<(ChunkRef, usize, HashSet<PeerId>, Option<usize>)> = Vec::new();
-        // Universal grants exist only in peak-load mode: without any, no chunk needs
-        // looking up.
-        let any_grants = tx
-            .prepare_cached("SELECT 1 FROM universal_grants LIMIT 1")?
-            .exists([])?;
-        let granted = |id: &ChunkId| -> rusqlite::Result<HashSet<PeerId>> {
-            if any_grants {
-                granted_to_others(&tx, owner, id, now_s)
-            } else {
-                Ok(HashSet::new())
-            }
-        };
-        {
-            let mut st =
-                tx.prepare_cached("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2")?;
-            for c in chunks {
-                let holders: HashSet<PeerId> = st
-                    .query_map(params![pid(owner), c.id.0.to_vec()], |r| {
-                        Ok(to_pid(r.get(0)?))
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                plan.found_locations |= !holders.is_empty();
-                if holders.len() >= replicas as usize {
-                    plan.already_stored.push(c.id);
-                } else {
-                    let need = replicas as usize - holders.len();
-                    let mut avoid = holders;
-                    avoid.extend(granted(&c.id)?);
-                    wanted.push((*c, need, avoid, None));
-                }
-            }
-            for (g, stripe) in stripes.iter().enumerate() {
-                let mut per_shard = Vec::with_capacity(stripe.shards.len());
-                let mut stripe_holders = HashSet::new();
-                for sh in &stripe.shards {
-                    let holders: HashSet<PeerId> = st
-                        .query_map(params![pid(owner), sh.id.0.to_vec()], |r| {
-                            Ok(to_pid(r.get(0)?))
-                        })?
-                        .collect::<rusqlite::Result<_>>()?;
-                    plan.found_locations |= !holders.is_empty();
-                    stripe_holders.extend(holders.iter().copied());
-                    per_shard.push(holders.is_empty());
-                }
-                record_stripe(&tx, pid(owner), stripe)?;
-                if per_shard.iter().all(|missing| !missing) {
-                    plan.already_stored.push(stripe.chunk);
-                    continue;
-                }
-                for (sh, missing) in stripe.shards.iter().zip(per_shard) {
-                    if missing {
-                        let mut avoid = stripe_holders.clone();
-                        avoid.extend(granted(&sh.id)?);
-                        wanted.push((*sh, 1, avoid, Some(g)));
-                    }
-                }
-            }
-        }
-        if wanted.is_empty() {
+        let wants = missing_copies(&tx, owner, chunks, stripes, replicas, now_s, &mut plan)?;
+        if wants.is_empty() {
             return Ok(plan);
         }
-
-        // Quota: committed plus still-pending bytes, every replica counted.
-        let pending_owned: i64 = tx.query_row(
-            "SELECT COALESCE(SUM(size), 0) FROM pending
-             WHERE owner = ?1 AND expires_s > ?2 AND replaces IS NULL",
-            params![pid(owner), now_s as i64],
-            |r| r.get(0),
-        )?;
-        let used = me.stored_bytes + pending_owned as u64;
-        let needed: u64 = wanted
-            .iter()
-            .map(|(c, need, _, _)| u64::from(c.size) * *need as u64)
-            .sum();
-        let quota = policy.quota(me.lend_bytes, me.audited_bytes);
-        if used + needed > quota {
-            let why = match policy.quota_grace {
-                Some(g) if quota < policy.quota(me.lend_bytes, u64::MAX) => format!(
-                    "{g} bytes to start with + {} bytes you hold for others, audited, / \
-                     ratio {}; it grows as your storage daemon holds and keeps others' data",
-                    me.audited_bytes, policy.quota_ratio
-                ),
-                _ => format!(
-                    "{} bytes lent / ratio {}; lend more space",
-                    me.lend_bytes, policy.quota_ratio
-                ),
-            };
-            return Err(Refusal::new(
-                507,
-                Reason::OverQuota,
-                format!(
-                    "storing this needs {needed} bytes (every replica counted) but you use \
-                     {used} of your {quota}-byte quota ({why}), or release data you no \
-                     longer need"
-                ),
-            ));
-        }
-
-        // Candidates: online, not the requester, not excluded, with room.
-        let mut cands: Vec<(PeerRecord, u64)> = Vec::new();
-        {
-            let mut st = tx.prepare_cached(&format!(
-                "SELECT {PEER_COLS}, (SELECT COALESCE(SUM(size), 0) FROM pending q
-                                      WHERE q.holder = peers.id AND q.expires_s > ?3)
-                 FROM peers WHERE last_seen_ms >= ?1 AND id != ?2 AND standing = 0"
-            ))?;
-            let rows = st.query_map(
-                params![policy.online_cutoff_ms as i64, pid(owner), now_s as i64],
-                |r| Ok((peer_row(r)?, r.get::<_, i64>(11)? as u64)),
-            )?;
-            for row in rows {
-                let (p, pending_held) = row?;
-                if exclude.contains(&p.id) {
-                    continue;
-                }
-                // The daemon's report may lag a confirm; the server's own count may miss
-                // space the daemon uses otherwise: trust the smaller.
-                let room = p
-                    .free_bytes
-                    .min(p.lend_bytes.saturating_sub(p.held_bytes))
-                    .saturating_sub(pending_held);
-                cands.push((p, room));
-            }
-        }
-
+        check_quota(&tx, &me, &wants, policy)?;
+        let cands = candidates(&tx, owner, exclude, policy)?;
         // With audits on, holding for others is how a peer earns quota: peers that store
         // more than their holdings have earned are offered chunks first.
         let mut pool: Vec<Candidate> = cands
@@ -983,54 +829,12 @@ impl Store {
                     && p.stored_bytes as f64 > p.audited_bytes as f64 / policy.quota_ratio,
             })
             .collect();
-        let wants: Vec<Want> = wanted
-            .into_iter()
-            .map(|(c, copies, avoid, stripe)| Want {
-                chunk: c.id,
-                size: c.size,
-                copies,
-                avoid,
-                stripe,
-            })
-            .collect();
-        let mut assign = match placement::place(&mut pool, &wants) {
-            Ok(a) => a,
-            Err(Shortfall::Stripe { others }) => {
-                return Err(Refusal::new(
-                    503,
-                    Reason::NotEnoughPeers,
-                    format!(
-                        "an erasure-coded stripe needs each shard on its own peer, but \
-                         only {others} other peer(s) online have room; use fewer shards \
-                         or try again when more peers are online"
-                    ),
-                ))
-            }
-            Err(Shortfall::Copies {
-                chunk,
-                size,
-                need,
-                got,
-                others,
-            }) => {
-                return Err(Refusal::new(
-                    503,
-                    Reason::NotEnoughPeers,
-                    format!(
-                        "chunk {chunk} needs {need} more replica(s) of {size} bytes but only \
-                         {got} distinct online peer(s) with room could take it ({others} \
-                         other peer(s) online); ask for fewer replicas or try again when \
-                         more peers are online"
-                    ),
-                ))
-            }
-        };
+        let mut assign = placement::place(&mut pool, &wants).map_err(StoreError::NotEnoughPeers)?;
 
         // Record the pending placements under fresh transaction ids.
         let mut targets: Vec<usize> = assign.keys().copied().collect();
         targets.sort_unstable();
         let r = reserve_txids(&tx, self.next_txid, self.txid_hwm, targets.len() as u64)?;
-        let first = r.first;
         {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO pending (txid, chunk, holder, owner, size, expires_s)
@@ -1038,7 +842,7 @@ impl Store {
             )?;
             let mut drops = Drops::default();
             for (k, i) in targets.iter().enumerate() {
-                let txid = TransactionId(first + k as u64);
+                let txid = TransactionId(r.first + k as u64);
                 let p = &cands[*i].0;
                 let grants = assign.remove(i).unwrap_or_default();
                 for (c, size) in &grants {
@@ -1250,9 +1054,9 @@ impl Store {
         owner: PeerId,
         chunks: &[ChunkId],
         online_cutoff_ms: u64,
-    ) -> Result<(Vec<Planned>, Vec<ChunkId>, Vec<api::StripeRef>), Refusal> {
+    ) -> Result<(Vec<Planned>, Vec<ChunkId>, Vec<api::StripeRef>), StoreError> {
         if chunks.is_empty() || chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
-            return Err(Refusal::bad_request(format!(
+            return Err(StoreError::Invalid(format!(
                 "a get names 1 to {} chunks, not {}",
                 api::MAX_CHUNKS_PER_REQUEST,
                 chunks.len()
@@ -1335,7 +1139,7 @@ impl Store {
         Ok((out, missing, stripes))
     }
 
-    /// Keep a new sealed root for `peer`: refused (409) unless `version` is greater than
+    /// Keep a new sealed root for `peer`: refused ([`StoreError::StaleRoot`]) unless `version` is greater than
     /// every kept one; then only the newest `keep` versions stay. Returns the kept
     /// versions, newest first.
     pub fn put_root(
@@ -1345,7 +1149,7 @@ impl Store {
         sealed: &[u8],
         now_ms: u64,
         keep: usize,
-    ) -> Result<Vec<u64>, Refusal> {
+    ) -> Result<Vec<u64>, StoreError> {
         let tx = self.conn.transaction()?;
         let latest: Option<i64> = tx.query_row(
             "SELECT MAX(version) FROM roots WHERE peer = ?1",
@@ -1354,11 +1158,10 @@ impl Store {
         )?;
         if let Some(latest) = latest {
             if version as i64 <= latest {
-                return Err(Refusal::new(
-                    409,
-                    Reason::StaleRoot,
-                    format!("root version {version} is not newer than the kept version {latest}"),
-                ));
+                return Err(StoreError::StaleRoot {
+                    version,
+                    latest: latest as u64,
+                });
             }
         }
         tx.execute(
@@ -1376,17 +1179,13 @@ impl Store {
     }
 
     /// Forget earlier roots of `peer` (versions it does not keep are ignored); refused
-    /// (409) when `versions` names the latest kept one. Returns the kept versions, newest
+    /// ([`StoreError::LatestRoot`]) when `versions` names the latest kept one. Returns the kept versions, newest
     /// first.
-    pub fn drop_roots(&mut self, peer: PeerId, versions: &[u64]) -> Result<Vec<u64>, Refusal> {
+    pub fn drop_roots(&mut self, peer: PeerId, versions: &[u64]) -> Result<Vec<u64>, StoreError> {
         let tx = self.conn.transaction()?;
         let latest = Self::root_versions(&tx, peer)?.first().copied();
         if let Some(l) = latest.filter(|l| versions.contains(l)) {
-            return Err(Refusal::new(
-                409,
-                Reason::LatestRoot,
-                format!("root version {l} is the latest: it cannot be dropped"),
-            ));
+            return Err(StoreError::LatestRoot(l));
         }
         {
             let mut st = tx.prepare_cached("DELETE FROM roots WHERE peer = ?1 AND version = ?2")?;
@@ -1413,7 +1212,7 @@ impl Store {
         &self,
         peer: PeerId,
         version: Option<u64>,
-    ) -> Result<(Option<(u64, u64, Vec<u8>)>, Vec<u64>), Refusal> {
+    ) -> Result<(Option<(u64, u64, Vec<u8>)>, Vec<u64>), StoreError> {
         let kept = Self::root_versions(&self.conn, peer)?;
         let want = match version {
             Some(v) => Some(v),
@@ -1435,9 +1234,9 @@ impl Store {
 
     /// Release chunks `owner` no longer references: drop its locations and pending
     /// placements; holders that keep no other owner's copy learn to drop them.
-    pub fn release(&mut self, owner: PeerId, chunks: &[ChunkId]) -> Result<usize, Refusal> {
+    pub fn release(&mut self, owner: PeerId, chunks: &[ChunkId]) -> Result<usize, StoreError> {
         if chunks.len() > api::MAX_CHUNKS_PER_REQUEST {
-            return Err(Refusal::bad_request(format!(
+            return Err(StoreError::Invalid(format!(
                 "a release names at most {} chunks",
                 api::MAX_CHUNKS_PER_REQUEST
             )));
@@ -1867,9 +1666,214 @@ fn remove_location(
     Ok(true)
 }
 
+/// A put's own bounds: 1 to [`api::MAX_CHUNKS_PER_REQUEST`] chunks and shards, each
+/// named once and 1 to [`MAX_CHUNK_SIZE`] bytes, well-formed stripes, 1 to
+/// [`MAX_REPLICAS`] replicas.
+fn check_put(
+    chunks: &[ChunkRef],
+    stripes: &[api::StripeRef],
+    replicas: u8,
+) -> Result<(), StoreError> {
+    let shard_count: usize = stripes.iter().map(|s| s.shards.len()).sum();
+    let named = chunks.len() + shard_count;
+    if named == 0 || named > api::MAX_CHUNKS_PER_REQUEST {
+        return Err(StoreError::Invalid(format!(
+            "a put names 1 to {} chunks and shards, not {named}",
+            api::MAX_CHUNKS_PER_REQUEST,
+        )));
+    }
+    for st in stripes {
+        check_stripe(st)?;
+    }
+    if replicas == 0 || replicas > MAX_REPLICAS {
+        return Err(StoreError::Invalid(format!(
+            "replicas must be 1 to {MAX_REPLICAS}, not {replicas}"
+        )));
+    }
+    let mut seen = HashSet::with_capacity(named);
+    for c in chunks
+        .iter()
+        .chain(stripes.iter().flat_map(|s| s.shards.iter()))
+    {
+        // A sealed chunk is never empty (nonce and tag alone are 28 bytes).
+        if c.size == 0 || c.size > MAX_CHUNK_SIZE {
+            return Err(StoreError::Invalid(format!(
+                "chunk {} is {} bytes; chunks are 1 to {MAX_CHUNK_SIZE} bytes",
+                c.id, c.size
+            )));
+        }
+        if !seen.insert(c.id) {
+            return Err(StoreError::Invalid(format!(
+                "chunk {} is named twice",
+                c.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The copies a put still needs: for each chunk, how many more holders it wants and
+/// which peers to avoid (its holders, and peers granted it for someone else); for each
+/// stripe, its missing shards, grouped so they land on distinct peers. Chunks (and
+/// stripes) already at their target go to `plan.already_stored`; the stripes are
+/// recorded.
+fn missing_copies(
+    tx: &Transaction,
+    owner: PeerId,
+    chunks: &[ChunkRef],
+    stripes: &[api::StripeRef],
+    replicas: u8,
+    now_s: u64,
+    plan: &mut PutPlan,
+) -> rusqlite::Result<Vec<Want>> {
+    let mut wants = Vec::new();
+    // Universal grants exist only in peak-load mode: without any, no chunk needs
+    // looking up.
+    let any_grants = tx
+        .prepare_cached("SELECT 1 FROM universal_grants LIMIT 1")?
+        .exists([])?;
+    let granted = |id: &ChunkId| -> rusqlite::Result<HashSet<PeerId>> {
+        if any_grants {
+            granted_to_others(tx, owner, id, now_s)
+        } else {
+            Ok(HashSet::new())
+        }
+    };
+    let want = |c: &ChunkRef, copies, avoid, stripe| Want {
+        chunk: c.id,
+        size: c.size,
+        copies,
+        avoid,
+        stripe,
+    };
+    let mut st =
+        tx.prepare_cached("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2")?;
+    let mut holders_of = |id: &ChunkId| -> rusqlite::Result<HashSet<PeerId>> {
+        st.query_map(params![pid(owner), id.0.to_vec()], |r| {
+            Ok(to_pid(r.get(0)?))
+        })?
+        .collect()
+    };
+    for c in chunks {
+        let holders = holders_of(&c.id)?;
+        plan.found_locations |= !holders.is_empty();
+        if holders.len() >= replicas as usize {
+            plan.already_stored.push(c.id);
+        } else {
+            let need = replicas as usize - holders.len();
+            let mut avoid = holders;
+            avoid.extend(granted(&c.id)?);
+            wants.push(want(c, need, avoid, None));
+        }
+    }
+    for (g, stripe) in stripes.iter().enumerate() {
+        let mut per_shard = Vec::with_capacity(stripe.shards.len());
+        let mut stripe_holders = HashSet::new();
+        for sh in &stripe.shards {
+            let holders = holders_of(&sh.id)?;
+            plan.found_locations |= !holders.is_empty();
+            stripe_holders.extend(holders.iter().copied());
+            per_shard.push(holders.is_empty());
+        }
+        record_stripe(tx, pid(owner), stripe)?;
+        if per_shard.iter().all(|missing| !missing) {
+            plan.already_stored.push(stripe.chunk);
+            continue;
+        }
+        for (sh, missing) in stripe.shards.iter().zip(per_shard) {
+            if missing {
+                let mut avoid = stripe_holders.clone();
+                avoid.extend(granted(&sh.id)?);
+                wants.push(want(sh, 1, avoid, Some(g)));
+            }
+        }
+    }
+    Ok(wants)
+}
+
+/// Refuse a put whose copies would take `me` past its quota: committed plus still
+/// pending bytes, every replica counted.
+fn check_quota(
+    tx: &Transaction,
+    me: &PeerRecord,
+    wants: &[Want],
+    policy: &Policy,
+) -> Result<(), StoreError> {
+    let pending_owned: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(size), 0) FROM pending
+         WHERE owner = ?1 AND expires_s > ?2 AND replaces IS NULL",
+        params![pid(me.id), (policy.now_ms / 1000) as i64],
+        |r| r.get(0),
+    )?;
+    let used = me.stored_bytes + pending_owned as u64;
+    let needed: u64 = wants
+        .iter()
+        .map(|w| u64::from(w.size) * w.copies as u64)
+        .sum();
+    let quota = policy.quota(me.lend_bytes, me.audited_bytes);
+    if used + needed <= quota {
+        return Ok(());
+    }
+    let why = match policy.quota_grace {
+        Some(g) if quota < policy.quota(me.lend_bytes, u64::MAX) => format!(
+            "{g} bytes to start with + {} bytes you hold for others, audited, / ratio {};              it grows as your storage daemon holds and keeps others' data",
+            me.audited_bytes, policy.quota_ratio
+        ),
+        _ => format!(
+            "{} bytes lent / ratio {}; lend more space",
+            me.lend_bytes, policy.quota_ratio
+        ),
+    };
+    Err(StoreError::OverQuota {
+        needed,
+        used,
+        quota,
+        why,
+    })
+}
+
+/// Who may take a put's copies: peers online and in good standing, not the owner, not
+/// `exclude`d, each with its room (the smaller of what its daemon reports free and
+/// what it lends beyond what it holds, less what is pending on it).
+fn candidates(
+    tx: &Transaction,
+    owner: PeerId,
+    exclude: &[PeerId],
+    policy: &Policy,
+) -> rusqlite::Result<Vec<(PeerRecord, u64)>> {
+    let mut st = tx.prepare_cached(&format!(
+        "SELECT {PEER_COLS}, (SELECT COALESCE(SUM(size), 0) FROM pending q
+                              WHERE q.holder = peers.id AND q.expires_s > ?3)
+         FROM peers WHERE last_seen_ms >= ?1 AND id != ?2 AND standing = 0"
+    ))?;
+    let rows = st.query_map(
+        params![
+            policy.online_cutoff_ms as i64,
+            pid(owner),
+            (policy.now_ms / 1000) as i64
+        ],
+        |r| Ok((peer_row(r)?, r.get::<_, i64>(11)? as u64)),
+    )?;
+    let mut cands = Vec::new();
+    for row in rows {
+        let (p, pending_held) = row?;
+        if exclude.contains(&p.id) {
+            continue;
+        }
+        // The daemon's report may lag a confirm; the server's own count may miss space
+        // the daemon uses otherwise: trust the smaller.
+        let room = p
+            .free_bytes
+            .min(p.lend_bytes.saturating_sub(p.held_bytes))
+            .saturating_sub(pending_held);
+        cands.push((p, room));
+    }
+    Ok(cands)
+}
+
 /// Bounds on a stripe from the network: the geometry `peerstash::erasure` would give.
-fn check_stripe(st: &api::StripeRef) -> Result<(), Refusal> {
-    let bad = |why: &str| Refusal::bad_request(format!("stripe {}: {why}", st.chunk));
+fn check_stripe(st: &api::StripeRef) -> Result<(), StoreError> {
+    let bad = |why: &str| StoreError::Invalid(format!("stripe {}: {why}", st.chunk));
     let total = st.data as usize + st.parity as usize;
     if st.data == 0 || st.parity == 0 || total > api::MAX_STRIPE_SHARDS {
         return Err(bad("bad shard counts"));
@@ -1960,32 +1964,4 @@ fn known_reason(r: &str) -> &'static str {
         .find(|k| **k == r)
         .copied()
         .unwrap_or("other")
-}
-
-/// The refusal for a duplicate name.
-pub fn name_taken_refusal(name: &str) -> Refusal {
-    Refusal::new(
-        409,
-        Reason::NameTaken,
-        format!("the name {name:?} is already registered; pick another, or log in if it is yours"),
-    )
-}
-
-/// The refusal for a missing or unknown invite.
-pub fn bad_invite_refusal(given: bool) -> Refusal {
-    if given {
-        Refusal::new(
-            403,
-            Reason::BadInvite,
-            "this invite code is unknown or already used; ask the operator for a new one \
-             (peerstash-server invite)",
-        )
-    } else {
-        Refusal::new(
-            403,
-            Reason::BadInvite,
-            "this server registers by invitation: pass --invite CODE (the operator prints \
-             codes with peerstash-server invite)",
-        )
-    }
 }

@@ -1007,7 +1007,7 @@ mod stripe_tests {
         let e = s
             .put_with_stripes(owner, &[], &[wide], 1, &[], &policy(t0))
             .unwrap_err();
-        assert_eq!(e.reason, peerstash::api::Reason::NotEnoughPeers);
+        assert_eq!(e.reason(), peerstash::api::Reason::NotEnoughPeers);
         let st = stripe(2, 2, 1);
         let plan = s
             .put_with_stripes(owner, &[], std::slice::from_ref(&st), 1, &[], &policy(t0))
