@@ -358,15 +358,21 @@ impl ControlVerifier {
         }
     }
 
+    /// How far a message's stamp may be from the receiver's clock, in milliseconds.
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
     /// Set the timestamp window.
     pub fn with_window_ms(mut self, ms: u64) -> ControlVerifier {
         self.window_ms = ms;
         self
     }
 
-    /// Verify a message for endpoint `kind` with body `body`, keyed by the peer's
-    /// transaction key, and record its counter.
-    pub fn verify(
+    /// Everything [`ControlVerifier::verify`] checks but the counter: direction, kind,
+    /// MAC and timestamp. For a receiver that keeps channel counters elsewhere (server
+    /// instances sharing a database).
+    pub fn check(
         &self,
         auth: &ControlAuth,
         key: &TransactionKey,
@@ -392,6 +398,20 @@ impl ControlVerifier {
                 timestamp_ms: auth.timestamp_ms,
             });
         }
+        Ok(())
+    }
+
+    /// Verify a message for endpoint `kind` with body `body`, keyed by the peer's
+    /// transaction key, and record its counter.
+    pub fn verify(
+        &self,
+        auth: &ControlAuth,
+        key: &TransactionKey,
+        kind: MessageKind,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<(), ControlError> {
+        self.check(auth, key, kind, body, now_ms)?;
         let mut chans = self.channels.lock().expect("not poisoned");
         if chans.len() > 100_000 {
             // Channels idle past the window cannot accept a replay anyway (stale stamp).

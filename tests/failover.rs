@@ -1,10 +1,11 @@
-//! Clients fail over between several server URLs. Two server instances cannot share state
-//! yet, so two plain TCP relays on loopback ports stand in front of one real
-//! `peerstash-server` (TLS passes through them untouched, so one pinned fingerprint holds
-//! for both), and the clients get both URLs; killing a relay is a dead instance. What a
-//! user sees: registering and logging in with the first URL dead works, a copy into the
-//! mounted drive completes and becomes durable while the instance it uses dies, every file
-//! reads back after a remount, and the storage daemon keeps heartbeating.
+//! Clients fail over between several server URLs. The first test puts two plain TCP
+//! relays on loopback ports in front of one real `peerstash-server` (TLS passes through
+//! them untouched, so one pinned fingerprint holds for both), and the clients get both
+//! URLs; killing a relay is a dead instance. The second runs two real instances on one
+//! database and kills one with -9. What a user sees: registering and logging in with the
+//! first URL dead works, a copy into the mounted drive completes and becomes durable while
+//! the instance it uses dies, every file reads back after a remount, and the storage
+//! daemon keeps heartbeating.
 
 mod common;
 
@@ -197,4 +198,70 @@ fn clients_fail_over_to_the_next_server_url() {
     }
     m.stop();
     serve.terminate(Duration::from_secs(10));
+}
+
+/// Two real server instances on one database (one data directory): the instance the
+/// drive talks to is killed (-9) in the middle of a copy; the copy completes and becomes
+/// durable through the other, and every file reads back after a remount.
+#[test]
+fn a_copy_survives_the_kill_of_its_server_instance() {
+    let net = Net::start_with(
+        3,
+        &[
+            "--heartbeat-interval",
+            "2",
+            "--online-timeout",
+            &ONLINE_TIMEOUT_SECS.to_string(),
+        ],
+    );
+    let (mut second, url) = net.second_instance();
+    let user = net.home("alice");
+    let out = account(
+        &net,
+        "register",
+        "alice",
+        &user,
+        &[url.clone(), net.url.clone()],
+    );
+    assert!(out.contains("registered alice"), "{out}");
+    let st = peerstash_ok(&user, &["status"]);
+    assert!(st.contains(&format!("{url} (in use)")), "{st}");
+
+    let files = FILES / 3;
+    let mnt = net.dir.path().join("mnt");
+    let m = Mount::start(&user, &mnt);
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (mnt, written) = (mnt.clone(), written.clone());
+        std::thread::spawn(move || {
+            for i in 0..files {
+                let (p, data) = file_of(i);
+                let p = mnt.join(p);
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(&p, &data).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                written.store(i + 1, Ordering::SeqCst);
+            }
+        })
+    };
+    wait_for("a third of the copy", Duration::from_secs(300), || {
+        (written.load(Ordering::SeqCst) >= files / 3).then_some(())
+    });
+    second.kill9();
+    writer.join().expect("the copy completes");
+    let waited = peerstash_ok(&user, &["status", "--wait", "--wait-limit", "120"]);
+    assert!(
+        waited.contains("every file is confirmed on peers"),
+        "{waited}"
+    );
+    let st = peerstash_ok(&user, &["status"]);
+    assert!(st.contains(&format!("{} (in use)", net.url)), "{st}");
+
+    m.stop();
+    let m = Mount::start(&user, &mnt);
+    for i in 0..files {
+        let (p, data) = file_of(i);
+        let got = fs::read(mnt.join(&p)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(got == data, "{} differs after the remount", p.display());
+    }
+    m.stop();
 }

@@ -1990,3 +1990,104 @@ async fn metrics_are_served_on_their_own_address_only() {
     assert!(s.metrics_url.is_empty());
     assert!(s.client().metrics().await.unwrap().contains("not_found"));
 }
+
+/// Two server instances on one data directory (one database): a peer registered through
+/// either is known to both, a control message one accepted is a replay to the other (and
+/// so is an older one on the same channel), their transaction ids never collide, and the
+/// background jobs run on one instance at a time, moving to the other when it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_database_share_peers_replays_txids_and_jobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s1 = Server::start(tmp.path(), &["--open-registration"]);
+    let s2 = Server::start(tmp.path(), &["--open-registration"]);
+    let a = register(&s1, "alice", 1 << 30).await;
+    let b = register(&s2, "bob", 1 << 30).await;
+    let c = register(&s1, "carol", 1 << 30).await;
+    // Each peer through the instance it did not register with.
+    let other = |s: &Server, p: &Peer| Peer {
+        id: p.id,
+        key: p.key.clone(),
+        client: s.client().with_identity(p.id, p.key.clone()),
+    };
+    let (b1, c2) = (other(&s1, &b), other(&s2, &c));
+    heartbeat(&b1, 1 << 30).await;
+    heartbeat(&c2, 1 << 30).await;
+    assert_eq!(
+        other(&s2, &a).client.status().await.unwrap().peers_online,
+        2
+    );
+
+    let reason = |body: &[u8]| -> String {
+        serde_json::from_slice::<peerstash::api::ApiError>(body)
+            .unwrap()
+            .reason
+    };
+    let signer = ControlSigner::new(a.id, &a.key, Direction::PeerToServer);
+    let put = |tag: &str| serde_json::to_vec(&put_req(&chunks(tag, 1, 1000), 2)).unwrap();
+    let (early, late) = (put("early"), put("late"));
+    let early_auth = signer.sign(MessageKind::Put, &early, now_ms()).to_header();
+    let late_auth = signer.sign(MessageKind::Put, &late, now_ms()).to_header();
+    // Accepted by one instance, a replay to the other.
+    let (st, _) = s1
+        .client()
+        .post_raw(peerstash::api::path::PUT, late.clone(), Some(&late_auth))
+        .await
+        .unwrap();
+    assert_eq!(st, 200);
+    let (st, resp) = s2
+        .client()
+        .post_raw(peerstash::api::path::PUT, late, Some(&late_auth))
+        .await
+        .unwrap();
+    assert_eq!((st, reason(&resp).as_str()), (401, "replayed"));
+    // An earlier message on the same channel, never sent before: too late on either.
+    let (st, resp) = s2
+        .client()
+        .post_raw(peerstash::api::path::PUT, early, Some(&early_auth))
+        .await
+        .unwrap();
+    assert_eq!((st, reason(&resp).as_str()), (401, "replayed"));
+
+    // Puts through both instances, in turn: every transaction id is handed out once.
+    let mut txids = HashSet::new();
+    let mut placements = 0;
+    for i in 0..8 {
+        let via = if i % 2 == 0 { &s1 } else { &s2 };
+        let resp = other(via, &a)
+            .client
+            .put(&put_req(&chunks(&format!("turn-{i}"), 3, 1000), 2))
+            .await
+            .unwrap();
+        placements += resp.placements.len();
+        txids.extend(resp.placements.iter().map(|p| p.txid.0));
+    }
+    assert_eq!(placements, 16, "two targets per put");
+    assert_eq!(
+        txids.len(),
+        placements,
+        "a transaction id was handed out twice"
+    );
+
+    // The first instance took the jobs lease; killed, the other takes over.
+    let leader = |s: &Server| -> String {
+        let m = s.metrics();
+        let v = m
+            .lines()
+            .find_map(|l| l.strip_prefix("peerstash_jobs_leader "));
+        v.unwrap_or_else(|| panic!("no peerstash_jobs_leader in\n{m}"))
+            .to_string()
+    };
+    assert_eq!((leader(&s1), leader(&s2)), ("1".into(), "0".into()));
+    drop(s1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while leader(&s2) != "1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the surviving instance never took over the background jobs"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // And it serves everyone on its own.
+    heartbeat(&other(&s2, &b), 1 << 30).await;
+    assert!(c2.client.status().await.is_ok());
+}

@@ -89,6 +89,9 @@ pub fn spawn_auditor(st: Arc<State>) {
         let mut recounted = tokio::time::Instant::now();
         loop {
             tick.tick().await;
+            if !st.leads() {
+                continue;
+            }
             let st2 = st.clone();
             let recount = recounted.elapsed() >= recount_every;
             if recount {

@@ -47,6 +47,7 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
         .server_config(&[b"h2", b"http/1.1"])
         .map_err(std::io::Error::other)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    crate::lease::hold_jobs_lease(&state, listener.local_addr()?).await;
     spawn_sweeper(state.clone());
     spawn_checkpointer(&state)?;
     crate::probe::spawn_prober(state.clone());
@@ -92,12 +93,15 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) -> std::io::Result<
 }
 
 /// Forget expired pending placements now and then, so they stop counting against quotas
-/// and free space.
+/// and free space, and idle control channels.
 fn spawn_sweeper(st: Arc<State>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
+            if !st.leads() {
+                continue;
+            }
             let st2 = st.clone();
             let grace = st.cfg.token_lifetime_secs;
             let _ = tokio::task::spawn_blocking(move || {
@@ -108,6 +112,9 @@ fn spawn_sweeper(st: Arc<State>) {
                     .sweep_pending(now_ms() / 1000, grace)
                 {
                     tracing::warn!("sweeping pending placements: {e}");
+                }
+                if let Err(e) = st2.sweep_channels() {
+                    tracing::warn!("sweeping control channels: {e}");
                 }
             })
             .await;
@@ -365,9 +372,11 @@ where
 {
     post(move |With(st): With<Arc<State>>, req: Request| async move {
         let (parts, body) = read_body(req).await?;
-        let peer = authenticate(&st, &parts, kind, &body)?;
-        let r = R::from_body(&body)?;
-        let out = blocking(move || handle(&st, peer, r)).await?;
+        let out = blocking(move || {
+            let peer = authenticate(&st, &parts, kind, &body)?;
+            handle(&st, peer, R::from_body(&body)?)
+        })
+        .await?;
         Ok::<_, Refusal>(json(200, &out))
     })
 }
@@ -507,7 +516,8 @@ fn control_refusal(e: ControlError) -> Refusal {
     Refusal::new(401, e.reason(), format!("{e}{hint}"))
 }
 
-/// Check the control-message authentication of a request to an endpoint of `kind`.
+/// Check the control-message authentication of a request to an endpoint of `kind`, and
+/// advance its channel's counter. Blocking (the store).
 fn authenticate(
     st: &State,
     parts: &Parts,
@@ -527,11 +537,7 @@ fn authenticate(
         .to_str()
         .map_err(|_| control_refusal(ControlError::Malformed("header")))?;
     let auth = ControlAuth::from_header(header).map_err(control_refusal)?;
-    let key = st
-        .key_of(auth.peer)
-        .ok_or_else(|| control_refusal(ControlError::UnknownPeer(auth.peer)))?;
-    st.verifier
-        .verify(&auth, &key, kind, body, now_ms())
+    st.verify_control(&auth, kind, body)?
         .map_err(control_refusal)?;
     Ok(auth.peer)
 }

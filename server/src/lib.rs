@@ -10,6 +10,7 @@ pub mod audit;
 pub mod error;
 mod handlers;
 pub mod http;
+mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod probe;
@@ -28,7 +29,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
-use peerstash::control::{ControlVerifier, Direction};
+use peerstash::control::{ControlAuth, ControlError, ControlVerifier, Direction, MessageKind};
 use peerstash::tls::CertKey;
 use peerstash::{Fingerprint, MasterSecret, PeerId, TransactionKey};
 use rustls::pki_types::pem::PemObject;
@@ -38,7 +39,7 @@ pub use error::Refusal;
 use metrics::Metrics;
 use ratelimit::RateLimiter;
 use secrets::{write_secret_file, AtRest};
-use store::Store;
+use store::{Store, StoreError};
 
 /// File names inside the data directory.
 pub mod files {
@@ -173,12 +174,17 @@ pub struct State {
     pub cfg: Config,
     /// The database (one writer at a time; SQLite serializes writes anyway).
     pub store: Mutex<Store>,
-    /// Every peer's transaction key, decrypted once at start.
+    /// Peers' transaction keys, decrypted once: all at start, and then any peer another
+    /// instance sharing the database registered, when it first shows up here.
     keys: RwLock<HashMap<PeerId, TransactionKey>>,
     master: MasterSecret,
     at_rest: AtRest,
-    /// Control-message replay protection.
+    /// Control-message checks (MAC, kind, time); the channel counters live in the
+    /// database, shared by every instance.
     verifier: ControlVerifier,
+    /// Whether this instance holds the lease on the background jobs (repair scans,
+    /// audits, status checks, sweeps): one instance at a time runs them.
+    pub(crate) leader: std::sync::atomic::AtomicBool,
     /// Counters.
     pub metrics: Metrics,
     limiter: RateLimiter,
@@ -200,8 +206,76 @@ impl State {
         self.cert.fingerprint()
     }
 
+    /// `peer`'s transaction key; one registered through another instance is read from
+    /// the database the first time. Blocking (it may take the store lock).
     pub(crate) fn key_of(&self, peer: PeerId) -> Option<TransactionKey> {
-        self.keys.read().expect("not poisoned").get(&peer).cloned()
+        if let Some(k) = self.keys.read().expect("not poisoned").get(&peer) {
+            return Some(k.clone());
+        }
+        let blob = match self.store.lock().expect("not poisoned").key_blob(peer) {
+            Ok(b) => b?,
+            Err(e) => {
+                tracing::warn!(%peer, "reading a peer's key: {e}");
+                return None;
+            }
+        };
+        let key = match self.at_rest.open(peer, &blob) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(%peer, "a stored key does not open: {e}");
+                return None;
+            }
+        };
+        self.keys
+            .write()
+            .expect("not poisoned")
+            .insert(peer, key.clone());
+        Some(key)
+    }
+
+    /// Verify a control message to this server: a registered peer's key, the endpoint's
+    /// kind, the MAC and the time, then its channel's counter, which every instance on
+    /// the database shares (a message accepted by one is a replay to all). Blocking (the
+    /// store). The outer error is the database's.
+    pub(crate) fn verify_control(
+        &self,
+        auth: &ControlAuth,
+        kind: MessageKind,
+        body: &[u8],
+    ) -> Result<Result<(), ControlError>, StoreError> {
+        let Some(key) = self.key_of(auth.peer) else {
+            return Ok(Err(ControlError::UnknownPeer(auth.peer)));
+        };
+        let now = peerstash::control::now_ms();
+        if let Err(e) = self.verifier.check(auth, &key, kind, body, now) {
+            return Ok(Err(e));
+        }
+        let advanced = self.store.lock().expect("not poisoned").advance_channel(
+            auth.peer,
+            auth.channel,
+            auth.counter,
+            now,
+        )?;
+        Ok(advanced.map_err(|last| ControlError::Replayed {
+            counter: auth.counter,
+            last,
+        }))
+    }
+
+    /// Forget control channels idle for twice the time window: their next message is
+    /// stale anyway.
+    pub(crate) fn sweep_channels(&self) -> Result<usize, StoreError> {
+        let cutoff = peerstash::control::now_ms().saturating_sub(2 * self.verifier.window_ms());
+        Ok(self
+            .store
+            .lock()
+            .expect("not poisoned")
+            .sweep_channels(cutoff)?)
+    }
+
+    /// Whether this instance runs the background jobs now.
+    pub(crate) fn leads(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -324,5 +398,6 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
         ),
         cert,
         rendezvous: rendezvous::Registry::default(),
+        leader: std::sync::atomic::AtomicBool::new(false),
     })
 }

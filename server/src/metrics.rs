@@ -43,6 +43,8 @@ pub struct Metrics {
     /// From the last repair scan: chunks on a lost holder with fewer online holders than
     /// their target.
     pub chunks_below_target: Gauge,
+    /// 1 while this instance holds the lease on the background jobs, else 0.
+    pub jobs_leader: Gauge,
     tokens: Family<Label, Counter>,
     probes: Family<Label, Counter>,
     audits: Family<Label, Counter>,
@@ -69,6 +71,7 @@ impl Metrics {
             repair_orders: Counter::default(),
             repairs_waiting: Gauge::default(),
             chunks_below_target: Gauge::default(),
+            jobs_leader: Gauge::default(),
             tokens: Family::default(),
             probes: Family::default(),
             audits: Family::default(),
@@ -116,6 +119,11 @@ impl Metrics {
             "chunks_below_target",
             "Chunks on a lost holder with fewer online holders than their target (last scan)",
             m.chunks_below_target.clone(),
+        );
+        r.register(
+            "jobs_leader",
+            "Whether this instance runs the background jobs (1) or another instance on the database does (0)",
+            m.jobs_leader.clone(),
         );
         r.register("audits", "Storage audits, by outcome", m.audits.clone());
         r.register(

@@ -42,6 +42,9 @@ pub fn spawn_prober(st: Arc<State>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if !st.leads() {
+                continue;
+            }
             let now = now_ms();
             let st2 = st.clone();
             let late = tokio::task::spawn_blocking(move || {

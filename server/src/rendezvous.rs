@@ -451,10 +451,17 @@ type Refused = (Status, u8);
 /// Check a signed request's authentication: a registered peer, kind Rendezvous, fresh.
 fn authenticate(st: &State, rest: &[u8]) -> Result<(PeerId, Vec<u8>), Refused> {
     let (auth, body) = rv::split_signed(rest).map_err(|_| (Status::Malformed, 0))?;
-    let key = st.key_of(auth.peer).ok_or((Status::UnknownPeer, 0))?;
-    st.verifier
-        .verify(&auth, &key, MessageKind::Rendezvous, body, now_ms())
-        .map_err(|e| (Status::BadControl, ControlReason::from(&e) as u8))?;
+    let checked = st.verify_control(&auth, MessageKind::Rendezvous, body);
+    match checked.map_err(|e| {
+        tracing::warn!("checking a rendezvous request: {e}");
+        (Status::Unavailable, 0)
+    })? {
+        Ok(()) => {}
+        Err(peerstash::control::ControlError::UnknownPeer(_)) => {
+            return Err((Status::UnknownPeer, 0))
+        }
+        Err(e) => return Err((Status::BadControl, ControlReason::from(&e) as u8)),
+    }
     Ok((auth.peer, body.to_vec()))
 }
 

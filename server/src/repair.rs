@@ -18,6 +18,9 @@ pub fn spawn_repairer(st: Arc<State>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if !st.leads() {
+                continue;
+            }
             let st2 = st.clone();
             let _ = tokio::task::spawn_blocking(move || scan(&st2)).await;
         }

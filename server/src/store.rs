@@ -141,6 +141,18 @@ CREATE TABLE IF NOT EXISTS universal_grants (
     expires_s INTEGER NOT NULL,
     PRIMARY KEY (chunk, holder, requester)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS control_channels (
+    peer INTEGER NOT NULL,
+    channel INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (peer, channel)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS reports (
     subject INTEGER NOT NULL,
     kind TEXT NOT NULL,
@@ -149,6 +161,13 @@ CREATE TABLE IF NOT EXISTS reports (
     PRIMARY KEY (subject, kind, reason)
 ) WITHOUT ROWID;
 ";
+
+/// A write transaction that takes the database's write lock at once: another server
+/// instance sharing the file waits for it (up to the busy timeout) instead of failing
+/// when a transaction that began by reading tries to write.
+fn write_tx(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
 
 /// A reservation of transaction ids inside a database transaction; applied to the
 /// in-memory counter only once that transaction commits, so a rollback can never leave
@@ -165,18 +184,31 @@ fn reserve_txids(
     hwm: u64,
     n: u64,
 ) -> rusqlite::Result<TxidReservation> {
-    let mut new_hwm = hwm;
-    if next + n > hwm {
-        new_hwm = next + n + TXID_BLOCK;
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('txid_hwm', ?1)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![new_hwm as i64],
-        )?;
+    if next + n <= hwm {
+        return Ok(TxidReservation {
+            first: next,
+            next: next + n,
+            hwm,
+        });
     }
+    // This instance's block is used up: claim a fresh one past every block any instance
+    // sharing the database has claimed (the write transaction holds the lock).
+    let claimed: i64 = tx
+        .query_row("SELECT value FROM meta WHERE key = 'txid_hwm'", [], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .unwrap_or(1);
+    let first = (claimed as u64).max(hwm);
+    let new_hwm = first + n + TXID_BLOCK;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('txid_hwm', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+        params![new_hwm as i64],
+    )?;
     Ok(TxidReservation {
-        first: next,
-        next: next + n,
+        first,
+        next: first + n,
         hwm: new_hwm,
     })
 }
@@ -552,6 +584,73 @@ impl Store {
         Ok(Checkpointer(conn))
     }
 
+    /// Accept `counter` on `peer`'s control `channel` only if it is above the last one
+    /// accepted there by this or any other instance sharing the database; `Err(last)`
+    /// when it is not (a replay). Not synced to disk: a process killed keeps it (the log
+    /// is written), and after a power cut every instance restarts and refuses anything
+    /// stamped before its start anyway.
+    pub fn advance_channel(
+        &mut self,
+        peer: PeerId,
+        channel: u64,
+        counter: u64,
+        now_ms: u64,
+    ) -> Result<Result<(), u64>, StoreError> {
+        // Counters are microseconds since 1970: far below 2^63.
+        let counter = i64::try_from(counter)
+            .map_err(|_| StoreError::Invalid("control counter out of range".into()))?;
+        let key = params![pid(peer), channel as i64];
+        self.without_fsync(|s| {
+            let n = s
+                .conn
+                .prepare_cached(
+                    "INSERT INTO control_channels (peer, channel, last, seen_ms)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (peer, channel) DO UPDATE
+                   SET last = excluded.last, seen_ms = excluded.seen_ms
+                   WHERE control_channels.last < excluded.last",
+                )?
+                .execute(params![pid(peer), channel as i64, counter, now_ms as i64])?;
+            if n == 1 {
+                return Ok(Ok(()));
+            }
+            let last: i64 = s.conn.query_row(
+                "SELECT last FROM control_channels WHERE peer = ?1 AND channel = ?2",
+                key,
+                |r| r.get(0),
+            )?;
+            Ok(Err(last as u64))
+        })
+    }
+
+    /// Forget control channels idle since before `cutoff_ms` (a message that old is
+    /// refused as stale before its counter is looked at).
+    pub fn sweep_channels(&mut self, cutoff_ms: u64) -> rusqlite::Result<usize> {
+        self.conn.execute(
+            "DELETE FROM control_channels WHERE seen_ms < ?1",
+            [cutoff_ms as i64],
+        )
+    }
+
+    /// Take or renew the lease `name` for `holder` until `now_ms + ttl_ms`: true when
+    /// `holder` has it now (it was free, expired, or already its own).
+    pub fn hold_lease(
+        &mut self,
+        name: &str,
+        holder: u64,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> rusqlite::Result<bool> {
+        let n = self.conn.execute(
+            "INSERT INTO leases (name, holder, expires_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE
+               SET holder = excluded.holder, expires_ms = excluded.expires_ms
+               WHERE leases.holder = excluded.holder OR leases.expires_ms < ?4",
+            params![name, holder as i64, (now_ms + ttl_ms) as i64, now_ms as i64],
+        )?;
+        Ok(n == 1)
+    }
+
     /// The current transaction-id high-water mark (for tests and metrics).
     pub fn txid_high_water(&self) -> u64 {
         self.txid_hwm
@@ -559,7 +658,7 @@ impl Store {
 
     /// Create `n` one-time invite codes.
     pub fn create_invites(&mut self, n: usize, now_ms: u64) -> rusqlite::Result<Vec<String>> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut codes = Vec::with_capacity(n);
         for _ in 0..n {
             let mut b = [0u8; 12];
@@ -604,7 +703,7 @@ impl Store {
         now_ms: u64,
         seal_key: impl Fn(PeerId) -> Result<Vec<u8>, StoreError>,
     ) -> Result<PeerId, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let name_taken = tx
             .query_row(
                 "SELECT 1 FROM peers WHERE name = ?1",
@@ -678,6 +777,14 @@ impl Store {
             .optional()
     }
 
+    /// One peer's encrypted transaction key, if it is registered.
+    pub fn key_blob(&self, id: PeerId) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.conn
+            .prepare_cached("SELECT key_blob FROM peers WHERE id = ?1")?
+            .query_row([pid(id)], |r| r.get(0))
+            .optional()
+    }
+
     /// Every peer's encrypted transaction key (loaded into memory at start).
     pub fn all_key_blobs(&self) -> rusqlite::Result<Vec<(PeerId, Vec<u8>)>> {
         let mut st = self.conn.prepare("SELECT id, key_blob FROM peers")?;
@@ -703,7 +810,7 @@ impl Store {
         req: &HeartbeatRequest,
         now_ms: u64,
     ) -> rusqlite::Result<Vec<ChunkId>> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         tx.execute(
             "UPDATE peers SET quic_addr = ?2, fingerprint = ?3, free_bytes = ?4, used_bytes = ?5,
                               last_seen_ms = ?6 WHERE id = ?1",
@@ -777,7 +884,7 @@ impl Store {
         if self.txid_hwm != mark {
             // A committing write under FULL syncs the log, and the mark with it.
             self.conn.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'txid_hwm'",
+                "UPDATE meta SET value = MAX(value, ?1) WHERE key = 'txid_hwm'",
                 params![self.txid_hwm as i64],
             )?;
         }
@@ -795,7 +902,7 @@ impl Store {
     ) -> Result<PutPlan, StoreError> {
         check_put(chunks, stripes, replicas)?;
         let now_s = policy.now_ms / 1000;
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let me = tx
             .query_row(
                 &format!("SELECT {PEER_COLS} FROM peers WHERE id = ?1"),
@@ -971,7 +1078,7 @@ impl Store {
         &mut self,
         batch: &[(PeerId, TransactionId, &[ChunkId])],
     ) -> rusqlite::Result<Vec<Confirmed>> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut repaired = 0;
         {
@@ -1062,7 +1169,7 @@ impl Store {
                 chunks.len()
             )));
         }
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut by_holder: HashMap<PeerId, Planned> = HashMap::new();
         let mut missing = Vec::new();
         let mut stripes = Vec::new();
@@ -1150,7 +1257,7 @@ impl Store {
         now_ms: u64,
         keep: usize,
     ) -> Result<Vec<u64>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let latest: Option<i64> = tx.query_row(
             "SELECT MAX(version) FROM roots WHERE peer = ?1",
             [pid(peer)],
@@ -1182,7 +1289,7 @@ impl Store {
     /// ([`StoreError::LatestRoot`]) when `versions` names the latest kept one. Returns the kept versions, newest
     /// first.
     pub fn drop_roots(&mut self, peer: PeerId, versions: &[u64]) -> Result<Vec<u64>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let latest = Self::root_versions(&tx, peer)?.first().copied();
         if let Some(l) = latest.filter(|l| versions.contains(l)) {
             return Err(StoreError::LatestRoot(l));
@@ -1241,7 +1348,7 @@ impl Store {
                 api::MAX_CHUNKS_PER_REQUEST
             )));
         }
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut released = 0;
         {
             let mut locs =
@@ -1297,7 +1404,7 @@ impl Store {
         reporter: PeerId,
         req: &ReportRequest,
     ) -> rusqlite::Result<(PeerId, &'static str, &'static str)> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let (subject, kind, reason) = match req {
             ReportRequest::Rejected {
                 requester, reason, ..
@@ -1443,7 +1550,7 @@ impl Store {
         expires_s: u64,
         now_s: u64,
     ) -> rusqlite::Result<Vec<bool>> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mut out = Vec::with_capacity(planned.len());
         {
             let mut shared = tx.prepare_cached(

@@ -175,6 +175,28 @@ impl Net {
         net
     }
 
+    /// Start another server instance on the same data directory (so the same database,
+    /// master secret and certificate) on a free port: its process and URL.
+    pub fn second_instance(&self) -> (Proc, String) {
+        let args: Vec<&str> = self.server_args.iter().map(String::as_str).collect();
+        let mut server = spawn_server(self.dir.path(), "127.0.0.1:0", "127.0.0.1:0", &args);
+        let out = server.child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("server start-up lines");
+            if let Some(u) = line.strip_prefix("listening: ") {
+                return (server, u.trim().to_string());
+            }
+        }
+    }
+
     /// kill -9 the server now; `restart_server` brings it back on the same address.
     pub fn kill_server(&mut self) {
         self._server.kill9();

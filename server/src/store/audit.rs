@@ -23,7 +23,7 @@
 use peerstash::{ChunkId, Fingerprint, PeerId};
 use rusqlite::{params, OptionalExtension};
 
-use super::{blob32, pid, to_pid, Store};
+use super::{blob32, pid, to_pid, write_tx, Store};
 
 /// A holder with fewer audits passed than this is audited four times as often.
 pub const NEW_PEER_AUDITS: i64 = 32;
@@ -124,7 +124,7 @@ impl Store {
         limit: usize,
     ) -> rusqlite::Result<Vec<AuditTarget>> {
         let now = now_ms as i64;
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let due: Vec<AuditTarget> = {
             let mut st = tx.prepare_cached(
                 "SELECT l.owner, l.chunk, l.size, l.holder, p.quic_addr, p.fingerprint
@@ -194,7 +194,7 @@ impl Store {
         verdict: Verdict,
         now_ms: u64,
     ) -> rusqlite::Result<Standing> {
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let mark = match verdict {
             Verdict::Passed => 0,
             Verdict::Bad => 1,

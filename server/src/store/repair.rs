@@ -14,7 +14,9 @@ use peerstash::api::StripeRef;
 use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
 use rusqlite::{params, OptionalExtension};
 
-use super::{blob32, peer_row, pid, reserve_txids, to_pid, Planned, Policy, Store, PEER_COLS};
+use super::{
+    blob32, peer_row, pid, reserve_txids, to_pid, write_tx, Planned, Policy, Store, PEER_COLS,
+};
 
 /// Tables of the incremental scan (created with the rest of the schema).
 ///
@@ -180,7 +182,7 @@ impl Store {
     ) -> rusqlite::Result<RepairScan> {
         let now_s = (policy.now_ms / 1000) as i64;
         let lost_before = lost_before_ms as i64;
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         tx.execute(
             // Moot: the replaced location is gone, or no longer lost (its holder is back
             // in good standing and it passed its audits).
@@ -311,7 +313,7 @@ impl Store {
     ) -> rusqlite::Result<Vec<RepairPlan>> {
         let now_s = (policy.now_ms / 1000) as i64;
         let online = policy.online_cutoff_ms as i64;
-        let tx = self.conn.transaction()?;
+        let tx = write_tx(&mut self.conn)?;
         let me = tx
             .query_row(
                 &format!(
