@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod channels;
 pub mod error;
 mod handlers;
 pub mod http;
@@ -45,6 +46,8 @@ use store::{Store, StoreError};
 pub mod files {
     /// The SQLite database.
     pub const DB: &str = "server.db";
+    /// The control channels' counters (SQLite; see `channels`).
+    pub const CHANNELS: &str = "channels.db";
     /// The master secret (hex, 0600).
     pub const MASTER: &str = "master.key";
     /// The self-signed TLS certificate (DER).
@@ -179,9 +182,10 @@ pub struct State {
     keys: RwLock<HashMap<PeerId, TransactionKey>>,
     master: MasterSecret,
     at_rest: AtRest,
-    /// Control-message checks (MAC, kind, time); the channel counters live in the
-    /// database, shared by every instance.
+    /// Control-message checks (MAC, kind, time).
     verifier: ControlVerifier,
+    /// The control channels' counters, shared by every instance on the data directory.
+    channels: channels::Channels,
     /// Whether this instance holds the lease on the background jobs (repair scans,
     /// audits, status checks, sweeps): one instance at a time runs them.
     pub(crate) leader: std::sync::atomic::AtomicBool,
@@ -250,12 +254,9 @@ impl State {
         if let Err(e) = self.verifier.check(auth, &key, kind, body, now) {
             return Ok(Err(e));
         }
-        let advanced = self.store.lock().expect("not poisoned").advance_channel(
-            auth.peer,
-            auth.channel,
-            auth.counter,
-            now,
-        )?;
+        let advanced = self
+            .channels
+            .advance(auth.peer, auth.channel, auth.counter, now)?;
         Ok(advanced.map_err(|last| ControlError::Replayed {
             counter: auth.counter,
             last,
@@ -266,11 +267,7 @@ impl State {
     /// stale anyway.
     pub(crate) fn sweep_channels(&self) -> Result<usize, StoreError> {
         let cutoff = peerstash::control::now_ms().saturating_sub(2 * self.verifier.window_ms());
-        Ok(self
-            .store
-            .lock()
-            .expect("not poisoned")
-            .sweep_channels(cutoff)?)
+        Ok(self.channels.sweep(cutoff)?)
     }
 
     /// Whether this instance runs the background jobs now.
@@ -373,6 +370,7 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
     let master = load_or_create_master(&cfg.data_dir)?;
     let cert = load_or_create_cert(&cfg)?;
     let store = Store::open(&cfg.data_dir.join(files::DB))?;
+    let channels = channels::Channels::open(&cfg.data_dir.join(files::CHANNELS))?;
     let at_rest = AtRest::new(&master);
     let mut keys = HashMap::new();
     for (peer, blob) in store.all_key_blobs()? {
@@ -387,6 +385,7 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
         master,
         at_rest,
         verifier,
+        channels,
         metrics: Metrics::default(),
         limiter,
         confirm_queue: Mutex::new(Vec::new()),

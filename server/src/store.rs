@@ -141,13 +141,6 @@ CREATE TABLE IF NOT EXISTS universal_grants (
     expires_s INTEGER NOT NULL,
     PRIMARY KEY (chunk, holder, requester)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS control_channels (
-    peer INTEGER NOT NULL,
-    channel INTEGER NOT NULL,
-    last INTEGER NOT NULL,
-    seen_ms INTEGER NOT NULL,
-    PRIMARY KEY (peer, channel)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
     holder INTEGER NOT NULL,
@@ -582,54 +575,6 @@ impl Store {
         // A checkpoint syncs the log before copying it and the database after.
         conn.pragma_update(None, "synchronous", "FULL")?;
         Ok(Checkpointer(conn))
-    }
-
-    /// Accept `counter` on `peer`'s control `channel` only if it is above the last one
-    /// accepted there by this or any other instance sharing the database; `Err(last)`
-    /// when it is not (a replay). Not synced to disk: a process killed keeps it (the log
-    /// is written), and after a power cut every instance restarts and refuses anything
-    /// stamped before its start anyway.
-    pub fn advance_channel(
-        &mut self,
-        peer: PeerId,
-        channel: u64,
-        counter: u64,
-        now_ms: u64,
-    ) -> Result<Result<(), u64>, StoreError> {
-        // Counters are microseconds since 1970: far below 2^63.
-        let counter = i64::try_from(counter)
-            .map_err(|_| StoreError::Invalid("control counter out of range".into()))?;
-        let key = params![pid(peer), channel as i64];
-        self.without_fsync(|s| {
-            let n = s
-                .conn
-                .prepare_cached(
-                    "INSERT INTO control_channels (peer, channel, last, seen_ms)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (peer, channel) DO UPDATE
-                   SET last = excluded.last, seen_ms = excluded.seen_ms
-                   WHERE control_channels.last < excluded.last",
-                )?
-                .execute(params![pid(peer), channel as i64, counter, now_ms as i64])?;
-            if n == 1 {
-                return Ok(Ok(()));
-            }
-            let last: i64 = s.conn.query_row(
-                "SELECT last FROM control_channels WHERE peer = ?1 AND channel = ?2",
-                key,
-                |r| r.get(0),
-            )?;
-            Ok(Err(last as u64))
-        })
-    }
-
-    /// Forget control channels idle since before `cutoff_ms` (a message that old is
-    /// refused as stale before its counter is looked at).
-    pub fn sweep_channels(&mut self, cutoff_ms: u64) -> rusqlite::Result<usize> {
-        self.conn.execute(
-            "DELETE FROM control_channels WHERE seen_ms < ?1",
-            [cutoff_ms as i64],
-        )
     }
 
     /// Take or renew the lease `name` for `holder` until `now_ms + ttl_ms`: true when
