@@ -215,6 +215,19 @@ fn a_copy_survives_the_kill_of_its_server_instance() {
         ],
     );
     let (mut second, url) = net.second_instance();
+    // A storage daemon that knows the second instance first: its rendezvous (hello
+    // connection) is there until that instance dies.
+    let lender = net.home("lender");
+    account(
+        &net,
+        "register",
+        "lender",
+        &lender,
+        &[url.clone(), net.url.clone()],
+    );
+    let mut cmd = Command::new(bin("peerstash"));
+    cmd.arg("--home").arg(&lender).arg("serve");
+    let mut serve = Proc::spawn("lender", cmd);
     let user = net.home("alice");
     let out = account(
         &net,
@@ -246,8 +259,18 @@ fn a_copy_survives_the_kill_of_its_server_instance() {
     wait_for("a third of the copy", Duration::from_secs(300), || {
         (written.load(Ordering::SeqCst) >= files / 3).then_some(())
     });
+    assert_eq!(
+        hello_connections(&net),
+        3,
+        "the lender's rendezvous is on the second"
+    );
     second.kill9();
     writer.join().expect("the copy completes");
+    wait_for(
+        "the lender's rendezvous on the surviving instance",
+        Duration::from_secs(60),
+        || (hello_connections(&net) == 4).then_some(()),
+    );
     let waited = peerstash_ok(&user, &["status", "--wait", "--wait-limit", "120"]);
     assert!(
         waited.contains("every file is confirmed on peers"),
@@ -264,4 +287,14 @@ fn a_copy_survives_the_kill_of_its_server_instance() {
         assert!(got == data, "{} differs after the remount", p.display());
     }
     m.stop();
+    serve.terminate(Duration::from_secs(10));
+}
+
+/// How many daemons hold a rendezvous (hello) connection to the first instance.
+fn hello_connections(net: &Net) -> u64 {
+    net.metrics()
+        .lines()
+        .filter(|l| l.starts_with("peerstash_peers_reachable{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }

@@ -1187,6 +1187,7 @@ async fn forged_and_replayed_orders_make_a_daemon_do_nothing() {
     );
     cfg.rendezvous = Some(rv::RendezvousConfig {
         server: ep.local_addr().unwrap().to_string(),
+        others: vec![],
         fingerprint: server_cert.fingerprint(),
         peer: me,
         key: key.clone(),

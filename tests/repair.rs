@@ -379,13 +379,7 @@ fn a_peer_that_deletes_what_it_holds_is_caught_by_audits_and_replaced() {
 
 /// The server's `/metrics` lines, from its metrics listener (plain HTTP, loopback).
 fn metric_lines(net: &Net) -> Vec<String> {
-    let out = run(Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sys,urllib.request\nprint(urllib.request.urlopen(sys.argv[1]).read().decode())",
-        )
-        .arg(&net.metrics_url));
-    out.lines().map(str::to_string).collect()
+    net.metrics().lines().map(str::to_string).collect()
 }
 
 /// A peer whose disk flips one byte in a few chunks: audits of those fail, they are

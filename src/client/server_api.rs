@@ -321,17 +321,22 @@ impl ServerClient {
         self.instances.urls()
     }
 
-    /// The server's rendezvous (QUIC on the same port as the instance in use), acting as
-    /// this client's peer: what a [`crate::peer::PeerClient`] needs to reach peers behind
-    /// NAT.
+    /// The server's rendezvous (QUIC on the same port as the instance in use, then the
+    /// others'), acting as this client's peer: what a [`crate::peer::PeerClient`] needs to
+    /// reach peers behind NAT.
     pub fn rendezvous(&self) -> Option<crate::peer::rendezvous::RendezvousConfig> {
         let id = self.identity.as_ref()?;
-        crate::peer::rendezvous::RendezvousConfig::from_url(
+        let cfg = crate::peer::rendezvous::RendezvousConfig::from_url(
             self.base_url(),
             self.fingerprint,
             id.peer,
             id.key.clone(),
-        )
+        )?;
+        // The others in the order the HTTP calls try them, after the one in use.
+        let urls = self.urls();
+        let at = urls.iter().position(|u| u == self.base_url()).unwrap_or(0);
+        let others = urls.iter().cycle().skip(at + 1).take(urls.len());
+        Some(cfg.with_others(others.map(String::as_str)))
     }
 
     /// One POST to the instance at `base`: the status and body, whatever they are.

@@ -504,6 +504,9 @@ pub async fn whoami(conn: &Connection) -> Result<Seen, NatError> {
 pub struct RendezvousConfig {
     /// The server's `host:port` (that of its HTTPS URL; QUIC uses the same UDP port).
     pub server: String,
+    /// The other server instances' `host:port`, in the order to try them when `server`
+    /// cannot be reached ([`RendezvousConfig::next_instance`]).
+    pub others: Vec<String>,
     /// Its certificate fingerprint, pinned.
     pub fingerprint: Fingerprint,
     /// This peer.
@@ -518,6 +521,24 @@ impl std::fmt::Debug for RendezvousConfig {
     }
 }
 
+/// The `host:port` of an `https://host[:port][/...]` URL (port 443 when none is given).
+fn host_port(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let hostport = rest.split('/').next()?;
+    if hostport.is_empty() {
+        return None;
+    }
+    Some(
+        if hostport.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.ends_with(':') && p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty()
+        }) {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:443")
+        },
+    )
+}
+
 impl RendezvousConfig {
     /// From the server's URL (`https://host:port[/...]`).
     pub fn from_url(
@@ -526,24 +547,37 @@ impl RendezvousConfig {
         peer: PeerId,
         key: TransactionKey,
     ) -> Option<RendezvousConfig> {
-        let rest = url.strip_prefix("https://")?;
-        let hostport = rest.split('/').next()?;
-        if hostport.is_empty() {
-            return None;
-        }
-        let server = if hostport.rsplit_once(':').is_some_and(|(h, p)| {
-            !h.ends_with(':') && p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty()
-        }) {
-            hostport.to_string()
-        } else {
-            format!("{hostport}:443")
-        };
         Some(RendezvousConfig {
-            server,
+            server: host_port(url)?,
+            others: Vec::new(),
             fingerprint,
             peer,
             key,
         })
+    }
+
+    /// The same, with the other instances' URLs to move to when this one's rendezvous
+    /// cannot be reached (ones that do not parse, or name the same `host:port`, are left
+    /// out).
+    pub fn with_others<'a>(mut self, urls: impl IntoIterator<Item = &'a str>) -> RendezvousConfig {
+        for hp in urls.into_iter().filter_map(host_port) {
+            if hp != self.server && !self.others.contains(&hp) {
+                self.others.push(hp);
+            }
+        }
+        self
+    }
+
+    /// Move to the next instance (round the list): after a failure to reach this one.
+    /// False when there is no other.
+    pub fn next_instance(&mut self) -> bool {
+        if self.others.is_empty() {
+            return false;
+        }
+        let next = self.others.remove(0);
+        let failed = std::mem::replace(&mut self.server, next);
+        self.others.push(failed);
+        true
     }
 
     /// Resolve the server's address.
@@ -576,13 +610,13 @@ pub enum Mode {
 /// The client side: asks the server to arrange a connection to a peer behind NAT, from
 /// the socket of the client's own QUIC endpoint.
 pub struct RendezvousClient {
-    cfg: RendezvousConfig,
+    cfg: std::sync::Mutex<RendezvousConfig>,
     conn: tokio::sync::Mutex<Option<(SocketAddr, Connection)>>,
 }
 
 impl std::fmt::Debug for RendezvousClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RendezvousClient({:?})", self.cfg)
+        write!(f, "RendezvousClient({:?})", self.config())
     }
 }
 
@@ -593,11 +627,17 @@ impl RendezvousClient {
     /// A client for `cfg`.
     pub fn new(cfg: RendezvousConfig) -> RendezvousClient {
         RendezvousClient {
-            cfg,
+            cfg: std::sync::Mutex::new(cfg),
             conn: tokio::sync::Mutex::new(None),
         }
     }
 
+    fn config(&self) -> RendezvousConfig {
+        self.cfg.lock().expect("not poisoned").clone()
+    }
+
+    /// The connection to the rendezvous in use; one that cannot be reached makes the
+    /// client move on to the next instance, each tried once.
     async fn connection(&self, endpoint: &Endpoint) -> Result<(SocketAddr, Connection), NatError> {
         let mut slot = self.conn.lock().await;
         if let Some((a, c)) = &*slot {
@@ -605,10 +645,29 @@ impl RendezvousClient {
                 return Ok((*a, c.clone()));
             }
         }
-        let addr = self.cfg.resolve().await?;
-        let c = dial(endpoint, addr, self.cfg.fingerprint, Duration::from_secs(5)).await?;
-        *slot = Some((addr, c.clone()));
-        Ok((addr, c))
+        let mut cfg = self.config();
+        let mut failed = None;
+        for _ in 0..=cfg.others.len() {
+            let dialed = match cfg.resolve().await {
+                Ok(addr) => dial(endpoint, addr, cfg.fingerprint, Duration::from_secs(5))
+                    .await
+                    .map(|c| (addr, c)),
+                Err(e) => Err(e),
+            };
+            match dialed {
+                Ok((addr, c)) => {
+                    *self.cfg.lock().expect("not poisoned") = cfg;
+                    *slot = Some((addr, c.clone()));
+                    return Ok((addr, c));
+                }
+                Err(e) => {
+                    tracing::info!(server = %cfg.server, error = %e, "rendezvous unreachable");
+                    failed = Some(e);
+                    cfg.next_instance();
+                }
+            }
+        }
+        Err(failed.expect("at least one instance was tried"))
     }
 
     async fn ask(
@@ -622,7 +681,7 @@ impl RendezvousClient {
         body.push(mode as u8);
         let req = signed(
             op::CONNECT,
-            &self.cfg.signer(),
+            &self.config().signer(),
             MessageKind::Rendezvous,
             &body,
         );
@@ -859,5 +918,38 @@ mod tests {
             Some("[2001:db8::1]:7400")
         );
         assert_eq!(c("http://example.org"), None);
+    }
+
+    #[test]
+    fn other_instances_are_tried_in_turn() {
+        let k = TransactionKey::from_bytes([1; 32]);
+        let cfg = RendezvousConfig::from_url("https://a:1", Fingerprint([0; 32]), PeerId(1), k);
+        let mut cfg = cfg.unwrap().with_others([
+            "https://b:2",
+            "https://a:1/",
+            "nonsense",
+            "https://c:3",
+            "https://b:2",
+        ]);
+        assert_eq!(
+            cfg.others,
+            ["b:2", "c:3"],
+            "the one in use, duplicates and junk left out"
+        );
+        let mut seen = vec![cfg.server.clone()];
+        for _ in 0..3 {
+            assert!(cfg.next_instance());
+            seen.push(cfg.server.clone());
+        }
+        assert_eq!(seen, ["a:1", "b:2", "c:3", "a:1"]);
+        let mut alone = RendezvousConfig::from_url(
+            "https://a:1",
+            Fingerprint([0; 32]),
+            PeerId(1),
+            TransactionKey::from_bytes([1; 32]),
+        )
+        .unwrap();
+        assert!(!alone.next_instance());
+        assert_eq!(alone.server, "a:1");
     }
 }

@@ -175,6 +175,23 @@ impl Net {
         net
     }
 
+    /// The server's `/metrics` text, from its metrics listener (plain HTTP, loopback).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let rest = self.metrics_url.trim_start_matches("http://");
+        let (host, path) = rest.split_once('/').expect("http://host/path");
+        let mut tcp = std::net::TcpStream::connect(host).unwrap();
+        write!(tcp, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        assert!(
+            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+            "{head}"
+        );
+        body.to_string()
+    }
+
     /// Start another server instance on the same data directory (so the same database,
     /// master secret and certificate) on a free port: its process and URL.
     pub fn second_instance(&self) -> (Proc, String) {

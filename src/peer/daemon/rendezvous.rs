@@ -48,12 +48,13 @@ const UNMAP_FOR: Duration = Duration::from_secs(3);
 pub(super) async fn run(
     endpoint: Endpoint,
     shared: Arc<Shared>,
-    cfg: RendezvousConfig,
+    mut cfg: RendezvousConfig,
     advertised: Option<SocketAddr>,
     published: watch::Sender<Option<Reachability>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_secs(1);
+    let first = cfg.server.clone();
     // The router's port mapping, kept across sessions (each renews it) and deleted when
     // the daemon stops.
     let mut held: Option<portmap::Mapping> = None;
@@ -79,8 +80,16 @@ pub(super) async fn run(
             // A session that lived a while was a good one: start over quickly.
             Ok(()) => backoff = Duration::from_secs(1),
             Err(e) => {
-                tracing::info!(error = %e, "rendezvous with the server failed");
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tracing::info!(server = %cfg.server, error = %e, "rendezvous with the server failed");
+                // Another instance, when there is one, is tried next; the wait grows only
+                // once every instance has failed in turn.
+                let failed = cfg.server.clone();
+                if cfg.next_instance() {
+                    tracing::info!(from = %failed, to = %cfg.server, "moving to another server instance's rendezvous");
+                }
+                if cfg.others.is_empty() || cfg.server == first {
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
             }
         }
         tokio::select! {
