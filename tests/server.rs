@@ -2091,3 +2091,22 @@ async fn two_instances_on_one_database_share_peers_replays_txids_and_jobs() {
     heartbeat(&other(&s2, &b), 1 << 30).await;
     assert!(c2.client.status().await.is_ok());
 }
+
+/// Two instances started at once on a new data directory: the first makes the master
+/// secret and the certificate, the other reads them (one fingerprint for clients to pin,
+/// one key for the peers' keys at rest).
+#[test]
+fn instances_started_together_on_a_new_directory_share_one_identity() {
+    for _ in 0..3 {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let starts: Vec<_> = (0..2)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || Server::start(&dir, &[]))
+            })
+            .collect();
+        let servers: Vec<Server> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(servers[0].fingerprint, servers[1].fingerprint);
+    }
+}

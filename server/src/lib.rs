@@ -48,6 +48,9 @@ pub mod files {
     pub const DB: &str = "server.db";
     /// The control channels' counters (SQLite; see `channels`).
     pub const CHANNELS: &str = "channels.db";
+    /// Held (flock) while the master secret, the certificate and the databases are read
+    /// or made.
+    pub const INIT_LOCK: &str = "init.lock";
     /// The master secret (hex, 0600).
     pub const MASTER: &str = "master.key";
     /// The self-signed TLS certificate (DER).
@@ -367,10 +370,21 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
         ));
     }
     ensure_dir(&cfg.data_dir)?;
+    // Instances started at once on a new data directory must not each make their own
+    // master secret and certificate: the first makes them, the others read them.
+    let lock_path = cfg.data_dir.join(files::INIT_LOCK);
+    let init_lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    // SAFETY: flock on a descriptor this function owns; released when it is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&init_lock), libc::LOCK_EX) } != 0 {
+        return Err(io_err(&lock_path)(std::io::Error::last_os_error()));
+    }
     let master = load_or_create_master(&cfg.data_dir)?;
     let cert = load_or_create_cert(&cfg)?;
+    // Creating or migrating the databases too: SQLite refuses a second connection's
+    // schema change at once ("database is locked") rather than wait for it.
     let store = Store::open(&cfg.data_dir.join(files::DB))?;
     let channels = channels::Channels::open(&cfg.data_dir.join(files::CHANNELS))?;
+    drop(init_lock);
     let at_rest = AtRest::new(&master);
     let mut keys = HashMap::new();
     for (peer, blob) in store.all_key_blobs()? {
