@@ -79,6 +79,37 @@ fn file_of(i: usize) -> (PathBuf, Vec<u8>) {
     )
 }
 
+/// Start copying `files` files into `mnt` on a thread of its own; return once a third of
+/// them are in (the moment to kill something), with the thread to join.
+fn copy_until_a_third(mnt: &Path, files: usize) -> std::thread::JoinHandle<()> {
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (mnt, written) = (mnt.to_path_buf(), written.clone());
+        std::thread::spawn(move || {
+            for i in 0..files {
+                let (p, data) = file_of(i);
+                let p = mnt.join(p);
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(&p, &data).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                written.store(i + 1, Ordering::SeqCst);
+            }
+        })
+    };
+    wait_for("a third of the copy", Duration::from_secs(300), || {
+        (written.load(Ordering::SeqCst) >= files / 3).then_some(())
+    });
+    writer
+}
+
+/// Every one of the first `files` files reads back from `mnt` byte for byte.
+fn reads_back(mnt: &Path, files: usize) {
+    for i in 0..files {
+        let (p, data) = file_of(i);
+        let got = fs::read(mnt.join(&p)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(got == data, "{} differs after the remount", p.display());
+    }
+}
+
 #[test]
 fn clients_fail_over_to_the_next_server_url() {
     let net = Net::start_with(
@@ -142,22 +173,7 @@ fn clients_fail_over_to_the_next_server_url() {
     let mnt = net.dir.path().join("mnt");
     let m = Mount::start(&user, &mnt);
     assert!(a.accepted() > 0, "the mount settled on the first live URL");
-    let written = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let (mnt, written) = (mnt.clone(), written.clone());
-        std::thread::spawn(move || {
-            for i in 0..FILES {
-                let (p, data) = file_of(i);
-                let p = mnt.join(p);
-                fs::create_dir_all(p.parent().unwrap()).unwrap();
-                fs::write(&p, &data).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-                written.store(i + 1, Ordering::SeqCst);
-            }
-        })
-    };
-    wait_for("a third of the copy", Duration::from_secs(300), || {
-        (written.load(Ordering::SeqCst) >= FILES / 3).then_some(())
-    });
+    let writer = copy_until_a_third(&mnt, FILES);
     a.kill();
     c.kill();
     let killed = Instant::now();
@@ -191,11 +207,7 @@ fn clients_fail_over_to_the_next_server_url() {
     // Every file reads back after a remount (which finds the live URL by itself).
     m.stop();
     let m = Mount::start(&user, &mnt);
-    for i in 0..FILES {
-        let (p, data) = file_of(i);
-        let got = fs::read(mnt.join(&p)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert!(got == data, "{} differs after the remount", p.display());
-    }
+    reads_back(&mnt, FILES);
     m.stop();
     serve.terminate(Duration::from_secs(10));
 }
@@ -243,22 +255,7 @@ fn a_copy_survives_the_kill_of_its_server_instance() {
     let files = FILES / 3;
     let mnt = net.dir.path().join("mnt");
     let m = Mount::start(&user, &mnt);
-    let written = Arc::new(AtomicUsize::new(0));
-    let writer = {
-        let (mnt, written) = (mnt.clone(), written.clone());
-        std::thread::spawn(move || {
-            for i in 0..files {
-                let (p, data) = file_of(i);
-                let p = mnt.join(p);
-                fs::create_dir_all(p.parent().unwrap()).unwrap();
-                fs::write(&p, &data).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-                written.store(i + 1, Ordering::SeqCst);
-            }
-        })
-    };
-    wait_for("a third of the copy", Duration::from_secs(300), || {
-        (written.load(Ordering::SeqCst) >= files / 3).then_some(())
-    });
+    let writer = copy_until_a_third(&mnt, files);
     assert_eq!(
         hello_connections(&net),
         3,
@@ -281,11 +278,7 @@ fn a_copy_survives_the_kill_of_its_server_instance() {
 
     m.stop();
     let m = Mount::start(&user, &mnt);
-    for i in 0..files {
-        let (p, data) = file_of(i);
-        let got = fs::read(mnt.join(&p)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert!(got == data, "{} differs after the remount", p.display());
-    }
+    reads_back(&mnt, files);
     m.stop();
     serve.terminate(Duration::from_secs(10));
 }
