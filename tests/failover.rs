@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use common::net::*;
 use common::relay::Relay;
 use common::{bin, bytes, free_tcp_port, free_udp_port, wait_for, Proc};
+use peerstash::client::Home;
+use peerstash::peer::rendezvous::RendezvousConfig;
+use peerstash::peer::{PeerAddr, PeerClient, Via};
 
 /// A peer with no heartbeat for this long counts as offline (the server is told so, and
 /// asks for a heartbeat every 2 s).
@@ -226,9 +229,9 @@ fn a_copy_survives_the_kill_of_its_server_instance() {
             &ONLINE_TIMEOUT_SECS.to_string(),
         ],
     );
-    let (mut second, url) = net.second_instance();
-    // A storage daemon that knows the second instance first: its rendezvous (hello
-    // connection) is there until that instance dies.
+    let mut second = net.second_instance();
+    let url = second.url.clone();
+    // A storage daemon that knows the second instance first.
     let lender = net.home("lender");
     account(
         &net,
@@ -256,18 +259,19 @@ fn a_copy_survives_the_kill_of_its_server_instance() {
     let mnt = net.dir.path().join("mnt");
     let m = Mount::start(&user, &mnt);
     let writer = copy_until_a_third(&mnt, files);
-    assert_eq!(
-        hello_connections(&net),
-        3,
-        "the lender's rendezvous is on the second"
-    );
-    second.kill9();
-    writer.join().expect("the copy completes");
+    // The lender's rendezvous (hello connection) is on both instances, so nothing has to
+    // move when one dies.
     wait_for(
-        "the lender's rendezvous on the surviving instance",
+        "the lender's hello on both",
         Duration::from_secs(60),
-        || (hello_connections(&net) == 4).then_some(()),
+        || {
+            (hello_connections(&net.metrics()) == 4 && hello_connections(&second.metrics()) == 1)
+                .then_some(())
+        },
     );
+    second.proc.kill9();
+    writer.join().expect("the copy completes");
+    assert_eq!(hello_connections(&net.metrics()), 4);
     let waited = peerstash_ok(&user, &["status", "--wait", "--wait-limit", "120"]);
     assert!(
         waited.contains("every file is confirmed on peers"),
@@ -283,11 +287,91 @@ fn a_copy_survives_the_kill_of_its_server_instance() {
     serve.terminate(Duration::from_secs(10));
 }
 
-/// How many daemons hold a rendezvous (hello) connection to the first instance.
-fn hello_connections(net: &Net) -> u64 {
-    net.metrics()
+/// How many daemons hold a rendezvous (hello) connection to an instance, from its
+/// `/metrics` text.
+fn hello_connections(metrics: &str) -> u64 {
+    metrics
         .lines()
         .filter(|l| l.starts_with("peerstash_peers_reachable{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// A storage daemon keeps a rendezvous (hello) connection to every instance it knows. A
+/// daemon behind NAT is reached only through a rendezvous that has its hello, and a client
+/// asks the instance it uses first: while both instances live, a client of either reaches
+/// the daemon (here through the relay, the path a daemon behind a symmetric NAT needs; the
+/// connection pins the daemon's certificate, so it really got there). A daemon that knows
+/// only one instance is found by a client that uses the other: the client asks the
+/// instances it knows in turn.
+#[test]
+fn a_daemon_is_reached_through_the_rendezvous_of_either_live_instance() {
+    let net = Net::start(1);
+    let second = net.second_instance();
+    let both = [second.url.clone(), net.url.clone()];
+    let lender = net.home("lender");
+    account(&net, "register", "lender", &lender, &both);
+    // One that knows only the second instance (say, registered before the first existed).
+    let narrow = net.home("narrow");
+    account(&net, "register", "narrow", &narrow, &both[..1]);
+    let mut serving = Vec::new();
+    for (name, home) in [("lender", &lender), ("narrow", &narrow)] {
+        let mut cmd = Command::new(bin("peerstash"));
+        cmd.arg("--home").arg(home).arg("serve");
+        serving.push(Proc::spawn(name, cmd));
+    }
+    wait_for("the hellos", Duration::from_secs(60), || {
+        (hello_connections(&net.metrics()) == 2 && hello_connections(&second.metrics()) == 2)
+            .then_some(())
+    });
+
+    let relayed = |home: &Path| {
+        let h = Home::new(home);
+        let cfg = h.load_config().unwrap();
+        PeerAddr {
+            addr: cfg.listen_addr.parse().unwrap(),
+            fingerprint: h.load_peer_cert().unwrap().unwrap().fingerprint(),
+            via: Via::Relay(cfg.peer_id),
+        }
+    };
+    let user = Home::new(net.register("alice", "1M"));
+    let alice = user.load_config().unwrap();
+    let key = user.load_transaction_key().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reach = |first: &str, others: &[&str], home: &Path| {
+        let rv =
+            RendezvousConfig::from_url(first, alice.server_fingerprint, alice.peer_id, key.clone())
+                .unwrap()
+                .with_others(others.iter().copied());
+        let target = relayed(home);
+        rt.block_on(async {
+            let client = PeerClient::new().unwrap().with_rendezvous(rv);
+            let r = client.open_raw(&target).await.map(|_| ());
+            client.close();
+            r
+        })
+    };
+    for (first, other) in [(&net.url, &second.url), (&second.url, &net.url)] {
+        reach(first, &[other], &lender)
+            .unwrap_or_else(|e| panic!("reaching the lender through {first}: {e}"));
+        reach(first, &[other], &narrow)
+            .unwrap_or_else(|e| panic!("reaching the narrow lender from {first}: {e}"));
+    }
+    // A dead instance listed before the one that knows the daemon is passed over.
+    let dead = format!("https://127.0.0.1:{}", free_tcp_port());
+    reach(&net.url, &[&dead, &second.url], &narrow)
+        .unwrap_or_else(|e| panic!("reaching the narrow lender past a dead instance: {e}"));
+    for m in [net.metrics(), second.metrics()] {
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with("peerstash_rendezvous_total{")
+                    && l.contains("kind=\"relay\"")
+                    && l.contains("outcome=\"ok\"")
+                    && !l.ends_with(" 0")),
+            "no relay session opened:\n{m}"
+        );
+    }
+    for mut p in serving {
+        p.terminate(Duration::from_secs(10));
+    }
 }

@@ -5,13 +5,13 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{bin, Proc};
+use common::{bin, http_get, Proc};
 use peerstash::api::{
     ChunkRef, ConfirmRequest, GetRequest, HeartbeatRequest, KeyMode, LoginRequest, PutRequest,
     RegisterRequest, ReleaseRequest, ReportRequest, StatusResponse,
@@ -137,23 +137,6 @@ impl Server {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
-}
-
-/// `GET url` in plain HTTP/1.0: (status, body).
-fn http_get(url: &str) -> (u16, String) {
-    let rest = url.trim_start_matches("http://");
-    let (host, path) = rest.split_once('/').expect("http://host/path");
-    let mut tcp = std::net::TcpStream::connect(host).unwrap();
-    write!(tcp, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.to_string())
 }
 
 /// A registered peer, with its client and key.

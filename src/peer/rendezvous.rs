@@ -34,9 +34,10 @@
 //!   0x03 DATA   session u64 | payload [1..=MAX_RELAY_PAYLOAD]   (a QUIC datagram)
 //! ```
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -568,6 +569,19 @@ impl RendezvousConfig {
         self
     }
 
+    /// One configuration per instance (this one first), each without others: a daemon
+    /// keeps a hello connection to every instance.
+    pub fn instances(&self) -> Vec<RendezvousConfig> {
+        std::iter::once(&self.server)
+            .chain(&self.others)
+            .map(|server| RendezvousConfig {
+                server: server.clone(),
+                others: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
+    }
+
     /// Move to the next instance (round the list): after a failure to reach this one.
     /// False when there is no other.
     pub fn next_instance(&mut self) -> bool {
@@ -592,6 +606,20 @@ impl RendezvousConfig {
             .ok_or_else(|| NatError::Connect(format!("{}: no address", self.server)))
     }
 
+    /// Resolve the server and dial its rendezvous from `endpoint`, within `limit`.
+    async fn dial_within(
+        &self,
+        endpoint: &Endpoint,
+        limit: Duration,
+    ) -> Result<(SocketAddr, Connection), NatError> {
+        let addr = self.resolve().await?;
+        let dialing = dial(endpoint, addr, self.fingerprint, Duration::from_secs(5));
+        match tokio::time::timeout(limit, dialing).await {
+            Ok(r) => r.map(|c| (addr, c)),
+            Err(_) => Err(NatError::Connect(format!("{addr}: timed out"))),
+        }
+    }
+
     /// A signer for one request (a fresh channel each: requests may run concurrently).
     pub fn signer(&self) -> ControlSigner {
         ControlSigner::new(self.peer, &self.key, Direction::PeerToServer)
@@ -612,7 +640,15 @@ pub enum Mode {
 pub struct RendezvousClient {
     cfg: std::sync::Mutex<RendezvousConfig>,
     conn: tokio::sync::Mutex<Option<(SocketAddr, Connection)>>,
+    /// Other instances that could not be reached lately, and when: not asked again for
+    /// [`UNREACHABLE_FOR`] (a dead one would cost every `not_connected` a dial timeout).
+    unreachable: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+/// How long an instance that could not be reached is left out of the retries.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
+/// How long a retry waits for another instance's rendezvous to answer the dial.
+const OTHER_DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for RendezvousClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -629,6 +665,7 @@ impl RendezvousClient {
         RendezvousClient {
             cfg: std::sync::Mutex::new(cfg),
             conn: tokio::sync::Mutex::new(None),
+            unreachable: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -648,13 +685,7 @@ impl RendezvousClient {
         let mut cfg = self.config();
         let mut failed = None;
         for _ in 0..=cfg.others.len() {
-            let dialed = match cfg.resolve().await {
-                Ok(addr) => dial(endpoint, addr, cfg.fingerprint, Duration::from_secs(5))
-                    .await
-                    .map(|c| (addr, c)),
-                Err(e) => Err(e),
-            };
-            match dialed {
+            match cfg.dial_within(endpoint, Duration::from_secs(10)).await {
                 Ok((addr, c)) => {
                     *self.cfg.lock().expect("not poisoned") = cfg;
                     *slot = Some((addr, c.clone()));
@@ -677,6 +708,58 @@ impl RendezvousClient {
         mode: Mode,
     ) -> Result<(SocketAddr, Vec<u8>), NatError> {
         let (server, conn) = self.connection(endpoint).await?;
+        let first = self.ask_at(&conn, target, mode).await;
+        if !matches!(
+            first,
+            Err(NatError::Refused {
+                status: Status::NotConnected,
+                ..
+            })
+        ) {
+            return first.map(|p| (server, p));
+        }
+        // Each instance's rendezvous knows only the daemons that said hello to it: one
+        // that knows fewer instances than we do (or is reconnecting) may be at another.
+        // Ask the others once each, from the same endpoint (a punch needs our address).
+        let cfg = self.config();
+        for other in &cfg.others {
+            let recently_down = |t: &Instant| t.elapsed() < UNREACHABLE_FOR;
+            if self.down().get(other).is_some_and(recently_down) {
+                continue;
+            }
+            let one = RendezvousConfig {
+                server: other.clone(),
+                others: Vec::new(),
+                ..cfg.clone()
+            };
+            // A live instance answers within a few round trips; a dead one is given up on
+            // sooner than the usual 10 s dial.
+            let Ok((addr, c)) = one.dial_within(endpoint, OTHER_DIAL_TIMEOUT).await else {
+                self.down().insert(other.clone(), Instant::now());
+                continue;
+            };
+            self.down().remove(other);
+            let r = self.ask_at(&c, target, mode).await;
+            c.close(0u32.into(), b"done");
+            if let Ok(p) = r {
+                tracing::debug!(peer = %target, server = %other, "reached through another instance's rendezvous");
+                return Ok((addr, p));
+            }
+        }
+        first.map(|p| (server, p))
+    }
+
+    fn down(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.unreachable.lock().expect("not poisoned")
+    }
+
+    /// Send a CONNECT for `target` on `conn`; the reply's payload.
+    async fn ask_at(
+        &self,
+        conn: &Connection,
+        target: PeerId,
+        mode: Mode,
+    ) -> Result<Vec<u8>, NatError> {
         let mut body = target.0.to_be_bytes().to_vec();
         body.push(mode as u8);
         let req = signed(
@@ -685,7 +768,7 @@ impl RendezvousClient {
             MessageKind::Rendezvous,
             &body,
         );
-        Ok((server, request(&conn, &req, CONNECT_REQUEST_TIMEOUT).await?))
+        request(conn, &req, CONNECT_REQUEST_TIMEOUT).await
     }
 
     /// Have `target` punch towards this endpoint; returns the address to connect to.

@@ -25,6 +25,24 @@ pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// `GET url` in plain HTTP/1.0 (a server's metrics listener): (status, body).
+pub fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').expect("http://host/path");
+    let mut tcp = std::net::TcpStream::connect(host).unwrap();
+    write!(tcp, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
+}
+
 /// Path of a workspace binary. `peerstash` comes from cargo; `peerstash-server` lives in
 /// the same target directory and is brought up to date once per test process
 /// (`cargo test` does not build another package's binaries: a stale server would test

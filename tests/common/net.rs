@@ -105,6 +105,65 @@ pub struct Net {
     pub peers: Vec<Proc>,
 }
 
+/// What a server prints as it starts.
+struct Started {
+    fingerprint: String,
+    url: String,
+    metrics: String,
+}
+
+/// Read a starting server's start-up lines (then keep draining its output).
+fn started(mut server: Proc) -> (Proc, Started) {
+    let out = server.child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut s = Started {
+        fingerprint: String::new(),
+        url: String::new(),
+        metrics: String::new(),
+    };
+    while s.fingerprint.is_empty() || s.url.is_empty() || s.metrics.is_empty() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server start-up lines");
+        if let Some(f) = line.strip_prefix("fingerprint: ") {
+            s.fingerprint = f.trim().to_string();
+        } else if let Some(u) = line.strip_prefix("listening: ") {
+            s.url = u.trim().to_string();
+        } else if let Some(u) = line.strip_prefix("metrics: ") {
+            s.metrics = u.trim().to_string();
+        }
+    }
+    (server, s)
+}
+
+/// Another server instance on the same data directory as a [`Net`]'s.
+pub struct Instance {
+    /// Its process (killed when dropped).
+    pub proc: Proc,
+    /// Its HTTPS URL.
+    pub url: String,
+    metrics_url: String,
+}
+
+impl Instance {
+    /// Its `/metrics` text.
+    pub fn metrics(&self) -> String {
+        metrics_at(&self.metrics_url)
+    }
+}
+
+/// The `/metrics` text at `metrics_url` (plain HTTP, loopback).
+fn metrics_at(metrics_url: &str) -> String {
+    let (status, body) = super::http_get(metrics_url);
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 fn spawn_server(dir: &Path, listen: &str, metrics: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("peerstash-server"));
     cmd.arg("--data-dir")
@@ -123,28 +182,9 @@ impl Net {
 
     pub fn start_with(peers: usize, server_args: &[&str]) -> Net {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = spawn_server(dir.path(), "127.0.0.1:0", "127.0.0.1:0", server_args);
-        let out = server.child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (mut fingerprint, mut url, mut metrics_url) =
-            (String::new(), String::new(), String::new());
-        while fingerprint.is_empty() || url.is_empty() || metrics_url.is_empty() {
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("server start-up lines");
-            if let Some(f) = line.strip_prefix("fingerprint: ") {
-                fingerprint = f.trim().to_string();
-            } else if let Some(u) = line.strip_prefix("listening: ") {
-                url = u.trim().to_string();
-            } else if let Some(u) = line.strip_prefix("metrics: ") {
-                metrics_url = u.trim().to_string();
-            }
-        }
+        let server = spawn_server(dir.path(), "127.0.0.1:0", "127.0.0.1:0", server_args);
+        let (server, started) = started(server);
+        let (fingerprint, url, metrics_url) = (started.fingerprint, started.url, started.metrics);
         let password = dir.path().join("password");
         fs::write(&password, "correct horse battery staple\n").unwrap();
         let mut net = Net {
@@ -177,40 +217,19 @@ impl Net {
 
     /// The server's `/metrics` text, from its metrics listener (plain HTTP, loopback).
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let rest = self.metrics_url.trim_start_matches("http://");
-        let (host, path) = rest.split_once('/').expect("http://host/path");
-        let mut tcp = std::net::TcpStream::connect(host).unwrap();
-        write!(tcp, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-        let mut out = String::new();
-        tcp.read_to_string(&mut out).unwrap();
-        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        assert!(
-            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-            "{head}"
-        );
-        body.to_string()
+        metrics_at(&self.metrics_url)
     }
 
     /// Start another server instance on the same data directory (so the same database,
-    /// master secret and certificate) on a free port: its process and URL.
-    pub fn second_instance(&self) -> (Proc, String) {
+    /// master secret and certificate) on a free port.
+    pub fn second_instance(&self) -> Instance {
         let args: Vec<&str> = self.server_args.iter().map(String::as_str).collect();
-        let mut server = spawn_server(self.dir.path(), "127.0.0.1:0", "127.0.0.1:0", &args);
-        let out = server.child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("server start-up lines");
-            if let Some(u) = line.strip_prefix("listening: ") {
-                return (server, u.trim().to_string());
-            }
+        let server = spawn_server(self.dir.path(), "127.0.0.1:0", "127.0.0.1:0", &args);
+        let (proc, started) = started(server);
+        Instance {
+            proc,
+            url: started.url,
+            metrics_url: started.metrics,
         }
     }
 

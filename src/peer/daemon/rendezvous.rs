@@ -4,6 +4,7 @@
 //! punch towards a client, or join a relay session.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,57 +45,96 @@ pub struct Reachability {
 /// How long the daemon waits for its router to delete a mapping when it stops.
 const UNMAP_FOR: Duration = Duration::from_secs(3);
 
-/// Run until `stop`: keep a hello connection to the server up, reconnecting with backoff.
+/// What the hello connections to the several server instances share.
+struct Hellos {
+    /// The router's port mapping, kept across sessions (each renews it) and deleted when
+    /// the daemon stops.
+    held: tokio::sync::Mutex<Option<portmap::Mapping>>,
+    /// Hello connections up now.
+    live: AtomicUsize,
+    /// The latest reachability an instance saw; None once no hello connection is up.
+    published: watch::Sender<Option<Reachability>>,
+}
+
+/// Counts one hello connection as up for as long as it lives.
+struct Up<'a>(&'a Hellos);
+
+impl<'a> Up<'a> {
+    fn new(h: &'a Hellos, r: Reachability) -> Up<'a> {
+        h.live.fetch_add(1, Ordering::SeqCst);
+        h.published.send_replace(Some(r));
+        Up(h)
+    }
+}
+
+impl Drop for Up<'_> {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.published.send_replace(None);
+        }
+    }
+}
+
+/// Run until `stop`: keep a hello connection up to every server instance, each
+/// reconnecting with its own backoff. Each instance's rendezvous knows only the daemons
+/// that said hello to it, so a client that asks any live instance, and the instance that
+/// runs the status checks and audits, all reach this daemon; when one instance dies, the
+/// others already have it.
 pub(super) async fn run(
     endpoint: Endpoint,
     shared: Arc<Shared>,
-    mut cfg: RendezvousConfig,
+    cfg: RendezvousConfig,
     advertised: Option<SocketAddr>,
     published: watch::Sender<Option<Reachability>>,
+    stop: watch::Receiver<bool>,
+) {
+    let hellos = Hellos {
+        held: tokio::sync::Mutex::new(None),
+        live: AtomicUsize::new(0),
+        published,
+    };
+    let each = cfg
+        .instances()
+        .into_iter()
+        .map(|one| keep_up(&endpoint, &shared, one, advertised, &hellos, stop.clone()));
+    futures_util::future::join_all(each).await;
+    let held = hellos.held.lock().await.take();
+    if let Some(m) = held {
+        let r = tokio::time::timeout(UNMAP_FOR, portmap::unmap(&m)).await;
+        tracing::info!(method = m.method.as_str(), public = %m.public, ok = matches!(r, Ok(Ok(()))), "deleted the router's port mapping");
+    }
+}
+
+/// Keep a hello connection to one instance up until `stop`.
+async fn keep_up(
+    endpoint: &Endpoint,
+    shared: &Arc<Shared>,
+    cfg: RendezvousConfig,
+    advertised: Option<SocketAddr>,
+    hellos: &Hellos,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_secs(1);
-    let first = cfg.server.clone();
-    // The router's port mapping, kept across sessions (each renews it) and deleted when
-    // the daemon stops.
-    let mut held: Option<portmap::Mapping> = None;
-    let unmap = |held: Option<portmap::Mapping>| async move {
-        if let Some(m) = held {
-            let r = tokio::time::timeout(UNMAP_FOR, portmap::unmap(&m)).await;
-            tracing::info!(method = m.method.as_str(), public = %m.public, ok = matches!(r, Ok(Ok(()))), "deleted the router's port mapping");
-        }
-    };
     loop {
         let outcome = {
-            let session = session(&endpoint, &shared, &cfg, advertised, &published, &mut held);
+            let session = session(endpoint, shared, &cfg, advertised, hellos);
             tokio::select! {
                 r = session => Some(r),
                 _ = stop.changed() => None,
             }
         };
-        let Some(outcome) = outcome else {
-            return unmap(held).await;
-        };
-        published.send_replace(None);
+        let Some(outcome) = outcome else { return };
         match outcome {
             // A session that lived a while was a good one: start over quickly.
             Ok(()) => backoff = Duration::from_secs(1),
             Err(e) => {
                 tracing::info!(server = %cfg.server, error = %e, "rendezvous with the server failed");
-                // Another instance, when there is one, is tried next; the wait grows only
-                // once every instance has failed in turn.
-                let failed = cfg.server.clone();
-                if cfg.next_instance() {
-                    tracing::info!(from = %failed, to = %cfg.server, "moving to another server instance's rendezvous");
-                }
-                if cfg.others.is_empty() || cfg.server == first {
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return unmap(held).await,
+            _ = stop.changed() => return,
         }
     }
 }
@@ -105,8 +145,7 @@ async fn session(
     shared: &Arc<Shared>,
     cfg: &RendezvousConfig,
     advertised: Option<SocketAddr>,
-    published: &watch::Sender<Option<Reachability>>,
-    held: &mut Option<portmap::Mapping>,
+    hellos: &Hellos,
 ) -> Result<(), NatError> {
     let server = cfg.resolve().await?;
     let conn = rv::dial(endpoint, server, cfg.fingerprint, KEEP_ALIVE).await?;
@@ -137,6 +176,8 @@ async fn session(
     // connect straight to it (the server checks it works before it says so).
     let mut body = vec![reach as u8];
     let mut renew = Duration::from_secs(24 * 3600);
+    // One session at a time renews or makes the mapping (all share it).
+    let mut held = hellos.held.lock().await;
     let mapped = if reach == Reach::Public {
         None
     } else {
@@ -175,15 +216,19 @@ async fn session(
             }
         }
     };
+    drop(held);
     let hello = rv::signed(op::HELLO, &cfg.signer(), MessageKind::Rendezvous, &body);
     rv::request(&conn, &hello, Duration::from_secs(10)).await?;
     tracing::info!(reach = reach.as_str(), public = %seen.addr, mapped = ?mapped.map(|m| m.0), by = mapped.map(|m| m.1.as_str()), "reachable through the server's rendezvous");
-    published.send_replace(Some(Reachability {
-        reach,
-        public: seen.addr,
-        mapped: mapped.map(|m| m.0),
-        mapped_by: mapped.map(|m| m.1),
-    }));
+    let _up = Up::new(
+        hellos,
+        Reachability {
+            reach,
+            public: seen.addr,
+            mapped: mapped.map(|m| m.0),
+            mapped_by: mapped.map(|m| m.1),
+        },
+    );
     // A mapping is renewed by starting over (a new hello with what the router says then).
     let renewal = tokio::time::sleep(renew);
     tokio::pin!(renewal);
