@@ -88,8 +88,11 @@ impl TryFrom<String> for PeerId {
 
 /// A stored chunk's address: the BLAKE3-256 hash of the bytes a peer stores (ciphertext),
 /// so any holder can check integrity without the data key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
+///
+/// On the wire (JSON) it is 64 lowercase hex digits, written and read without a heap
+/// allocation: a put or get names up to thousands of them, and the server spent a few
+/// percent of its time building and parsing their strings.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId(pub [u8; 32]);
 
 impl ChunkId {
@@ -101,6 +104,35 @@ impl ChunkId {
     /// The raw 32 bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// The 64 hex digits, in a buffer of the caller's.
+    fn hex<'a>(&self, buf: &'a mut [u8; 64]) -> &'a str {
+        hex::encode_to_slice(self.0, buf).expect("64 digits for 32 bytes");
+        std::str::from_utf8(buf).expect("hex digits are ASCII")
+    }
+}
+
+impl Serialize for ChunkId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.hex(&mut [0; 64]))
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Digits;
+        impl serde::de::Visitor<'_> for Digits {
+            type Value = ChunkId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a chunk id (64 lowercase hex digits)")
+            }
+            // Borrowed, transient and owned strings all arrive here.
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ChunkId, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Digits)
     }
 }
 
@@ -153,7 +185,7 @@ impl fmt::Debug for VerifiedChunk {
 
 impl fmt::Display for ChunkId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        f.write_str(self.hex(&mut [0; 64]))
     }
 }
 
@@ -266,6 +298,40 @@ mod tests {
         let upper = c.to_string().to_uppercase();
         assert_eq!(upper.parse::<ChunkId>(), Err(IdParseError::UpperCase));
         assert!("0123456789ABCDEF".parse::<PeerId>().is_err());
+    }
+
+    #[test]
+    fn chunk_ids_in_json_are_lowercase_hex_and_bad_ones_are_refused() {
+        let c = ChunkId::of(b"hello");
+        let json = serde_json::to_string(&vec![c, c]).unwrap();
+        assert_eq!(json, format!("[\"{c}\",\"{c}\"]"));
+        assert_eq!(c.to_string(), hex::encode(c.0));
+        assert_eq!(serde_json::from_str::<Vec<ChunkId>>(&json).unwrap(), [c, c]);
+        // Read from a reader (transient strings) and with an escaped digit (an owned one).
+        let escaped = json.replacen(
+            &c.to_string()[..1],
+            &format!("\\u00{:x}", c.to_string().as_bytes()[0]),
+            1,
+        );
+        assert_ne!(escaped, json);
+        assert_eq!(
+            serde_json::from_str::<Vec<ChunkId>>(&escaped).unwrap(),
+            [c, c]
+        );
+        assert_eq!(
+            serde_json::from_reader::<_, Vec<ChunkId>>(json.as_bytes()).unwrap(),
+            [c, c]
+        );
+        for bad in [
+            format!("\"{}\"", c.to_string().to_uppercase()),
+            format!("\"{}\"", &c.to_string()[..63]),
+            format!("\"{}0\"", c),
+            format!("\"{}g\"", &c.to_string()[..63]),
+            "42".to_string(),
+            "null".to_string(),
+        ] {
+            assert!(serde_json::from_str::<ChunkId>(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
