@@ -85,6 +85,7 @@ fn server_example_config_lists_every_flag_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();
     let from_file = dir.path().join("from-file");
     let from_flag = dir.path().join("from-flag");
+    let db = dir.path().join("db/server.db");
     let cfg: String = text
         .lines()
         .filter(|l| !l.starts_with("tls_"))
@@ -93,6 +94,8 @@ fn server_example_config_lists_every_flag_and_flags_override_it() {
                 format!("data_dir = {:?}", from_file.to_str().unwrap())
             } else if l.starts_with("listen") {
                 "listen = \"127.0.0.1:0\"".into()
+            } else if l.starts_with("database") {
+                format!("database = \"sqlite:{}\"", db.display())
             } else {
                 l.to_string()
             }
@@ -116,7 +119,9 @@ fn server_example_config_lists_every_flag_and_flags_override_it() {
             .contains("listening: https://127.0.0.1:")
             .then_some(())
     });
-    assert!(from_flag.join("server.db").exists());
+    assert!(from_flag.join("master.key").exists());
+    assert!(db.exists(), "the file's database setting is used");
+    assert!(!from_flag.join("server.db").exists());
     assert!(!from_file.exists(), "the flag overrides data_dir");
 
     // A key the server does not know is a clear error.

@@ -1983,6 +1983,86 @@ async fn two_instances_on_one_database_share_peers_replays_txids_and_jobs() {
     let tmp = tempfile::tempdir().unwrap();
     let s1 = Server::start(tmp.path(), &["--open-registration"]);
     let s2 = Server::start(tmp.path(), &["--open-registration"]);
+    instances_share_one_database(s1, s2).await;
+}
+
+/// The same with `--database sqlite:PATH` outside the data directory, and each instance
+/// on its own copy of the data directory (master secret and certificate), as on two
+/// service accounts: the database, the control counters and the start-up lock are beside
+/// the database file, so everything above holds as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_copies_of_the_data_directory_share_a_database_given_by_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("shared/peerstash.db");
+    let flag = format!("sqlite:{}", db.display());
+    let args = ["--open-registration", "--database", flag.as_str()];
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let s1 = Server::start(&one, &args);
+    std::fs::create_dir(&two).unwrap();
+    for f in ["master.key", "tls-cert.der", "tls-key.der"] {
+        std::fs::copy(one.join(f), two.join(f)).unwrap();
+    }
+    let s2 = Server::start(&two, &args);
+    assert_eq!(s1.fingerprint, s2.fingerprint);
+    for dir in [&one, &two] {
+        assert!(!dir.join("server.db").exists() && !dir.join("channels.db").exists());
+    }
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the database holds password hashes");
+    // `invite` finds the same database through the flag, not through the data directory.
+    let out = Command::new(bin("peerstash-server"))
+        .args(["invite", "--data-dir"])
+        .arg(tmp.path().join("elsewhere"))
+        .args(["--database", flag.as_str()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 1);
+    let invites: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM invites", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(invites, 1);
+    instances_share_one_database(s1, s2).await;
+}
+
+/// Unusable `--database` values stop the server before it starts, saying why.
+#[test]
+fn a_database_flag_it_cannot_use_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (value, says) in [
+        (
+            "postgres://db.example/peerstash",
+            "PostgreSQL is not supported yet",
+        ),
+        (
+            "mysql://db.example/peerstash",
+            "is not a database: use sqlite:PATH",
+        ),
+        ("sqlite:", "give the database file"),
+    ] {
+        let out = Command::new(bin("peerstash-server"))
+            .arg("--data-dir")
+            .arg(tmp.path())
+            .args(["--listen", "127.0.0.1:0", "--database", value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{value}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "nothing made"
+    );
+}
+
+/// What [`two_instances_on_one_database_share_peers_replays_txids_and_jobs`] shows, for
+/// two instances however they share their database.
+async fn instances_share_one_database(s1: Server, s2: Server) {
     let a = register(&s1, "alice", 1 << 30).await;
     let b = register(&s2, "bob", 1 << 30).await;
     let c = register(&s1, "carol", 1 << 30).await;

@@ -74,6 +74,9 @@ pub const DEFAULT_QUOTA_GRACE: u64 = 1 << 30;
 pub struct Config {
     /// State directory (database, keys, certificate).
     pub data_dir: PathBuf,
+    /// The SQLite database file, when not `server.db` in the data directory
+    /// (`--database sqlite:PATH`).
+    pub database: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free one; the real one is printed).
     pub listen: SocketAddr,
     /// An operator's certificate (PEM or DER) instead of the self-signed one.
@@ -129,6 +132,7 @@ impl Config {
     pub fn new(data_dir: PathBuf) -> Config {
         Config {
             data_dir,
+            database: None,
             listen: "127.0.0.1:7400".parse().expect("valid address"),
             tls_cert: None,
             tls_key: None,
@@ -290,10 +294,44 @@ fn ensure_dir(dir: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Open the database in `dir` (for `invite`, which must not need the secrets).
-pub fn open_store(dir: &Path) -> Result<Store, StartError> {
-    ensure_dir(dir)?;
-    Ok(Store::open(&dir.join(files::DB))?)
+/// The SQLite database file: `database` when given, else `server.db` in `data_dir`.
+pub fn db_path(data_dir: &Path, database: Option<&Path>) -> PathBuf {
+    database.map_or_else(|| data_dir.join(files::DB), Path::to_path_buf)
+}
+
+/// The control channels' counters: beside the database, so that every instance sharing
+/// the database shares them too (each may have its own copy of the data directory).
+/// `channels.db` in the data directory for the default database, as always.
+fn channels_path(data_dir: &Path, database: Option<&Path>) -> PathBuf {
+    match database {
+        None => data_dir.join(files::CHANNELS),
+        Some(db) => beside(db, "-channels"),
+    }
+}
+
+/// `db` with `suffix` appended to its file name (as SQLite names its `-wal` file).
+fn beside(db: &Path, suffix: &str) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// Open the database (for `invite`, which must not need the secrets).
+pub fn open_store(data_dir: &Path, database: Option<&Path>) -> Result<Store, StartError> {
+    match database {
+        None => ensure_dir(data_dir)?,
+        Some(db) => ensure_db_dir(db)?,
+    }
+    Ok(Store::open(&db_path(data_dir, database))?)
+}
+
+/// Create the directory of a `--database` file if needed (mode 0700 when created here; an
+/// existing one is left as the operator set it).
+fn ensure_db_dir(db: &Path) -> Result<(), StartError> {
+    match db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.exists() => ensure_dir(dir),
+        _ => Ok(()),
+    }
 }
 
 fn load_or_create_master(dir: &Path) -> Result<MasterSecret, StartError> {
@@ -361,6 +399,17 @@ fn load_or_create_cert(cfg: &Config) -> Result<CertKey, StartError> {
     Ok(ck)
 }
 
+/// Create (if needed) and lock the file at `path` (flock, exclusive): held until the
+/// returned file is closed.
+fn lock_exclusive(path: &Path) -> Result<fs::File, StartError> {
+    let file = fs::File::create(path).map_err(io_err(path))?;
+    // SAFETY: flock on a descriptor this function owns; released when it is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+        return Err(io_err(path)(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
 /// Prepare the data directory (creating the database, master secret and certificate on
 /// first start) and load every peer's key.
 pub fn init(cfg: Config) -> Result<State, StartError> {
@@ -372,18 +421,24 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
     ensure_dir(&cfg.data_dir)?;
     // Instances started at once on a new data directory must not each make their own
     // master secret and certificate: the first makes them, the others read them.
-    let lock_path = cfg.data_dir.join(files::INIT_LOCK);
-    let init_lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
-    // SAFETY: flock on a descriptor this function owns; released when it is closed.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&init_lock), libc::LOCK_EX) } != 0 {
-        return Err(io_err(&lock_path)(std::io::Error::last_os_error()));
-    }
+    let init_lock = lock_exclusive(&cfg.data_dir.join(files::INIT_LOCK))?;
     let master = load_or_create_master(&cfg.data_dir)?;
     let cert = load_or_create_cert(&cfg)?;
     // Creating or migrating the databases too: SQLite refuses a second connection's
     // schema change at once ("database is locked") rather than wait for it.
-    let store = Store::open(&cfg.data_dir.join(files::DB))?;
-    let channels = channels::Channels::open(&cfg.data_dir.join(files::CHANNELS))?;
+    // Instances sharing a database but each with its own data directory: the schema is
+    // made under a lock beside the database as well.
+    let database = cfg.database.as_deref();
+    let db_lock = match database {
+        None => None,
+        Some(db) => {
+            ensure_db_dir(db)?;
+            Some(lock_exclusive(&beside(db, "-init.lock"))?)
+        }
+    };
+    let store = Store::open(&db_path(&cfg.data_dir, database))?;
+    let channels = channels::Channels::open(&channels_path(&cfg.data_dir, database))?;
+    drop(db_lock);
     drop(init_lock);
     let at_rest = AtRest::new(&master);
     let mut keys = HashMap::new();

@@ -20,6 +20,11 @@ struct Cli {
     /// State directory: database, master secret, TLS certificate (created on first start).
     #[arg(long, global = true, env = "PEERSTASH_SERVER_DATA")]
     data_dir: Option<PathBuf>,
+    /// The database: `sqlite:PATH` (default: `server.db` in the data directory).
+    /// Instances on one machine serve the same users when given the same database, each
+    /// with a copy of the data directory. PostgreSQL (`postgres://…`) is not supported yet.
+    #[arg(long, global = true, env = "PEERSTASH_SERVER_DATABASE", value_parser = parse_database)]
+    database: Option<PathBuf>,
     /// Address to listen on (HTTPS). Port 0 picks a free port; the chosen address is printed.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
@@ -124,6 +129,22 @@ fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
     s.parse()
         .map(|a| MetricsListen(Some(a)))
         .map_err(|_| format!("{s:?} is neither an address (127.0.0.1:9464) nor off"))
+}
+
+/// A `--database` value: `sqlite:PATH`, the SQLite file's path.
+fn parse_database(s: &str) -> Result<PathBuf, String> {
+    if let Some(path) = s.strip_prefix("sqlite:") {
+        // `sqlite:///srv/x.db` (URL style) is the same file as `sqlite:/srv/x.db`.
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() || path.ends_with('/') {
+            return Err(format!("{s:?}: give the database file after sqlite: (sqlite:/var/lib/peerstash-server/server.db)"));
+        }
+        return Ok(PathBuf::from(path));
+    }
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        return Err("PostgreSQL is not supported yet: use sqlite:PATH (instances on one machine can share one SQLite file)".into());
+    }
+    Err(format!("{s:?} is not a database: use sqlite:PATH"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -240,8 +261,9 @@ fn main() -> anyhow::Result<()> {
         if count == 0 || count > 10_000 {
             anyhow::bail!("--count must be 1 to 10000");
         }
-        let mut store = open_store(&data_dir)
-            .with_context(|| format!("opening the server database in {}", data_dir.display()))?;
+        let db = peerstash_server::db_path(&data_dir, cli.database.as_deref());
+        let mut store = open_store(&data_dir, cli.database.as_deref())
+            .with_context(|| format!("opening the server database {}", db.display()))?;
         let codes = store
             .create_invites(count, peerstash::control::now_ms())
             .context("creating invite codes")?;
@@ -262,6 +284,7 @@ fn main() -> anyhow::Result<()> {
     }
     let cfg = Config {
         data_dir: data_dir.clone(),
+        database: cli.database.clone(),
         listen: cli.listen,
         tls_cert: cli.tls_cert,
         tls_key: cli.tls_key,
@@ -343,7 +366,8 @@ fn main() -> anyhow::Result<()> {
             }
             Err(e) => tracing::warn!(error = %e, "no rendezvous for peers behind NAT"),
         }
-        tracing::info!(%addr, data_dir = %state.cfg.data_dir.display(), open_registration = state.cfg.open_registration, "peerstash-server started");
+        let database = peerstash_server::db_path(&state.cfg.data_dir, state.cfg.database.as_deref());
+        tracing::info!(%addr, data_dir = %state.cfg.data_dir.display(), database = %database.display(), open_registration = state.cfg.open_registration, "peerstash-server started");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = http::serve(state, listener) => r.context("serving")?,
