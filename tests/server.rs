@@ -2026,6 +2026,58 @@ async fn instances_on_copies_of_the_data_directory_share_a_database_given_by_fla
     instances_share_one_database(s1, s2).await;
 }
 
+/// `--database` naming a data directory's own `server.db` (from another data directory,
+/// or from that one) shares that directory's control counters: a message accepted by the
+/// instance that runs without the flag is a replay to the others. And an instance whose
+/// flag names its own default file starts (its start-up lock is taken once, not twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_flag_naming_a_data_directory_s_own_file_shares_its_counters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let s1 = Server::start(&one, &["--open-registration"]);
+    std::fs::create_dir(&two).unwrap();
+    for f in ["master.key", "tls-cert.der", "tls-key.der"] {
+        std::fs::copy(one.join(f), two.join(f)).unwrap();
+    }
+    let flag = format!("sqlite:{}", one.join("server.db").display());
+    let s2 = Server::start(&two, &["--database", flag.as_str()]);
+    let s3 = Server::start(&one, &["--database", flag.as_str()]);
+    let a = register(&s1, "alice", 1 << 30).await;
+    for name in ["bob", "carol"] {
+        heartbeat(&register(&s1, name, 1 << 30).await, 1 << 30).await;
+    }
+    let body = serde_json::to_vec(&put_req(&chunks("once", 1, 1000), 2)).unwrap();
+    let auth = ControlSigner::new(a.id, &a.key, Direction::PeerToServer)
+        .sign(MessageKind::Put, &body, now_ms())
+        .to_header();
+    let send = |s: &Server| {
+        let (client, body, auth) = (s.client(), body.clone(), auth.clone());
+        async move {
+            let (st, resp) = client
+                .post_raw(peerstash::api::path::PUT, body, Some(&auth))
+                .await
+                .unwrap();
+            (st, String::from_utf8_lossy(&resp).into_owned())
+        }
+    };
+    assert_eq!(send(&s1).await.0, 200);
+    for s in [&s2, &s3] {
+        let (st, resp) = send(s).await;
+        assert!(st == 401 && resp.contains("replayed"), "{st} {resp}");
+    }
+    let names: Vec<_> = std::fs::read_dir(&two)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("server.db") || n.starts_with("channels")),
+        "{names:?}"
+    );
+    assert!(!one.join("server.db-channels").exists());
+}
+
 /// Unusable `--database` values stop the server before it starts, saying why.
 #[test]
 fn a_database_flag_it_cannot_use_is_refused_with_the_reason() {

@@ -299,21 +299,23 @@ pub fn db_path(data_dir: &Path, database: Option<&Path>) -> PathBuf {
     database.map_or_else(|| data_dir.join(files::DB), Path::to_path_buf)
 }
 
-/// The control channels' counters: beside the database, so that every instance sharing
-/// the database shares them too (each may have its own copy of the data directory).
-/// `channels.db` in the data directory for the default database, as always.
-fn channels_path(data_dir: &Path, database: Option<&Path>) -> PathBuf {
-    match database {
-        None => data_dir.join(files::CHANNELS),
-        Some(db) => beside(db, "-channels"),
+/// A file that goes with the database `db`, so that every instance sharing the database
+/// uses the same one (each may have its own copy of the data directory): beside a
+/// `server.db`, `name` (the names a data directory has always had, so that an instance
+/// given another's `server.db` by flag finds its files); beside any other, the database's
+/// own name and `suffix` (as SQLite names its `-wal` file).
+fn companion(db: &Path, name: &str, suffix: &str) -> PathBuf {
+    if db.file_name() == Some(std::ffi::OsStr::new(files::DB)) {
+        return db.with_file_name(name);
     }
-}
-
-/// `db` with `suffix` appended to its file name (as SQLite names its `-wal` file).
-fn beside(db: &Path, suffix: &str) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
     p.push(suffix);
     PathBuf::from(p)
+}
+
+/// The control channels' counters (see `channels`).
+fn channels_path(db: &Path) -> PathBuf {
+    companion(db, files::CHANNELS, "-channels")
 }
 
 /// Open the database (for `invite`, which must not need the secrets).
@@ -403,11 +405,33 @@ fn load_or_create_cert(cfg: &Config) -> Result<CertKey, StartError> {
 /// returned file is closed.
 fn lock_exclusive(path: &Path) -> Result<fs::File, StartError> {
     let file = fs::File::create(path).map_err(io_err(path))?;
-    // SAFETY: flock on a descriptor this function owns; released when it is closed.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+    flock_exclusive(&file, path)?;
+    Ok(file)
+}
+
+fn flock_exclusive(file: &fs::File, path: &Path) -> Result<(), StartError> {
+    // SAFETY: flock on an open descriptor; released when the file is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), libc::LOCK_EX) } != 0 {
         return Err(io_err(path)(std::io::Error::last_os_error()));
     }
-    Ok(file)
+    Ok(())
+}
+
+/// Lock the start-up lock that goes with the database `db`, unless it is the data
+/// directory's own, already held as `held` (a second flock of it would wait forever).
+fn lock_beside_db(db: &Path, held: &fs::File) -> Result<Option<fs::File>, StartError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = companion(db, files::INIT_LOCK, "-init.lock");
+    let file = fs::File::create(&path).map_err(io_err(&path))?;
+    let (a, b) = (
+        file.metadata().map_err(io_err(&path))?,
+        held.metadata().map_err(io_err(&path))?,
+    );
+    if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+        return Ok(None);
+    }
+    flock_exclusive(&file, &path)?;
+    Ok(Some(file))
 }
 
 /// Prepare the data directory (creating the database, master secret and certificate on
@@ -426,18 +450,18 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
     let cert = load_or_create_cert(&cfg)?;
     // Creating or migrating the databases too: SQLite refuses a second connection's
     // schema change at once ("database is locked") rather than wait for it.
-    // Instances sharing a database but each with its own data directory: the schema is
+    // Instances sharing a database but each with its own data directory: the schemas are
     // made under a lock beside the database as well.
-    let database = cfg.database.as_deref();
-    let db_lock = match database {
+    let db = db_path(&cfg.data_dir, cfg.database.as_deref());
+    let db_lock = match &cfg.database {
         None => None,
-        Some(db) => {
-            ensure_db_dir(db)?;
-            Some(lock_exclusive(&beside(db, "-init.lock"))?)
+        Some(_) => {
+            ensure_db_dir(&db)?;
+            lock_beside_db(&db, &init_lock)?
         }
     };
-    let store = Store::open(&db_path(&cfg.data_dir, database))?;
-    let channels = channels::Channels::open(&channels_path(&cfg.data_dir, database))?;
+    let store = Store::open(&db)?;
+    let channels = channels::Channels::open(&channels_path(&db))?;
     drop(db_lock);
     drop(init_lock);
     let at_rest = AtRest::new(&master);
