@@ -570,7 +570,7 @@ impl RendezvousConfig {
     }
 
     /// One configuration per instance (this one first), each without others: a daemon
-    /// keeps a hello connection to every instance.
+    /// keeps a hello connection to every instance, and a client asks the others in turn.
     pub fn instances(&self) -> Vec<RendezvousConfig> {
         std::iter::once(&self.server)
             .chain(&self.others)
@@ -721,17 +721,13 @@ impl RendezvousClient {
         // Each instance's rendezvous knows only the daemons that said hello to it: one
         // that knows fewer instances than we do (or is reconnecting) may be at another.
         // Ask the others once each, from the same endpoint (a punch needs our address).
-        let cfg = self.config();
-        for other in &cfg.others {
+        // The instance asked first leads the list; the others follow.
+        for one in self.config().instances().into_iter().skip(1) {
+            let other = &one.server;
             let recently_down = |t: &Instant| t.elapsed() < UNREACHABLE_FOR;
             if self.down().get(other).is_some_and(recently_down) {
                 continue;
             }
-            let one = RendezvousConfig {
-                server: other.clone(),
-                others: Vec::new(),
-                ..cfg.clone()
-            };
             // A live instance answers within a few round trips; a dead one is given up on
             // sooner than the usual 10 s dial.
             let Ok((addr, c)) = one.dial_within(endpoint, OTHER_DIAL_TIMEOUT).await else {
