@@ -1,8 +1,10 @@
 //! Load benchmark of the coordination server (not a test): many simulated peers on
-//! loopback against a real `peerstash-server` process with its real SQLite file.
+//! loopback against a real `peerstash-server` process with its real SQLite file, or with
+//! `--database postgres://…` on a PostgreSQL database (an existing, empty one).
 //!
 //! ```sh
-//! cargo run --release --example server_load -- [--peers 50] [--workers 16] [--secs 10]
+//! cargo run --release --example server_load -- [--peers 50] [--workers 16] [--secs 10] \
+//!     [--database postgres://postgres@127.0.0.1:5432/load]
 //! ```
 //!
 //! Prints put requests (64-chunk batches, 2 replicas, then the targets' confirms) and get
@@ -33,6 +35,8 @@ struct Args {
     peers: usize,
     workers: usize,
     secs: u64,
+    /// `--database` for the server (None: SQLite in its data directory).
+    database: Option<String>,
 }
 
 fn args() -> Args {
@@ -40,10 +44,16 @@ fn args() -> Args {
         peers: 50,
         workers: 16,
         secs: 10,
+        database: None,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i + 1 < v.len() {
+        if v[i] == "--database" {
+            a.database = Some(v[i + 1].clone());
+            i += 2;
+            continue;
+        }
         let n: u64 = v[i + 1].parse().expect("a number");
         match v[i].as_str() {
             "--peers" => a.peers = n.max(3) as usize,
@@ -110,6 +120,32 @@ fn dir_bytes(dir: &Path, prefix: &str) -> u64 {
         .sum()
 }
 
+/// CPU seconds of every PostgreSQL process on the machine (the server's database work,
+/// when it runs on PostgreSQL: its backends are processes of their own).
+fn postgres_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(|pid| proc_figures(pid).1)
+        .sum()
+}
+
+/// The size of the PostgreSQL database at `url`, through `psql`.
+fn postgres_bytes(url: &str) -> u64 {
+    Command::new("psql")
+        .args([url, "-Atc", "SELECT pg_database_size(current_database())"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -153,7 +189,11 @@ async fn main() {
     let a = args();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("server");
-    let mut child = Command::new(server_bin())
+    let mut cmd = Command::new(server_bin());
+    if let Some(db) = &a.database {
+        cmd.args(["--database", db]);
+    }
+    let mut child = cmd
         .arg("--data-dir")
         .arg(&data)
         .args(["--listen", "127.0.0.1:0", "--open-registration"])
@@ -183,8 +223,11 @@ async fn main() {
     std::thread::spawn(move || for _ in lines {});
 
     println!(
-        "peerstash-server load: {} peers, {} workers, {} s per phase",
-        a.peers, a.workers, a.secs
+        "peerstash-server load: {} peers, {} workers, {} s per phase, database {}",
+        a.peers,
+        a.workers,
+        a.secs,
+        a.database.as_deref().map_or("SQLite", |_| "PostgreSQL")
     );
     let t = Instant::now();
     let mut sims = Vec::new();
@@ -234,6 +277,7 @@ async fn main() {
 
     // Phase 1: puts, each followed by its targets' confirms.
     let (cpu0, wall0) = (proc_figures(pid).1, Instant::now());
+    let pg0 = postgres_cpu();
     let deadline = Instant::now() + Duration::from_secs(a.secs);
     let mut tasks = Vec::new();
     for w in 0..a.workers {
@@ -305,10 +349,12 @@ async fn main() {
     confirm_lat.sort();
     let put_wall = wall0.elapsed().as_secs_f64();
     let put_cpu = proc_figures(pid).1 - cpu0;
+    let put_pg = postgres_cpu() - pg0;
     put_lat.sort();
 
     // Phase 2: gets of 64 owned chunks.
     let (cpu1, wall1) = (proc_figures(pid).1, Instant::now());
+    let pg1 = postgres_cpu();
     let deadline = Instant::now() + Duration::from_secs(a.secs);
     let mut tasks = Vec::new();
     for w in 0..a.workers {
@@ -345,6 +391,7 @@ async fn main() {
     }
     let get_wall = wall1.elapsed().as_secs_f64();
     let get_cpu = proc_figures(pid).1 - cpu1;
+    let get_pg = postgres_cpu() - pg1;
     get_lat.sort();
 
     let (rss_kb, _) = proc_figures(pid);
@@ -354,21 +401,25 @@ async fn main() {
         .find(|l| l.starts_with("peerstash_chunk_locations "))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0);
-    let db_bytes = dir_bytes(&data, "server.db");
+    let db_bytes = match &a.database {
+        Some(url) => postgres_bytes(url),
+        None => dir_bytes(&data, "server.db"),
+    };
     let seal = raw_seal_rate();
 
     println!();
     println!(
-        "{:<44} {:>12} {:>9} {:>9} {:>10}",
-        "operation", "per second", "p50 ms", "p99 ms", "server CPU"
+        "{:<44} {:>12} {:>9} {:>9} {:>10} {:>10}",
+        "operation", "per second", "p50 ms", "p99 ms", "server CPU", "PostgreSQL"
     );
     println!(
-        "{:<44} {:>12.0} {:>9.2} {:>9.2} {:>9.0}%",
+        "{:<44} {:>12.0} {:>9.2} {:>9.2} {:>9.0}% {:>9.0}%",
         "put, 64 chunks x 2 replicas (+ confirms)",
         put_lat.len() as f64 / put_wall,
         pct(&put_lat, 0.5),
         pct(&put_lat, 0.99),
-        100.0 * put_cpu / put_wall
+        100.0 * put_cpu / put_wall,
+        100.0 * put_pg / put_wall
     );
     println!(
         "{:<44} {:>12.0} {:>9.2} {:>9.2}",
@@ -378,12 +429,13 @@ async fn main() {
         pct(&confirm_lat, 0.99),
     );
     println!(
-        "{:<44} {:>12.0} {:>9.2} {:>9.2} {:>9.0}%",
+        "{:<44} {:>12.0} {:>9.2} {:>9.2} {:>9.0}% {:>9.0}%",
         "get, 64 chunks",
         get_lat.len() as f64 / get_wall,
         pct(&get_lat, 0.5),
         pct(&get_lat, 0.99),
-        100.0 * get_cpu / get_wall
+        100.0 * get_cpu / get_wall,
+        100.0 * get_pg / get_wall
     );
     println!(
         "{:<44} {:>12.0}",

@@ -5,7 +5,8 @@
 //! database and kills one with -9. What a user sees: registering and logging in with the
 //! first URL dead works, a copy into the mounted drive completes and becomes durable while
 //! the instance it uses dies, every file reads back after a remount, and the storage
-//! daemon keeps heartbeating.
+//! daemon keeps heartbeating. `postgres::NAME` runs the first two with the server on a
+//! PostgreSQL database (a cluster of the test's own) instead of its SQLite file.
 
 mod common;
 
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::net::*;
+use common::postgres::PgCluster;
 use common::relay::Relay;
 use common::{bin, bytes, free_tcp_port, free_udp_port, wait_for, Proc};
 use peerstash::client::Home;
@@ -113,17 +115,28 @@ fn reads_back(mnt: &Path, files: usize) {
     }
 }
 
+/// The server's arguments in these tests: quick heartbeats, and `database` (`--database`
+/// and its value, or nothing for the data directory's own SQLite file).
+fn server_args<'a>(online_timeout: &'a str, database: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--heartbeat-interval",
+        "2",
+        "--online-timeout",
+        online_timeout,
+    ];
+    args.extend_from_slice(database);
+    args
+}
+
 #[test]
 fn clients_fail_over_to_the_next_server_url() {
-    let net = Net::start_with(
-        3,
-        &[
-            "--heartbeat-interval",
-            "2",
-            "--online-timeout",
-            &ONLINE_TIMEOUT_SECS.to_string(),
-        ],
-    );
+    clients_fail_over(&[]);
+}
+
+/// [`clients_fail_over_to_the_next_server_url`] on `database` (see [`server_args`]).
+fn clients_fail_over(database: &[&str]) {
+    let timeout = ONLINE_TIMEOUT_SECS.to_string();
+    let net = Net::start_with(3, &server_args(&timeout, database));
     let server = server_addr(&net);
     let dead = format!("https://127.0.0.1:{}", free_tcp_port());
     let mut a = Relay::start(server);
@@ -220,15 +233,14 @@ fn clients_fail_over_to_the_next_server_url() {
 /// durable through the other, and every file reads back after a remount.
 #[test]
 fn a_copy_survives_the_kill_of_its_server_instance() {
-    let net = Net::start_with(
-        3,
-        &[
-            "--heartbeat-interval",
-            "2",
-            "--online-timeout",
-            &ONLINE_TIMEOUT_SECS.to_string(),
-        ],
-    );
+    a_copy_survives_the_kill(&[]);
+}
+
+/// [`a_copy_survives_the_kill_of_its_server_instance`] on `database` (see
+/// [`server_args`]); the second instance gets the same arguments, so the same database.
+fn a_copy_survives_the_kill(database: &[&str]) {
+    let timeout = ONLINE_TIMEOUT_SECS.to_string();
+    let net = Net::start_with(3, &server_args(&timeout, database));
     let mut second = net.second_instance();
     let url = second.url.clone();
     // A storage daemon that knows the second instance first.
@@ -373,5 +385,27 @@ fn a_daemon_is_reached_through_the_rendezvous_of_either_live_instance() {
     }
     for mut p in serving {
         p.terminate(Duration::from_secs(10));
+    }
+}
+
+/// [`clients_fail_over_to_the_next_server_url`] and
+/// [`a_copy_survives_the_kill_of_its_server_instance`] with the server on PostgreSQL:
+/// every instance is given the same database by URL, on a cluster of the test's own that
+/// outlives the test's processes (it is dropped last).
+mod postgres {
+    use super::*;
+
+    #[test]
+    fn clients_fail_over_to_the_next_server_url() {
+        let pg = PgCluster::start();
+        let url = pg.create_database("peerstash");
+        super::clients_fail_over(&["--database", &url]);
+    }
+
+    #[test]
+    fn a_copy_survives_the_kill_of_its_server_instance() {
+        let pg = PgCluster::start();
+        let url = pg.create_database("peerstash");
+        super::a_copy_survives_the_kill(&["--database", &url]);
     }
 }

@@ -133,7 +133,7 @@ fn round(
     interval_ms: u64,
     rounds: u64,
     recount: bool,
-) -> rusqlite::Result<Vec<AuditTarget>> {
+) -> crate::store::db::Result<Vec<AuditTarget>> {
     let pol = crate::handlers::policy(st);
     let mut store = st.store.lock().expect("not poisoned");
     if recount {

@@ -1,37 +1,47 @@
-//! The last counter accepted on each peer's control channels, in a small SQLite file of
-//! its own (`files::CHANNELS`) that every instance on the data directory shares: a message
-//! one instance accepted is a replay to all. A file apart from the main database, so that
-//! advancing a counter (once per authenticated request) never waits for the store's lock
-//! or its write lock.
+//! The last counter accepted on each peer's control channels, shared by every instance on
+//! the database: a message one instance accepted is a replay to all. On SQLite a small
+//! file of its own beside the database (`files::CHANNELS`); on PostgreSQL a table in the
+//! same database. Either way on a connection of its own, so that advancing a counter
+//! (once per authenticated request) never waits for the store's lock or its write lock.
 
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::store::db::{self, params, Db, OptionalExtension};
 use peerstash::PeerId;
-use rusqlite::{params, Connection, OptionalExtension};
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS control_channels (
+    peer BIGINT NOT NULL,
+    channel BIGINT NOT NULL,
+    last BIGINT NOT NULL,
+    seen_ms BIGINT NOT NULL,
+    PRIMARY KEY (peer, channel)
+)";
 
 /// The channel counters.
-pub struct Channels(Mutex<Connection>);
+pub struct Channels(Mutex<Db>);
 
 impl Channels {
-    /// Open (creating) the counters' file.
-    pub fn open(path: &Path) -> rusqlite::Result<Channels> {
-        let conn = Connection::open(path)?;
+    /// Open (creating) the counters' SQLite file.
+    pub fn open(path: &Path) -> db::Result<Channels> {
+        let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Durable against a killed process (the log is written); after a power cut every
         // instance restarts and refuses anything stamped before its start anyway.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS control_channels (
-                peer INTEGER NOT NULL,
-                channel INTEGER NOT NULL,
-                last INTEGER NOT NULL,
-                seen_ms INTEGER NOT NULL,
-                PRIMARY KEY (peer, channel)
-            ) WITHOUT ROWID;",
-        )?;
+        conn.execute_batch(&format!("{SCHEMA} WITHOUT ROWID"))?;
+        Ok(Channels(Mutex::new(Db::sqlite(conn))))
+    }
+
+    /// Connect to the counters' table in the PostgreSQL database at `url` (creating it).
+    pub fn open_postgres(url: &str) -> db::Result<Channels> {
+        let conn = Db::postgres(url)?;
+        // Instances starting together: the store's lock makes the creation one at a time.
+        let tx = conn.write_tx()?;
+        tx.execute_batch(SCHEMA)?;
+        tx.commit()?;
         Ok(Channels(Mutex::new(conn)))
     }
 
@@ -43,7 +53,7 @@ impl Channels {
         channel: u64,
         counter: u64,
         now_ms: u64,
-    ) -> rusqlite::Result<Result<(), u64>> {
+    ) -> db::Result<Result<(), u64>> {
         // Counters are microseconds since 1970, far below 2^63; one above is refused.
         let Ok(counter) = i64::try_from(counter) else {
             return Ok(Err(i64::MAX as u64));
@@ -71,10 +81,10 @@ impl Channels {
 
     /// Forget channels idle since before `cutoff_ms` (a message that old is refused as
     /// stale before its counter is looked at).
-    pub fn sweep(&self, cutoff_ms: u64) -> rusqlite::Result<usize> {
+    pub fn sweep(&self, cutoff_ms: u64) -> db::Result<usize> {
         self.0.lock().expect("not poisoned").execute(
             "DELETE FROM control_channels WHERE seen_ms < ?1",
-            [cutoff_ms as i64],
+            params![cutoff_ms as i64],
         )
     }
 }

@@ -78,8 +78,8 @@ impl From<StoreError> for Refusal {
     }
 }
 
-impl From<rusqlite::Error> for Refusal {
-    fn from(e: rusqlite::Error) -> Self {
+impl From<crate::store::db::Error> for Refusal {
+    fn from(e: crate::store::db::Error) -> Self {
         Refusal::internal(format!("database: {e}"))
     }
 }
@@ -127,7 +127,7 @@ mod tests {
                 "over_quota",
             ),
             (
-                StoreError::Db(rusqlite::Error::InvalidQuery),
+                StoreError::Db(crate::store::db::Error::NoRows),
                 500,
                 "internal",
             ),

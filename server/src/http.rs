@@ -134,6 +134,9 @@ fn spawn_checkpointer(st: &Arc<State>) -> std::io::Result<()> {
         .expect("not poisoned")
         .checkpointer()
         .map_err(std::io::Error::other)?;
+    let Some(ck) = ck else {
+        return Ok(()); // PostgreSQL checkpoints by itself
+    };
     let ck = Arc::new(std::sync::Mutex::new(ck));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);

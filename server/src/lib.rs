@@ -74,9 +74,8 @@ pub const DEFAULT_QUOTA_GRACE: u64 = 1 << 30;
 pub struct Config {
     /// State directory (database, keys, certificate).
     pub data_dir: PathBuf,
-    /// The SQLite database file, when not `server.db` in the data directory
-    /// (`--database sqlite:PATH`).
-    pub database: Option<PathBuf>,
+    /// The database, when not `server.db` in the data directory (`--database`).
+    pub database: Option<Database>,
     /// Address to listen on (port 0 picks a free one; the real one is printed).
     pub listen: SocketAddr,
     /// An operator's certificate (PEM or DER) instead of the self-signed one.
@@ -169,7 +168,7 @@ pub enum StartError {
     Secret(#[from] secrets::SecretError),
     /// The database could not be opened.
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] crate::store::db::Error),
     /// TLS material is unusable.
     #[error("TLS: {0}")]
     Tls(String),
@@ -294,9 +293,72 @@ fn ensure_dir(dir: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The SQLite database file: `database` when given, else `server.db` in `data_dir`.
-pub fn db_path(data_dir: &Path, database: Option<&Path>) -> PathBuf {
-    database.map_or_else(|| data_dir.join(files::DB), Path::to_path_buf)
+/// Where the server's state lives (`--database`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file (`sqlite:PATH`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://user[:password]@host[:port]/name`).
+    Postgres(String),
+}
+
+impl Database {
+    /// Read a `--database` value: `sqlite:PATH` or a `postgres://` (`postgresql://`) URL.
+    pub fn parse(s: &str) -> Result<Database, String> {
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            // `sqlite:///srv/x.db` (URL style) is the same file as `sqlite:/srv/x.db`.
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() || path.ends_with('/') {
+                return Err(format!("{s:?}: give the database file after sqlite: (sqlite:/var/lib/peerstash-server/server.db)"));
+            }
+            return Ok(Database::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return s
+                .parse::<postgres::Config>()
+                .map(|_| Database::Postgres(s.to_string()))
+                .map_err(|e| format!("{}: {e}", Database::Postgres(s.to_string()).describe()));
+        }
+        Err(format!(
+            "{s:?} is not a database: use sqlite:PATH or postgres://USER@HOST/NAME"
+        ))
+    }
+
+    /// The database given, or `server.db` in `data_dir`.
+    pub fn or_default(given: Option<&Database>, data_dir: &Path) -> Database {
+        given
+            .cloned()
+            .unwrap_or_else(|| Database::Sqlite(data_dir.join(files::DB)))
+    }
+
+    /// For messages and logs: the file, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(p) => p.display().to_string(),
+            Database::Postgres(url) => redact_password(url),
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+/// A URL's password (`scheme://user:password@host`) as `***`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rfind('@') {
+        Some(at) => rest.split_at(at),
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+        None => url.to_string(),
+    }
 }
 
 /// A file that goes with the database `db`, so that every instance sharing the database
@@ -319,12 +381,16 @@ fn channels_path(db: &Path) -> PathBuf {
 }
 
 /// Open the database (for `invite`, which must not need the secrets).
-pub fn open_store(data_dir: &Path, database: Option<&Path>) -> Result<Store, StartError> {
+pub fn open_store(data_dir: &Path, database: Option<&Database>) -> Result<Store, StartError> {
     match database {
         None => ensure_dir(data_dir)?,
-        Some(db) => ensure_db_dir(db)?,
+        Some(Database::Sqlite(db)) => ensure_db_dir(db)?,
+        Some(Database::Postgres(_)) => {}
     }
-    Ok(Store::open(&db_path(data_dir, database))?)
+    Ok(match Database::or_default(database, data_dir) {
+        Database::Sqlite(db) => Store::open(&db)?,
+        Database::Postgres(url) => Store::open_postgres(&url)?,
+    })
 }
 
 /// Create the directory of a `--database` file if needed (mode 0700 when created here; an
@@ -452,17 +518,24 @@ pub fn init(cfg: Config) -> Result<State, StartError> {
     // schema change at once ("database is locked") rather than wait for it.
     // Instances sharing a database but each with its own data directory: the schemas are
     // made under a lock beside the database as well.
-    let db = db_path(&cfg.data_dir, cfg.database.as_deref());
-    let db_lock = match &cfg.database {
-        None => None,
-        Some(_) => {
-            ensure_db_dir(&db)?;
-            lock_beside_db(&db, &init_lock)?
+    // (On PostgreSQL the database's own lock does that: see `store::db`.)
+    let (store, channels) = match Database::or_default(cfg.database.as_ref(), &cfg.data_dir) {
+        Database::Sqlite(db) => {
+            let _db_lock = match &cfg.database {
+                None => None,
+                Some(_) => {
+                    ensure_db_dir(&db)?;
+                    lock_beside_db(&db, &init_lock)?
+                }
+            };
+            let store = Store::open(&db)?;
+            (store, channels::Channels::open(&channels_path(&db))?)
         }
+        Database::Postgres(url) => (
+            Store::open_postgres(&url)?,
+            channels::Channels::open_postgres(&url)?,
+        ),
     };
-    let store = Store::open(&db)?;
-    let channels = channels::Channels::open(&channels_path(&db))?;
-    drop(db_lock);
     drop(init_lock);
     let at_rest = AtRest::new(&master);
     let mut keys = HashMap::new();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use peerstash_server::{http, init, open_store, Config};
+use peerstash_server::{http, init, open_store, Config, Database, StartError};
 
 /// The peerstash coordination server: registration, keys, placement and signed tokens.
 #[derive(Parser, Debug)]
@@ -20,11 +20,11 @@ struct Cli {
     /// State directory: database, master secret, TLS certificate (created on first start).
     #[arg(long, global = true, env = "PEERSTASH_SERVER_DATA")]
     data_dir: Option<PathBuf>,
-    /// The database: `sqlite:PATH` (default: `server.db` in the data directory).
-    /// Instances on one machine serve the same users when given the same database, each
-    /// with a copy of the data directory. PostgreSQL (`postgres://…`) is not supported yet.
-    #[arg(long, global = true, env = "PEERSTASH_SERVER_DATABASE", value_parser = parse_database)]
-    database: Option<PathBuf>,
+    /// The database: `sqlite:PATH` (default: `server.db` in the data directory) or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/NAME` (an existing database). Instances serve
+    /// the same users when given the same database, each with a copy of the data directory.
+    #[arg(long, global = true, env = "PEERSTASH_SERVER_DATABASE", value_parser = Database::parse)]
+    database: Option<Database>,
     /// Address to listen on (HTTPS). Port 0 picks a free port; the chosen address is printed.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
@@ -129,22 +129,6 @@ fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
     s.parse()
         .map(|a| MetricsListen(Some(a)))
         .map_err(|_| format!("{s:?} is neither an address (127.0.0.1:9464) nor off"))
-}
-
-/// A `--database` value: `sqlite:PATH`, the SQLite file's path.
-fn parse_database(s: &str) -> Result<PathBuf, String> {
-    if let Some(path) = s.strip_prefix("sqlite:") {
-        // `sqlite:///srv/x.db` (URL style) is the same file as `sqlite:/srv/x.db`.
-        let path = path.strip_prefix("//").unwrap_or(path);
-        if path.is_empty() || path.ends_with('/') {
-            return Err(format!("{s:?}: give the database file after sqlite: (sqlite:/var/lib/peerstash-server/server.db)"));
-        }
-        return Ok(PathBuf::from(path));
-    }
-    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-        return Err("PostgreSQL is not supported yet: use sqlite:PATH (instances on one machine can share one SQLite file)".into());
-    }
-    Err(format!("{s:?} is not a database: use sqlite:PATH"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -261,9 +245,9 @@ fn main() -> anyhow::Result<()> {
         if count == 0 || count > 10_000 {
             anyhow::bail!("--count must be 1 to 10000");
         }
-        let db = peerstash_server::db_path(&data_dir, cli.database.as_deref());
-        let mut store = open_store(&data_dir, cli.database.as_deref())
-            .with_context(|| format!("opening the server database {}", db.display()))?;
+        let db = Database::or_default(cli.database.as_ref(), &data_dir);
+        let mut store = open_store(&data_dir, cli.database.as_ref())
+            .with_context(|| format!("opening the server database {}", db.describe()))?;
         let codes = store
             .create_invites(count, peerstash::control::now_ms())
             .context("creating invite codes")?;
@@ -314,11 +298,16 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    let state = init(cfg).with_context(|| {
-        format!(
+    let database = Database::or_default(cfg.database.as_ref(), &data_dir);
+    let state = init(cfg).map_err(|e| match e {
+        StartError::Db(_) => anyhow::Error::new(e).context(format!(
+            "opening the server database {} (pass --database to use another)",
+            database.describe()
+        )),
+        e => anyhow::Error::new(e).context(format!(
             "preparing the data directory {} (pass --data-dir to use another)",
             data_dir.display()
-        )
+        )),
     })?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
@@ -366,8 +355,8 @@ fn main() -> anyhow::Result<()> {
             }
             Err(e) => tracing::warn!(error = %e, "no rendezvous for peers behind NAT"),
         }
-        let database = peerstash_server::db_path(&state.cfg.data_dir, state.cfg.database.as_deref());
-        tracing::info!(%addr, data_dir = %state.cfg.data_dir.display(), database = %database.display(), open_registration = state.cfg.open_registration, "peerstash-server started");
+        let database = Database::or_default(state.cfg.database.as_ref(), &state.cfg.data_dir);
+        tracing::info!(%addr, data_dir = %state.cfg.data_dir.display(), database = %database.describe(), open_registration = state.cfg.open_registration, "peerstash-server started");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = http::serve(state, listener) => r.context("serving")?,

@@ -449,7 +449,15 @@ async fn request(
 type Refused = (Status, u8);
 
 /// Check a signed request's authentication: a registered peer, kind Rendezvous, fresh.
-fn authenticate(st: &State, rest: &[u8]) -> Result<(PeerId, Vec<u8>), Refused> {
+/// On the blocking pool: the check reads and advances counters in the database.
+async fn authenticate(st: &Arc<State>, rest: &[u8]) -> Result<(PeerId, Vec<u8>), Refused> {
+    let (st, rest) = (st.clone(), rest.to_vec());
+    tokio::task::spawn_blocking(move || authenticate_now(&st, &rest))
+        .await
+        .map_err(|_| (Status::Unavailable, 0))?
+}
+
+fn authenticate_now(st: &State, rest: &[u8]) -> Result<(PeerId, Vec<u8>), Refused> {
     let (auth, body) = rv::split_signed(rest).map_err(|_| (Status::Malformed, 0))?;
     let checked = st.verify_control(&auth, MessageKind::Rendezvous, body);
     match checked.map_err(|e| {
@@ -483,7 +491,7 @@ async fn answer(
             Ok(p)
         }
         op::HELLO if main => {
-            let r = authenticate(st, rest);
+            let r = authenticate(st, rest).await;
             let (peer, body) = r.inspect_err(|e| reg.count("hello", e.0.as_str()))?;
             let (&b, rest) = body.split_first().ok_or((Status::Malformed, 0))?;
             let reach = Reach::from_u8(b)
@@ -525,7 +533,7 @@ async fn answer(
             Ok(Vec::new())
         }
         op::CONNECT if main => {
-            let (requester, body) = authenticate(st, rest)?;
+            let (requester, body) = authenticate(st, rest).await?;
             if body.len() != 9 {
                 return Err((Status::Malformed, 0));
             }

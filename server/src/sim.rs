@@ -267,7 +267,7 @@ pub struct Report {
 pub enum SimError {
     /// The store failed.
     #[error("store: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] crate::store::db::Error),
     /// The store refused something the simulation needs (a registration).
     #[error("refused: {0}")]
     Refused(#[from] crate::store::StoreError),

@@ -11,15 +11,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use db::{params, Db, OptionalExtension, Tx};
 use peerstash::api::{self, ChunkRef, HeartbeatRequest, KeyMode, ReportRequest};
 use peerstash::keys::random_u64;
 use peerstash::token::MAX_CHUNK_SIZE;
 use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::placement::{self, Candidate, Want};
 
 mod audit;
+pub mod db;
 mod error;
 mod repair;
 
@@ -155,11 +156,33 @@ CREATE TABLE IF NOT EXISTS reports (
 ) WITHOUT ROWID;
 ";
 
-/// A write transaction that takes the database's write lock at once: another server
-/// instance sharing the file waits for it (up to the busy timeout) instead of failing
-/// when a transaction that began by reading tries to write.
-fn write_tx(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
-    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+/// A drop order for a holder (once).
+const DROP_ORDER: &str = "INSERT INTO drops (holder, chunk) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
+
+/// A schema written for SQLite in PostgreSQL's types: 64-bit integers, byte strings and
+/// double-precision floats; `WITHOUT ROWID` (a SQLite storage choice) dropped.
+fn postgres_schema(sqlite: &str) -> String {
+    let mut out = String::with_capacity(sqlite.len() + 256);
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(match word.as_str() {
+            "INTEGER" => "BIGINT",
+            "BLOB" => "BYTEA",
+            "REAL" => "DOUBLE PRECISION",
+            w => w,
+        });
+        word.clear();
+    };
+    for c in sqlite.replace(" WITHOUT ROWID", "").chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 /// A reservation of transaction ids inside a database transaction; applied to the
@@ -171,12 +194,7 @@ struct TxidReservation {
     hwm: u64,
 }
 
-fn reserve_txids(
-    tx: &Transaction<'_>,
-    next: u64,
-    hwm: u64,
-    n: u64,
-) -> rusqlite::Result<TxidReservation> {
+fn reserve_txids(tx: &Tx<'_>, next: u64, hwm: u64, n: u64) -> db::Result<TxidReservation> {
     if next + n <= hwm {
         return Ok(TxidReservation {
             first: next,
@@ -187,16 +205,19 @@ fn reserve_txids(
     // This instance's block is used up: claim a fresh one past every block any instance
     // sharing the database has claimed (the write transaction holds the lock).
     let claimed: i64 = tx
-        .query_row("SELECT value FROM meta WHERE key = 'txid_hwm'", [], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'txid_hwm'",
+            params![],
+            |r| r.get(0),
+        )
         .optional()?
         .unwrap_or(1);
     let first = (claimed as u64).max(hwm);
     let new_hwm = first + n + TXID_BLOCK;
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('txid_hwm', ?1)
-         ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+         ON CONFLICT(key) DO UPDATE
+           SET value = CASE WHEN excluded.value > meta.value THEN excluded.value ELSE meta.value END",
         params![new_hwm as i64],
     )?;
     Ok(TxidReservation {
@@ -207,10 +228,10 @@ fn reserve_txids(
 }
 
 /// Columns added since the first schema, for databases created before them.
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has = |table: &str, col: &str| -> rusqlite::Result<bool> {
-        let mut st = conn.prepare(&format!("PRAGMA table_info({table})"))?;
-        let names = st.query_map([], |r| r.get::<_, String>(1))?;
+fn migrate(conn: &Db) -> db::Result<()> {
+    let has = |table: &str, col: &str| -> db::Result<bool> {
+        let mut st = conn.prepare_cached(&format!("PRAGMA table_info({table})"))?;
+        let names = st.query_map(params![], |r| r.get::<_, String>(1))?;
         for n in names {
             if n? == col {
                 return Ok(true);
@@ -257,7 +278,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
                 OR (subject != 0 AND subject NOT IN (SELECT id FROM peers))",
             known.join(", ")
         ),
-        [],
+        params![],
     )?;
     Ok(())
 }
@@ -307,7 +328,7 @@ pub struct PeerRecord {
 const PEER_COLS: &str = "id, name, key_mode, lend_bytes, quic_addr, fingerprint, free_bytes, \
                          last_seen_ms, stored_bytes, held_bytes, audited_bytes";
 
-fn peer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PeerRecord> {
+fn peer_row(r: &db::Row<'_>) -> db::Result<PeerRecord> {
     let mode: String = r.get(2)?;
     Ok(PeerRecord {
         id: to_pid(r.get(0)?),
@@ -449,12 +470,13 @@ pub struct DbFigures {
 
 /// The SQLite-backed state. Not thread-safe by itself: the server keeps it in a mutex.
 pub struct Store {
-    conn: Connection,
+    conn: Db,
     next_txid: u64,
     txid_hwm: u64,
     repairs_done: u64,
-    /// The database file: its write-ahead log is `<path>-wal`.
-    path: PathBuf,
+    /// The SQLite database file (its write-ahead log is `<path>-wal`); `None` on
+    /// PostgreSQL.
+    path: Option<PathBuf>,
     /// The write-ahead log, opened once it exists, for syncs made outside the store lock.
     wal: Option<Arc<Wal>>,
 }
@@ -471,7 +493,7 @@ struct Wal {
 
 /// Copies the write-ahead log into the database file from its own connection, so that
 /// the store's commits do not wait for it (see [`Store::checkpointer`]).
-pub struct Checkpointer(Connection);
+pub struct Checkpointer(rusqlite::Connection);
 
 impl std::fmt::Debug for Checkpointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -519,8 +541,8 @@ impl WalSync {
 }
 
 impl Store {
-    /// Open (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> rusqlite::Result<Store> {
+    /// Open (creating if needed) the SQLite database at `path`.
+    pub fn open(path: &Path) -> db::Result<Store> {
         // The database holds password hashes and encrypted keys: create it 0600 (SQLite
         // gives its -wal and -shm files the same mode).
         if !path.exists() {
@@ -531,7 +553,7 @@ impl Store {
                 .mode(0o600)
                 .open(path);
         }
-        let conn = Connection::open(path)?;
+        let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL for concurrent readers (the invite command); FULL so that a committed
         // location survives even a power cut, not only a killed process.
@@ -546,13 +568,32 @@ impl Store {
         // steady stream of commits a checkpoint beside them never finds the whole log
         // copied, and only a checkpoint between two commits lets the log start over).
         conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)?;
+        let conn = Db::sqlite(conn);
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         conn.execute_batch(repair::SCHEMA)?;
+        Store::with_db(conn, Some(path.to_path_buf()))
+    }
+
+    /// Connect to the PostgreSQL database at `url` (it must exist), creating the
+    /// store's tables in it if needed.
+    pub fn open_postgres(url: &str) -> db::Result<Store> {
+        let conn = Db::postgres(url)?;
+        // Instances starting together: one creates the tables, the others wait for it.
+        let tx = conn.write_tx()?;
+        tx.execute_batch(&postgres_schema(SCHEMA))?;
+        tx.execute_batch(&postgres_schema(repair::SCHEMA))?;
+        tx.commit()?;
+        Store::with_db(conn, None)
+    }
+
+    fn with_db(conn: Db, path: Option<PathBuf>) -> db::Result<Store> {
         let hwm: i64 = conn
-            .query_row("SELECT value FROM meta WHERE key = 'txid_hwm'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'txid_hwm'",
+                params![],
+                |r| r.get(0),
+            )
             .optional()?
             .unwrap_or(1);
         // Every id below the stored mark may have been handed out before a crash: start
@@ -562,19 +603,28 @@ impl Store {
             next_txid: hwm as u64,
             txid_hwm: hwm as u64,
             repairs_done: 0,
-            path: path.to_path_buf(),
+            path,
             wal: None,
         })
     }
 
+    /// Which database the store is in.
+    pub fn dialect(&self) -> db::Dialect {
+        self.conn.dialect()
+    }
+
     /// A second connection to the same database, for checkpoints made outside the store
     /// lock.
-    pub fn checkpointer(&self) -> rusqlite::Result<Checkpointer> {
-        let conn = Connection::open(&self.path)?;
+    /// `None` on PostgreSQL, which checkpoints by itself.
+    pub fn checkpointer(&self) -> db::Result<Option<Checkpointer>> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // A checkpoint syncs the log before copying it and the database after.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        Ok(Checkpointer(conn))
+        Ok(Some(Checkpointer(conn)))
     }
 
     /// Take or renew the lease `name` for `holder` until `now_ms + ttl_ms`: true when
@@ -585,7 +635,7 @@ impl Store {
         holder: u64,
         now_ms: u64,
         ttl_ms: u64,
-    ) -> rusqlite::Result<bool> {
+    ) -> db::Result<bool> {
         let n = self.conn.execute(
             "INSERT INTO leases (name, holder, expires_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE
@@ -602,13 +652,12 @@ impl Store {
     }
 
     /// Create `n` one-time invite codes.
-    pub fn create_invites(&mut self, n: usize, now_ms: u64) -> rusqlite::Result<Vec<String>> {
-        let tx = write_tx(&mut self.conn)?;
+    pub fn create_invites(&mut self, n: usize, now_ms: u64) -> db::Result<Vec<String>> {
+        let tx = self.conn.write_tx()?;
         let mut codes = Vec::with_capacity(n);
         for _ in 0..n {
             let mut b = [0u8; 12];
-            peerstash::keys::random_bytes(&mut b)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            peerstash::keys::random_bytes(&mut b).map_err(|e| db::Error::Other(e.to_string()))?;
             let code = hex::encode(b);
             tx.execute(
                 "INSERT INTO invites (code, created_ms) VALUES (?1, ?2)",
@@ -621,7 +670,7 @@ impl Store {
     }
 
     /// Whether `code` is an unused invite.
-    pub fn invite_exists(&self, code: &str) -> rusqlite::Result<bool> {
+    pub fn invite_exists(&self, code: &str) -> db::Result<bool> {
         Ok(self
             .conn
             .query_row("SELECT 1 FROM invites WHERE code = ?1", [code], |_| Ok(()))
@@ -630,7 +679,7 @@ impl Store {
     }
 
     /// Whether `name` is registered.
-    pub fn name_taken(&self, name: &str) -> rusqlite::Result<bool> {
+    pub fn name_taken(&self, name: &str) -> db::Result<bool> {
         Ok(self
             .conn
             .query_row("SELECT 1 FROM peers WHERE name = ?1", [name], |_| Ok(()))
@@ -648,7 +697,7 @@ impl Store {
         now_ms: u64,
         seal_key: impl Fn(PeerId) -> Result<Vec<u8>, StoreError>,
     ) -> Result<PeerId, StoreError> {
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         let name_taken = tx
             .query_row(
                 "SELECT 1 FROM peers WHERE name = ?1",
@@ -709,10 +758,7 @@ impl Store {
     }
 
     /// A peer with its password hash and encrypted key, by name.
-    pub fn peer_for_login(
-        &self,
-        name: &str,
-    ) -> rusqlite::Result<Option<(PeerRecord, String, Vec<u8>)>> {
+    pub fn peer_for_login(&self, name: &str) -> db::Result<Option<(PeerRecord, String, Vec<u8>)>> {
         self.conn
             .query_row(
                 &format!("SELECT {PEER_COLS}, password_hash, key_blob FROM peers WHERE name = ?1"),
@@ -723,7 +769,7 @@ impl Store {
     }
 
     /// One peer's encrypted transaction key, if it is registered.
-    pub fn key_blob(&self, id: PeerId) -> rusqlite::Result<Option<Vec<u8>>> {
+    pub fn key_blob(&self, id: PeerId) -> db::Result<Option<Vec<u8>>> {
         self.conn
             .prepare_cached("SELECT key_blob FROM peers WHERE id = ?1")?
             .query_row([pid(id)], |r| r.get(0))
@@ -731,14 +777,14 @@ impl Store {
     }
 
     /// Every peer's encrypted transaction key (loaded into memory at start).
-    pub fn all_key_blobs(&self) -> rusqlite::Result<Vec<(PeerId, Vec<u8>)>> {
-        let mut st = self.conn.prepare("SELECT id, key_blob FROM peers")?;
-        let rows = st.query_map([], |r| Ok((to_pid(r.get(0)?), r.get(1)?)))?;
+    pub fn all_key_blobs(&self) -> db::Result<Vec<(PeerId, Vec<u8>)>> {
+        let mut st = self.conn.prepare_cached("SELECT id, key_blob FROM peers")?;
+        let rows = st.query_map(params![], |r| Ok((to_pid(r.get(0)?), r.get(1)?)))?;
         rows.collect()
     }
 
     /// One peer by id.
-    pub fn peer(&self, id: PeerId) -> rusqlite::Result<Option<PeerRecord>> {
+    pub fn peer(&self, id: PeerId) -> db::Result<Option<PeerRecord>> {
         self.conn
             .query_row(
                 &format!("SELECT {PEER_COLS} FROM peers WHERE id = ?1"),
@@ -754,8 +800,8 @@ impl Store {
         id: PeerId,
         req: &HeartbeatRequest,
         now_ms: u64,
-    ) -> rusqlite::Result<Vec<ChunkId>> {
-        let tx = write_tx(&mut self.conn)?;
+    ) -> db::Result<Vec<ChunkId>> {
+        let tx = self.conn.write_tx()?;
         tx.execute(
             "UPDATE peers SET quic_addr = ?2, fingerprint = ?3, free_bytes = ?4, used_bytes = ?5,
                               last_seen_ms = ?6 WHERE id = ?1",
@@ -769,17 +815,18 @@ impl Store {
             ],
         )?;
         {
-            let mut del = tx.prepare("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?;
+            let mut del =
+                tx.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?;
             for c in &req.dropped {
                 del.execute(params![pid(id), c.0.to_vec()])?;
             }
         }
         let drops = {
-            let mut st = tx.prepare("SELECT chunk FROM drops WHERE holder = ?1 LIMIT ?2")?;
+            let mut st = tx.prepare_cached("SELECT chunk FROM drops WHERE holder = ?1 LIMIT ?2")?;
             let rows = st.query_map(params![pid(id), MAX_DROPS_PER_HEARTBEAT as i64], |r| {
                 Ok(ChunkId(blob32(r.get(0)?)))
             })?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()?
+            rows.collect::<db::Result<Vec<_>>>()?
         };
         tx.commit()?;
         Ok(drops)
@@ -813,8 +860,9 @@ impl Store {
         self.without_fsync(|s| s.plan_put(owner, chunks, stripes, replicas, exclude, policy))
     }
 
-    /// Run `f`'s transactions without waiting for the disk (`synchronous = NORMAL`:
-    /// atomic, and durable against a killed process, not against a power cut). For
+    /// Run `f`'s transactions without waiting for the disk (SQLite's `synchronous =
+    /// NORMAL`: atomic, and durable against a killed process, not against a power cut;
+    /// PostgreSQL's `synchronous_commit = off`, see [`db::Db::wait_for_disk`]). For
     /// puts only: a pending placement lost to a power cut makes its target's confirm come
     /// back `unexpected`, and the client stores that chunk again. A new transaction-id
     /// mark is made durable before returning, so no id is ever handed out twice.
@@ -823,13 +871,14 @@ impl Store {
         f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mark = self.txid_hwm;
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.conn.wait_for_disk(false)?;
         let out = f(self);
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn.wait_for_disk(true)?;
         if self.txid_hwm != mark {
-            // A committing write under FULL syncs the log, and the mark with it.
+            // A committing write that waits for the disk syncs the log up to it, and the
+            // mark with it (on either database the log is written in order).
             self.conn.execute(
-                "UPDATE meta SET value = MAX(value, ?1) WHERE key = 'txid_hwm'",
+                "UPDATE meta SET value = ?1 WHERE key = 'txid_hwm' AND value < ?1",
                 params![self.txid_hwm as i64],
             )?;
         }
@@ -847,7 +896,7 @@ impl Store {
     ) -> Result<PutPlan, StoreError> {
         check_put(chunks, stripes, replicas)?;
         let now_s = policy.now_ms / 1000;
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         let me = tx
             .query_row(
                 &format!("SELECT {PEER_COLS} FROM peers WHERE id = ?1"),
@@ -933,7 +982,7 @@ impl Store {
         holder: PeerId,
         txid: TransactionId,
         chunks: &[ChunkId],
-    ) -> rusqlite::Result<usize> {
+    ) -> db::Result<usize> {
         Ok(self.confirm_batch(&[(holder, txid, chunks)])?[0].committed)
     }
 
@@ -943,15 +992,10 @@ impl Store {
     pub fn confirm_batch(
         &mut self,
         batch: &[(PeerId, TransactionId, &[ChunkId])],
-    ) -> rusqlite::Result<Vec<Confirmed>> {
+    ) -> db::Result<Vec<Confirmed>> {
         let (out, wal) = self.confirm_batch_deferred(batch)?;
-        wal.sync().map_err(|e| {
-            // As SQLite reports its own failed fsyncs.
-            rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
-                Some(e.to_string()),
-            )
-        })?;
+        wal.sync()
+            .map_err(|e| db::Error::Other(format!("syncing the database log: {e}")))?;
         Ok(out)
     }
 
@@ -969,15 +1013,15 @@ impl Store {
     pub fn confirm_batch_deferred(
         &mut self,
         batch: &[(PeerId, TransactionId, &[ChunkId])],
-    ) -> rusqlite::Result<(Vec<Confirmed>, WalSync)> {
+    ) -> db::Result<(Vec<Confirmed>, WalSync)> {
         let Some(wal) = self.wal_file() else {
             // No log yet to sync by hand: commit as everything else does.
             let out = self.write_confirms(batch)?;
             return Ok((out, self.barrier()));
         };
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.conn.wait_for_disk(false)?;
         let out = self.write_confirms(batch);
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn.wait_for_disk(true)?;
         let out = out?;
         let upto = wal.committed.fetch_add(1, Ordering::AcqRel) + 1;
         Ok((
@@ -1006,7 +1050,7 @@ impl Store {
     /// The write-ahead log, opened on first use (it exists once anything was written).
     fn wal_file(&mut self) -> Option<Arc<Wal>> {
         if self.wal.is_none() {
-            let mut p = self.path.clone().into_os_string();
+            let mut p = self.path.clone()?.into_os_string();
             p.push("-wal");
             self.wal = std::fs::File::open(p).ok().map(|file| {
                 Arc::new(Wal {
@@ -1022,8 +1066,8 @@ impl Store {
     fn write_confirms(
         &mut self,
         batch: &[(PeerId, TransactionId, &[ChunkId])],
-    ) -> rusqlite::Result<Vec<Confirmed>> {
-        let tx = write_tx(&mut self.conn)?;
+    ) -> db::Result<Vec<Confirmed>> {
+        let tx = self.conn.write_tx()?;
         let mut out = Vec::with_capacity(batch.len());
         let mut repaired = 0;
         {
@@ -1033,13 +1077,13 @@ impl Store {
                  RETURNING owner, size, replaces",
             )?;
             let mut ins = tx.prepare_cached(
-                "INSERT OR IGNORE INTO locations (owner, chunk, holder, size) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO locations (owner, chunk, holder, size) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO NOTHING",
             )?;
             let mut held = tx.prepare_cached(HELD_OR_COMING)?;
             let mut located =
                 tx.prepare_cached("SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2")?;
-            let mut drop =
-                tx.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?;
+            let mut drop = tx.prepare_cached(DROP_ORDER)?;
             // Byte counts are added up per peer and written once per confirm, not once per
             // chunk; see `Counts`.
             let mut counts = Counts::default();
@@ -1114,7 +1158,7 @@ impl Store {
                 chunks.len()
             )));
         }
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         let mut by_holder: HashMap<PeerId, Planned> = HashMap::new();
         let mut missing = Vec::new();
         let mut stripes = Vec::new();
@@ -1125,7 +1169,7 @@ impl Store {
                  FROM locations l JOIN peers p ON p.id = l.holder
                  WHERE l.owner = ?1 AND l.chunk = ?2 AND l.audit_failed != 1",
             )?;
-            let mut holders_of = |id: &ChunkId| -> rusqlite::Result<Vec<_>> {
+            let mut holders_of = |id: &ChunkId| -> db::Result<Vec<_>> {
                 st.query_map(params![pid(owner), id.0.to_vec()], |r| {
                     Ok((
                         *id,
@@ -1202,7 +1246,7 @@ impl Store {
         now_ms: u64,
         keep: usize,
     ) -> Result<Vec<u64>, StoreError> {
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         let latest: Option<i64> = tx.query_row(
             "SELECT MAX(version) FROM roots WHERE peer = ?1",
             [pid(peer)],
@@ -1218,12 +1262,12 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO roots (peer, version, created_ms, sealed) VALUES (?1, ?2, ?3, ?4)",
-            rusqlite::params![pid(peer), version as i64, now_ms as i64, sealed],
+            params![pid(peer), version as i64, now_ms as i64, sealed],
         )?;
         tx.execute(
             "DELETE FROM roots WHERE peer = ?1 AND version NOT IN
              (SELECT version FROM roots WHERE peer = ?1 ORDER BY version DESC LIMIT ?2)",
-            rusqlite::params![pid(peer), keep.max(1) as i64],
+            params![pid(peer), keep.max(1) as i64],
         )?;
         let kept = Self::root_versions(&tx, peer)?;
         tx.commit()?;
@@ -1234,7 +1278,7 @@ impl Store {
     /// ([`StoreError::LatestRoot`]) when `versions` names the latest kept one. Returns the kept versions, newest
     /// first.
     pub fn drop_roots(&mut self, peer: PeerId, versions: &[u64]) -> Result<Vec<u64>, StoreError> {
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         let latest = Self::root_versions(&tx, peer)?.first().copied();
         if let Some(l) = latest.filter(|l| versions.contains(l)) {
             return Err(StoreError::LatestRoot(l));
@@ -1242,7 +1286,7 @@ impl Store {
         {
             let mut st = tx.prepare_cached("DELETE FROM roots WHERE peer = ?1 AND version = ?2")?;
             for v in versions.iter().filter(|v| **v <= i64::MAX as u64) {
-                st.execute(rusqlite::params![pid(peer), *v as i64])?;
+                st.execute(params![pid(peer), *v as i64])?;
             }
         }
         let kept = Self::root_versions(&tx, peer)?;
@@ -1250,7 +1294,7 @@ impl Store {
         Ok(kept)
     }
 
-    fn root_versions(c: &Connection, peer: PeerId) -> rusqlite::Result<Vec<u64>> {
+    fn root_versions(c: &Db, peer: PeerId) -> db::Result<Vec<u64>> {
         let mut st =
             c.prepare_cached("SELECT version FROM roots WHERE peer = ?1 ORDER BY version DESC")?;
         let rows = st.query_map([pid(peer)], |r| r.get::<_, i64>(0).map(|v| v as u64))?;
@@ -1276,7 +1320,7 @@ impl Store {
                 .conn
                 .query_row(
                     "SELECT created_ms, sealed FROM roots WHERE peer = ?1 AND version = ?2",
-                    rusqlite::params![pid(peer), v as i64],
+                    params![pid(peer), v as i64],
                     |r| Ok((v, r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
                 )
                 .optional()?,
@@ -1293,7 +1337,7 @@ impl Store {
                 api::MAX_CHUNKS_PER_REQUEST
             )));
         }
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         let mut released = 0;
         {
             let mut locs =
@@ -1320,7 +1364,7 @@ impl Store {
                 for cb in &ids {
                     let holders: Vec<i64> = locs
                         .query_map(params![pid(owner), cb], |r| r.get(0))?
-                        .collect::<rusqlite::Result<_>>()?;
+                        .collect::<db::Result<_>>()?;
                     let pend = del_pending.execute(params![pid(owner), cb])?;
                     del_repairs.execute(params![pid(owner), cb])?;
                     for holder in &holders {
@@ -1348,8 +1392,8 @@ impl Store {
         &mut self,
         reporter: PeerId,
         req: &ReportRequest,
-    ) -> rusqlite::Result<(PeerId, &'static str, &'static str)> {
-        let tx = write_tx(&mut self.conn)?;
+    ) -> db::Result<(PeerId, &'static str, &'static str)> {
+        let tx = self.conn.write_tx()?;
         let (subject, kind, reason) = match req {
             ReportRequest::Rejected {
                 requester, reason, ..
@@ -1393,7 +1437,7 @@ impl Store {
         let subject = if registered { subject } else { NO_PEER };
         tx.execute(
             "INSERT INTO reports (subject, kind, reason, count) VALUES (?1, ?2, ?3, 1)
-             ON CONFLICT(subject, kind, reason) DO UPDATE SET count = count + 1",
+             ON CONFLICT(subject, kind, reason) DO UPDATE SET count = reports.count + 1",
             params![pid(subject), kind, reason],
         )?;
         tx.commit()?;
@@ -1402,7 +1446,7 @@ impl Store {
 
     /// Of `chunks` on `holder`'s disk, those it keeps for nobody: no location and no
     /// pending placement on it ([`HELD_OR_COMING`]).
-    pub fn unknown_on(&self, holder: PeerId, chunks: &[ChunkId]) -> rusqlite::Result<Vec<ChunkId>> {
+    pub fn unknown_on(&self, holder: PeerId, chunks: &[ChunkId]) -> db::Result<Vec<ChunkId>> {
         let mut held = self.conn.prepare_cached(HELD_OR_COMING)?;
         let mut out = Vec::new();
         for c in chunks {
@@ -1419,7 +1463,7 @@ impl Store {
         id: PeerId,
         online_cutoff_ms: u64,
         now_s: u64,
-    ) -> rusqlite::Result<Option<(PeerRecord, u64, u64, u64)>> {
+    ) -> db::Result<Option<(PeerRecord, u64, u64, u64)>> {
         let Some(p) = self.peer(id)? else {
             return Ok(None);
         };
@@ -1430,7 +1474,7 @@ impl Store {
             |r| r.get(0),
         )?;
         let (online, total): (i64, i64) = self.conn.query_row(
-            "SELECT COALESCE(SUM(last_seen_ms >= ?1), 0), COUNT(*) FROM peers",
+            "SELECT COALESCE(SUM(CASE WHEN last_seen_ms >= ?1 THEN 1 ELSE 0 END), 0), COUNT(*) FROM peers",
             [online_cutoff_ms as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
@@ -1443,7 +1487,7 @@ impl Store {
         &self,
         seen_before_ms: u64,
         online_cutoff_ms: u64,
-    ) -> rusqlite::Result<Vec<PeerRecord>> {
+    ) -> db::Result<Vec<PeerRecord>> {
         let mut st = self.conn.prepare_cached(&format!(
             "SELECT {PEER_COLS} FROM peers WHERE last_seen_ms >= ?1 AND last_seen_ms < ?2"
         ))?;
@@ -1455,7 +1499,7 @@ impl Store {
     }
 
     /// A peer answered the server's own status check.
-    pub fn mark_seen(&mut self, id: PeerId, free_bytes: u64, now_ms: u64) -> rusqlite::Result<()> {
+    pub fn mark_seen(&mut self, id: PeerId, free_bytes: u64, now_ms: u64) -> db::Result<()> {
         self.conn.execute(
             "UPDATE peers SET free_bytes = ?2, last_seen_ms = ?3 WHERE id = ?1",
             params![
@@ -1469,7 +1513,7 @@ impl Store {
 
     /// Forget pending placements that expired more than `grace_s` ago, and universal
     /// grants no daemon accepts any more.
-    pub fn sweep_pending(&mut self, now_s: u64, grace_s: u64) -> rusqlite::Result<usize> {
+    pub fn sweep_pending(&mut self, now_s: u64, grace_s: u64) -> db::Result<usize> {
         self.conn.execute(
             "DELETE FROM universal_grants WHERE expires_s < ?1",
             [now_s.saturating_sub(TOKEN_SKEW_S) as i64],
@@ -1494,8 +1538,8 @@ impl Store {
         planned: &[Planned],
         expires_s: u64,
         now_s: u64,
-    ) -> rusqlite::Result<Vec<bool>> {
-        let tx = write_tx(&mut self.conn)?;
+    ) -> db::Result<Vec<bool>> {
+        let tx = self.conn.write_tx()?;
         let mut out = Vec::with_capacity(planned.len());
         {
             let mut shared = tx.prepare_cached(
@@ -1511,7 +1555,8 @@ impl Store {
                 "INSERT INTO universal_grants (chunk, holder, requester, expires_s)
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (chunk, holder, requester)
-                 DO UPDATE SET expires_s = MAX(expires_s, excluded.expires_s)",
+                 DO UPDATE SET expires_s = CASE WHEN excluded.expires_s > universal_grants.expires_s
+                   THEN excluded.expires_s ELSE universal_grants.expires_s END",
             )?;
             let live = now_s.saturating_sub(TOKEN_SKEW_S) as i64;
             for p in planned {
@@ -1540,10 +1585,10 @@ impl Store {
     }
 
     /// Figures for `/metrics`.
-    pub fn figures(&self, online_cutoff_ms: u64) -> rusqlite::Result<DbFigures> {
-        let one = |sql: &str| -> rusqlite::Result<u64> {
+    pub fn figures(&self, online_cutoff_ms: u64) -> db::Result<DbFigures> {
+        let one = |sql: &str| -> db::Result<u64> {
             self.conn
-                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .query_row(sql, params![], |r| r.get::<_, i64>(0))
                 .map(|v| v as u64)
         };
         let mut f = DbFigures {
@@ -1554,7 +1599,7 @@ impl Store {
                 |r| r.get::<_, i64>(0),
             )? as u64,
             locations: one("SELECT COUNT(*) FROM locations")?,
-            chunks: one("SELECT COUNT(*) FROM (SELECT DISTINCT owner, chunk FROM locations)")?,
+            chunks: one("SELECT COUNT(*) FROM (SELECT DISTINCT owner, chunk FROM locations) AS c")?,
             bytes: one("SELECT COALESCE(SUM(stored_bytes), 0) FROM peers")?,
             pending: one("SELECT COUNT(*) FROM pending")?,
             invites: one("SELECT COUNT(*) FROM invites")?,
@@ -1564,10 +1609,10 @@ impl Store {
             peers_suspended: one("SELECT COUNT(*) FROM peers WHERE standing = 1")?,
             peers_disqualified: one("SELECT COUNT(*) FROM peers WHERE standing = 2")?,
         };
-        let mut st = self
-            .conn
-            .prepare("SELECT subject, kind, reason, count FROM reports ORDER BY subject, kind")?;
-        let rows = st.query_map([], |r| {
+        let mut st = self.conn.prepare_cached(
+            "SELECT subject, kind, reason, count FROM reports ORDER BY subject, kind",
+        )?;
+        let rows = st.query_map(params![], |r| {
             Ok((
                 to_pid(r.get(0)?),
                 r.get::<_, String>(1)?,
@@ -1601,7 +1646,7 @@ impl Counts {
 
     /// Write what was added up. Also called before any decrement of the same counters
     /// (they clamp at zero), so the order of additions and removals stays as it was.
-    fn write(&mut self, c: &Connection) -> rusqlite::Result<()> {
+    fn write(&mut self, c: &Db) -> db::Result<()> {
         let mut st =
             c.prepare_cached("UPDATE peers SET stored_bytes = stored_bytes + ?2 WHERE id = ?1")?;
         for (owner, n) in self.stored.drain() {
@@ -1622,7 +1667,7 @@ impl Counts {
 struct Drops(HashMap<i64, bool>);
 
 impl Drops {
-    fn any(&mut self, c: &Connection, holder: i64) -> rusqlite::Result<bool> {
+    fn any(&mut self, c: &Db, holder: i64) -> db::Result<bool> {
         if let Some(any) = self.0.get(&holder) {
             return Ok(*any);
         }
@@ -1640,7 +1685,7 @@ impl Drops {
 
     /// `chunk` is (or is about to be) expected on `holder`: a drop order for it, queued
     /// earlier, would delete a chunk the server counts there.
-    fn cancel(&mut self, c: &Connection, holder: i64, chunk: &[u8]) -> rusqlite::Result<()> {
+    fn cancel(&mut self, c: &Db, holder: i64, chunk: &[u8]) -> db::Result<()> {
         if self.any(c, holder)? {
             c.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?
                 .execute(params![holder, chunk])?;
@@ -1656,7 +1701,7 @@ const HELD_OR_COMING: &str = "SELECT 1 FROM locations WHERE holder = ?1 AND chun
 
 /// A placement of `chunk` on `holder` was just recorded: a drop order for it, queued
 /// earlier, would now delete a chunk the server expects there.
-fn expect_on(c: &Connection, holder: i64, chunk: &[u8]) -> rusqlite::Result<()> {
+fn expect_on(c: &Db, holder: i64, chunk: &[u8]) -> db::Result<()> {
     c.prepare_cached("DELETE FROM drops WHERE holder = ?1 AND chunk = ?2")?
         .execute(params![holder, chunk])?;
     Ok(())
@@ -1666,11 +1711,11 @@ fn expect_on(c: &Connection, holder: i64, chunk: &[u8]) -> rusqlite::Result<()> 
 /// (peak-load mode). A copy of `owner`'s placed there could be read with that grant, so
 /// placements avoid them until the grant expires (with the daemons' clock skew).
 pub(crate) fn granted_to_others(
-    c: &Connection,
+    c: &Db,
     owner: PeerId,
     chunk: &ChunkId,
     now_s: u64,
-) -> rusqlite::Result<HashSet<PeerId>> {
+) -> db::Result<HashSet<PeerId>> {
     let mut st = c.prepare_cached(
         "SELECT DISTINCT holder FROM universal_grants
          WHERE chunk = ?1 AND requester != ?2 AND expires_s >= ?3",
@@ -1689,12 +1734,7 @@ pub(crate) fn granted_to_others(
 /// Delete one location: the owner stops paying for it, the holder stops counting it, and
 /// the holder is told to drop its copy unless it keeps that chunk for another owner.
 /// Returns whether the location existed.
-fn remove_location(
-    c: &Connection,
-    owner: i64,
-    chunk: &[u8],
-    holder: i64,
-) -> rusqlite::Result<bool> {
+fn remove_location(c: &Db, owner: i64, chunk: &[u8], holder: i64) -> db::Result<bool> {
     let size: Option<i64> = c
         .prepare_cached(
             "DELETE FROM locations WHERE owner = ?1 AND chunk = ?2 AND holder = ?3 RETURNING size",
@@ -1704,15 +1744,21 @@ fn remove_location(
     let Some(size) = size else {
         return Ok(false);
     };
-    c.prepare_cached("UPDATE peers SET stored_bytes = MAX(stored_bytes - ?2, 0) WHERE id = ?1")?
+    c.prepare_cached(
+        "UPDATE peers SET stored_bytes = CASE WHEN stored_bytes > ?2 THEN stored_bytes - ?2 ELSE 0 END
+         WHERE id = ?1",
+    )?
         .execute(params![owner, size])?;
-    c.prepare_cached("UPDATE peers SET held_bytes = MAX(held_bytes - ?2, 0) WHERE id = ?1")?
-        .execute(params![holder, size])?;
+    c.prepare_cached(
+        "UPDATE peers SET held_bytes = CASE WHEN held_bytes > ?2 THEN held_bytes - ?2 ELSE 0 END
+         WHERE id = ?1",
+    )?
+    .execute(params![holder, size])?;
     let still_held = c
         .prepare_cached(HELD_OR_COMING)?
         .exists(params![holder, chunk])?;
     if !still_held {
-        c.prepare_cached("INSERT OR IGNORE INTO drops (holder, chunk) VALUES (?1, ?2)")?
+        c.prepare_cached(DROP_ORDER)?
             .execute(params![holder, chunk])?;
     }
     Ok(true)
@@ -1770,21 +1816,21 @@ fn check_put(
 /// stripes) already at their target go to `plan.already_stored`; the stripes are
 /// recorded.
 fn missing_copies(
-    tx: &Transaction,
+    tx: &Tx<'_>,
     owner: PeerId,
     chunks: &[ChunkRef],
     stripes: &[api::StripeRef],
     replicas: u8,
     now_s: u64,
     plan: &mut PutPlan,
-) -> rusqlite::Result<Vec<Want>> {
+) -> db::Result<Vec<Want>> {
     let mut wants = Vec::new();
     // Universal grants exist only in peak-load mode: without any, no chunk needs
     // looking up.
     let any_grants = tx
         .prepare_cached("SELECT 1 FROM universal_grants LIMIT 1")?
-        .exists([])?;
-    let granted = |id: &ChunkId| -> rusqlite::Result<HashSet<PeerId>> {
+        .exists(params![])?;
+    let granted = |id: &ChunkId| -> db::Result<HashSet<PeerId>> {
         if any_grants {
             granted_to_others(tx, owner, id, now_s)
         } else {
@@ -1800,7 +1846,7 @@ fn missing_copies(
     };
     let mut st =
         tx.prepare_cached("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2")?;
-    let mut holders_of = |id: &ChunkId| -> rusqlite::Result<HashSet<PeerId>> {
+    let mut holders_of = |id: &ChunkId| -> db::Result<HashSet<PeerId>> {
         st.query_map(params![pid(owner), id.0.to_vec()], |r| {
             Ok(to_pid(r.get(0)?))
         })?
@@ -1846,7 +1892,7 @@ fn missing_copies(
 /// Refuse a put whose copies would take `me` past its quota: committed plus still
 /// pending bytes, every replica counted.
 fn check_quota(
-    tx: &Transaction,
+    tx: &Tx<'_>,
     me: &PeerRecord,
     wants: &[Want],
     policy: &Policy,
@@ -1888,11 +1934,11 @@ fn check_quota(
 /// `exclude`d, each with its room (the smaller of what its daemon reports free and
 /// what it lends beyond what it holds, less what is pending on it).
 fn candidates(
-    tx: &Transaction,
+    tx: &Tx<'_>,
     owner: PeerId,
     exclude: &[PeerId],
     policy: &Policy,
-) -> rusqlite::Result<Vec<(PeerRecord, u64)>> {
+) -> db::Result<Vec<(PeerRecord, u64)>> {
     let mut st = tx.prepare_cached(&format!(
         "SELECT {PEER_COLS}, (SELECT COALESCE(SUM(size), 0) FROM pending q
                               WHERE q.holder = peers.id AND q.expires_s > ?3)
@@ -1947,11 +1993,13 @@ fn check_stripe(st: &api::StripeRef) -> Result<(), StoreError> {
 }
 
 /// Remember which shards make up a striped chunk (the latest put wins).
-fn record_stripe(c: &Connection, owner: i64, st: &api::StripeRef) -> rusqlite::Result<()> {
+fn record_stripe(c: &Db, owner: i64, st: &api::StripeRef) -> db::Result<()> {
     let cb = st.chunk.0.to_vec();
     c.prepare_cached(
-        "INSERT OR REPLACE INTO stripes (owner, chunk, chunk_size, data, parity)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO stripes (owner, chunk, chunk_size, data, parity)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (owner, chunk) DO UPDATE SET chunk_size = excluded.chunk_size,
+           data = excluded.data, parity = excluded.parity",
     )?
     .execute(params![owner, cb, st.chunk_size, st.data, st.parity])?;
     c.prepare_cached("DELETE FROM stripe_shards WHERE owner = ?1 AND chunk = ?2")?
@@ -1966,11 +2014,7 @@ fn record_stripe(c: &Connection, owner: i64, st: &api::StripeRef) -> rusqlite::R
 }
 
 /// The stripe a chunk is stored as, if any.
-pub(crate) fn stripe_of(
-    c: &Connection,
-    owner: i64,
-    chunk: &[u8],
-) -> rusqlite::Result<Option<api::StripeRef>> {
+pub(crate) fn stripe_of(c: &Db, owner: i64, chunk: &[u8]) -> db::Result<Option<api::StripeRef>> {
     let head: Option<(u32, u8, u8)> = c
         .prepare_cached(
             "SELECT chunk_size, data, parity FROM stripes WHERE owner = ?1 AND chunk = ?2",
@@ -1992,7 +2036,7 @@ pub(crate) fn stripe_of(
                 size: r.get(1)?,
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<db::Result<Vec<_>>>()?;
     Ok(Some(api::StripeRef {
         chunk: ChunkId(blob32(chunk.to_vec())),
         chunk_size,
@@ -2016,4 +2060,19 @@ fn known_reason(r: &str) -> &'static str {
         .find(|k| **k == r)
         .copied()
         .unwrap_or("other")
+}
+
+/// A fresh store for unit tests: SQLite in `dir`, or, when `PEERSTASH_TEST_POSTGRES`
+/// names a PostgreSQL server (`postgres://user@host:port`), a new database on it.
+#[cfg(test)]
+pub(crate) fn test_store(dir: &Path) -> Store {
+    let Ok(server) = std::env::var("PEERSTASH_TEST_POSTGRES") else {
+        return Store::open(&dir.join("db")).unwrap();
+    };
+    let name = format!("store_test_{:016x}", random_u64().unwrap());
+    Db::postgres(&format!("{server}/postgres"))
+        .unwrap()
+        .execute_batch(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    Store::open_postgres(&format!("{server}/{name}")).unwrap()
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod postgres;
 pub mod relay;
 
 use std::net::{TcpListener, UdpSocket};

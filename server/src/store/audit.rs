@@ -20,10 +20,10 @@
 //! [`RESTORE_AT`] and [`RESTORE_UPTIME_AT`] it is in good standing again; suspended for
 //! longer than the caller's limit it is *disqualified* for good.
 
+use super::db::{self, params, OptionalExtension};
 use peerstash::{ChunkId, Fingerprint, PeerId};
-use rusqlite::{params, OptionalExtension};
 
-use super::{blob32, pid, to_pid, write_tx, Store};
+use super::{blob32, pid, to_pid, Store};
 
 /// A holder with fewer audits passed than this is audited four times as often.
 pub const NEW_PEER_AUDITS: i64 = 32;
@@ -122,16 +122,17 @@ impl Store {
         interval_ms: u64,
         online_cutoff_ms: u64,
         limit: usize,
-    ) -> rusqlite::Result<Vec<AuditTarget>> {
+    ) -> db::Result<Vec<AuditTarget>> {
         let now = now_ms as i64;
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         let due: Vec<AuditTarget> = {
             let mut st = tx.prepare_cached(
                 "SELECT l.owner, l.chunk, l.size, l.holder, p.quic_addr, p.fingerprint
                  FROM locations l JOIN peers p ON p.id = l.holder
                  WHERE l.audit_failed != 1 AND p.last_seen_ms >= ?2 AND p.standing < 2
-                   AND l.audited_ms <= ?1 - CASE WHEN p.audits_passed < ?4 THEN ?3 / 4
-                                                 ELSE ?3 END
+                   AND l.audited_ms + CASE WHEN p.audits_passed < ?4
+                                           THEN CAST(?3 AS BIGINT) / 4
+                                           ELSE CAST(?3 AS BIGINT) END <= ?1
                  ORDER BY l.audited_ms LIMIT ?5",
             )?;
             let rows = st.query_map(
@@ -153,7 +154,7 @@ impl Store {
                     })
                 },
             )?;
-            rows.collect::<rusqlite::Result<_>>()?
+            rows.collect::<db::Result<_>>()?
         };
         {
             let mut stamp = tx.prepare_cached(
@@ -175,12 +176,12 @@ impl Store {
 
     /// Recount every peer's storage-exchange credit: the bytes it holds for others whose
     /// copy passed an audit and has not failed one since. One pass over the locations.
-    pub fn recount_audited(&mut self) -> rusqlite::Result<()> {
+    pub fn recount_audited(&mut self) -> db::Result<()> {
         self.conn.execute(
             "UPDATE peers SET audited_bytes = COALESCE(
                  (SELECT SUM(size) FROM locations
                   WHERE holder = peers.id AND passed_ms > 0 AND audit_failed = 0), 0)",
-            [],
+            params![],
         )?;
         Ok(())
     }
@@ -193,8 +194,8 @@ impl Store {
         t: &AuditTarget,
         verdict: Verdict,
         now_ms: u64,
-    ) -> rusqlite::Result<Standing> {
-        let tx = write_tx(&mut self.conn)?;
+    ) -> db::Result<Standing> {
+        let tx = self.conn.write_tx()?;
         let mark = match verdict {
             Verdict::Passed => 0,
             Verdict::Bad => 1,
@@ -229,15 +230,18 @@ impl Store {
         let w = REPUTATION_WEIGHT;
         match verdict {
             Verdict::Unanswered => tx.execute(
-                "UPDATE peers SET audits_failed = audits_failed + 1, uptime = uptime * (1 - ?2)
+                "UPDATE peers SET audits_failed = audits_failed + 1, uptime = uptime * (1 - CAST(?2 AS DOUBLE PRECISION))
                  WHERE id = ?1",
                 params![pid(t.holder), w],
             )?,
             answered => tx.execute(
-                "UPDATE peers SET audits_passed = audits_passed + ?2,
-                                  audits_failed = audits_failed + 1 - ?2,
-                                  reputation = reputation * (1 - ?3) + ?3 * ?2,
-                                  uptime = uptime * (1 - ?3) + ?3
+                // (Casts: PostgreSQL gives each parameter one type.)
+                "UPDATE peers SET audits_passed = audits_passed + CAST(?2 AS BIGINT),
+                     audits_failed = audits_failed + 1 - CAST(?2 AS BIGINT),
+                     reputation = reputation * (1 - CAST(?3 AS DOUBLE PRECISION))
+                         + CAST(?3 AS DOUBLE PRECISION) * CAST(?2 AS BIGINT),
+                     uptime = uptime * (1 - CAST(?3 AS DOUBLE PRECISION))
+                         + CAST(?3 AS DOUBLE PRECISION)
                  WHERE id = ?1",
                 params![pid(t.holder), i64::from(answered == Verdict::Passed), w],
             )?,
@@ -268,10 +272,7 @@ impl Store {
     }
 
     /// Disqualify peers suspended before `suspended_before_ms`; returns them.
-    pub fn disqualify_suspended(
-        &mut self,
-        suspended_before_ms: u64,
-    ) -> rusqlite::Result<Vec<PeerId>> {
+    pub fn disqualify_suspended(&mut self, suspended_before_ms: u64) -> db::Result<Vec<PeerId>> {
         let mut st = self.conn.prepare_cached(
             "UPDATE peers SET standing = 2 WHERE standing = 1 AND suspended_ms < ?1
              RETURNING id",
@@ -281,14 +282,16 @@ impl Store {
     }
 
     /// Committed locations, every replica counted.
-    pub fn location_count(&self) -> rusqlite::Result<u64> {
+    pub fn location_count(&self) -> db::Result<u64> {
         self.conn
-            .query_row("SELECT COUNT(*) FROM locations", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT COUNT(*) FROM locations", params![], |r| {
+                r.get::<_, i64>(0)
+            })
             .map(|n| n as u64)
     }
 
     /// A peer's audit record.
-    pub fn audit_record(&self, id: PeerId) -> rusqlite::Result<Option<AuditRecord>> {
+    pub fn audit_record(&self, id: PeerId) -> db::Result<Option<AuditRecord>> {
         self.conn
             .query_row(
                 "SELECT audits_passed, audits_failed, reputation, uptime, standing

@@ -60,7 +60,7 @@ pub enum StoreError {
     LatestRoot(u64),
     /// The database failed.
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] super::db::Error),
     /// Something outside the database failed (randomness, sealing a key).
     #[error("{0}")]
     Internal(String),

@@ -10,13 +10,11 @@
 //! holder's location goes, and it is told to drop its copy if it ever comes back. An order
 //! that fails simply expires with its token, and the next scan queues the repair again.
 
+use super::db::{self, params, OptionalExtension, Tx};
 use peerstash::api::StripeRef;
 use peerstash::{ChunkId, Fingerprint, PeerId, TransactionId};
-use rusqlite::{params, OptionalExtension};
 
-use super::{
-    blob32, peer_row, pid, reserve_txids, to_pid, write_tx, Planned, Policy, Store, PEER_COLS,
-};
+use super::{blob32, peer_row, pid, reserve_txids, to_pid, Planned, Policy, Store, PEER_COLS};
 
 /// Tables of the incremental scan (created with the rest of the schema).
 ///
@@ -113,10 +111,10 @@ const WANT: &str = "CASE WHEN EXISTS (SELECT 1 FROM stripe_shards s
 /// queued fall short of what it wants, unless one is queued for that holder already.
 /// Returns how many it queued.
 fn queue_short(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Tx<'_>,
     todo: &[(i64, Vec<u8>, i64, i64, i64)],
     policy: &Policy,
-) -> rusqlite::Result<usize> {
+) -> db::Result<usize> {
     let now_s = (policy.now_ms / 1000) as i64;
     let online = policy.online_cutoff_ms as i64;
     let mut live = tx.prepare_cached(
@@ -129,7 +127,7 @@ fn queue_short(
          WHERE owner = ?1 AND chunk = ?2 AND expires_s > ?3 AND replaces IS NOT NULL",
     )?;
     let mut queued = tx.prepare_cached(
-        "SELECT COUNT(*), COALESCE(SUM(replaces = ?3), 0) FROM repairs
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN replaces = ?3 THEN 1 ELSE 0 END), 0) FROM repairs
          WHERE owner = ?1 AND chunk = ?2",
     )?;
     let mut queue = tx.prepare_cached(
@@ -165,11 +163,7 @@ impl Store {
     /// [`SCAN_BATCH`] a scan, behind a cursor ([`SCHEMA`]); later scans read only what is
     /// new: holders newly lost, locations that failed an audit, and repair orders whose
     /// token expired unconfirmed (queued again while their location is still lost).
-    pub fn scan_repairs(
-        &mut self,
-        lost_before_ms: u64,
-        policy: &Policy,
-    ) -> rusqlite::Result<RepairScan> {
+    pub fn scan_repairs(&mut self, lost_before_ms: u64, policy: &Policy) -> db::Result<RepairScan> {
         self.scan_repairs_bounded(lost_before_ms, policy, SCAN_BATCH)
     }
 
@@ -179,10 +173,10 @@ impl Store {
         lost_before_ms: u64,
         policy: &Policy,
         batch: usize,
-    ) -> rusqlite::Result<RepairScan> {
+    ) -> db::Result<RepairScan> {
         let now_s = (policy.now_ms / 1000) as i64;
         let lost_before = lost_before_ms as i64;
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         tx.execute(
             // Moot: the replaced location is gone, or no longer lost (its holder is back
             // in good standing and it passed its audits).
@@ -203,12 +197,15 @@ impl Store {
         )?;
         tx.execute(
             &format!(
-                "INSERT OR REPLACE INTO repair_cursors (holder, seen_ms, after_chunk, after_owner)
-                 SELECT p.id, p.last_seen_ms, X'', -9223372036854775808 FROM peers p
+                "INSERT INTO repair_cursors (holder, seen_ms, after_chunk, after_owner)
+                 SELECT p.id, p.last_seen_ms, ?2, -9223372036854775808 FROM peers p
                  LEFT JOIN repair_cursors c ON c.holder = p.id
-                 WHERE {LOST} AND (c.holder IS NULL OR c.seen_ms != p.last_seen_ms)"
+                 WHERE {LOST} AND (c.holder IS NULL OR c.seen_ms != p.last_seen_ms)
+                 ON CONFLICT (holder) DO UPDATE SET seen_ms = excluded.seen_ms,
+                   after_chunk = excluded.after_chunk, after_owner = excluded.after_owner,
+                   done = 0"
             ),
-            [lost_before],
+            params![lost_before, [0u8; 0]],
         )?;
         // What to look at: (owner, chunk, lost holder, size, copies wanted).
         let mut todo: Vec<(i64, Vec<u8>, i64, i64, i64)> = Vec::new();
@@ -219,8 +216,8 @@ impl Store {
                     "SELECT holder, after_chunk, after_owner FROM repair_cursors
                      WHERE done = 0 ORDER BY holder",
                 )?;
-                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                rows.collect::<rusqlite::Result<_>>()?
+                let rows = st.query_map(params![], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<db::Result<_>>()?
             };
             let mut read = tx.prepare_cached(&format!(
                 "SELECT l.owner, l.chunk, l.size, {WANT} FROM locations l
@@ -242,7 +239,7 @@ impl Store {
                         params![holder, after_chunk, after_owner, room as i64],
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                     )?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .collect::<db::Result<_>>()?;
                 scan.read += rows.len();
                 let done = rows.len() < room;
                 let (last_chunk, last_owner) = match rows.last() {
@@ -277,7 +274,7 @@ impl Store {
             }
         }
         scan.queued = queue_short(&tx, &todo, policy)?;
-        tx.execute("DELETE FROM repair_ready", [])?;
+        tx.execute("DELETE FROM repair_ready", params![])?;
         tx.execute(
             "INSERT INTO repair_ready (owner, chunk, replaces, queued_ms)
              SELECT r.owner, r.chunk, r.replaces, r.queued_ms FROM repairs r
@@ -289,11 +286,12 @@ impl Store {
                            WHERE s.owner = r.owner AND s.shard = r.chunk)",
             [policy.online_cutoff_ms as i64],
         )?;
-        scan.waiting =
-            tx.query_row("SELECT COUNT(*) FROM repairs", [], |r| r.get::<_, i64>(0))? as usize;
+        scan.waiting = tx.query_row("SELECT COUNT(*) FROM repairs", params![], |r| {
+            r.get::<_, i64>(0)
+        })? as usize;
         scan.below_target = tx.query_row(
             "SELECT COUNT(*) FROM (SELECT owner, chunk FROM repairs UNION
-               SELECT owner, chunk FROM pending WHERE replaces IS NOT NULL AND expires_s > ?1)",
+               SELECT owner, chunk FROM pending WHERE replaces IS NOT NULL AND expires_s > ?1) AS below",
             [now_s],
             |r| r.get::<_, i64>(0),
         )? as usize;
@@ -310,10 +308,10 @@ impl Store {
         target: PeerId,
         policy: &Policy,
         max: usize,
-    ) -> rusqlite::Result<Vec<RepairPlan>> {
+    ) -> db::Result<Vec<RepairPlan>> {
         let now_s = (policy.now_ms / 1000) as i64;
         let online = policy.online_cutoff_ms as i64;
-        let tx = write_tx(&mut self.conn)?;
+        let tx = self.conn.write_tx()?;
         let me = tx
             .query_row(
                 &format!(
@@ -355,7 +353,7 @@ impl Store {
             let rows = st.query_map(params![pid(target), (max * 4) as i64, live], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })?;
-            rows.collect::<rusqlite::Result<_>>()?
+            rows.collect::<db::Result<_>>()?
         };
         let mut chosen: Vec<(i64, Vec<u8>, i64, i64, Sourcing)> = Vec::new();
         {
@@ -527,7 +525,7 @@ impl Store {
 
     /// Committed locations on `holder` (a peer that left for good should have none once
     /// its chunks are repaired; the churn simulation checks this).
-    pub fn locations_on(&self, holder: PeerId) -> rusqlite::Result<u64> {
+    pub fn locations_on(&self, holder: PeerId) -> db::Result<u64> {
         self.conn
             .query_row(
                 "SELECT COUNT(*) FROM locations WHERE holder = ?1",
@@ -540,11 +538,7 @@ impl Store {
     /// An owner's durability: (chunks stored, chunks below target, its replica target).
     /// A replicated chunk is below target with fewer online holders than the target; a
     /// striped chunk, with any of its shards lacking an online holder.
-    pub fn durability(
-        &self,
-        owner: PeerId,
-        online_cutoff_ms: u64,
-    ) -> rusqlite::Result<(u64, u64, u8)> {
+    pub fn durability(&self, owner: PeerId, online_cutoff_ms: u64) -> db::Result<(u64, u64, u8)> {
         let want: i64 = self
             .conn
             .query_row(
@@ -555,18 +549,19 @@ impl Store {
             .optional()?
             .unwrap_or(0);
         let (plain, plain_below): (i64, i64) = self.conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(live < ?3), 0) FROM
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN live < ?3 THEN 1 ELSE 0 END), 0) FROM
                (SELECT l.chunk,
-                  SUM(p.last_seen_ms >= ?2 AND l.audit_failed = 0 AND p.standing = 0) AS live
+                  SUM(CASE WHEN p.last_seen_ms >= ?2 AND l.audit_failed = 0 AND p.standing = 0
+                      THEN 1 ELSE 0 END) AS live
                 FROM locations l JOIN peers p ON p.id = l.holder
                 WHERE l.owner = ?1 AND NOT EXISTS
                   (SELECT 1 FROM stripe_shards s WHERE s.owner = l.owner AND s.shard = l.chunk)
-                GROUP BY l.chunk)",
+                GROUP BY l.chunk) AS per_chunk",
             params![pid(owner), online_cutoff_ms as i64, want],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let (striped, striped_below): (i64, i64) = self.conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(ok < data + parity), 0) FROM
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN ok < data + parity THEN 1 ELSE 0 END), 0) FROM
                (SELECT st.data, st.parity,
                   (SELECT COUNT(*) FROM stripe_shards s
                    WHERE s.owner = st.owner AND s.chunk = st.chunk AND EXISTS
@@ -574,7 +569,7 @@ impl Store {
                       WHERE l.owner = s.owner AND l.chunk = s.shard
                         AND p.last_seen_ms >= ?2 AND l.audit_failed = 0
                         AND p.standing = 0)) AS ok
-                FROM stripes st WHERE st.owner = ?1)",
+                FROM stripes st WHERE st.owner = ?1) AS per_stripe",
             params![pid(owner), online_cutoff_ms as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
@@ -632,7 +627,7 @@ pub(super) mod tests_support {
     /// A fresh store with an owner and four peers that just sent a heartbeat at `t0`.
     pub fn four_peers_and_an_owner() -> (tempfile::TempDir, Store, PeerId, Vec<PeerId>, u64) {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("db")).unwrap();
+        let mut s = crate::store::test_store(dir.path());
         let t0 = 1_000_000_000u64;
         let owner = peer(&mut s, "owner", t0);
         let ps: Vec<PeerId> = (0..4).map(|i| peer(&mut s, &format!("p{i}"), t0)).collect();
@@ -645,12 +640,12 @@ pub(super) mod tests_support {
     pub fn holders(s: &Store, owner: PeerId, c: ChunkId) -> Vec<PeerId> {
         let mut st = s
             .conn
-            .prepare("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2 ")
+            .prepare_cached("SELECT holder FROM locations WHERE owner = ?1 AND chunk = ?2 ")
             .unwrap();
         let mut v: Vec<PeerId> = st
             .query_map(params![pid(owner), c.0.to_vec()], |r| Ok(to_pid(r.get(0)?)))
             .unwrap()
-            .collect::<rusqlite::Result<_>>()
+            .collect::<db::Result<_>>()
             .unwrap();
         v.sort_by_key(|p| p.0);
         v
@@ -684,14 +679,20 @@ mod tests {
             .confirm_batch_deferred(&[(p.target, p.txid, &[chunk(1).id][..])])
             .unwrap();
         assert_eq!(done[0].committed, 1);
-        let w = s.wal.clone().expect("the log is open");
         let barrier = s.barrier();
-        assert!(
-            barrier.upto > w.synced.load(Ordering::Acquire),
-            "not synced yet"
-        );
-        wal.sync().unwrap();
-        assert!(w.synced.load(Ordering::Acquire) >= barrier.upto);
+        if s.dialect() == crate::store::db::Dialect::Sqlite {
+            let w = s.wal.clone().expect("the log is open");
+            assert!(
+                barrier.upto > w.synced.load(Ordering::Acquire),
+                "not synced yet"
+            );
+            wal.sync().unwrap();
+            assert!(w.synced.load(Ordering::Acquire) >= barrier.upto);
+        } else {
+            // PostgreSQL's commits are durable when they return: nothing to sync.
+            assert!(s.wal.is_none());
+            wal.sync().unwrap();
+        }
         // Stored again: the answer rests on that location.
         let again = s.put(owner, &[chunk(1)], 1, &[], &policy(now)).unwrap();
         assert!(again.found_locations);
@@ -836,11 +837,11 @@ mod tests {
         let queued: Vec<(Vec<u8>, i64)> = {
             let mut st = s
                 .conn
-                .prepare("SELECT chunk, replaces FROM repairs ORDER BY chunk")
+                .prepare_cached("SELECT chunk, replaces FROM repairs ORDER BY chunk")
                 .unwrap();
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            st.query_map(params![], |r| Ok((r.get(0)?, r.get(1)?)))
                 .unwrap()
-                .collect::<rusqlite::Result<_>>()
+                .collect::<db::Result<_>>()
                 .unwrap()
         };
         let want: Vec<(Vec<u8>, i64)> = chunks
@@ -971,7 +972,7 @@ mod tests {
         s.release(owner, &[chunk.id, other.id]).unwrap();
         let left: i64 = s
             .conn
-            .query_row("SELECT COUNT(*) FROM repairs", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM repairs", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0);
     }
@@ -1075,7 +1076,7 @@ mod stripe_tests {
         s.release(owner, &[st.chunk]).unwrap();
         let left: i64 = s
             .conn
-            .query_row("SELECT COUNT(*) FROM locations", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM locations", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0);
         let (_, missing, _) = s.get(owner, &[st.chunk], 0).unwrap();
