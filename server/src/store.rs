@@ -156,6 +156,134 @@ CREATE TABLE IF NOT EXISTS reports (
 ) WITHOUT ROWID;
 ";
 
+/// Chunk ids looked up per statement ([`by_chunk`]), and rows written per statement
+/// ([`insert_rows`]), on PostgreSQL: one round trip instead of one per chunk, which is
+/// what a put, a confirm or a get costs there (a round trip to the database is ~100 µs).
+/// On SQLite a statement costs no round trip, and one per row is faster (an `IN` list
+/// makes it build an index for each run).
+fn rows_per_statement(c: &Db) -> usize {
+    match c.dialect() {
+        db::Dialect::Sqlite => 1,
+        db::Dialect::Postgres => 32,
+    }
+}
+
+/// `sql` (with `{ids}` where an `IN` list of [`rows_per_statement`] parameters goes,
+/// after the `fixed` ones: `?1`… are `fixed`) run over `ids`, [`rows_per_statement`] at a
+/// time: its rows, each through `f`, grouped by their first column (the chunk id). A
+/// last short batch is padded with its first id (a repeated id in an `IN` list changes
+/// nothing), so every statement has the same text and is prepared once.
+fn by_chunk<T>(
+    c: &Db,
+    sql: &str,
+    fixed: &[&dyn db::Param],
+    ids: &[ChunkId],
+    mut f: impl FnMut(&db::Row<'_>) -> db::Result<T>,
+) -> db::Result<HashMap<ChunkId, Vec<T>>> {
+    let per = rows_per_statement(c);
+    let first = fixed.len() + 1;
+    let list: Vec<String> = (first..first + per).map(|i| format!("?{i}")).collect();
+    let mut st = c.prepare_cached(&sql.replace("{ids}", &list.join(", ")))?;
+    let mut out: HashMap<ChunkId, Vec<T>> = HashMap::new();
+    for batch in ids.chunks(per) {
+        let mut args: Vec<&dyn db::Param> = Vec::with_capacity(fixed.len() + per);
+        args.extend_from_slice(fixed);
+        for i in 0..per {
+            args.push(&batch.get(i).unwrap_or(&batch[0]).0);
+        }
+        for row in st.query_map(&args[..], |r| Ok((ChunkId(blob32(r.get(0)?)), f(r)?)))? {
+            let (id, v) = row?;
+            out.entry(id).or_default().push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// A pending placement a confirm took: owner, size, the lost holder it replaces.
+type Taken = (i64, i64, Option<i64>);
+
+/// A pending placement to record.
+struct PendingRow {
+    txid: i64,
+    chunk: [u8; 32],
+    holder: i64,
+    owner: i64,
+    size: i64,
+    expires_s: i64,
+}
+
+/// Record pending placements.
+fn insert_pending(c: &Db, rows: &[PendingRow]) -> db::Result<()> {
+    let values: Vec<Vec<db::Value<'_>>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                db::Value::Int(r.txid),
+                db::Value::Blob(&r.chunk),
+                db::Value::Int(r.holder),
+                db::Value::Int(r.owner),
+                db::Value::Int(r.size),
+                db::Value::Int(r.expires_s),
+            ]
+        })
+        .collect();
+    insert_rows(
+        c,
+        "INSERT INTO pending (txid, chunk, holder, owner, size, expires_s)",
+        "",
+        &values,
+        |_| Ok(()),
+    )?;
+    Ok(())
+}
+
+/// `{head} VALUES (…), (…) {tail}` for every row of `rows` (all of one length),
+/// [`rows_per_statement`] rows per statement and the rest one by one, so that every
+/// statement text is one of two, each prepared once: what the statements return (a
+/// `RETURNING` tail), each row through `f`.
+fn insert_rows<T>(
+    c: &Db,
+    head: &str,
+    tail: &str,
+    rows: &[Vec<db::Value<'_>>],
+    mut f: impl FnMut(&db::Row<'_>) -> db::Result<T>,
+) -> db::Result<Vec<T>> {
+    let Some(width) = rows.first().map(Vec::len) else {
+        return Ok(Vec::new());
+    };
+    let sql = |n: usize| -> String {
+        let tuples: Vec<String> = (0..n)
+            .map(|i| {
+                let params: Vec<String> =
+                    (1..=width).map(|k| format!("?{}", i * width + k)).collect();
+                format!("({})", params.join(", "))
+            })
+            .collect();
+        format!("{head} VALUES {} {tail}", tuples.join(", "))
+    };
+    let mut out = Vec::new();
+    let per = rows_per_statement(c);
+    let mut batches = rows.chunks_exact(per);
+    if batches.len() > 0 {
+        let mut many = c.prepare_cached(&sql(per))?;
+        for batch in &mut batches {
+            let flat: Vec<db::Value<'_>> = batch.iter().flatten().copied().collect();
+            for r in many.query_map(flat, &mut f)? {
+                out.push(r?);
+            }
+        }
+    }
+    if !batches.remainder().is_empty() {
+        let mut one = c.prepare_cached(&sql(1))?;
+        for row in batches.remainder() {
+            for r in one.query_map(row.clone(), &mut f)? {
+                out.push(r?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A drop order for a holder (once).
 const DROP_ORDER: &str = "INSERT INTO drops (holder, chunk) VALUES (?1, ?2) ON CONFLICT DO NOTHING";
 
@@ -937,24 +1065,21 @@ impl Store {
         targets.sort_unstable();
         let r = reserve_txids(&tx, self.next_txid, self.txid_hwm, targets.len() as u64)?;
         {
-            let mut ins = tx.prepare_cached(
-                "INSERT INTO pending (txid, chunk, holder, owner, size, expires_s)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
+            let mut rows = Vec::new();
             let mut drops = Drops::default();
             for (k, i) in targets.iter().enumerate() {
                 let txid = TransactionId(r.first + k as u64);
                 let p = &cands[*i].0;
                 let grants = assign.remove(i).unwrap_or_default();
                 for (c, size) in &grants {
-                    ins.execute(params![
-                        txid.0 as i64,
-                        c.0.to_vec(),
-                        pid(p.id),
-                        pid(owner),
-                        i64::from(*size),
-                        policy.expires_s as i64
-                    ])?;
+                    rows.push(PendingRow {
+                        txid: txid.0 as i64,
+                        chunk: c.0,
+                        holder: pid(p.id),
+                        owner: pid(owner),
+                        size: i64::from(*size),
+                        expires_s: policy.expires_s as i64,
+                    });
                     drops.cancel(&tx, pid(p.id), &c.0)?;
                 }
                 plan.placements.push(Planned {
@@ -966,6 +1091,7 @@ impl Store {
                     online: true,
                 });
             }
+            insert_pending(&tx, &rows)?;
         }
         tx.commit()?;
         self.next_txid = r.next;
@@ -1071,15 +1197,6 @@ impl Store {
         let mut out = Vec::with_capacity(batch.len());
         let mut repaired = 0;
         {
-            // Finding and deleting the placement in one statement.
-            let mut take = tx.prepare_cached(
-                "DELETE FROM pending WHERE txid = ?1 AND chunk = ?2 AND holder = ?3
-                 RETURNING owner, size, replaces",
-            )?;
-            let mut ins = tx.prepare_cached(
-                "INSERT INTO locations (owner, chunk, holder, size) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT DO NOTHING",
-            )?;
             let mut held = tx.prepare_cached(HELD_OR_COMING)?;
             let mut located =
                 tx.prepare_cached("SELECT 1 FROM locations WHERE holder = ?1 AND chunk = ?2")?;
@@ -1092,16 +1209,48 @@ impl Store {
                 let (holder, txid) = (*holder, *txid);
                 let mut committed = 0;
                 let mut unexpected = Vec::new();
-                for c in chunks.iter() {
+                // Every placement this confirm names, found and deleted in one statement
+                // per [`rows_per_statement`] chunks; then their locations, written so too.
+                let mut taken = by_chunk(
+                    &tx,
+                    "DELETE FROM pending WHERE txid = ?1 AND holder = ?2 AND chunk IN ({ids})
+                     RETURNING chunk, owner, size, replaces",
+                    &[&(txid.0 as i64), &pid(holder)],
+                    chunks,
+                    |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get(3)?)),
+                )?;
+                // In the confirm's order; a chunk named twice is taken once.
+                let rows: Vec<(&ChunkId, Option<Taken>)> = chunks
+                    .iter()
+                    .map(|c| (c, taken.get_mut(c).and_then(Vec::pop)))
+                    .collect();
+                let holder_id = pid(holder);
+                let new_locations: Vec<Vec<db::Value<'_>>> = rows
+                    .iter()
+                    .filter_map(|(c, row)| {
+                        let (owner, size, _) = (*row)?;
+                        Some(vec![
+                            db::Value::Int(owner),
+                            db::Value::Blob(&c.0),
+                            db::Value::Int(holder_id),
+                            db::Value::Int(size),
+                        ])
+                    })
+                    .collect();
+                let inserted: HashSet<ChunkId> = insert_rows(
+                    &tx,
+                    "INSERT INTO locations (owner, chunk, holder, size)",
+                    "ON CONFLICT DO NOTHING RETURNING chunk",
+                    &new_locations,
+                    |r| Ok(ChunkId(blob32(r.get(0)?))),
+                )?
+                .into_iter()
+                .collect();
+                for (c, row) in rows {
                     let cb = c.0.to_vec();
-                    let row: Option<(i64, i64, Option<i64>)> = take
-                        .query_row(params![txid.0 as i64, cb, pid(holder)], |r| {
-                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                        })
-                        .optional()?;
                     match row {
                         Some((owner, size, replaces)) => {
-                            if ins.execute(params![owner, cb, pid(holder), size])? == 1 {
+                            if inserted.contains(c) {
                                 counts.add(owner, pid(holder), size);
                                 committed += 1;
                                 // A repair copy takes the lost holder's place: that
@@ -1164,29 +1313,40 @@ impl Store {
         let mut stripes = Vec::new();
         let mut seen = HashSet::new();
         {
+            // Each chunk's holders: (chunk, holder, size, address, fingerprint, last seen).
+            type Found = (ChunkId, PeerId, u32, String, Fingerprint, u64);
+            let row = |id: ChunkId, r: &db::Row<'_>| -> db::Result<Found> {
+                Ok((
+                    id,
+                    to_pid(r.get(1)?),
+                    r.get::<_, i64>(2)? as u32,
+                    r.get::<_, String>(3)?,
+                    Fingerprint(blob32(r.get(4)?)),
+                    r.get::<_, i64>(5)? as u64,
+                ))
+            };
+            const HOLDERS: &str = "SELECT l.chunk, l.holder, l.size, p.quic_addr, p.fingerprint,
+                                          p.last_seen_ms
+                 FROM locations l JOIN peers p ON p.id = l.holder
+                 WHERE l.owner = ?1 AND l.audit_failed != 1 AND l.chunk IN ({ids})";
+            let mut found_of = by_chunk(&tx, HOLDERS, &[&pid(owner)], chunks, |r| {
+                row(ChunkId(blob32(r.get(0)?)), r)
+            })?;
             let mut st = tx.prepare_cached(
-                "SELECT l.holder, l.size, p.quic_addr, p.fingerprint, p.last_seen_ms
+                "SELECT l.chunk, l.holder, l.size, p.quic_addr, p.fingerprint, p.last_seen_ms
                  FROM locations l JOIN peers p ON p.id = l.holder
                  WHERE l.owner = ?1 AND l.chunk = ?2 AND l.audit_failed != 1",
             )?;
+            // A stripe's shards, one at a time (stripes are rare and few).
             let mut holders_of = |id: &ChunkId| -> db::Result<Vec<_>> {
-                st.query_map(params![pid(owner), id.0.to_vec()], |r| {
-                    Ok((
-                        *id,
-                        to_pid(r.get(0)?),
-                        r.get::<_, i64>(1)? as u32,
-                        r.get::<_, String>(2)?,
-                        Fingerprint(blob32(r.get(3)?)),
-                        r.get::<_, i64>(4)? as u64,
-                    ))
-                })?
-                .collect()
+                st.query_map(params![pid(owner), id.0.to_vec()], |r| row(*id, r))?
+                    .collect()
             };
             for c in chunks {
                 if !seen.insert(*c) {
                     continue;
                 }
-                let mut found = holders_of(c)?;
+                let mut found = found_of.remove(c).unwrap_or_default();
                 if found.is_empty() {
                     // A striped chunk: its shards' holders instead.
                     if let Some(stripe) = stripe_of(&tx, pid(owner), &c.0)? {
@@ -1852,8 +2012,19 @@ fn missing_copies(
         })?
         .collect()
     };
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    let holders_of_chunk = by_chunk(
+        tx,
+        "SELECT chunk, holder FROM locations WHERE owner = ?1 AND chunk IN ({ids})",
+        &[&pid(owner)],
+        &ids,
+        |r| Ok(to_pid(r.get(1)?)),
+    )?;
     for c in chunks {
-        let holders = holders_of(&c.id)?;
+        let holders: HashSet<PeerId> = holders_of_chunk
+            .get(&c.id)
+            .map(|h| h.iter().copied().collect())
+            .unwrap_or_default();
         plan.found_locations |= !holders.is_empty();
         if holders.len() >= replicas as usize {
             plan.already_stored.push(c.id);

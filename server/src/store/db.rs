@@ -172,6 +172,11 @@ impl<T: Param + ?Sized> Params for &[&T] {
         self.iter().map(|p| p.value()).collect()
     }
 }
+impl Params for Vec<Value<'_>> {
+    fn values(&self) -> Vec<Value<'_>> {
+        self.clone()
+    }
+}
 impl<T: Param, const N: usize> Params for [T; N] {
     fn values(&self) -> Vec<Value<'_>> {
         self.iter().map(|p| p.value()).collect()
@@ -593,20 +598,7 @@ impl Db {
 
     /// Run one statement; the rows it changed.
     pub fn execute<P: Params>(&self, sql: &str, params: P) -> Result<usize> {
-        let values = params.values();
-        match &self.0 {
-            Backend::Sqlite(c) => {
-                let mut st = c.prepare_cached(sql)?;
-                Ok(st.execute(rusqlite::params_from_iter(binds(&values)))?)
-            }
-            Backend::Postgres(p) => {
-                let mut p = p.borrow_mut();
-                let st = p.statement(sql)?;
-                let binds = binds(&values);
-                let refs = pg_refs(&binds);
-                Ok(p.c().execute(&st, &refs)? as usize)
-            }
-        }
+        self.prepare_cached(sql)?.execute(params)
     }
 
     /// Every row of a query, each through `f`.
@@ -614,31 +606,9 @@ impl Db {
         &self,
         sql: &str,
         params: P,
-        mut f: impl FnMut(&Row<'_>) -> Result<T>,
+        f: impl FnMut(&Row<'_>) -> Result<T>,
     ) -> Result<std::vec::IntoIter<Result<T>>> {
-        let values = params.values();
-        let mut out = Vec::new();
-        match &self.0 {
-            Backend::Sqlite(c) => {
-                let mut st = c.prepare_cached(sql)?;
-                let mut rows = st.query(rusqlite::params_from_iter(binds(&values)))?;
-                while let Some(r) = rows.next()? {
-                    out.push(f(&Row(RowInner::Sqlite(r))));
-                }
-            }
-            Backend::Postgres(p) => {
-                // Fetched whole before `f` runs, so `f` may query again.
-                let rows = {
-                    let mut p = p.borrow_mut();
-                    let st = p.statement(sql)?;
-                    let binds = binds(&values);
-                    let refs = pg_refs(&binds);
-                    p.c().query(&st, &refs)?
-                };
-                out.extend(rows.iter().map(|r| f(&Row(RowInner::Postgres(r)))));
-            }
-        }
-        Ok(out.into_iter())
+        self.prepare_cached(sql)?.query_map(params, f)
     }
 
     /// The first row of a query through `f`; [`Error::NoRows`] when there is none.
@@ -648,32 +618,7 @@ impl Db {
         params: P,
         f: impl FnOnce(&Row<'_>) -> Result<T>,
     ) -> Result<T> {
-        let values = params.values();
-        match &self.0 {
-            Backend::Sqlite(c) => {
-                let mut st = c.prepare_cached(sql)?;
-                let mut rows = st.query(rusqlite::params_from_iter(binds(&values)))?;
-                match rows.next()? {
-                    Some(r) => f(&Row(RowInner::Sqlite(r))),
-                    None => Err(Error::NoRows),
-                }
-            }
-            Backend::Postgres(p) => {
-                let row = {
-                    let mut p = p.borrow_mut();
-                    let st = p.statement(sql)?;
-                    let binds = binds(&values);
-                    let refs = pg_refs(&binds);
-                    // The first row is what is asked for, as rusqlite's query_row.
-                    let mut rows = p.c().query_raw(&st, refs)?;
-                    postgres::fallible_iterator::FallibleIterator::next(&mut rows)?
-                };
-                match row {
-                    Some(r) => f(&Row(RowInner::Postgres(&r))),
-                    None => Err(Error::NoRows),
-                }
-            }
-        }
+        self.prepare_cached(sql)?.query_row(params, f)
     }
 
     /// Whether a query returns any row.
@@ -685,10 +630,13 @@ impl Db {
 
     /// A statement to run (maybe many times); prepared once per connection either way.
     pub fn prepare_cached<'a>(&'a self, sql: &str) -> Result<Stmt<'a>> {
-        Ok(Stmt {
-            db: self,
-            sql: sql.to_string(),
-        })
+        Ok(Stmt(match &self.0 {
+            Backend::Sqlite(c) => StmtInner::Sqlite(c.prepare_cached(sql)?),
+            Backend::Postgres(p) => StmtInner::Postgres {
+                conn: p,
+                sql: sql.to_string(),
+            },
+        }))
     }
 
     /// A transaction that may write: it waits for the database's write lock first (the
@@ -731,25 +679,62 @@ impl Db {
     }
 }
 
-/// A statement from [`Db::prepare_cached`].
-pub struct Stmt<'a> {
-    db: &'a Db,
-    sql: String,
+/// A statement from [`Db::prepare_cached`]. On SQLite it holds the prepared statement
+/// while it lives: a statement run again without going back to the cache keeps its
+/// bindings, and SQLite does not prepare again a statement whose plan depends on them
+/// (a partial index's condition).
+pub struct Stmt<'a>(StmtInner<'a>);
+
+enum StmtInner<'a> {
+    Sqlite(rusqlite::CachedStatement<'a>),
+    Postgres {
+        conn: &'a RefCell<PgConn>,
+        sql: String,
+    },
 }
 
 impl Stmt<'_> {
     /// Run it; the rows it changed.
     pub fn execute<P: Params>(&mut self, params: P) -> Result<usize> {
-        self.db.execute(&self.sql, params)
+        let values = params.values();
+        match &mut self.0 {
+            StmtInner::Sqlite(st) => Ok(st.execute(rusqlite::params_from_iter(binds(&values)))?),
+            StmtInner::Postgres { conn, sql } => {
+                let mut p = conn.borrow_mut();
+                let st = p.statement(sql)?;
+                let binds = binds(&values);
+                Ok(p.c().execute(&st, &pg_refs(&binds))? as usize)
+            }
+        }
     }
 
     /// Every row, each through `f`.
     pub fn query_map<T, P: Params>(
         &mut self,
         params: P,
-        f: impl FnMut(&Row<'_>) -> Result<T>,
+        mut f: impl FnMut(&Row<'_>) -> Result<T>,
     ) -> Result<std::vec::IntoIter<Result<T>>> {
-        self.db.query_map(&self.sql, params, f)
+        let values = params.values();
+        let mut out = Vec::new();
+        match &mut self.0 {
+            StmtInner::Sqlite(st) => {
+                let mut rows = st.query(rusqlite::params_from_iter(binds(&values)))?;
+                while let Some(r) = rows.next()? {
+                    out.push(f(&Row(RowInner::Sqlite(r))));
+                }
+            }
+            StmtInner::Postgres { conn, sql } => {
+                // Fetched whole before `f` runs, so `f` may query again.
+                let rows = {
+                    let mut p = conn.borrow_mut();
+                    let st = p.statement(sql)?;
+                    let binds = binds(&values);
+                    p.c().query(&st, &pg_refs(&binds))?
+                };
+                out.extend(rows.iter().map(|r| f(&Row(RowInner::Postgres(r)))));
+            }
+        }
+        Ok(out.into_iter())
     }
 
     /// The first row through `f`; [`Error::NoRows`] when there is none.
@@ -758,12 +743,37 @@ impl Stmt<'_> {
         params: P,
         f: impl FnOnce(&Row<'_>) -> Result<T>,
     ) -> Result<T> {
-        self.db.query_row(&self.sql, params, f)
+        let values = params.values();
+        match &mut self.0 {
+            StmtInner::Sqlite(st) => {
+                let mut rows = st.query(rusqlite::params_from_iter(binds(&values)))?;
+                match rows.next()? {
+                    Some(r) => f(&Row(RowInner::Sqlite(r))),
+                    None => Err(Error::NoRows),
+                }
+            }
+            StmtInner::Postgres { conn, sql } => {
+                let row = {
+                    let mut p = conn.borrow_mut();
+                    let st = p.statement(sql)?;
+                    let binds = binds(&values);
+                    // The first row is what is asked for, as rusqlite's query_row.
+                    let mut rows = p.c().query_raw(&st, pg_refs(&binds))?;
+                    postgres::fallible_iterator::FallibleIterator::next(&mut rows)?
+                };
+                match row {
+                    Some(r) => f(&Row(RowInner::Postgres(&r))),
+                    None => Err(Error::NoRows),
+                }
+            }
+        }
     }
 
     /// Whether it returns any row.
     pub fn exists<P: Params>(&mut self, params: P) -> Result<bool> {
-        self.db.exists(&self.sql, params)
+        self.query_row(params, |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
     }
 }
 
