@@ -698,7 +698,9 @@ impl Stmt<'_> {
     pub fn execute<P: Params>(&mut self, params: P) -> Result<usize> {
         let values = params.values();
         match &mut self.0 {
-            StmtInner::Sqlite(st) => Ok(st.execute(rusqlite::params_from_iter(binds(&values)))?),
+            StmtInner::Sqlite(st) => {
+                Ok(st.execute(rusqlite::params_from_iter(values.iter().map(|v| Bind(*v))))?)
+            }
             StmtInner::Postgres { conn, sql } => {
                 let mut p = conn.borrow_mut();
                 let st = p.statement(sql)?;
@@ -718,7 +720,8 @@ impl Stmt<'_> {
         let mut out = Vec::new();
         match &mut self.0 {
             StmtInner::Sqlite(st) => {
-                let mut rows = st.query(rusqlite::params_from_iter(binds(&values)))?;
+                let mut rows =
+                    st.query(rusqlite::params_from_iter(values.iter().map(|v| Bind(*v))))?;
                 while let Some(r) = rows.next()? {
                     out.push(f(&Row(RowInner::Sqlite(r))));
                 }
@@ -746,7 +749,8 @@ impl Stmt<'_> {
         let values = params.values();
         match &mut self.0 {
             StmtInner::Sqlite(st) => {
-                let mut rows = st.query(rusqlite::params_from_iter(binds(&values)))?;
+                let mut rows =
+                    st.query(rusqlite::params_from_iter(values.iter().map(|v| Bind(*v))))?;
                 match rows.next()? {
                     Some(r) => f(&Row(RowInner::Sqlite(r))),
                     None => Err(Error::NoRows),
