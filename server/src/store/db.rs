@@ -623,9 +623,7 @@ impl Db {
 
     /// Whether a query returns any row.
     pub fn exists<P: Params>(&self, sql: &str, params: P) -> Result<bool> {
-        self.query_row(sql, params, |_| Ok(()))
-            .optional()
-            .map(|r| r.is_some())
+        self.prepare_cached(sql)?.exists(params)
     }
 
     /// A statement to run (maybe many times); prepared once per connection either way.
