@@ -590,11 +590,17 @@ impl Filesystem for DriveFs {
         };
         refuse_if_ro!(self, reply);
         let (model, owner) = (self.model.clone(), self.owner);
-        // A truncate may have to fetch the file: off the reader thread.
-        self.pool.run(move || match model.setattr(ino.0, set) {
+        let answer = move |reply: ReplyAttr| match model.setattr(ino.0, set) {
             Ok(a) => reply.attr(&TTL, &to_fuse(&a, owner)),
             Err(e) => reply.error(errno(e)),
-        });
+        };
+        // Times, modes and owners (what `cp -a` sets on every file) are answered here; a
+        // truncate that must fetch the content it keeps goes to a worker.
+        if self.model.setattr_is_local(ino.0, size) {
+            answer(reply)
+        } else {
+            self.pool.run(move || answer(reply))
+        }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -929,21 +935,20 @@ impl Filesystem for DriveFs {
         reply: ReplyCreate,
     ) {
         refuse_if_ro!(self, reply);
-        let (model, owner) = (self.model.clone(), self.owner);
-        let name = name.to_owned();
-        let (uid, gid) = (req.uid(), req.gid());
-        self.pool.run(
-            move || match model.create(parent.0, &name, mode, umask, flags, uid, gid) {
-                Ok((a, fh)) => reply.created(
-                    &TTL,
-                    &to_fuse(&a, owner),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                ),
-                Err(e) => reply.error(errno(e)),
-            },
-        );
+        // Local work only (one index transaction), like mkdir: answered here.
+        match self
+            .model
+            .create(parent.0, name, mode, umask, flags, req.uid(), req.gid())
+        {
+            Ok((a, fh)) => reply.created(
+                &TTL,
+                &to_fuse(&a, self.owner),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 }
 

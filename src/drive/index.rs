@@ -1242,6 +1242,47 @@ pub fn make_durable(c: &Connection) -> rusqlite::Result<()> {
     r.map(|_| ())
 }
 
+/// The index's write-ahead log, synced from outside the model's lock. Commits write their
+/// frames into the log as they commit (synchronous=NORMAL only skips the fsync), so one
+/// fsync of the log makes every commit before it durable; frames a checkpoint already
+/// moved into the database file are durable too (in WAL mode SQLite syncs the database
+/// file before it reuses the log). A request that syncs this way holds up no other.
+#[derive(Debug)]
+pub struct WalSync {
+    path: std::path::PathBuf,
+    file: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl WalSync {
+    /// The log of the index at `index_path` (opened at the first sync: it exists once
+    /// anything was committed).
+    pub fn new(index_path: &std::path::Path) -> WalSync {
+        let mut p = index_path.as_os_str().to_owned();
+        p.push("-wal");
+        WalSync {
+            path: p.into(),
+            file: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// fsync the log. `false` when there is no log file to sync, or it failed: then
+    /// sync through SQLite ([`make_durable`]), which reports the error.
+    pub fn sync(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        // The log file stays while the index is open; should SQLite ever have made a
+        // new one, the descriptor held would sync the old one: check it is the same file.
+        let Ok(now) = std::fs::metadata(&self.path) else {
+            return false;
+        };
+        let held = file.as_ref().and_then(|f| f.metadata().ok());
+        if held.is_none_or(|m| (m.dev(), m.ino()) != (now.dev(), now.ino())) {
+            *file = std::fs::File::open(&self.path).ok();
+        }
+        file.as_ref().is_some_and(|f| f.sync_data().is_ok())
+    }
+}
+
 /// Every chunk the backend confirmed it stored, with its stored size (for `peerstash
 /// verify`, which reads them back from their holders).
 pub fn confirmed_chunks(c: &Connection) -> rusqlite::Result<Vec<(ChunkId, u32)>> {
@@ -1258,4 +1299,38 @@ pub fn confirmed_chunks(c: &Connection) -> rusqlite::Result<Vec<(ChunkId, u32)>>
         ))
     })?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_is_synced_from_its_own_descriptor_once_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let wal = WalSync::new(&dir.path().join("absent.sqlite"));
+        assert!(
+            !wal.sync(),
+            "no log file: the caller must sync through SQLite"
+        );
+        let c = open(&path, 0, 0).unwrap();
+        set_meta(&c, Meta::KeyCheck, 7).unwrap();
+        let wal = WalSync::new(&path);
+        assert!(wal.sync());
+        // The descriptor is kept and still names the log after more commits.
+        set_meta(&c, Meta::KeyCheck, 8).unwrap();
+        assert!(wal.sync());
+        let held = wal
+            .file
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .metadata()
+            .unwrap();
+        let now = std::fs::metadata(dir.path().join("index.sqlite-wal")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(held.ino(), now.ino());
+    }
 }

@@ -461,6 +461,9 @@ pub(crate) struct State {
     /// Set while someone waits for uploads (fsync, [`Model::wait_idle`]): the uploader
     /// starts at once instead of waiting for more closes to join the round.
     pub(crate) hurry: bool,
+    /// Set while the uploader waits for more closes to join its round: a close then only
+    /// records that there is work (waking it per close cost a lock round trip each).
+    pub(crate) lingering: bool,
     /// Staging files a commit stopped referencing; deleted only once the index is durable,
     /// so a power cut cannot leave the index pointing at a deleted stage.
     pub(crate) doomed: Vec<u64>,
@@ -494,11 +497,23 @@ pub(crate) struct Shared {
     pub(crate) state_dir: std::path::PathBuf,
     /// A read-only connection to the index, for snapshots read without `state`'s lock.
     pub(crate) reader: Mutex<Connection>,
+    /// The index's write-ahead log, synced without `state`'s lock.
+    pub(crate) wal: index::WalSync,
 }
 
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Make every index commit made so far durable against power loss (they use
+    /// synchronous=NORMAL). The log is synced without the lock, so FUSE requests go on
+    /// meanwhile; only if that cannot be done does SQLite sync it, under the lock.
+    pub(crate) fn make_durable(&self) -> rusqlite::Result<()> {
+        if self.wal.sync() {
+            return Ok(());
+        }
+        index::make_durable(&self.lock().db)
     }
 }
 
@@ -532,6 +547,14 @@ impl State {
             }
         }
         Ok(a)
+    }
+
+    /// Whether `ino`'s content is on this machine: being written, empty, or still staged.
+    fn content_is_local(&self, ino: u64) -> bool {
+        self.working.contains_key(&ino)
+            || self
+                .attr(ino)
+                .is_ok_and(|a| a.size == 0 || a.stage.is_some())
     }
 
     fn dir_attr(&self, ino: u64) -> FsResult<Attr> {
@@ -617,6 +640,7 @@ impl Model {
                 quota: backend.quota().ok(),
                 kick: true,
                 hurry: false,
+                lingering: false,
                 doomed: Vec::new(),
                 // Without snapshots there is nothing to keep room for.
                 reserve: if opts.roots.is_some() {
@@ -641,6 +665,7 @@ impl Model {
             snap: Mutex::new(Default::default()),
             state_dir: state_dir.to_path_buf(),
             reader: Mutex::new(index::open_reader(&state_dir.join("index.sqlite"))?),
+            wal: index::WalSync::new(&state_dir.join("index.sqlite")),
         });
         let s2 = shared.clone();
         let uploader = std::thread::Builder::new()
@@ -658,7 +683,9 @@ impl Model {
 
     fn kick(&self, st: &mut State) {
         st.kick = true;
-        self.shared.work.notify_all();
+        if !st.lingering || st.hurry {
+            self.shared.work.notify_all();
+        }
     }
 
     /// Stop the uploader (an upload in progress is abandoned, as in a crash; it resumes at
@@ -1562,10 +1589,17 @@ impl Model {
         let Some(h) = st.handles.get(&fh) else {
             return true; // answered at once: a bad handle
         };
-        st.working.contains_key(&h.ino)
-            || st
-                .attr(h.ino)
-                .is_ok_and(|a| a.size == 0 || a.stage.is_some())
+        st.content_is_local(h.ino)
+    }
+
+    /// Whether a `setattr` on `ino` touches local files only: it changes no size, cuts
+    /// the file to nothing, or the content is local already (otherwise a truncate
+    /// fetches the content it keeps).
+    pub fn setattr_is_local(&self, ino: u64, size: Option<u64>) -> bool {
+        match size {
+            None | Some(0) => true,
+            Some(_) => self.lock().content_is_local(ino),
+        }
     }
 
     /// A read; `Ok(None)` when `fetch` is false and a chunk is not in the cache.
@@ -1833,7 +1867,8 @@ impl Model {
             h.unflushed = false;
         }
         let Some(stage) = st.attr(ino)?.stage else {
-            return self.checkpoint(&st);
+            drop(st);
+            return self.checkpoint();
         };
         loop {
             let a = match index::get_attr(&st.db, ino)? {
@@ -1841,7 +1876,8 @@ impl Model {
                 None => return Ok(()),
             };
             if a.committed_stage >= stage {
-                return self.checkpoint(&st);
+                drop(st);
+                return self.checkpoint();
             }
             if let Some(e) = st.upload_error.get(&ino) {
                 return Err(e.clone());
@@ -1862,14 +1898,13 @@ impl Model {
     }
 
     /// Make the index durable against power loss (the WAL is not synced per commit).
-    fn checkpoint(&self, st: &State) -> FsResult<()> {
-        index::make_durable(&st.db).map_err(FsError::from)
+    fn checkpoint(&self) -> FsResult<()> {
+        self.shared.make_durable().map_err(FsError::from)
     }
 
     /// fsyncdir: metadata lives in the index.
     pub fn fsyncdir(&self) -> FsResult<()> {
-        let st = self.lock();
-        self.checkpoint(&st)
+        self.checkpoint()
     }
 
     /// Quota as filesystem size and free space.

@@ -184,7 +184,10 @@ fn run_until_stopped(sh: &Shared, health: &Mutex<Publisher>) {
             && batch.len() < BATCH_FILES / 2
             && !lingered
         {
-            let mut st = wait_for_work(sh, sh.lock(), LINGER, |st| st.hurry);
+            let mut st = sh.lock();
+            st.lingering = true;
+            let mut st = wait_for_work(sh, st, LINGER, |st| st.hurry);
+            st.lingering = false;
             st.kick = true; // list the pending files again, at once
             lingered = true;
             continue;
@@ -475,23 +478,20 @@ fn refresh_quota(sh: &Shared) {
 /// Delete the staging files (and small files' content kept in the index) that committed
 /// transactions stopped referencing, once those commits are durable.
 fn delete_doomed(sh: &Shared) -> rusqlite::Result<()> {
-    let doomed = {
-        let mut st = sh.lock();
-        if st.doomed.is_empty() {
-            return Ok(());
-        }
-        // Taken before the sync: every id here was let go by a commit the sync covers.
-        let doomed = std::mem::take(&mut st.doomed);
-        if let Err(e) = index::make_durable(&st.db) {
-            st.doomed.extend(doomed);
-            return Err(e);
-        }
-        if let Err(e) = index::drop_stage_data(&st.db, Some(&doomed)) {
-            st.doomed.extend(doomed);
-            return Err(e);
-        }
-        doomed
-    };
+    // Taken before the sync: every id here was let go by a commit the sync covers.
+    let doomed = std::mem::take(&mut sh.lock().doomed);
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    // Synced without the lock (a disk flush held it for milliseconds, every close and
+    // create waiting behind it).
+    let dropped = sh
+        .make_durable()
+        .and_then(|()| index::drop_stage_data(&sh.lock().db, Some(&doomed)));
+    if let Err(e) = dropped {
+        sh.lock().doomed.extend(doomed);
+        return Err(e);
+    }
     for s in doomed {
         sh.staging.remove(s);
     }
@@ -543,7 +543,7 @@ fn release_free(sh: &Shared, gate: Gate) -> Result<Released, BackendError> {
         if !synced {
             // The commits that dropped these references must survive a power cut before
             // the chunks are gone.
-            index::make_durable(&sh.lock().db).map_err(index_err)?;
+            sh.make_durable().map_err(index_err)?;
             synced = true;
         }
         sh.chunks.backend().release(&ids)?;
