@@ -1752,6 +1752,8 @@ impl Model {
             None
         };
         let (stage, size, mtime, ctime, meta) = (w.stage, w.size, w.mtime, w.ctime, w.meta);
+        // Content kept in memory never had a staging file (a body only ever spills).
+        let on_disk = matches!(w.body, Body::File(_));
         let tx = index::write_tx(&st.db)?;
         index::seal_stage(&tx, ino, stage, size, mtime, ctime)?;
         if let Some((perm, atime)) = meta {
@@ -1762,7 +1764,7 @@ impl Model {
         }
         tx.commit()?;
         st.working.remove(&ino);
-        if inline.is_some() {
+        if inline.is_some() && on_disk {
             // The index holds the content now.
             self.shared.staging.remove(stage);
         }
@@ -1840,7 +1842,9 @@ impl Model {
             st.open_count.remove(&ino);
             if let Some(w) = st.working.remove(&ino) {
                 // Not dirty (or unlinked): nothing to keep.
-                self.shared.staging.remove(w.stage);
+                if matches!(w.body, Body::File(_)) {
+                    self.shared.staging.remove(w.stage);
+                }
             }
             if let Some(a) = index::get_attr(&st.db, ino)? {
                 if a.nlink == 0 {
