@@ -340,6 +340,16 @@ pub(crate) struct Working {
     synced: u64,
 }
 
+impl Working {
+    /// Drop this working copy: its staging file, if its content ever spilled to one
+    /// (content kept in memory never had a file).
+    fn discard(self, staging: &Staging) {
+        if matches!(self.body, Body::File(_)) {
+            staging.remove(self.stage);
+        }
+    }
+}
+
 struct Handle {
     ino: u64,
     write: bool,
@@ -895,7 +905,7 @@ impl Model {
             // truncate(2) by path: no close will follow, so this is the close point.
             self.seal(&mut st, ino)?;
             if let Some(w) = st.working.remove(&ino) {
-                self.shared.staging.remove(w.stage);
+                w.discard(&self.shared.staging);
             }
         }
         Ok(())
@@ -1140,7 +1150,7 @@ impl Model {
             st.doomed.push(s);
         }
         if let Some(w) = st.working.remove(&ino) {
-            self.shared.staging.remove(w.stage);
+            w.discard(&self.shared.staging);
         }
         st.upload_error.remove(&ino);
         // Chunks this file alone used are now free: let the uploader release them.
@@ -1752,8 +1762,6 @@ impl Model {
             None
         };
         let (stage, size, mtime, ctime, meta) = (w.stage, w.size, w.mtime, w.ctime, w.meta);
-        // Content kept in memory never had a staging file (a body only ever spills).
-        let on_disk = matches!(w.body, Body::File(_));
         let tx = index::write_tx(&st.db)?;
         index::seal_stage(&tx, ino, stage, size, mtime, ctime)?;
         if let Some((perm, atime)) = meta {
@@ -1763,10 +1771,11 @@ impl Model {
             index::put_stage_data(&tx, stage, data)?;
         }
         tx.commit()?;
-        st.working.remove(&ino);
-        if inline.is_some() && on_disk {
-            // The index holds the content now.
-            self.shared.staging.remove(stage);
+        if let Some(w) = st.working.remove(&ino) {
+            if inline.is_some() {
+                // The index holds the content now.
+                w.discard(&self.shared.staging);
+            }
         }
         if let Some(old) = a.stage {
             st.doomed.push(old);
@@ -1842,9 +1851,7 @@ impl Model {
             st.open_count.remove(&ino);
             if let Some(w) = st.working.remove(&ino) {
                 // Not dirty (or unlinked): nothing to keep.
-                if matches!(w.body, Body::File(_)) {
-                    self.shared.staging.remove(w.stage);
-                }
+                w.discard(&self.shared.staging);
             }
             if let Some(a) = index::get_attr(&st.db, ino)? {
                 if a.nlink == 0 {
